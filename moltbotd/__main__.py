@@ -1,0 +1,3 @@
+from moltbotd.daemon import main
+
+main()

@@ -1,0 +1,317 @@
+"""The daemon's configuration: every setting declared once, validated on load, immutable.
+
+Each setting is a dataclass field whose metadata carries its converter and help text
+(gunicorn's one-class-per-setting idea); loading, validation messages and the reference
+table in docs/configuration.md all follow from these declarations.
+"""
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moltbotd.units import parse_duration, parse_size
+
+DEFAULT_CONFIG_PATH = Path("/etc/moltbot/moltbotd.yaml")
+DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+class ConfigError(Exception):
+    """A config problem, phrased for the operator: which file, which key, what was expected."""
+
+
+Converter = Callable[[Any], Any]
+
+
+def setting(default: Any, convert: Converter, help: str) -> Any:
+    return field(default=default, metadata={"convert": convert, "help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"section": cls, "help": help})
+
+
+# --- converters -----------------------------------------------------------------------
+
+
+def choice(*options: str) -> Converter:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value.lower()
+
+    convert.__doc__ = " | ".join(options)
+    return convert
+
+
+def integer(low: int, high: int) -> Converter:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {value!r}")
+        return value
+
+    convert.__doc__ = f"integer {low}..{high}"
+    return convert
+
+
+def path(value: Any) -> Path:
+    """path"""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a path, got {value!r}")
+    return Path(value)
+
+
+def file_mode(value: Any) -> int:
+    """octal mode, e.g. "0660\""""
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    raise ValueError(f'expected an octal file mode in quotes such as "0660", got {value!r}')
+
+
+def name(value: Any) -> str:
+    """model or version name"""
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise ValueError(f"expected a name of {NAME_RULE}, got {value!r}")
+    return value
+
+
+def duration(value: Any) -> float:
+    """duration: 30s, 500ms, 2m"""
+    return parse_duration(value)
+
+
+def size(value: Any) -> int:
+    """size: 64MiB, 4GiB"""
+    return parse_size(value)
+
+
+# --- the settings ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How one model version's onnxruntime session is built."""
+
+    device: str = setting(
+        "cpu",
+        choice("cpu", "cuda"),
+        "cpu, or cuda: the CUDA execution provider with CPU fallback where CUDA cannot start",
+    )
+    intra_op_threads: int = setting(
+        1, integer(1, 256), "threads inside one operator (onnxruntime intra_op_num_threads)"
+    )
+    inter_op_threads: int = setting(
+        1, integer(1, 256), "threads across operators (onnxruntime inter_op_num_threads)"
+    )
+    graph_optimization: str = setting(
+        "all", choice("disable", "basic", "extended", "all"), "onnxruntime graph optimization level"
+    )
+
+
+@dataclass(frozen=True)
+class RestartSettings:
+    backoff: float = setting(0.5, duration, "delay before the first restart of a dead worker")
+    backoff_max: float = setting(30.0, duration, "the delay doubles per failure up to this")
+    max_failures: int = setting(
+        5, integer(1, 1000), "consecutive failures before the worker is left FATAL"
+    )
+    stable_after: float = setting(
+        10.0, duration, "a worker ready this long has its failure count reset"
+    )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    start_timeout: float = setting(
+        120.0, duration, "time a worker has to load its model and report ready"
+    )
+    stop_timeout: float = setting(
+        10.0, duration, "time a stopping worker has to exit before it is killed"
+    )
+    restart: RestartSettings = section(RestartSettings, "restart policy for dead workers")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's entry under `models:`: its active version and session overrides."""
+
+    version: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: Path = setting(DEFAULT_SOCKET, path, "Unix socket clients connect to")
+    socket_mode: int = setting(0o660, file_mode, "permissions of the socket")
+    models_dir: Path = setting(
+        Path("/var/lib/moltbot/models"), path, "model repository: MODEL/VERSION/model.onnx"
+    )
+    log_format: str = setting("text", choice("text", "json"), "log line format on stderr")
+    log_level: str = setting(
+        "info", choice("debug", "info", "warning", "error"), "lowest level logged"
+    )
+    log_ring_size: int = setting(
+        10000, integer(100, 10_000_000), "log entries kept in memory for `moltctl logs`"
+    )
+    max_frame_bytes: int = setting(64 * 2**20, size, "largest request frame accepted")
+    max_inflight_per_connection: int = setting(
+        1024, integer(1, 1_000_000), "pipelined requests one connection may have open"
+    )
+    drain_timeout: float = setting(
+        30.0, duration, "time in-flight requests get to finish at stop or version switch"
+    )
+    workers: WorkerSettings = section(WorkerSettings, "worker process lifecycle")
+    defaults: SessionSettings = section(
+        SessionSettings, "session settings for every model (model.yaml and models: override)"
+    )
+    models: Mapping[str, ModelConfig] = field(
+        default_factory=dict,
+        metadata={"help": "per-model entries: `version` (the active one) and session settings"},
+    )
+
+    def session_settings(self, model: str, model_yaml: Mapping[str, Any]) -> SessionSettings:
+        """defaults < the version's model.yaml < the config's models.<name>."""
+        entry = self.models.get(model, ModelConfig())
+        return dataclasses.replace(self.defaults, **{**model_yaml, **entry.overrides})
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def load(config_path: Path | None) -> Config:
+    """Read and validate a config file; None means the built-in defaults."""
+    if config_path is None:
+        return Config()
+    try:
+        text = config_path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: cannot read the config file: {exc.strerror}") from None
+    data = _parse_yaml(config_path, text)
+    return _build(Config, data, str(config_path), "", base=config_path.parent)
+
+
+def parse_session_overrides(data: Any, where: str, prefix: str = "") -> dict[str, Any]:
+    """Validate a partial SessionSettings mapping (a model.yaml, a models.<name> entry)."""
+    if data is None:
+        return {}
+    _require_map(data, where, prefix)
+    known = {f.name: f for f in dataclasses.fields(SessionSettings)}
+    _reject_unknown(data, known, where, prefix)
+    return {key: _convert(known[key], value, where, prefix + key) for key, value in data.items()}
+
+
+def parse_model_yaml(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    return parse_session_overrides(_parse_yaml(file, text), str(file))
+
+
+def _parse_yaml(file: Path, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}: not valid YAML{where}: {problem}") from None
+
+
+def _build(cls: type, data: Any, where: str, prefix: str, base: Path) -> Any:
+    if data is None:
+        data = {}
+    _require_map(data, where, prefix)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(data, known, where, prefix)
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        f, key_path = known[key], prefix + key
+        if "section" in f.metadata:
+            values[key] = _build(f.metadata["section"], raw, where, key_path + ".", base)
+        elif key == "models" and cls is Config:
+            values[key] = _build_models(raw, where)
+        else:
+            values[key] = _convert(f, raw, where, key_path)
+            if isinstance(values[key], Path) and not values[key].is_absolute():
+                values[key] = base / values[key]
+    return cls(**values)
+
+
+def _build_models(data: Any, where: str) -> dict[str, ModelConfig]:
+    if data is None:
+        return {}
+    _require_map(data, where, "models")
+    models = {}
+    for model, raw in data.items():
+        prefix = f"models.{model}."
+        try:
+            name(model)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: models: model name {model!r}: {exc}") from None
+        entry = dict(raw) if isinstance(raw, dict) else raw
+        version = entry.pop("version", None) if isinstance(entry, dict) else None
+        if version is not None:
+            version = _convert_value(name, version, where, prefix + "version")
+        models[model] = ModelConfig(version, parse_session_overrides(entry, where, prefix))
+    return models
+
+
+def _require_map(data: Any, where: str, prefix: str) -> None:
+    if not isinstance(data, dict):
+        key = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{where}: {key}: expected a mapping of settings, got {data!r}")
+
+
+def _reject_unknown(data: dict, known: Mapping[str, Any], where: str, prefix: str) -> None:
+    for key in data:
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"{where}: {prefix}{key}: unknown setting (known here: {allowed})")
+
+
+def _convert(f: dataclasses.Field, value: Any, where: str, key_path: str) -> Any:
+    return _convert_value(f.metadata["convert"], value, where, key_path)
+
+
+def _convert_value(convert: Converter, value: Any, where: str, key_path: str) -> Any:
+    try:
+        return convert(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {key_path}: {exc}") from None
+
+
+def with_overrides(config: Config, **overrides: Any) -> Config:
+    """Command-line flags win over the file; None means 'not given'."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, **given)
+
+
+def reference_markdown() -> str:
+    """The settings table of docs/configuration.md, generated from the declarations."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(cls: type, prefix: str) -> None:
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            if "section" in f.metadata:
+                walk(f.metadata["section"], f"{prefix}{f.name}.")
+            elif "convert" in f.metadata:
+                default = getattr(defaults, f.name)
+                shown = oct(default).replace("0o", "0") if f.name == "socket_mode" else default
+                kind = (f.metadata["convert"].__doc__ or "").strip()
+                rows.append(f"| `{prefix}{f.name}` | {kind} | `{shown}` | {f.metadata['help']} |")
+
+    walk(Config, "")
+    walk(SessionSettings, "models.NAME.")
+    rows.append(
+        "| `models.NAME.version` | model or version name | highest on disk |"
+        " the version served when the daemon starts |"
+    )
+    return "\n".join(rows) + "\n"

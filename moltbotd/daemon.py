@@ -1,0 +1,136 @@
+"""`moltbotd`: load the config, serve in the foreground until SIGTERM/SIGINT, stop cleanly.
+
+Signal handlers only set an event; the main task does the stopping in order: stop
+accepting, let requests in flight finish, stop the workers, remove the socket.
+"""
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import click
+import sdnotify
+
+from moltbotd import __version__
+from moltbotd import config as cfg
+from moltbotd.logs import Ring, configure, get_logger
+from moltbotd.repository import scan
+from moltbotd.server import Server, StartError
+from moltbotd.supervisor import Supervisor
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd units can refuse to restart on it
+
+log = get_logger("daemon")
+
+
+def check_repository(config: cfg.Config) -> list[str]:
+    """Problems --check-config reports beyond the file itself: the repository's model.yaml."""
+    problems = []
+    try:
+        repo = scan(config.models_dir)
+    except cfg.ConfigError as exc:
+        return [str(exc)]
+    problems.extend(f"skipped {why}" for why in repo.skipped)
+    for model in repo.models.values():
+        for version in model.versions:
+            try:
+                model.model_yaml(version)
+            except cfg.ConfigError as exc:
+                problems.append(str(exc))
+    return problems
+
+
+async def serve(config: cfg.Config, ring: Ring) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    notifier = sdnotify.SystemdNotifier()
+    supervisor = Supervisor(config)
+    server = Server(config, supervisor, ring)
+    try:
+        await server.listen()
+    except (StartError, OSError) as exc:
+        log.error(f"cannot listen on {config.socket}: {exc}")
+        return EXIT_FAILURE
+    notifier.notify("STATUS=loading models")
+    starting = loop.create_task(supervisor.start())
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        health = supervisor.health()["models"]
+        failed = sum(state != "ready" for state in health.values())
+        summary = f"serving {len(health) - failed} models, {failed} failed"
+        notifier.notify(f"READY=1\nSTATUS={summary}")
+        log.info(f"moltbotd {__version__} ready: {summary}", socket=str(config.socket))
+        await stopping
+    else:
+        starting.cancel()
+    log.info("stopping: draining requests, then workers", drain_timeout=config.drain_timeout)
+    notifier.notify("STOPPING=1")
+    await server.shutdown(config.drain_timeout)
+    await supervisor.stop()
+    log.info("stopped")
+    return 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help=f"config file  [default: {cfg.DEFAULT_CONFIG_PATH} if it exists]",
+)
+@click.option("--socket", type=click.Path(path_type=Path), help="Unix socket to serve on")
+@click.option(
+    "--models-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="model repository: MODEL/VERSION/model.onnx",
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="log line format")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--check-config",
+    is_flag=True,
+    help="validate the config and the repository's model.yaml files, then exit",
+)
+@click.version_option(__version__, prog_name="moltbotd")
+def main(
+    config_path: Path | None,
+    socket: Path | None,
+    models_dir: Path | None,
+    log_format: str | None,
+    log_level: str | None,
+    check_config: bool,
+) -> None:
+    """Serve ONNX models from per-model worker processes on a Unix socket (foreground)."""
+    if config_path is None and cfg.DEFAULT_CONFIG_PATH.exists():
+        config_path = cfg.DEFAULT_CONFIG_PATH
+    try:
+        config = cfg.with_overrides(
+            cfg.load(config_path),
+            socket=socket,
+            models_dir=models_dir,
+            log_format=log_format,
+            log_level=log_level,
+        )
+    except cfg.ConfigError as exc:
+        click.echo(f"moltbotd: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if check_config:
+        sys.exit(report_check(config_path, config))
+    ring = configure(config.log_format, config.log_level, config.log_ring_size)
+    sys.exit(asyncio.run(serve(config, ring)))
+
+
+def report_check(config_path: Path | None, config: cfg.Config) -> int:
+    problems = check_repository(config)
+    for problem in problems:
+        click.echo(f"moltbotd: {problem}", err=True)
+    if problems:
+        return EXIT_CONFIG
+    source = config_path or "built-in defaults"
+    click.echo(f"moltbotd: configuration OK ({source}; models_dir {config.models_dir})")
+    return 0

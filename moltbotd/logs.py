@@ -1,0 +1,172 @@
+"""Logging: structlog events, one line each on stderr (text or JSON), kept in a ring.
+
+Text:  [2026-11-21 14:30:22] [INFO] [supervisor] Model demo v2.0 loaded model=demo ...
+JSON:  {"time": "2026-11-21T14:30:22.123+00:00", "level": "info", "logger": ..., ...}
+journald takes stderr under systemd; the ring serves `moltctl logs`.
+"""
+
+import collections
+import datetime
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+LEVEL_ALIASES = {"warn": "warning", "err": "error", "crit": "critical", "fatal": "critical"}
+
+
+def parse_level(text: str) -> str:
+    level = LEVEL_ALIASES.get(text.lower(), text.lower())
+    if level not in LEVELS:
+        raise ValueError(f"unknown log level {text!r} (known: {', '.join(LEVELS)})")
+    return level
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    time: float  # UNIX time
+    level: str
+    logger: str
+    event: str
+    fields: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "level": self.level,
+            "logger": self.logger,
+            "event": self.event,
+            "fields": self.fields,
+        }
+
+    def text(self) -> str:
+        return render_text(self.time, self.level, self.logger, self.event, self.fields)
+
+
+class Ring:
+    """The newest N log entries, queried by `moltctl logs`."""
+
+    def __init__(self, size: int) -> None:
+        self.entries: collections.deque[Entry] = collections.deque(maxlen=size)
+        self.seq = 0
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.seq += 1
+        fields = {k: v for k, v in event.items() if k not in _RESERVED}
+        self.entries.append(
+            Entry(
+                self.seq,
+                event["time"],
+                event["level"],
+                event.get("logger", "moltbotd"),
+                str(event["event"]),
+                _plain_fields(fields),
+            )
+        )
+
+    def query(
+        self,
+        min_level: str = "debug",
+        max_level: str = "critical",
+        since: float | None = None,
+        until: float | None = None,
+        model: str | None = None,
+        contains: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[Entry]:
+        low, high = LEVELS.index(min_level), LEVELS.index(max_level)
+        found = [
+            e
+            for e in self.entries
+            if e.seq > after
+            and low <= LEVELS.index(e.level) <= high
+            and (since is None or e.time >= since)
+            and (until is None or e.time <= until)
+            and (model is None or e.fields.get("model") == model)
+            and (contains is None or contains in e.text())
+        ]
+        return found[-limit:] if limit else found
+
+
+_RESERVED = {"time", "level", "logger", "event"}
+
+
+def _plain_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Fields as msgpack can carry them: anything exotic becomes its str()."""
+    return {
+        k: v if isinstance(v, str | int | float | bool | type(None)) else str(v)
+        for k, v in fields.items()
+    }
+
+
+def render_text(ts: float, level: str, logger: str, event: str, fields: dict[str, Any]) -> str:
+    stamp = datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    exception = fields.get("exception")
+    pairs = " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if k != "exception")
+    line = f"[{stamp}] [{level.upper()}] [{logger}] {event}" + (f" {pairs}" if pairs else "")
+    return f"{line}\n{exception}" if exception else line
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
+
+
+def _render_json(event: dict[str, Any]) -> str:
+    stamp = (
+        datetime.datetime.fromtimestamp(event["time"])
+        .astimezone()
+        .isoformat(timespec="milliseconds")
+    )
+    return json.dumps({**event, "time": stamp}, default=str)
+
+
+def _render_text(event: dict[str, Any]) -> str:
+    fields = {k: v for k, v in event.items() if k not in _RESERVED}
+    return render_text(
+        event["time"], event["level"], event.get("logger", "moltbotd"), str(event["event"]), fields
+    )
+
+
+def configure(log_format: str, level: str, ring_size: int, stream: TextIO = sys.stderr) -> Ring:
+    """Set up structlog for the daemon; returns the ring that `moltctl logs` reads."""
+    ring = Ring(ring_size)
+
+    def stamp(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event["time"] = time.time()
+        event["level"] = "warning" if method == "warn" else method
+        if method == "exception":
+            event["level"] = "error"
+        return event
+
+    def keep(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        ring.add(event)
+        return event
+
+    processors: Iterable[Any] = (
+        stamp,
+        structlog.processors.format_exc_info,
+        keep,
+        _render_json if log_format == "json" else _render_text,
+    )
+    structlog.configure(
+        processors=list(processors),
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    return ring
+
+
+def get_logger(name: str) -> Any:
+    # A lazy proxy: modules take their logger at import time, before configure() runs.
+    return structlog.get_logger(logger=name)

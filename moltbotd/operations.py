@@ -1,0 +1,146 @@
+"""Every socket operation, declared once: its name, parameters and whether it changes state.
+
+The server dispatches only names found in OPERATIONS (an explicit dict, never a lookup
+by reflection on a name from the wire), checks parameters against the declaration
+before any handler runs, and moltctl has one command per operation. docs/protocol.md
+documents this table.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from moltbotd.protocol import ErrorCode, MoltError
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    types: tuple[type, ...]
+    required: bool = False
+    help: str = ""
+
+    def describe_type(self) -> str:
+        return " or ".join(_TYPE_NAMES[t] for t in self.types)
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    dict: "a map",
+    list: "a list",
+    bool: "a boolean",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    name: str
+    summary: str
+    params: tuple[Param, ...] = ()
+    # State-changing operations on one model are serialised; a second one gets CONFLICT.
+    mutating: bool = False
+
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise MoltError(
+                ErrorCode.BAD_REQUEST,
+                f"operation '{self.name}' takes no parameter {', '.join(map(repr, unknown))}"
+                f" (it takes: {', '.join(known) or 'none'})",
+            )
+        for p in self.params:
+            value = params.get(p.name)
+            if value is None:
+                if p.required:
+                    raise MoltError(
+                        ErrorCode.BAD_REQUEST,
+                        f"operation '{self.name}' needs parameter '{p.name}' ({p.describe_type()})",
+                    )
+                continue
+            if not _is_instance(value, p.types):
+                raise MoltError(
+                    ErrorCode.BAD_REQUEST,
+                    f"operation '{self.name}': parameter '{p.name}' must be {p.describe_type()},"
+                    f" got {type(value).__name__} {value!r}"[:300],
+                )
+        return params
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # True is an int to Python, never to the protocol
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+_MODEL = Param("model", (str,), help="model name")
+_VERSION = Param("version", (str,), help="model version, e.g. v2.0")
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation(
+            "hello",
+            "Agree on the protocol version; returns the server's version and operations.",
+            (
+                Param("protocol", (int,), help="the client's protocol version"),
+                Param("client", (str,), help="client name and version, for the log"),
+            ),
+        ),
+        Operation("health", "Is every served model ready? Returns ok or degraded, per model."),
+        Operation(
+            "status",
+            "Daemon and per-model state: versions, worker state, pids, errors, counters.",
+            (_MODEL,),
+        ),
+        Operation("models", "The model repository: every model, its versions, which is active."),
+        Operation(
+            "infer",
+            "Run a model on named input tensors; returns its named outputs.",
+            (
+                Param("model", (str,), required=True, help="model name"),
+                Param("inputs", (dict,), required=True, help="input name -> tensor or nested list"),
+                Param("version", (str,), help="answer from this loaded version (default: active)"),
+                Param("outputs", (list,), help="names of the outputs wanted (default: all)"),
+            ),
+        ),
+        Operation(
+            "switch",
+            "Make VERSION the active version of MODEL without dropping a request.",
+            (
+                Param(
+                    "model", (str,), help="model name; may be left out when one model has VERSION"
+                ),
+                Param("version", (str,), required=True, help="version to activate"),
+            ),
+            mutating=True,
+        ),
+        Operation(
+            "logs",
+            "Entries from the daemon's log ring, filtered.",
+            (
+                Param("min_level", (str,), help="lowest level shown, e.g. warning"),
+                Param("max_level", (str,), help="highest level shown"),
+                Param("since", (float,), help="UNIX time of the oldest entry"),
+                Param("until", (float,), help="UNIX time of the newest entry"),
+                Param("model", (str,), help="only entries about this model"),
+                Param("contains", (str,), help="only entries whose text contains this"),
+                Param("after", (int,), help="only entries after this sequence number (follow)"),
+                Param("limit", (int,), help="at most this many of the newest entries"),
+            ),
+        ),
+    )
+}
+
+
+def lookup(name: str) -> Operation:
+    try:
+        return OPERATIONS[name]
+    except KeyError:
+        raise MoltError(
+            ErrorCode.UNKNOWN_OPERATION,
+            f"unknown operation {name!r} (known: {', '.join(OPERATIONS)})",
+        ) from None

@@ -1,0 +1,412 @@
+"""One worker process, seen from the daemon: spawn, handshake, requests, death, restart, stop.
+
+A Worker owns its process's whole life in one task (_supervise); only that task and
+stop() change its state, always through states.check_transition, and every change is
+logged. Requests travel over a socketpair in the protocol's frames; the ones in flight
+when the process dies fail with WORKER_FAILED.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moltbotd.config import SessionSettings, WorkerSettings
+from moltbotd.logs import get_logger
+from moltbotd.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame
+from moltbotd.signature import Signature
+from moltbotd.states import LIVE, WorkerState, check_transition
+
+log = get_logger("worker")
+S = WorkerState
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    errors: int = 0
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    model: str
+    version: str
+    path: Path  # model.onnx
+    session: SessionSettings
+
+    @property
+    def label(self) -> str:
+        return f"model {self.model} {self.version}"
+
+
+class _Channel(asyncio.Protocol):
+    """The daemon's end of the socketpair: frames in, replies routed to their futures."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.decoder = FrameDecoder(1 << 30)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.decoder.feed(data):
+            self.worker.on_message(message)
+
+
+@dataclass
+class Worker:
+    spec: WorkerSpec
+    settings: WorkerSettings
+    state: WorkerState = S.STOPPED
+    pid: int | None = None
+    signature: Signature | None = None
+    providers: list[str] = field(default_factory=list)
+    error: str | None = None  # why it is FATAL, or how it last died
+    counters: Counters = field(default_factory=Counters)
+    started_at: float | None = None  # monotonic time it became READY
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._handshake: asyncio.Future[dict[str, Any]] | None = None
+        self._channel: _Channel | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            await self._set(S.STARTING)
+            ready = await self._spawn_and_load()
+            if ready:
+                await self._proc_exit()
+            if self.state is S.FATAL:
+                return
+            if self._stop.is_set():
+                break
+            failures = 1 if self._was_stable() else failures + 1
+            if failures >= self.settings.restart.max_failures:
+                await self._set(S.FATAL)
+                log.error(
+                    f"{self.label} failed {failures} times in a row; not restarting",
+                    model=self.spec.model,
+                    version=self.spec.version,
+                    error=self.error,
+                )
+                return
+            await self._backoff(failures)
+        await self._set(S.STOPPED)
+
+    async def _spawn_and_load(self) -> bool:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        loop = asyncio.get_running_loop()
+        self.signature, self.started_at = None, None
+        with child:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "moltbotd.worker",
+                str(child.fileno()),
+                pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        self.pid = self._proc.pid
+        self._relay = loop.create_task(self._relay_output(self._proc))
+        _, self._channel = await loop.create_unix_connection(lambda: _Channel(self), sock=parent)
+        self._handshake = loop.create_future()
+        spec = {"path": str(self.spec.path), **asdict(self.spec.session)}
+        self._channel.transport.write(encode_frame(spec))  # type: ignore[union-attr]
+        log.info(
+            f"{self.label} starting", model=self.spec.model, version=self.spec.version, pid=self.pid
+        )
+        return await self._await_handshake()
+
+    async def _await_handshake(self) -> bool:
+        assert self._handshake is not None
+        assert self._proc is not None
+        exited = asyncio.ensure_future(self._proc.wait())
+        done, _ = await asyncio.wait(
+            {self._handshake, exited},
+            timeout=self.settings.start_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        exited.cancel()
+        if self._stop.is_set():
+            return False
+        if self._handshake.done() and "ready" in self._handshake.result():
+            self._became_ready(self._handshake.result()["ready"])
+            await self._set(S.READY)
+            return True
+        if self._handshake.done():  # the worker said its model cannot load
+            self.error = f"cannot load {self.spec.path}: {self._handshake.result()['failed']}"
+            log.error(
+                f"{self.label} failed to load",
+                model=self.spec.model,
+                version=self.spec.version,
+                error=self.error,
+            )
+            await self._kill_and_reap()
+            await self._set(S.FATAL)
+            return False
+        await self._kill_and_reap()
+        if done:
+            reason = _describe_exit(self._proc.returncode or 0)
+            self.error = f"worker pid {self.pid} {reason} while loading its model"
+        else:
+            self.error = f"did not report ready within {self.settings.start_timeout:g}s"
+        log.error(
+            f"{self.label} failed to start",
+            model=self.spec.model,
+            version=self.spec.version,
+            error=self.error,
+        )
+        return False
+
+    def _became_ready(self, info: dict[str, Any]) -> None:
+        self.signature = Signature.from_wire(info["signature"])
+        self.providers = info["providers"]
+        self.started_at = time.monotonic()
+        self.error = None
+        log.info(
+            f"Model {self.spec.model} {self.spec.version} loaded",
+            model=self.spec.model,
+            version=self.spec.version,
+            pid=self.pid,
+            providers=",".join(self.providers),
+            load_ms=round(info["load_seconds"] * 1e3, 1),
+        )
+        if self.spec.session.device == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            log.warning(
+                f"{self.label}: CUDA is not available, running on CPU",
+                model=self.spec.model,
+                version=self.spec.version,
+            )
+
+    async def _proc_exit(self) -> None:
+        """Wait for the READY process to end (a stop, or a death), then account for it."""
+        assert self._proc is not None
+        code = await self._proc.wait()
+        reason = _describe_exit(code)
+        self._fail_inflight(
+            f"{self.label}: worker pid {self.pid} {reason} while running this request"
+        )
+        if self.state in (S.READY, S.DRAINING) and not self._stop.is_set():
+            self.error = f"worker pid {self.pid} {reason}"
+            log.error(
+                f"{self.label} worker died",
+                model=self.spec.model,
+                version=self.spec.version,
+                pid=self.pid,
+                reason=reason,
+            )
+            if self.state is S.DRAINING:
+                self._stop.set()
+                return
+            await self._set(S.BACKOFF)
+
+    def _was_stable(self) -> bool:
+        up = self.started_at is not None and time.monotonic() - self.started_at
+        return bool(up and up >= self.settings.restart.stable_after)
+
+    async def _backoff(self, failures: int) -> None:
+        if self.state is not S.BACKOFF:
+            await self._set(S.BACKOFF)
+        delay = min(
+            self.settings.restart.backoff * 2 ** (failures - 1), self.settings.restart.backoff_max
+        )
+        self.counters.restarts += 1
+        log.warning(
+            f"{self.label} restarting in {delay:g}s",
+            model=self.spec.model,
+            version=self.spec.version,
+            failures=failures,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def stop(self) -> None:
+        """Stop for good: close the channel, give the process stop_timeout, then SIGKILL."""
+        self._stop.set()
+        if self.state in (S.READY, S.DRAINING, S.STARTING):
+            await self._set(S.STOPPING)
+            await self._kill_and_reap(grace=self.settings.stop_timeout)
+        if self._task:
+            await self._task
+        if self.state is S.FATAL:
+            await self._set(S.STOPPED)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests, wait for those in flight; False if the deadline passed."""
+        if self.state is S.READY:
+            await self._set(S.DRAINING)
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(lambda: not self._inflight), timeout)
+        return not self._inflight
+
+    async def _kill_and_reap(self, grace: float = 0.0) -> None:
+        if self._channel and self._channel.transport:
+            self._channel.transport.close()  # EOF: a healthy worker exits on its own
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            if grace:
+                log.warning(
+                    f"{self.label} did not stop within {grace:g}s; killing it",
+                    model=self.spec.model,
+                    version=self.spec.version,
+                    pid=proc.pid,
+                )
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+
+    async def _set(self, new: WorkerState) -> None:
+        check_transition(self.state, new)
+        old, self.state = self.state, new
+        log.debug(f"{self.label} {old} -> {new}", model=self.spec.model, version=self.spec.version)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait while the worker starts or backs off; raise if it cannot serve."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(
+                        lambda: (
+                            self.state not in (S.STARTING, S.BACKOFF, S.STOPPED)
+                            or self._stop.is_set()
+                        )
+                    ),
+                    timeout,
+                )
+        if self.state is not S.READY:
+            raise self.unavailable()
+
+    def unavailable(self) -> MoltError:
+        why = f": {self.error}" if self.error else ""
+        return MoltError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"{self.label} is not serving (worker {self.state}){why}",
+            {"model": self.spec.model, "version": self.spec.version, "state": self.state.value},
+        )
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def infer(self, inputs: dict[str, Any], outputs: list[str] | None) -> dict[str, Any]:
+        if self.state is not S.READY or self._channel is None or self._channel.transport is None:
+            raise self.unavailable()
+        req_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[req_id] = future
+        self.counters.requests += 1
+        message = {"id": req_id, "inputs": inputs}
+        if outputs:
+            message["outputs"] = outputs
+        self._channel.transport.write(encode_frame(message))
+        try:
+            reply = await future
+        finally:
+            del self._inflight[req_id]
+            if not self._inflight and self.state is S.DRAINING:
+                await self._notify()
+        if "error" in reply:
+            self.counters.errors += 1
+            error = reply["error"]
+            raise MoltError(ErrorCode(error["code"]), f"{self.label}: {error['message']}")
+        return reply
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def on_message(self, message: dict[str, Any] | MoltError) -> None:
+        if isinstance(message, MoltError):
+            log.error(f"{self.label} sent a bad frame", model=self.spec.model, error=str(message))
+            return
+        if "id" in message:
+            future = self._inflight.get(message["id"])
+            if future and not future.done():
+                future.set_result(message)
+        elif self._handshake and not self._handshake.done():
+            self._handshake.set_result(message)
+
+    def _fail_inflight(self, why: str) -> None:
+        for future in self._inflight.values():
+            if not future.done():
+                self.counters.errors += 1
+                future.set_exception(
+                    MoltError(
+                        ErrorCode.WORKER_FAILED,
+                        why,
+                        {"model": self.spec.model, "version": self.spec.version},
+                    )
+                )
+
+    async def _relay_output(self, proc: asyncio.subprocess.Process) -> None:
+        """onnxruntime and Python write to the worker's stdout/stderr: log it, tagged."""
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                log.warning(line, model=self.spec.model, version=self.spec.version, pid=proc.pid)
+
+    def status(self) -> dict[str, Any]:
+        up = time.monotonic() - self.started_at if self.started_at else None
+        return {
+            "version": self.spec.version,
+            "state": self.state.value,
+            "pid": self.pid,
+            "error": self.error,
+            "providers": self.providers,
+            "inflight": self.inflight,
+            "uptime": up if self.state in (S.READY, S.DRAINING) else None,
+            "requests": self.counters.requests,
+            "errors": self.counters.errors,
+            "restarts": self.counters.restarts,
+            "signature": self.signature.to_wire() if self.signature else None,
+        }
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"

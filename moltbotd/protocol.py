@@ -1,0 +1,275 @@
+"""The wire protocol without I/O: frames, requests, responses, errors and values.
+
+Everything here is a pure function over bytes and plain objects (h11's model), so the
+daemon, the worker channel and the client share one implementation and the tests
+feed it bytes. docs/protocol.md is the reference for what travels.
+"""
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+RequestId = int | str
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable error codes: clients branch on these, never on message text."""
+
+    BAD_FRAME = "BAD_FRAME"
+    FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
+    BAD_REQUEST = "BAD_REQUEST"
+    UNSUPPORTED_PROTOCOL = "UNSUPPORTED_PROTOCOL"
+    UNKNOWN_OPERATION = "UNKNOWN_OPERATION"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
+    VERSION_NOT_LOADED = "VERSION_NOT_LOADED"
+    INVALID_INPUT = "INVALID_INPUT"
+    MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
+    WORKER_FAILED = "WORKER_FAILED"
+    INFERENCE_FAILED = "INFERENCE_FAILED"
+    CONFLICT = "CONFLICT"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    INTERNAL = "INTERNAL"
+
+
+class MoltError(Exception):
+    """An error that travels: a stable code, a message for humans, details for programs."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code.value, "message": self.message, "details": self.details}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> "MoltError":
+        if not isinstance(obj, dict) or not isinstance(obj.get("message"), str):
+            return cls(ErrorCode.INTERNAL, f"malformed error envelope: {obj!r}")
+        try:
+            code = ErrorCode(obj.get("code"))
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        details = obj.get("details")
+        return cls(code, obj["message"], details if isinstance(details, dict) else {})
+
+    def __repr__(self) -> str:
+        return f"MoltError({self.code.value}, {self.message!r})"
+
+
+class FrameTooLarge(MoltError):
+    """Raised by the decoder: the stream cannot be resynchronised, so the peer is closed."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame of {size} bytes exceeds the limit of {limit} bytes",
+            {"size": size, "limit": limit},
+        )
+
+
+# --- frames -------------------------------------------------------------------------
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages: feed() whatever arrived, get whole frames back.
+
+    A frame whose body is not a msgpack map yields a MoltError in its place (the frame
+    boundary is intact, so the stream goes on); a length over the limit raises
+    FrameTooLarge as soon as the header is seen, before any of the body is buffered.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any] | MoltError]:
+        buf = self._buf
+        buf += data
+        out: list[dict[str, Any] | MoltError] = []
+        pos = 0
+        with memoryview(buf) as view:
+            while len(buf) - pos >= HEADER.size:
+                (size,) = HEADER.unpack_from(buf, pos)
+                if size > self.max_frame_bytes:
+                    raise FrameTooLarge(size, self.max_frame_bytes)
+                end = pos + HEADER.size + size
+                if len(buf) < end:
+                    break
+                out.append(_decode_body(view[pos + HEADER.size : end]))
+                pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held back (a peer closing here cut a frame)."""
+        return len(self._buf)
+
+
+def _decode_body(body: memoryview) -> dict[str, Any] | MoltError:
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        return MoltError(ErrorCode.BAD_FRAME, f"frame body is not valid msgpack: {exc}")
+    if not isinstance(message, dict):
+        return MoltError(
+            ErrorCode.BAD_FRAME,
+            f"frame body must be a msgpack map, got {type(message).__name__}",
+        )
+    return message
+
+
+# --- requests and responses ---------------------------------------------------------
+
+
+class RequestError(MoltError):
+    """A MoltError about one request; it carries the id (when known) to address the answer."""
+
+    def __init__(self, req_id: RequestId | None, code: ErrorCode, message: str) -> None:
+        super().__init__(code, message)
+        self.req_id = req_id
+
+
+@dataclass(slots=True)
+class Request:
+    id: RequestId
+    op: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_request(message: dict[str, Any]) -> Request:
+    """Check a request's envelope; the RequestError raised carries the id when it is known."""
+    req_id = message.get("id")
+    if not isinstance(req_id, int | str) or isinstance(req_id, bool):
+        raise RequestError(
+            None,
+            ErrorCode.BAD_REQUEST,
+            f"request 'id' must be an integer or a string, got {_describe(req_id)}",
+        )
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise RequestError(
+            req_id, ErrorCode.BAD_REQUEST, f"'op' must be a string, got {_describe(op)}"
+        )
+    params = message.get("params", {})
+    if not isinstance(params, dict):
+        raise RequestError(
+            req_id, ErrorCode.BAD_REQUEST, f"'params' must be a map, got {_describe(params)}"
+        )
+    return Request(req_id, op, params)
+
+
+def request(req_id: RequestId, op: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": req_id, "op": op, "params": params or {}}
+
+
+def ok_response(req_id: RequestId | None, result: Any) -> dict[str, Any]:
+    return {"id": req_id, "ok": True, "result": result}
+
+
+def error_response(req_id: RequestId | None, error: MoltError) -> dict[str, Any]:
+    return {"id": req_id, "ok": False, "error": error.to_wire()}
+
+
+def response_result(message: dict[str, Any]) -> Any:
+    """The result of a response message, or its error raised as a MoltError."""
+    if message.get("ok") is True:
+        return message.get("result")
+    raise MoltError.from_wire(message.get("error"))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+# --- values: tensors and the non-tensor outputs onnxruntime can return ---------------
+
+# Wire dtype names are numpy's; the byte order on the wire is always little-endian.
+WIRE_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in (
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
+}
+STRING_DTYPE = "string"
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    if array.dtype.kind in "OUS":
+        return {
+            "dtype": STRING_DTYPE,
+            "shape": list(array.shape),
+            "data": [str(s) for s in array.ravel()],
+        }
+    name = array.dtype.name
+    if name not in WIRE_DTYPES:
+        raise MoltError(ErrorCode.INVALID_INPUT, f"dtype {name} cannot be sent on the wire")
+    data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
+    return {"dtype": name, "shape": list(array.shape), "data": data.tobytes()}
+
+
+def decode_tensor(obj: dict[str, Any]) -> np.ndarray:
+    """Wrap a checked tensor map as an array (no copy for numeric data)."""
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype == STRING_DTYPE:
+        return np.array(data, dtype=object).reshape(shape)
+    return np.frombuffer(data, dtype=WIRE_DTYPES[dtype]).reshape(shape)
+
+
+def encode_value(value: Any) -> Any:
+    """An output value as it travels: tensors as tensor maps, sequences and maps tagged."""
+    if isinstance(value, np.ndarray):
+        return encode_tensor(value)
+    if isinstance(value, list | tuple):
+        return {"sequence": [encode_value(v) for v in value]}
+    if isinstance(value, dict):
+        return {"map": {_plain(k): encode_value(v) for k, v in value.items()}}
+    return _plain(value)
+
+
+def decode_value(obj: Any) -> Any:
+    """The inverse of encode_value: arrays, lists and dicts of plain scalars."""
+    if isinstance(obj, dict):
+        if "dtype" in obj:
+            return decode_tensor(obj)
+        if "sequence" in obj:
+            return [decode_value(v) for v in obj["sequence"]]
+        if "map" in obj:
+            return {k: decode_value(v) for k, v in obj["map"].items()}
+    return obj
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,92 @@
+"""The model repository on disk: MODELS_DIR/<model>/<version>/model.onnx (+ model.yaml).
+
+Read-only here: a scan lists models and their versions in natural order, and says why
+any entry it skipped was skipped.
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moltbotd.config import NAME_PATTERN, NAME_RULE, ConfigError, parse_model_yaml
+
+MODEL_FILE = "model.onnx"
+MODEL_YAML = "model.yaml"
+_DIGITS = re.compile(r"(\d+)")
+
+
+def version_key(version: str) -> tuple[Any, ...]:
+    """Natural order: v1.0 < v2.0 < v10.0 (digit runs compare as numbers).
+
+    re.split with a capturing group alternates text and digits, so the element types of
+    two keys line up position by position and always compare.
+    """
+    parts = _DIGITS.split(version)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def sort_versions(versions: list[str]) -> list[str]:
+    return sorted(versions, key=version_key)
+
+
+@dataclass(frozen=True)
+class RepoModel:
+    name: str
+    path: Path
+    versions: tuple[str, ...]  # natural order, oldest first
+
+    @property
+    def latest(self) -> str:
+        return self.versions[-1]
+
+    def version_dir(self, version: str) -> Path:
+        return self.path / version
+
+    def model_yaml(self, version: str) -> dict[str, Any]:
+        """The version's validated model.yaml settings (empty when it has none)."""
+        file = self.version_dir(version) / MODEL_YAML
+        return parse_model_yaml(file) if file.exists() else {}
+
+
+@dataclass(frozen=True)
+class Scan:
+    models: dict[str, RepoModel]
+    skipped: list[str] = field(default_factory=list)  # "path: why", for the log
+
+
+def scan(models_dir: Path) -> Scan:
+    if not models_dir.is_dir():
+        raise ConfigError(f"models_dir {models_dir} is not a directory")
+    models, skipped = {}, []
+    for model_dir in sorted(models_dir.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        if not NAME_PATTERN.match(model_dir.name):
+            skipped.append(f"{model_dir}: model name must be {NAME_RULE}")
+            continue
+        versions = []
+        for version_dir in model_dir.iterdir():
+            why = _why_not_a_version(version_dir)
+            if why:
+                skipped.append(f"{version_dir}: {why}")
+            elif why is None:
+                versions.append(version_dir.name)
+        if versions:
+            models[model_dir.name] = RepoModel(
+                model_dir.name, model_dir, tuple(sort_versions(versions))
+            )
+        else:
+            skipped.append(f"{model_dir}: no version folder with a {MODEL_FILE}")
+    return Scan(models, skipped)
+
+
+def _why_not_a_version(version_dir: Path) -> str | None:
+    """None for a version; '' for an entry to pass over quietly; else the reason."""
+    if version_dir.name.startswith(".") or not version_dir.is_dir():
+        return ""
+    if not NAME_PATTERN.match(version_dir.name):
+        return f"version name must be {NAME_RULE}"
+    if not (version_dir / MODEL_FILE).is_file():
+        return f"no {MODEL_FILE} in it"
+    return None

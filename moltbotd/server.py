@@ -1,0 +1,250 @@
+"""The Unix socket server: a thin asyncio adapter over the sans-IO protocol.
+
+Each connection decodes frames, runs every request as its own task (so responses go
+out in completion order, each tagged with its id) and pauses reading when a client has
+too many requests open. Operations are dispatched from operations.OPERATIONS only.
+"""
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from moltbotd import __version__
+from moltbotd.config import Config
+from moltbotd.logs import LEVELS, Ring, get_logger, parse_level
+from moltbotd.operations import OPERATIONS, lookup
+from moltbotd.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    FrameDecoder,
+    FrameTooLarge,
+    MoltError,
+    RequestError,
+    encode_frame,
+    error_response,
+    ok_response,
+    parse_request,
+)
+from moltbotd.supervisor import Supervisor
+
+log = get_logger("server")
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class StartError(Exception):
+    """The daemon cannot start serving (the socket is taken, ...); the message says why."""
+
+
+def make_handlers(supervisor: Supervisor, ring: Ring, config: Config) -> dict[str, Handler]:
+    """The daemon's half of every operation in OPERATIONS (the server checks it is complete)."""
+
+    async def hello(p: dict[str, Any]) -> dict[str, Any]:
+        wanted = p.get("protocol", PROTOCOL_VERSION)
+        if wanted != PROTOCOL_VERSION:
+            raise MoltError(
+                ErrorCode.UNSUPPORTED_PROTOCOL,
+                f"the client speaks protocol {wanted}; moltbotd {__version__} speaks"
+                f" {PROTOCOL_VERSION}: use a matching moltctl or client library",
+                {"supported": [PROTOCOL_VERSION]},
+            )
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "server": f"moltbotd {__version__}",
+            "pid": os.getpid(),
+            "max_frame_bytes": config.max_frame_bytes,
+            "operations": list(OPERATIONS),
+        }
+
+    async def health(_: dict[str, Any]) -> dict[str, Any]:
+        return supervisor.health()
+
+    async def status(p: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "server": f"moltbotd {__version__}",
+            "pid": os.getpid(),
+            "socket": str(config.socket),
+            **supervisor.status(p.get("model")),
+        }
+
+    async def models(_: dict[str, Any]) -> dict[str, Any]:
+        return supervisor.repository()
+
+    async def infer(p: dict[str, Any]) -> dict[str, Any]:
+        return await supervisor.infer(p["model"], p["inputs"], p.get("version"), p.get("outputs"))
+
+    async def switch(p: dict[str, Any]) -> dict[str, Any]:
+        return await supervisor.switch(p.get("model"), p["version"])
+
+    async def logs(p: dict[str, Any]) -> dict[str, Any]:
+        try:
+            low = parse_level(p.get("min_level", LEVELS[0]))
+            high = parse_level(p.get("max_level", LEVELS[-1]))
+        except ValueError as exc:
+            raise MoltError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        entries = ring.query(
+            low,
+            high,
+            p.get("since"),
+            p.get("until"),
+            p.get("model"),
+            p.get("contains"),
+            p.get("after", 0),
+            p.get("limit"),
+        )
+        return {"entries": [e.to_wire() for e in entries], "last_seq": ring.seq}
+
+    return {
+        "hello": hello,
+        "health": health,
+        "status": status,
+        "models": models,
+        "infer": infer,
+        "switch": switch,
+        "logs": logs,
+    }
+
+
+class Server:
+    def __init__(self, config: Config, supervisor: Supervisor, ring: Ring) -> None:
+        self.config = config
+        self.handlers = make_handlers(supervisor, ring, config)
+        if self.handlers.keys() != OPERATIONS.keys():
+            raise RuntimeError(
+                f"handlers {sorted(self.handlers)} != operations {sorted(OPERATIONS)}"
+            )
+        self.connections: set[Connection] = set()
+        self.accepting = True
+        self._server: asyncio.Server | None = None
+        self._idle = asyncio.Event()
+
+    async def listen(self) -> None:
+        path = self.config.socket
+        _claim_socket_path(path)
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: Connection(self), path=str(path)
+        )
+        os.chmod(path, self.config.socket_mode)
+        log.info(f"listening on {path}", socket=str(path))
+
+    async def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One request in, one response out; never raises."""
+        req_id = message.get("id")
+        req_id = req_id if isinstance(req_id, int | str) and not isinstance(req_id, bool) else None
+        try:
+            request = parse_request(message)
+            op = lookup(request.op)
+            if not self.accepting:
+                raise MoltError(
+                    ErrorCode.SHUTTING_DOWN, "moltbotd is shutting down; retry once it is back"
+                )
+            result = await self.handlers[op.name](op.check_params(request.params))
+            return ok_response(request.id, result)
+        except RequestError as exc:
+            return error_response(exc.req_id, exc)
+        except MoltError as exc:
+            return error_response(req_id, exc)
+        except Exception:
+            log.exception("internal error while handling a request", op=message.get("op"))
+            error = MoltError(
+                ErrorCode.INTERNAL, "internal error in moltbotd; the daemon log has the details"
+            )
+            return error_response(req_id, error)
+
+    def request_done(self) -> None:
+        if not any(c.pending for c in self.connections):
+            self._idle.set()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (up to timeout), close everything."""
+        self.accepting = False
+        if self._server:
+            self._server.close()
+        if any(c.pending for c in self.connections):
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        unfinished = sum(c.pending for c in self.connections)
+        if unfinished:
+            log.warning(f"{unfinished} requests still running after {timeout:g}s; closing anyway")
+        for connection in list(self.connections):
+            connection.transport.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.socket.unlink()
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket left by a dead daemon; refuse if a live one answers there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a stale socket
+        return
+    finally:
+        probe.close()
+    raise StartError(f"another moltbotd is already serving at {path}")
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.decoder = FrameDecoder(server.config.max_frame_bytes)
+        self.pending = 0
+        self.paused = False
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except FrameTooLarge as exc:
+            log.warning(
+                "closing a connection that sent a frame over the limit", size=exc.details["size"]
+            )
+            self._write(error_response(None, exc))
+            self.transport.close()
+            return
+        for message in messages:
+            if isinstance(message, MoltError):
+                self._write(error_response(None, message))
+            else:
+                self._start(message)
+
+    def _start(self, message: dict[str, Any]) -> None:
+        self.pending += 1
+        task = asyncio.get_running_loop().create_task(self.server.handle(message))
+        task.add_done_callback(self._finished)
+        if self.pending >= self.server.config.max_inflight_per_connection and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _finished(self, task: "asyncio.Task[dict[str, Any]]") -> None:
+        self.pending -= 1
+        self._write(task.result())
+        if self.paused and not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
+        if not self.pending:
+            self.server.request_done()
+
+    def _write(self, response: dict[str, Any]) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(encode_frame(response))

@@ -1,0 +1,230 @@
+"""A model version's input/output signature, and the check of a request's inputs against it.
+
+The worker reads the signature from its onnxruntime session and reports it in the
+readiness handshake; the supervisor checks every request against it before the
+request costs a worker anything, so a bad input gets a precise answer at once.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moltbotd.protocol import STRING_DTYPE, WIRE_DTYPES, ErrorCode, MoltError
+
+Dim = int | str | None  # a fixed size, a named dynamic dimension, or an unnamed one
+
+# onnxruntime's type strings for tensors -> wire dtype names
+ORT_TENSOR_TYPES = {
+    "tensor(bool)": "bool",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(float16)": "float16",
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(string)": STRING_DTYPE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    type: str  # onnxruntime's type string, e.g. tensor(float), seq(map(int64,tensor(float)))
+    shape: tuple[Dim, ...] | None  # None for non-tensor values
+
+    @property
+    def dtype(self) -> str | None:
+        """The wire dtype, or None where the value is not a tensor of a supported type."""
+        return ORT_TENSOR_TYPES.get(self.type)
+
+    def describe(self) -> str:
+        if self.shape is None:
+            return f"'{self.name}' ({self.type})"
+        return f"'{self.name}' ({self.dtype or self.type}, shape {format_shape(self.shape)})"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "dtype": self.dtype,
+            "shape": None if self.shape is None else list(self.shape),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> "TensorSpec":
+        shape = obj["shape"]
+        return cls(obj["name"], obj["type"], None if shape is None else tuple(shape))
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "inputs": [s.to_wire() for s in self.inputs],
+            "outputs": [s.to_wire() for s in self.outputs],
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> "Signature":
+        return cls(
+            tuple(map(TensorSpec.from_wire, obj["inputs"])),
+            tuple(map(TensorSpec.from_wire, obj["outputs"])),
+        )
+
+
+def spec_from_ort(node: Any) -> TensorSpec:
+    """A TensorSpec from onnxruntime's NodeArg (session.get_inputs() items)."""
+    is_tensor = node.type.startswith("tensor(")
+    shape = tuple(_dim(d) for d in node.shape) if is_tensor else None
+    return TensorSpec(node.name, node.type, shape)
+
+
+def _dim(dim: Any) -> Dim:
+    return dim if isinstance(dim, int | str) else None
+
+
+def format_shape(shape: tuple[Dim, ...] | list[Any]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def check_inputs(label: str, signature: Signature, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Validate a request's inputs; return them as tensor maps ready for the worker.
+
+    `label` names the model version in messages ("model demo v1.0").
+    """
+    expected = {spec.name: spec for spec in signature.inputs}
+    unknown = [name for name in inputs if name not in expected]
+    if unknown:
+        raise MoltError(
+            ErrorCode.INVALID_INPUT,
+            f"{label} has no input {unknown[0]!r}; its inputs are "
+            + ", ".join(s.describe() for s in signature.inputs),
+            {"input": unknown[0], "expected": [s.to_wire() for s in signature.inputs]},
+        )
+    missing = [spec for spec in signature.inputs if spec.name not in inputs]
+    if missing:
+        raise MoltError(
+            ErrorCode.INVALID_INPUT,
+            f"{label}: missing input {missing[0].describe()}",
+            {"input": missing[0].name, "expected": missing[0].to_wire()},
+        )
+    return {name: _check_one(label, expected[name], value) for name, value in inputs.items()}
+
+
+def check_output_names(label: str, signature: Signature, wanted: list[Any]) -> list[str]:
+    names = [spec.name for spec in signature.outputs]
+    for name in wanted:
+        if name not in names:
+            raise MoltError(
+                ErrorCode.INVALID_INPUT,
+                f"{label} has no output {name!r}; its outputs are {', '.join(names)}",
+            )
+    return wanted
+
+
+def _check_one(label: str, spec: TensorSpec, value: Any) -> dict[str, Any]:
+    where = f"{label}: input '{spec.name}'"
+    if spec.dtype is None:
+        raise MoltError(
+            ErrorCode.INVALID_INPUT,
+            f"{where} has type {spec.type}, which moltbot cannot send yet",
+        )
+    tensor = value if isinstance(value, dict) else _from_plain(where, spec, value)
+    _check_tensor_map(where, tensor)
+    if tensor["dtype"] != spec.dtype:
+        raise _invalid(where, spec, f"dtype {tensor['dtype']}")
+    shape = tuple(tensor["shape"])
+    if not _shape_fits(shape, spec.shape or ()):
+        raise _invalid(where, spec, f"shape {format_shape(shape)}")
+    _check_data_size(where, tensor)
+    return tensor
+
+
+def _invalid(where: str, spec: TensorSpec, received: str) -> MoltError:
+    return MoltError(
+        ErrorCode.INVALID_INPUT,
+        f"{where}: expected {spec.dtype} with shape {format_shape(spec.shape or ())},"
+        f" got {received}",
+        {"input": spec.name, "expected": spec.to_wire()},
+    )
+
+
+def _from_plain(where: str, spec: TensorSpec, value: Any) -> dict[str, Any]:
+    """Nested lists or a scalar from a script: converted to the dtype the model expects."""
+    if spec.dtype == STRING_DTYPE:
+        array = np.array(value, dtype=object)
+        if not all(isinstance(s, str) for s in array.ravel()):
+            raise MoltError(
+                ErrorCode.INVALID_INPUT, f"{where}: expected strings, got {value!r}"[:300]
+            )
+        return {"dtype": STRING_DTYPE, "shape": list(array.shape), "data": list(array.ravel())}
+    try:
+        array = np.asarray(value, dtype=WIRE_DTYPES[spec.dtype])
+    except (ValueError, TypeError, OverflowError) as exc:
+        message = re.sub(r"\s+", " ", str(exc))
+        raise MoltError(
+            ErrorCode.INVALID_INPUT,
+            f"{where}: cannot read the value as a {spec.dtype} tensor: {message}",
+            {"input": spec.name, "expected": spec.to_wire()},
+        ) from None
+    return {"dtype": spec.dtype, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def _check_tensor_map(where: str, tensor: dict[str, Any]) -> None:
+    form = "a tensor map {dtype, shape, data} or nested lists"
+    if set(tensor) != {"dtype", "shape", "data"}:
+        raise MoltError(
+            ErrorCode.INVALID_INPUT,
+            f"{where}: expected {form}, got a map with keys {sorted(tensor)}",
+        )
+    shape = tensor["shape"]
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise MoltError(
+            ErrorCode.INVALID_INPUT,
+            f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}",
+        )
+    if tensor["dtype"] not in WIRE_DTYPES and tensor["dtype"] != STRING_DTYPE:
+        raise MoltError(
+            ErrorCode.INVALID_INPUT,
+            f"{where}: unknown dtype {tensor['dtype']!r} (known: "
+            f"{', '.join([*WIRE_DTYPES, STRING_DTYPE])})",
+        )
+
+
+def _shape_fits(shape: tuple[int, ...], expected: tuple[Dim, ...]) -> bool:
+    if len(shape) != len(expected):
+        return False
+    return all(not isinstance(e, int) or e == s for s, e in zip(shape, expected, strict=True))
+
+
+def _check_data_size(where: str, tensor: dict[str, Any]) -> None:
+    count = math.prod(tensor["shape"])
+    data = tensor["data"]
+    if tensor["dtype"] == STRING_DTYPE:
+        ok = isinstance(data, list) and len(data) == count and all(isinstance(s, str) for s in data)
+        if not ok:
+            raise MoltError(
+                ErrorCode.INVALID_INPUT, f"{where}: 'data' must be a list of {count} strings"
+            )
+        return
+    need = count * WIRE_DTYPES[tensor["dtype"]].itemsize
+    if not isinstance(data, bytes) or len(data) != need:
+        got = f"{len(data)} bytes" if isinstance(data, bytes) else type(data).__name__
+        raise MoltError(
+            ErrorCode.INVALID_INPUT,
+            f"{where}: 'data' must be {need} bytes for {tensor['dtype']}"
+            f" {format_shape(tensor['shape'])}, got {got}",
+        )

@@ -1,0 +1,283 @@
+"""The supervisor: which models are served, which worker answers each request, switches.
+
+It owns the routing table (model -> active Worker). Each Worker owns its own process;
+the supervisor decides which workers exist. State-changing operations on one model are
+serialised by that model's lock, and a second one arriving meanwhile gets CONFLICT.
+"""
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from moltbotd.config import Config, ConfigError
+from moltbotd.logs import get_logger
+from moltbotd.process import Worker, WorkerSpec
+from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.repository import MODEL_FILE, RepoModel, scan
+from moltbotd.signature import check_inputs, check_output_names
+from moltbotd.states import WorkerState
+
+log = get_logger("supervisor")
+
+
+@dataclass
+class Model:
+    name: str
+    active: Worker | None = None
+    error: str | None = None  # why it has no worker at all (e.g. a bad model.yaml)
+    operation: str | None = None  # the state-changing operation in progress
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "active_version": self.active and self.active.spec.version,
+            "error": self.error,
+            "operation": self.operation,
+            "worker": self.active.status() if self.active else None,
+        }
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.models: dict[str, Model] = {}
+        self.started = time.time()
+
+    # --- start and stop ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start a worker for every model in the repository; wait until each is settled."""
+        result = scan(self.config.models_dir)
+        for why in result.skipped:
+            log.warning(f"model repository: skipped {why}")
+        repo = result.models
+        for name in self.config.models.keys() - repo.keys():
+            log.warning(
+                f"models.{name} is configured but {self.config.models_dir}/{name}"
+                " has no version with a model.onnx",
+                model=name,
+            )
+        for name, repo_model in repo.items():
+            model = self.models[name] = Model(name)
+            version = self._initial_version(repo_model)
+            if version:
+                model.active = self._spawn(repo_model, version, model)
+        await asyncio.gather(
+            *(
+                m.active.wait_ready(self.config.workers.start_timeout)
+                for m in self.models.values()
+                if m.active
+            ),
+            return_exceptions=True,
+        )
+
+    def _initial_version(self, repo_model: RepoModel) -> str | None:
+        wanted = self.config.models.get(repo_model.name)
+        version = wanted.version if wanted and wanted.version else repo_model.latest
+        if version not in repo_model.versions:
+            self.models[repo_model.name].error = (
+                f"configured version {version} is not in {repo_model.path}"
+                f" (versions there: {', '.join(repo_model.versions)})"
+            )
+            log.error(
+                f"model {repo_model.name}: {self.models[repo_model.name].error}",
+                model=repo_model.name,
+            )
+            return None
+        return version
+
+    def _spawn(self, repo_model: RepoModel, version: str, model: Model) -> Worker | None:
+        try:
+            session = self.config.session_settings(repo_model.name, repo_model.model_yaml(version))
+        except ConfigError as exc:
+            model.error = str(exc)
+            log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
+            return None
+        spec = WorkerSpec(
+            model.name, version, repo_model.version_dir(version) / MODEL_FILE, session
+        )
+        worker = Worker(spec, self.config.workers)
+        worker.start()
+        return worker
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(m.active.stop() for m in self.models.values() if m.active))
+
+    def _scan(self) -> dict[str, RepoModel]:
+        return scan(self.config.models_dir).models
+
+    # --- requests ------------------------------------------------------------------------
+
+    def model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise MoltError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"no model {name!r} is served (served: {', '.join(self.models) or 'none'})",
+                {"model": name, "served": list(self.models)},
+            ) from None
+
+    def route(self, name: str, version: str | None) -> Worker:
+        model = self.model(name)
+        worker = model.active
+        if worker is None:
+            raise MoltError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {name} is not serving: {model.error}",
+                {"model": name},
+            )
+        if version is not None and version != worker.spec.version:
+            raise self._not_loaded(name, version, worker.spec.version)
+        return worker
+
+    def _not_loaded(self, name: str, version: str, active: str) -> MoltError:
+        repo_model = self._scan().get(name)
+        on_disk = repo_model.versions if repo_model else ()
+        if version not in on_disk:
+            return MoltError(
+                ErrorCode.VERSION_NOT_FOUND,
+                f"model {name} has no version {version} (versions: {', '.join(on_disk)})",
+                {"model": name, "version": version, "versions": list(on_disk)},
+            )
+        return MoltError(
+            ErrorCode.VERSION_NOT_LOADED,
+            f"model {name} {version} is not loaded (loaded: {active});"
+            f" switch to it with: moltctl switch {name} {version}",
+            {"model": name, "version": version, "loaded": [active]},
+        )
+
+    async def infer(
+        self, name: str, inputs: dict[str, Any], version: str | None, outputs: list[Any] | None
+    ) -> dict[str, Any]:
+        worker = self.route(name, version)
+        if worker.state is not WorkerState.READY:
+            await worker.wait_ready(self.config.workers.start_timeout)
+        assert worker.signature is not None
+        tensors = check_inputs(worker.label, worker.signature, inputs)
+        if outputs:
+            check_output_names(worker.label, worker.signature, outputs)
+        reply = await worker.infer(tensors, outputs)
+        return {"model": name, "version": worker.spec.version, "outputs": reply["outputs"]}
+
+    # --- control -------------------------------------------------------------------------
+
+    async def switch(self, name: str | None, version: str) -> dict[str, Any]:
+        repo = self._scan()
+        name = name or self._only_model_with(repo, version)
+        model = self.model(name)
+        if model.lock.locked():
+            raise MoltError(
+                ErrorCode.CONFLICT,
+                f"model {name} is busy with '{model.operation}'; try again when it is done",
+                {"model": name, "operation": model.operation},
+            )
+        async with model.lock:
+            model.operation = f"switch to {version}"
+            try:
+                return await self._switch(model, repo.get(name), version)
+            finally:
+                model.operation = None
+
+    def _only_model_with(self, repo: dict[str, RepoModel], version: str) -> str:
+        having = [n for n, m in repo.items() if version in m.versions and n in self.models]
+        if len(having) == 1:
+            return having[0]
+        if not having:
+            raise MoltError(
+                ErrorCode.VERSION_NOT_FOUND,
+                f"no served model has a version {version}",
+                {"version": version},
+            )
+        raise MoltError(
+            ErrorCode.BAD_REQUEST,
+            f"models {', '.join(having)} all have a version {version}: name the model"
+            f" (moltctl switch MODEL {version})",
+            {"models": having},
+        )
+
+    async def _switch(
+        self, model: Model, repo_model: RepoModel | None, version: str
+    ) -> dict[str, Any]:
+        old = model.active
+        previous = old.spec.version if old else None
+        if repo_model is None or version not in repo_model.versions:
+            raise self._not_loaded(model.name, version, previous or "none")
+        if old and previous == version and old.state is WorkerState.READY:
+            return {"model": model.name, "from": previous, "to": version, "changed": False}
+        started = time.monotonic()
+        log.info(
+            f"model {model.name}: switching {previous} -> {version}",
+            model=model.name,
+            version=version,
+        )
+        new = self._spawn(repo_model, version, model)
+        if new is None:
+            raise MoltError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {model.name} {version}: {model.error}; {previous} keeps serving",
+            )
+        try:
+            await new.wait_ready(self.config.workers.start_timeout)
+        except MoltError as exc:
+            await new.stop()
+            keeps = f"; {previous} keeps serving" if old and old.state is WorkerState.READY else ""
+            raise MoltError(exc.code, exc.message + keeps, exc.details) from None
+        loaded = time.monotonic()
+        model.active, model.error = new, None  # from here on, new requests go to `new`
+        drained = await old.drain(self.config.drain_timeout) if old else True
+        if old:
+            await old.stop()
+        log.info(
+            f"model {model.name}: now serving {version}",
+            model=model.name,
+            version=version,
+            previous=previous,
+        )
+        return {
+            "model": model.name,
+            "from": previous,
+            "to": version,
+            "changed": True,
+            "load_seconds": loaded - started,
+            "drain_seconds": time.monotonic() - loaded,
+            "drained": drained,
+        }
+
+    # --- views ---------------------------------------------------------------------------
+
+    def status(self, name: str | None) -> dict[str, Any]:
+        models = [self.model(name)] if name else list(self.models.values())
+        return {
+            "uptime": time.time() - self.started,
+            "models_dir": str(self.config.models_dir),
+            "models": [m.status() for m in models],
+        }
+
+    def health(self) -> dict[str, Any]:
+        states = {
+            n: (m.active.state.value if m.active else "failed") for n, m in self.models.items()
+        }
+        healthy = all(s == WorkerState.READY.value for s in states.values())
+        return {"status": "ok" if healthy else "degraded", "models": states}
+
+    def repository(self) -> dict[str, Any]:
+        repo = self._scan()
+        return {
+            "models_dir": str(self.config.models_dir),
+            "models": [
+                {
+                    "name": n,
+                    "versions": list(m.versions),
+                    "active": (
+                        self.models[n].active.spec.version
+                        if n in self.models and self.models[n].active
+                        else None
+                    ),
+                    "served": n in self.models,
+                }
+                for n, m in repo.items()
+            ],
+        }

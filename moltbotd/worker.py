@@ -1,0 +1,147 @@
+"""The worker process: `python -m moltbotd.worker FD` owns one onnxruntime session.
+
+Spawned as a fresh interpreter (never forked from the threaded daemon). It speaks the
+same frames as clients over the socketpair end FD: the supervisor sends one `load`
+message, the worker answers `ready` with the model's signature or `failed` with the
+loader's error, then answers `infer` messages one at a time until the channel closes.
+"""
+
+import ctypes
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from moltbotd.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    ErrorCode,
+    FrameDecoder,
+    MoltError,
+    decode_tensor,
+    encode_frame,
+    encode_value,
+)
+from moltbotd.signature import Signature, spec_from_ort
+
+EXIT_LOAD_FAILED = 3  # gunicorn's idea: a model that cannot load is not a crash to retry
+_PR_SET_PDEATHSIG = 1
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+class Channel:
+    """Blocking frame I/O over the socketpair end."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder(DEFAULT_MAX_FRAME_BYTES * 4)
+        self.pending: list[Any] = []
+
+    def receive(self) -> dict[str, Any] | None:
+        while not self.pending:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                return None
+            self.pending.extend(self.decoder.feed(data))
+        message = self.pending.pop(0)
+        if isinstance(message, MoltError):
+            raise message  # the supervisor wrote a bad frame: a bug, so die loudly
+        return message
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(encode_frame(message))
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the daemon dies, even by SIGKILL: no orphans."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def load_session(spec: dict[str, Any]) -> tuple[Any, list[str]]:
+    ort.disable_telemetry_events()
+    ort.set_default_logger_severity(3)  # errors only: ort's warnings are noise in the journal
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["intra_op_threads"]
+    options.inter_op_num_threads = spec["inter_op_threads"]
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, _OPT_LEVELS[spec["graph_optimization"]]
+    )
+    providers = ["CPUExecutionProvider"]
+    if spec["device"] == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(spec["path"], options, providers=providers)
+    return session, session.get_providers()
+
+
+def run(session: Any, request: dict[str, Any]) -> dict[str, Any]:
+    feeds = {name: decode_tensor(t) for name, t in request["inputs"].items()}
+    wanted = request.get("outputs") or None
+    names = wanted or [o.name for o in session.get_outputs()]
+    values = session.run(wanted, feeds)
+    return {name: encode_value(v) for name, v in zip(names, values, strict=True)}
+
+
+def classify(exc: Exception) -> ErrorCode:
+    # onnxruntime raises InvalidArgument for inputs the model rejects at run time
+    return (
+        ErrorCode.INVALID_INPUT if isinstance(exc, InvalidArgument) else ErrorCode.INFERENCE_FAILED
+    )
+
+
+def serve(channel: Channel, session: Any) -> None:
+    while (request := channel.receive()) is not None:
+        try:
+            started = time.perf_counter()
+            outputs = run(session, request)
+            reply = {
+                "id": request["id"],
+                "outputs": outputs,
+                "run_ms": (time.perf_counter() - started) * 1e3,
+            }
+        except Exception as exc:  # a failed run is the request's error, not the worker's
+            reply = {"id": request["id"], "error": {"code": classify(exc), "message": str(exc)}}
+        channel.send(reply)
+
+
+def main(argv: list[str]) -> int:
+    die_with_parent()
+    # Ctrl-C in a terminal reaches the whole process group: the daemon decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = Channel(socket.socket(fileno=int(argv[1])))
+    spec = channel.receive()
+    if spec is None:
+        return 0
+    started = time.monotonic()
+    try:
+        session, providers = load_session(spec)
+    except Exception as exc:
+        channel.send({"failed": f"{type(exc).__name__}: {exc}".strip()})
+        return EXIT_LOAD_FAILED
+    signature = Signature(
+        tuple(map(spec_from_ort, session.get_inputs())),
+        tuple(map(spec_from_ort, session.get_outputs())),
+    )
+    channel.send(
+        {
+            "ready": {
+                "signature": signature.to_wire(),
+                "providers": providers,
+                "load_seconds": time.monotonic() - started,
+            }
+        }
+    )
+    serve(channel, session)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
