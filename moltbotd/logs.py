@@ -1,7 +1,7 @@
 """Logging: structlog events, one line each on stderr (text or JSON), kept in a ring.
 
 Text:  [2026-11-21 14:30:22] [INFO] [supervisor] Model demo v2.0 loaded model=demo ...
-JSON:  {"time": "2026-11-21T14:30:22.123+00:00", "level": "info", "logger": ..., ...}
+JSON:  {"time": "2026-11-21T14:30:22.123+00:00", "level": "info", "component": ..., ...}
 journald takes stderr under systemd; the ring serves `moltctl logs`.
 """
 
@@ -66,7 +66,7 @@ class Ring:
                 self.seq,
                 event["time"],
                 event["level"],
-                event.get("logger", "moltbotd"),
+                event.get("component", "moltbotd"),
                 str(event["event"]),
                 _plain_fields(fields),
             )
@@ -97,7 +97,7 @@ class Ring:
         return found[-limit:] if limit else found
 
 
-_RESERVED = {"time", "level", "logger", "event"}
+_RESERVED = {"time", "level", "component", "event"}
 
 
 def _plain_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def _quote(value: Any) -> str:
     return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
 
 
-def _render_json(event: dict[str, Any]) -> str:
+def _render_json(_: Any, __: str, event: dict[str, Any]) -> str:
     stamp = (
         datetime.datetime.fromtimestamp(event["time"])
         .astimezone()
@@ -130,11 +130,10 @@ def _render_json(event: dict[str, Any]) -> str:
     return json.dumps({**event, "time": stamp}, default=str)
 
 
-def _render_text(event: dict[str, Any]) -> str:
+def _render_text(_: Any, __: str, event: dict[str, Any]) -> str:
     fields = {k: v for k, v in event.items() if k not in _RESERVED}
-    return render_text(
-        event["time"], event["level"], event.get("logger", "moltbotd"), str(event["event"]), fields
-    )
+    component = event.get("component", "moltbotd")
+    return render_text(event["time"], event["level"], component, str(event["event"]), fields)
 
 
 def configure(log_format: str, level: str, ring_size: int, stream: TextIO = sys.stderr) -> Ring:
@@ -169,4 +168,4 @@ def configure(log_format: str, level: str, ring_size: int, stream: TextIO = sys.
 
 def get_logger(name: str) -> Any:
     # A lazy proxy: modules take their logger at import time, before configure() runs.
-    return structlog.get_logger(logger=name)
+    return structlog.get_logger(component=name)

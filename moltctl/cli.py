@@ -1,0 +1,354 @@
+"""moltctl: the operator's command line over moltbotd's socket.
+
+One command per operation in moltbotd.operations.OPERATIONS (hello is implicit: every
+command checks the protocol version first). Exit codes:
+  0 success, 1 the daemon reported an error (or is unhealthy), 2 usage error,
+  3 moltbotd cannot be reached, 4 the daemon's answer could not be read.
+"""
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from moltbotd import __version__
+from moltbotd.logs import LEVELS, parse_level, render_text
+from moltbotd.protocol import MoltError
+from moltbotd.units import format_duration
+from moltctl.client import Client, ConnectError, ProtocolError
+from moltctl.render import preview, table, to_json
+from moltctl.when import parse_when
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_PROTOCOL = 4
+FOLLOW_POLL_SECONDS = 0.5
+
+# moltctl commands by the operation they map onto ("hello" runs before each of them).
+COMMANDS = {"health": "health", "status": "status", "models": "models", "infer": "infer",
+            "switch": "switch", "logs": "logs"}  # fmt: skip
+
+
+class Cli(click.Group):
+    """Turns expected failures into one line on stderr and a distinct exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConnectError as exc:
+            _fail(str(exc), EXIT_UNAVAILABLE)
+        except MoltError as exc:
+            _fail(f"{exc.message} [{exc.code}]", EXIT_ERROR)
+        except ProtocolError as exc:
+            _fail(str(exc), EXIT_PROTOCOL)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"moltctl: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path),
+    envvar="MOLTBOT_SOCKET",
+    help="moltbotd's socket  [env: MOLTBOT_SOCKET; default: /run/moltbot/moltbotd.sock]",
+)
+@click.option("--timeout", type=float, default=None, help="seconds to wait for an answer")
+@click.version_option(__version__, prog_name="moltctl")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: Path | None, timeout: float | None) -> None:
+    """Control and query moltbotd, the ONNX model server."""
+    ctx.obj = _Session(socket_path, timeout)
+
+
+class _Session:
+    """The connection a command uses, opened (and protocol-checked) on first use."""
+
+    def __init__(self, socket_path: Path | None, timeout: float | None) -> None:
+        self.client = Client(socket_path, timeout)
+        self.greeted = False
+
+    def __call__(self) -> Client:
+        if not self.greeted:
+            self.client.hello(client=f"moltctl {__version__}")
+            self.greeted = True
+        return self.client
+
+
+def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        help="table for people, json for scripts",
+    )(func)
+    return click.option("--no-legend", is_flag=True, help="omit table headers")(func)
+
+
+# --- status, health, models ------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--interval", type=click.FloatRange(min=0.1), help="repeat every N seconds")
+@click.option("--count", type=click.IntRange(min=1), help="with --interval: stop after N reports")
+@output_options
+@click.pass_obj
+def status(session: _Session, model: str | None, interval: float | None, count: int | None,
+           output: str, no_legend: bool) -> None:  # fmt: skip
+    """Daemon and per-model state (optionally every --interval seconds)."""
+    client = session()
+    shown = 0
+    while True:
+        report = client.status(model)
+        click.echo(to_json(report) if output == "json" else _status_table(report, not no_legend))
+        shown += 1
+        if interval is None or (count is not None and shown >= count):
+            return
+        time.sleep(interval)
+        if output == "table":
+            click.echo()
+
+
+def _status_table(report: dict[str, Any], legend: bool) -> str:
+    rows = []
+    for m in report["models"]:
+        w = m["worker"] or {}
+        detail = m["operation"] or w.get("error") or m["error"] or ",".join(w.get("providers", []))
+        rows.append({"model": m["name"], "version": m["active_version"],
+                     "state": w.get("state", "failed"), "pid": w.get("pid"),
+                     "uptime": w.get("uptime") and format_duration(w["uptime"]),
+                     "requests": w.get("requests"), "errors": w.get("errors"),
+                     "restarts": w.get("restarts"), "inflight": w.get("inflight"),
+                     "detail": detail})  # fmt: skip
+    head = (f"{report['server']} (pid {report['pid']}), up {format_duration(report['uptime'])},"
+            f" {len(report['models'])} models, socket {report['socket']}")  # fmt: skip
+    columns = [
+        ("MODEL", "model"),
+        ("VERSION", "version"),
+        ("STATE", "state"),
+        ("PID", "pid"),
+        ("UPTIME", "uptime"),
+        ("REQUESTS", "requests"),
+        ("ERRORS", "errors"),
+        ("RESTARTS", "restarts"),
+        ("INFLIGHT", "inflight"),
+        ("DETAIL", "detail"),
+    ]
+    body = table(rows, columns, legend)
+    return f"{head}\n{body}" if legend else body
+
+
+@cli.command()
+@output_options
+@click.pass_obj
+def health(session: _Session, output: str, no_legend: bool) -> None:
+    """Exit 0 when every model is ready, 1 when any is not."""
+    report = session().health()
+    if output == "json":
+        click.echo(to_json(report))
+    else:
+        rows = [{"model": n, "state": s} for n, s in report["models"].items()]
+        click.echo(f"{report['status']}")
+        click.echo(table(rows, [("MODEL", "model"), ("STATE", "state")], not no_legend))
+    if report["status"] != "ok":
+        sys.exit(EXIT_ERROR)
+
+
+@cli.command()
+@output_options
+@click.pass_obj
+def models(session: _Session, output: str, no_legend: bool) -> None:
+    """The model repository: models, versions on disk, the active one."""
+    report = session().models()
+    if output == "json":
+        click.echo(to_json(report))
+        return
+    columns = [("MODEL", "name"), ("ACTIVE", "active"), ("VERSIONS", "versions")]
+    click.echo(table(report["models"], columns, not no_legend))
+
+
+# --- infer -----------------------------------------------------------------------------------
+
+
+def parse_input(text: str) -> tuple[str, Any]:
+    """NAME=@file.npy, NAME=@file.json or NAME=<JSON>."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"expected NAME=@file.npy or NAME=JSON, got {text!r}")
+    if value.startswith("@"):
+        file = Path(value[1:])
+        try:
+            if file.suffix == ".npy":
+                return name, np.load(file, allow_pickle=False)
+            return name, json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"input {name}: cannot read {file}: {exc}") from None
+    try:
+        return name, json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"input {name}: {value!r} is not JSON ({exc})") from None
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "-i",
+    "--input",
+    "inputs",
+    multiple=True,
+    required=True,
+    metavar="NAME=@FILE|JSON",
+    help="an input: NAME=@file.npy, NAME=@file.json or NAME='[[1, 2]]'; repeatable",
+)
+@click.option("--version", "version", help="answer from this version (default: the active one)")
+@click.option("--output-name", "output_names", multiple=True, help="only these outputs")
+@output_options
+@click.pass_obj
+def infer(session: _Session, model: str, inputs: tuple[str, ...], version: str | None,
+          output_names: tuple[str, ...], output: str, no_legend: bool) -> None:  # fmt: skip
+    """Run MODEL on the given inputs and show its outputs."""
+    feeds = dict(parse_input(text) for text in inputs)
+    result = session().infer(model, feeds, version, list(output_names) or None)
+    if output == "json":
+        click.echo(to_json({"model": result.model, "version": result.version,
+                            "outputs": {n: _describe(v) for n, v in result.items()}}))  # fmt: skip
+        return
+    rows = [{"name": n, **_describe(v), "value": preview(v)} for n, v in result.items()]
+    for row in rows:
+        row["shape"] = row["shape"] and "[" + ", ".join(map(str, row["shape"])) + "]"
+    click.echo(f"model {result.model} {result.version}" if not no_legend else "", nl=not no_legend)
+    columns = [("OUTPUT", "name"), ("DTYPE", "dtype"), ("SHAPE", "shape"), ("VALUE", "value")]
+    click.echo(table(rows, columns, not no_legend))
+
+
+def _describe(value: Any) -> dict[str, Any]:
+    if isinstance(value, np.ndarray):
+        return {"dtype": value.dtype.name, "shape": list(value.shape), "data": value}
+    return {"dtype": "sequence" if isinstance(value, list) else "map", "shape": None, "data": value}
+
+
+# --- switch ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("args", nargs=-1, required=True, metavar="[MODEL] VERSION")
+@output_options
+@click.pass_obj
+def switch(session: _Session, args: tuple[str, ...], output: str, no_legend: bool) -> None:
+    """Serve VERSION of MODEL from now on, without dropping a request.
+
+    MODEL may be left out when only one served model has VERSION: `moltctl switch v2.0`.
+    """
+    if len(args) > 2:
+        raise click.UsageError("expected [MODEL] VERSION")
+    model, version = (None, args[0]) if len(args) == 1 else args
+    result = session().switch(version, model)
+    if output == "json":
+        click.echo(to_json(result))
+    elif not result["changed"]:
+        click.echo(f"{result['model']}: already serving {result['to']}")
+    else:
+        click.echo(f"{result['model']}: {result['from'] or 'nothing'} -> {result['to']}"
+                   f" (loaded in {format_duration(result['load_seconds'])}, previous version"
+                   f" drained in {format_duration(result['drain_seconds'])})")  # fmt: skip
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+def level_range(priority: str | None, filter_text: str | None) -> tuple[str, str, str | None]:
+    """-p LEVEL or -p FROM..TO (journalctl); --filter LEVEL means -p LEVEL, else it is text."""
+    low, high, contains = LEVELS[0], LEVELS[-1], None
+    try:
+        if priority:
+            first, _, last = priority.partition("..")
+            low = parse_level(first)
+            high = parse_level(last) if last else high
+        if filter_text:
+            try:
+                low = parse_level(filter_text)
+            except ValueError:
+                contains = filter_text
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return low, high, contains
+
+
+def _when(text: str | None, now: float) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_when(text, now)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command()
+@click.option(
+    "-p",
+    "--priority",
+    metavar="LEVEL|FROM..TO",
+    help="levels shown: err, warning..err (debug, info, warning, error, critical)",
+)
+@click.option(
+    "--filter",
+    "filter_text",
+    metavar="LEVEL|TEXT",
+    help="a level name (same as -p LEVEL) or text the entry must contain",
+)
+@click.option(
+    "-S", "--since", help="entries from this time: 1h, 30m ago, today, '2026-11-21 14:00'"
+)
+@click.option("--last", help="entries of the last DURATION, e.g. 1h (same as --since 1h)")
+@click.option("-U", "--until", help="entries up to this time")
+@click.option("-m", "--model", help="only entries about this model")
+@click.option("-n", "--lines", type=click.IntRange(min=1), help="only the newest N entries")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new entries (Ctrl-C stops)")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="text lines, or one JSON object per line",
+)
+@click.pass_obj
+def logs(session: _Session, priority: str | None, filter_text: str | None, since: str | None,
+         last: str | None, until: str | None, model: str | None, lines: int | None,
+         follow: bool, output: str) -> None:  # fmt: skip
+    """Entries from moltbotd's log, filtered like journalctl's."""
+    if since and last:
+        raise click.UsageError("--since and --last both set a start: give one")
+    low, high, contains = level_range(priority, filter_text)
+    now = time.time()
+    query = {"min_level": low, "max_level": high, "since": _when(since or last, now),
+             "until": _when(until, now), "model": model, "contains": contains,
+             "limit": lines or (10 if follow else None)}  # fmt: skip
+    client = session()
+    while True:
+        result = client.logs(**query)
+        for entry in result["entries"]:
+            click.echo(json.dumps(entry) if output == "json" else
+                       render_text(entry["time"], entry["level"], entry["logger"],
+                                   entry["event"], entry["fields"]))  # fmt: skip
+        if not follow:
+            return
+        query.update(after=result["last_seq"], limit=None)
+        time.sleep(FOLLOW_POLL_SECONDS)
+
+
+def main() -> None:
+    cli(prog_name="moltctl")

@@ -1,0 +1,279 @@
+"""The Python client for moltbotd, for local scripts and for moltctl.
+
+    from moltctl.client import Client
+    with Client() as c:                       # --socket, $MOLTBOT_SOCKET, /run/moltbot/...
+        out = c.infer("demo", {"x": np.ones((1, 4), np.float32)})
+        out["y"], out.version
+
+AsyncClient has the same methods as coroutines and pipelines: many tasks may await
+calls on one connection at once, and responses are matched to them by id.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moltbotd.operations import lookup
+from moltbotd.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    FrameDecoder,
+    MoltError,
+    decode_value,
+    encode_frame,
+    encode_tensor,
+    request,
+    response_result,
+)
+
+DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
+# Responses may be large (outputs); the daemon's own limit applies to requests.
+MAX_RESPONSE_BYTES = 1 << 30
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ConnectError",
+    "ErrorCode",
+    "MoltError",
+    "Outputs",
+    "ProtocolError",
+]
+
+
+class ConnectError(Exception):
+    """moltbotd cannot be reached; the message says what to do about it."""
+
+
+class ProtocolError(Exception):
+    """The daemon's answer could not be read (the connection dropped, a bad frame)."""
+
+
+class Outputs(dict[str, Any]):
+    """A model's outputs by name (numpy arrays, or lists/dicts for non-tensor outputs)."""
+
+    def __init__(self, model: str, version: str, outputs: dict[str, Any]) -> None:
+        super().__init__(outputs)
+        self.model = model
+        self.version = version
+
+
+def resolve_socket(explicit: str | os.PathLike[str] | None = None) -> Path:
+    return Path(explicit or os.environ.get("MOLTBOT_SOCKET") or DEFAULT_SOCKET)
+
+
+def connect_error(path: Path, exc: OSError) -> ConnectError:
+    if isinstance(exc, PermissionError):
+        return ConnectError(
+            f"permission denied on {path}: the socket is for root and the moltbot group"
+            " (add yourself with: sudo adduser $USER moltbot, then log in again)"
+        )
+    hint = "start it with: systemctl start moltbotd"
+    if path != DEFAULT_SOCKET:
+        hint += ", or point --socket / MOLTBOT_SOCKET at the daemon's socket"
+    return ConnectError(f"moltbotd is not running at {path} ({hint})")
+
+
+def encode_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return {n: encode_tensor(v) if isinstance(v, np.ndarray) else v for n, v in inputs.items()}
+
+
+def decode_outputs(result: dict[str, Any]) -> Outputs:
+    outputs = {name: decode_value(v) for name, v in result["outputs"].items()}
+    return Outputs(result["model"], result["version"], outputs)
+
+
+def _same(result: Any) -> Any:
+    return result
+
+
+class _Calls:
+    """Each operation once; _call returns a value (Client) or a coroutine (AsyncClient)."""
+
+    def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same) -> Any:
+        raise NotImplementedError
+
+    def hello(self, client: str = "moltbot-client") -> Any:
+        return self._call("hello", {"protocol": PROTOCOL_VERSION, "client": client})
+
+    def health(self) -> Any:
+        return self._call("health", {})
+
+    def status(self, model: str | None = None) -> Any:
+        return self._call("status", {"model": model})
+
+    def models(self) -> Any:
+        return self._call("models", {})
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        version: str | None = None,
+        outputs: list[str] | None = None,
+    ) -> Any:
+        params = {
+            "model": model,
+            "inputs": encode_inputs(inputs),
+            "version": version,
+            "outputs": outputs,
+        }
+        return self._call("infer", params, decode_outputs)
+
+    def switch(self, version: str, model: str | None = None) -> Any:
+        return self._call("switch", {"model": model, "version": version})
+
+    def logs(self, **filters: Any) -> Any:
+        return self._call("logs", filters)
+
+
+def _message(op: str, req_id: int, params: dict[str, Any]) -> bytes:
+    """Check the call against the operation table before it leaves, then frame it."""
+    given = {k: v for k, v in params.items() if v is not None}
+    lookup(op).check_params(given)
+    return encode_frame(request(req_id, op, given))
+
+
+class Client(_Calls):
+    """Blocking client: one request at a time on one connection."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None,
+                 timeout: float | None = None) -> None:  # fmt: skip
+        self.path = resolve_socket(socket_path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._decoder = FrameDecoder(MAX_RESPONSE_BYTES)
+        self._ids = itertools.count(1)
+
+    def connect(self) -> "Client":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise connect_error(self.path, exc) from None
+        self._sock = sock
+        return self
+
+    def close(self) -> None:
+        if self._sock:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self.connect()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same) -> Any:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        req_id = next(self._ids)
+        try:
+            self._sock.sendall(_message(op, req_id, params))
+            reply = self._receive()
+        except TimeoutError:
+            raise ProtocolError(f"no answer from moltbotd within {self.timeout:g}s") from None
+        except OSError as exc:
+            raise ProtocolError(f"lost the connection to moltbotd: {exc}") from None
+        if reply.get("id") not in (req_id, None):
+            raise ProtocolError(f"answer for request {reply.get('id')!r}, expected {req_id}")
+        return decode(response_result(reply))
+
+    def _receive(self) -> dict[str, Any]:
+        assert self._sock is not None
+        while True:
+            data = self._sock.recv(1 << 20)
+            if not data:
+                raise ProtocolError("moltbotd closed the connection before answering")
+            messages = self._decoder.feed(data)
+            if messages:
+                if isinstance(messages[0], MoltError):
+                    raise ProtocolError(f"unreadable answer from moltbotd: {messages[0].message}")
+                return messages[0]
+
+
+class AsyncClient(_Calls):
+    """asyncio client: calls from many tasks share one connection, pipelined."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None) -> None:
+        self.path = resolve_socket(socket_path)
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+
+    async def connect(self) -> "AsyncClient":
+        try:
+            reader, self._writer = await asyncio.open_unix_connection(str(self.path))
+        except OSError as exc:
+            raise connect_error(self.path, exc) from None
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+        return self
+
+    async def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+        if self._reader_task:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+
+    async def __aenter__(self) -> "AsyncClient":
+        return await self.connect()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def _call(
+        self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same
+    ) -> Any:
+        if self._writer is None:
+            await self.connect()
+        assert self._writer is not None
+        req_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[req_id] = future
+        try:
+            self._writer.write(_message(op, req_id, params))
+            reply = await future
+        finally:
+            self._waiting.pop(req_id, None)
+        return decode(response_result(reply))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        decoder = FrameDecoder(MAX_RESPONSE_BYTES)
+        error: Exception = ProtocolError("moltbotd closed the connection before answering")
+        try:
+            while data := await reader.read(1 << 20):
+                for message in decoder.feed(data):
+                    self._deliver(message)
+        except (OSError, MoltError) as exc:
+            error = ProtocolError(f"lost the connection to moltbotd: {exc}")
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def _deliver(self, message: dict[str, Any] | MoltError) -> None:
+        if isinstance(message, MoltError):
+            raise message
+        future = self._waiting.get(message.get("id"))  # type: ignore[arg-type]
+        if future is None and message.get("id") is None:
+            # An error the daemon could not address (a bad frame): it concerns everyone.
+            for waiting in self._waiting.values():
+                if not waiting.done():
+                    waiting.set_result(message)
+        elif future and not future.done():
+            future.set_result(message)
