@@ -1,0 +1,86 @@
+"""Small real ONNX models the tests build (the demo repository's are in moltbotd.demo)."""
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from moltbotd.demo import finish
+
+
+def slow_model() -> "helper.ModelProto":
+    """y = x after `n` iterations of an ONNX Loop: a request that runs as long as asked.
+
+    Inputs: n int64 scalar (iterations), x float32 [4]. Output: y float32 [4] (equal to x).
+    """
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Sin", ["state_in"], ["s"]),
+            helper.make_node("Sub", ["s", "s"], ["zero"]),
+            helper.make_node("Add", ["state_in", "zero"], ["state_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [4]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body)],
+        "slow",
+        [
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.array(True), "cond")],
+    )
+    return finish(graph)
+
+
+def mlp_model(width: int = 64, layers: int = 3, seed: int = 0) -> "helper.ModelProto":
+    """layers x (Gemm + Relu), x float32 [N, width]: random weights, fixed by seed."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, last = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        b = rng.standard_normal(width).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes += [
+            helper.make_node("Gemm", [last, f"w{i}", f"b{i}"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+        ]
+        last = f"r{i}"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        inits,
+    )
+    return finish(graph)
+
+
+def multi_io_model() -> "helper.ModelProto":
+    """Two inputs of different dtypes: a int64 [2, 3], b float64 [N]; sum and scaled copy."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["a"], ["total"], keepdims=0),
+            helper.make_node("Add", ["b", "b"], ["doubled"]),
+        ],
+        "multi",
+        [
+            helper.make_tensor_value_info("a", TensorProto.INT64, [2, 3]),
+            helper.make_tensor_value_info("b", TensorProto.DOUBLE, ["N"]),
+        ],
+        [
+            helper.make_tensor_value_info("total", TensorProto.INT64, []),
+            helper.make_tensor_value_info("doubled", TensorProto.DOUBLE, ["N"]),
+        ],
+    )
+    return finish(graph)
