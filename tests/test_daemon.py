@@ -228,7 +228,9 @@ def test_malformed_frames_get_errors_and_the_connection_goes_on(daemon):
     assert [f["error"]["code"] for f in frames[:4]] == [
         "BAD_FRAME", "BAD_FRAME", "BAD_REQUEST", "UNKNOWN_OPERATION"]  # fmt: skip
     assert "must be a msgpack map, got list" in frames[1]["error"]["message"]
-    assert "request 'id' must be an integer or a string, got nothing" in frames[2]["error"]["message"]
+    assert (
+        "request 'id' must be an integer or a string, got nothing" in frames[2]["error"]["message"]
+    )
     assert frames[3]["id"] == "u" and "unknown operation 'reboot'" in frames[3]["error"]["message"]
     assert frames[4] == {"id": 9, "ok": True, "result": {"status": "ok", "models": {
         "demo": "ready", "iris": "ready", "multi": "ready", "slow": "ready"}}}  # fmt: skip

@@ -1,0 +1,207 @@
+"""moltctl end to end: real invocations against the real daemon, output and exit codes."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from moltctl.cli import EXIT_ERROR, EXIT_PROTOCOL, EXIT_UNAVAILABLE, EXIT_USAGE
+from tests.conftest import run_moltctl
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def fails(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    return result.stderr
+
+
+def test_status_table_and_json(daemon):
+    out = ok(run_moltctl("status", socket=daemon.socket))
+    lines = out.splitlines()
+    assert lines[0].startswith("moltbotd 0.1.0 (pid ")
+    assert lines[1].split() == ["MODEL", "VERSION", "STATE", "PID", "UPTIME", "REQUESTS",
+                                "ERRORS", "RESTARTS", "INFLIGHT", "DETAIL"]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["demo"][1:3] == ["v2.0", "ready"]
+    report = json.loads(ok(run_moltctl("status", "demo", "-o", "json", socket=daemon.socket)))
+    assert [m["name"] for m in report["models"]] == ["demo"]
+    assert report["models"][0]["worker"]["state"] == "ready"
+
+
+def test_status_interval_repeats(daemon):
+    out = ok(run_moltctl("status", "--interval", "0.2", "--count", "3", "--no-legend",
+                         socket=daemon.socket))  # fmt: skip
+    assert [line.split()[0] for line in out.splitlines() if line].count("demo") == 3
+
+
+def test_status_interval_stops_quietly_on_ctrl_c(daemon):
+    proc = subprocess.Popen([sys.executable, "-m", "moltctl", "--socket", str(daemon.socket),
+                             "status", "--interval", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert "demo" in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+
+
+def test_switch_as_documented(daemon):
+    """`moltctl switch v2.0`: the model may be left out when only one has that version."""
+    out = ok(run_moltctl("switch", "v1.0", socket=daemon.socket))
+    assert out.startswith("demo: v2.0 -> v1.0 (loaded in ")
+    assert ok(run_moltctl("switch", "demo", "v1.0", socket=daemon.socket)) == (
+        "demo: already serving v1.0\n"
+    )
+    ok(run_moltctl("switch", "v2.0", socket=daemon.socket))
+    result = json.loads(ok(run_moltctl("infer", "demo", "-i", "x=[[1,2,3,4]]", "-o", "json",
+                                       socket=daemon.socket)))  # fmt: skip
+    assert result["version"] == "v2.0"
+    assert result["outputs"]["y"]["data"] == [[10.0, 20.0, 30.0, 40.0]]
+
+
+def test_switch_errors(daemon):
+    err = fails(run_moltctl("switch", "v1", socket=daemon.socket), EXIT_ERROR)
+    assert "all have a version v1: name the model" in err and "[BAD_REQUEST]" in err
+    err = fails(run_moltctl("switch", "demo", "v7", socket=daemon.socket), EXIT_ERROR)
+    assert "moltctl: model demo has no version v7 (versions: v1.0, v2.0) [VERSION_NOT_FOUND]" in err
+    fails(run_moltctl("switch", "a", "b", "c", socket=daemon.socket), EXIT_USAGE)
+
+
+def test_infer_from_npy_file_and_json(daemon, tmp_path):
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.save(tmp_path / "x.npy", x)
+    out = ok(run_moltctl("infer", "demo", "--input", f"x=@{tmp_path / 'x.npy'}",
+                         socket=daemon.socket))  # fmt: skip
+    assert out.splitlines()[0] == "model demo v2.0"
+    assert out.splitlines()[2].split()[:4] == ["y", "float32", "[2,", "4]"]
+    iris = json.loads(ok(run_moltctl("infer", "iris", "-i", "x=[[5.1, 3.5, 1.4, 0.2]]",
+                                     "-o", "json", socket=daemon.socket)))  # fmt: skip
+    assert iris["outputs"]["label"]["data"] == [0]
+    assert iris["outputs"]["probabilities"]["dtype"] == "sequence"
+    assert set(iris["outputs"]["probabilities"]["data"][0]) == {"0", "1", "2"}
+
+
+def test_infer_errors(daemon, tmp_path):
+    err = fails(run_moltctl("infer", "demo", "-i", "x=[[1,2]]", socket=daemon.socket), EXIT_ERROR)
+    assert "expected float32 with shape [N, 4], got shape [1, 2] [INVALID_INPUT]" in err
+    err = fails(run_moltctl("infer", "demo", "-i", "x=[[1,", socket=daemon.socket), EXIT_USAGE)
+    assert "input x: '[[1,' is not JSON" in err
+    missing = tmp_path / "missing.npy"
+    err = fails(run_moltctl("infer", "demo", "-i", f"x=@{missing}", socket=daemon.socket),
+                EXIT_USAGE)  # fmt: skip
+    assert f"cannot read {missing}" in err
+    fails(run_moltctl("infer", "demo", "-i", "nonsense", socket=daemon.socket), EXIT_USAGE)
+
+
+def test_models_and_health(daemon, models_dir):
+    out = ok(run_moltctl("models", socket=daemon.socket))
+    assert "demo   v2.0    v1.0, v2.0" in out
+    assert ok(run_moltctl("health", socket=daemon.socket)).startswith("ok\n")
+    (models_dir / "demo" / "v3.0").mkdir()
+    (models_dir / "demo" / "v3.0" / "model.onnx").write_bytes(b"broken")
+    fails(run_moltctl("switch", "demo", "v3.0", socket=daemon.socket), EXIT_ERROR)
+    assert ok(run_moltctl("health", socket=daemon.socket)).startswith("ok\n")  # v2.0 serves on
+
+
+def test_health_degraded_exits_1(daemon_factory, models_dir):
+    (models_dir / "broken" / "v1").mkdir(parents=True)
+    (models_dir / "broken" / "v1" / "model.onnx").write_bytes(b"broken")
+    daemon = daemon_factory()
+    result = run_moltctl("health", socket=daemon.socket)
+    assert fails(result, EXIT_ERROR) == ""
+    assert result.stdout.startswith("degraded\n") and "broken  fatal" in result.stdout
+
+
+def test_logs_filter_error_last_hour_as_documented(daemon, models_dir):
+    (models_dir / "demo" / "v3.0").mkdir()
+    (models_dir / "demo" / "v3.0" / "model.onnx").write_bytes(b"broken")
+    run_moltctl("switch", "demo", "v3.0", socket=daemon.socket)
+    out = ok(run_moltctl("logs", "--filter", "ERROR", "--last", "1h", socket=daemon.socket))
+    lines = out.splitlines()
+    assert lines, "the failed switch must have logged an error"
+    assert all("] [ERROR] [" in line or "] [CRITICAL] [" in line for line in lines)
+    assert any("model demo v3.0 failed to load" in line for line in lines)
+    assert ok(run_moltctl("logs", "-p", "err", "--since", "1h", socket=daemon.socket)) == out
+
+
+def test_logs_filters(daemon):
+    ok(run_moltctl("switch", "v1.0", socket=daemon.socket))
+    demo = ok(run_moltctl("logs", "--model", "demo", "-p", "info", socket=daemon.socket))
+    assert "Model demo v1.0 loaded model=demo" in demo
+    assert "model=iris" not in demo
+    assert len(ok(run_moltctl("logs", "-n", "2", socket=daemon.socket)).splitlines()) == 2
+    text = ok(run_moltctl("logs", "--filter", "now serving", socket=daemon.socket))
+    assert text.count("\n") == 1 and "model demo: now serving v1.0" in text
+    assert ok(run_moltctl("logs", "--until", "2000-01-01", socket=daemon.socket)) == ""
+    entry = json.loads(ok(run_moltctl("logs", "-n", "1", "-o", "json", socket=daemon.socket)))
+    assert set(entry) == {"seq", "time", "level", "logger", "event", "fields"}
+    err = fails(run_moltctl("logs", "-p", "loud", socket=daemon.socket), EXIT_USAGE)
+    assert "unknown log level 'loud'" in err
+    err = fails(run_moltctl("logs", "--since", "last tuesday", socket=daemon.socket), EXIT_USAGE)
+    assert "cannot read 'last tuesday' as a time" in err
+
+
+def test_logs_follow(daemon):
+    proc = subprocess.Popen([sys.executable, "-m", "moltctl", "--socket", str(daemon.socket),
+                             "logs", "-f", "--filter", "now serving"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(1.0)  # let it print the backlog (none) and start polling
+        ok(run_moltctl("switch", "v1.0", socket=daemon.socket))
+        line = proc.stdout.readline()
+        assert "model demo: now serving v1.0" in line
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err
+
+
+def test_not_running_exit_code_and_advice(tmp_path):
+    err = fails(run_moltctl("status", socket=tmp_path / "none.sock"), EXIT_UNAVAILABLE)
+    assert err == (f"moltctl: moltbotd is not running at {tmp_path / 'none.sock'} (start it with:"
+                   " systemctl start moltbotd, or point --socket / MOLTBOT_SOCKET at the daemon's"
+                   " socket)\n")  # fmt: skip
+
+
+def test_default_socket_advice():
+    result = run_moltctl("health")
+    if result.returncode == EXIT_UNAVAILABLE:
+        assert result.stderr == ("moltctl: moltbotd is not running at /run/moltbot/moltbotd.sock"
+                                 " (start it with: systemctl start moltbotd)\n")  # fmt: skip
+    else:  # a moltbotd really runs on this machine: it answered
+        assert result.returncode in (0, EXIT_ERROR)
+
+
+def test_unreadable_answer_exit_code(tmp_path):
+    """A peer that is not moltbotd (it hangs up): exit 4, no traceback."""
+    path = tmp_path / "liar.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    err = fails(run_moltctl("status", socket=path), EXIT_PROTOCOL)
+    assert err == "moltctl: moltbotd closed the connection before answering\n"
+    server.close()
+
+
+@pytest.mark.parametrize("args", [["nope"], ["status", "--interval", "0"], ["logs", "-n", "0"]])
+def test_usage_errors_exit_2(args, tmp_path):
+    fails(run_moltctl(*args, socket=tmp_path / "unused.sock"), EXIT_USAGE)
