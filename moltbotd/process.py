@@ -400,6 +400,7 @@ class Worker:
             "errors": self.counters.errors,
             "restarts": self.counters.restarts,
             "signature": self.signature.to_wire() if self.signature else None,
+            "session": asdict(self.spec.session),
         }
 
 

@@ -30,8 +30,10 @@ def models_dir(tmp_path: Path) -> Path:
 class Daemon:
     """moltbotd as a subprocess in its own process group, logging to a file."""
 
-    def __init__(self, tmp_path: Path, models_dir: Path, config: str | None = None) -> None:
+    def __init__(self, tmp_path: Path, models_dir: Path, config: str | None = None,
+                 args: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.dir = tmp_path
+        self.args = args
         self.socket = tmp_path / "moltbotd.sock"
         self.models_dir = models_dir
         self.log_path = tmp_path / "moltbotd.log"
@@ -46,7 +48,7 @@ class Daemon:
                 "--models-dir", str(self.models_dir), "--log-level", "debug"]  # fmt: skip
         if self.config_path:
             argv += ["--config", str(self.config_path)]
-        return argv
+        return argv + list(self.args)
 
     def start(self, wait: bool = True) -> "Daemon":
         with self.log_path.open("ab") as log:
@@ -98,9 +100,9 @@ class Daemon:
 def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[type]:
     started: list[Daemon] = []
 
-    def make(config: str | None = None, repo: Path | None = None, start: bool = True,
-             wait: bool = True) -> Daemon:  # fmt: skip
-        daemon = Daemon(tmp_path, repo or models_dir, config)
+    def make(config: str | None = None, start: bool = True, wait: bool = True,
+             args: tuple[str, ...] = ()) -> Daemon:  # fmt: skip
+        daemon = Daemon(tmp_path, models_dir, config, args)
         started.append(daemon)
         return daemon.start(wait) if start else daemon
 
