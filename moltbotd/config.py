@@ -46,7 +46,7 @@ def choice(*options: str) -> Converter:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
         return value.lower()
 
-    convert.__doc__ = " | ".join(options)
+    convert.__doc__ = "one of " + ", ".join(options)
     return convert
 
 
@@ -303,9 +303,9 @@ def reference_markdown() -> str:
             if "section" in f.metadata:
                 walk(f.metadata["section"], f"{prefix}{f.name}.")
             elif "convert" in f.metadata:
-                default = getattr(defaults, f.name)
-                shown = oct(default).replace("0o", "0") if f.name == "socket_mode" else default
-                kind = (f.metadata["convert"].__doc__ or "").strip()
+                convert = f.metadata["convert"]
+                shown = _show(getattr(defaults, f.name), convert)
+                kind = (convert.__doc__ or "").strip()
                 rows.append(f"| `{prefix}{f.name}` | {kind} | `{shown}` | {f.metadata['help']} |")
 
     walk(Config, "")
@@ -315,3 +315,14 @@ def reference_markdown() -> str:
         " the version served when the daemon starts |"
     )
     return "\n".join(rows) + "\n"
+
+
+def _show(value: Any, convert: Converter) -> str:
+    """A default as one would write it in the file."""
+    if convert is duration:
+        return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+    if convert is size:
+        return f"{value // 2**20}MiB" if value % 2**20 == 0 else str(value)
+    if convert is file_mode:
+        return f'"0{value:o}"'
+    return str(value)
