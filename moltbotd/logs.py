@@ -94,7 +94,7 @@ class Ring:
             and (model is None or e.fields.get("model") == model)
             and (contains is None or contains in e.text())
         ]
-        return found[-limit:] if limit else found
+        return found if limit is None else found[max(len(found) - limit, 0) :]
 
 
 _RESERVED = {"time", "level", "component", "event"}

@@ -75,6 +75,7 @@ class Worker:
     started_at: float | None = None  # monotonic time it became READY
 
     def __post_init__(self) -> None:
+        self.log = log.bind(model=self.spec.model, version=self.spec.version)
         self._ids = itertools.count(1)
         self._inflight: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
@@ -112,10 +113,8 @@ class Worker:
             failures = 1 if self._was_stable() else failures + 1
             if failures >= self.settings.restart.max_failures:
                 await self._set(S.FATAL)
-                log.error(
+                self.log.error(
                     f"{self.label} failed {failures} times in a row; not restarting",
-                    model=self.spec.model,
-                    version=self.spec.version,
                     error=self.error,
                 )
                 return
@@ -143,9 +142,7 @@ class Worker:
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session)}
         self._channel.transport.write(encode_frame(spec))  # type: ignore[union-attr]
-        log.info(
-            f"{self.label} starting", model=self.spec.model, version=self.spec.version, pid=self.pid
-        )
+        self.log.info(f"{self.label} starting", pid=self.pid)
         return await self._await_handshake()
 
     async def _await_handshake(self) -> bool:
@@ -166,10 +163,8 @@ class Worker:
             return True
         if self._handshake.done():  # the worker said its model cannot load
             self.error = f"cannot load {self.spec.path}: {self._handshake.result()['failed']}"
-            log.error(
+            self.log.error(
                 f"{self.label} failed to load",
-                model=self.spec.model,
-                version=self.spec.version,
                 error=self.error,
             )
             await self._kill_and_reap()
@@ -181,10 +176,8 @@ class Worker:
             self.error = f"worker pid {self.pid} {reason} while loading its model"
         else:
             self.error = f"did not report ready within {self.settings.start_timeout:g}s"
-        log.error(
+        self.log.error(
             f"{self.label} failed to start",
-            model=self.spec.model,
-            version=self.spec.version,
             error=self.error,
         )
         return False
@@ -194,19 +187,15 @@ class Worker:
         self.providers = info["providers"]
         self.started_at = time.monotonic()
         self.error = None
-        log.info(
+        self.log.info(
             f"Model {self.spec.model} {self.spec.version} loaded",
-            model=self.spec.model,
-            version=self.spec.version,
             pid=self.pid,
             providers=",".join(self.providers),
             load_ms=round(info["load_seconds"] * 1e3, 1),
         )
         if self.spec.session.device == "cuda" and "CUDAExecutionProvider" not in self.providers:
-            log.warning(
+            self.log.warning(
                 f"{self.label}: CUDA is not available, running on CPU",
-                model=self.spec.model,
-                version=self.spec.version,
             )
 
     async def _proc_exit(self) -> None:
@@ -219,10 +208,8 @@ class Worker:
         )
         if self.state in (S.READY, S.DRAINING) and not self._stop.is_set():
             self.error = f"worker pid {self.pid} {reason}"
-            log.error(
+            self.log.error(
                 f"{self.label} worker died",
-                model=self.spec.model,
-                version=self.spec.version,
                 pid=self.pid,
                 reason=reason,
             )
@@ -242,10 +229,8 @@ class Worker:
             self.settings.restart.backoff * 2 ** (failures - 1), self.settings.restart.backoff_max
         )
         self.counters.restarts += 1
-        log.warning(
+        self.log.warning(
             f"{self.label} restarting in {delay:g}s",
-            model=self.spec.model,
-            version=self.spec.version,
             failures=failures,
         )
         with contextlib.suppress(TimeoutError):
@@ -281,10 +266,8 @@ class Worker:
             await asyncio.wait_for(proc.wait(), grace)
         except TimeoutError:
             if grace:
-                log.warning(
+                self.log.warning(
                     f"{self.label} did not stop within {grace:g}s; killing it",
-                    model=self.spec.model,
-                    version=self.spec.version,
                     pid=proc.pid,
                 )
             with contextlib.suppress(ProcessLookupError):
@@ -294,7 +277,9 @@ class Worker:
     async def _set(self, new: WorkerState) -> None:
         check_transition(self.state, new)
         old, self.state = self.state, new
-        log.debug(f"{self.label} {old} -> {new}", model=self.spec.model, version=self.spec.version)
+        self.log.debug(
+            f"{self.label} {old} -> {new}",
+        )
         async with self._changed:
             self._changed.notify_all()
 
@@ -357,7 +342,7 @@ class Worker:
 
     def on_message(self, message: dict[str, Any] | MoltError) -> None:
         if isinstance(message, MoltError):
-            log.error(f"{self.label} sent a bad frame", model=self.spec.model, error=str(message))
+            self.log.error(f"{self.label} sent a bad frame", error=str(message))
             return
         if "id" in message:
             future = self._inflight.get(message["id"])
@@ -384,7 +369,7 @@ class Worker:
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             if line:
-                log.warning(line, model=self.spec.model, version=self.spec.version, pid=proc.pid)
+                self.log.warning(line, pid=proc.pid)
 
     def status(self) -> dict[str, Any]:
         up = time.monotonic() - self.started_at if self.started_at else None

@@ -128,7 +128,7 @@ class FrameDecoder:
 def _decode_body(body: memoryview) -> dict[str, Any] | MoltError:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as exc:
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # TypeError: {[1]: 2}
         return MoltError(ErrorCode.BAD_FRAME, f"frame body is not valid msgpack: {exc}")
     if not isinstance(message, dict):
         return MoltError(
@@ -231,7 +231,7 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
         return {
             "dtype": STRING_DTYPE,
             "shape": list(array.shape),
-            "data": [str(s) for s in array.ravel()],
+            "data": [s.decode() if isinstance(s, bytes) else str(s) for s in array.ravel()],
         }
     name = array.dtype.name
     if name not in WIRE_DTYPES:

@@ -171,6 +171,7 @@ def _from_plain(where: str, spec: TensorSpec, value: Any) -> dict[str, Any]:
         return {"dtype": STRING_DTYPE, "shape": list(array.shape), "data": list(array.ravel())}
     try:
         array = np.asarray(value, dtype=WIRE_DTYPES[spec.dtype])
+        _check_no_truncation(value, array)
     except (ValueError, TypeError, OverflowError) as exc:
         message = re.sub(r"\s+", " ", str(exc))
         raise MoltError(
@@ -179,6 +180,15 @@ def _from_plain(where: str, spec: TensorSpec, value: Any) -> dict[str, Any]:
             {"input": spec.name, "expected": spec.to_wire()},
         ) from None
     return {"dtype": spec.dtype, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def _check_no_truncation(value: Any, array: np.ndarray) -> None:
+    """Refuse 1.5 for an integer input rather than silently sending 1."""
+    if array.dtype.kind in "iub":
+        natural = np.asarray(value)
+        if natural.dtype.kind == "f" and not np.array_equal(natural, array):
+            bad = natural[natural != array].ravel()[0]
+            raise ValueError(f"{bad.item()!r} is not a whole number")
 
 
 def _check_tensor_map(where: str, tensor: dict[str, Any]) -> None:
@@ -196,7 +206,8 @@ def _check_tensor_map(where: str, tensor: dict[str, Any]) -> None:
             ErrorCode.INVALID_INPUT,
             f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}",
         )
-    if tensor["dtype"] not in WIRE_DTYPES and tensor["dtype"] != STRING_DTYPE:
+    dtype = tensor["dtype"]
+    if not isinstance(dtype, str) or (dtype not in WIRE_DTYPES and dtype != STRING_DTYPE):
         raise MoltError(
             ErrorCode.INVALID_INPUT,
             f"{where}: unknown dtype {tensor['dtype']!r} (known: "

@@ -4,10 +4,11 @@ Each takes what YAML produced and returns the value in base units (seconds, byte
 raises ValueError with a sentence that says what was expected.
 """
 
+import math
 import re
 from typing import Any
 
-_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_UNITS = {"": 1.0, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -33,8 +34,9 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected {expected}, got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"expected {expected}, got a negative number {value!r}")
+        if not 0 <= value < math.inf:
+            reason = "a negative number " if value < 0 else ""
+            raise ValueError(f"expected {expected}, got {reason}{value!r}")
         return float(value)
     match = _NUMBER_UNIT.match(str(value))
     if not match or match.group(2).lower() not in _DURATION_UNITS:
