@@ -23,7 +23,6 @@ import numpy as np
 from moltbotd.operations import lookup
 from moltbotd.protocol import (
     PROTOCOL_VERSION,
-    ErrorCode,
     FrameDecoder,
     MoltError,
     decode_value,
@@ -37,15 +36,6 @@ DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
 # Responses may be large (outputs); the daemon's own limit applies to requests.
 MAX_RESPONSE_BYTES = 1 << 30
 
-__all__ = [
-    "AsyncClient",
-    "Client",
-    "ConnectError",
-    "ErrorCode",
-    "MoltError",
-    "Outputs",
-    "ProtocolError",
-]
 
 
 class ConnectError(Exception):
