@@ -18,6 +18,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from moltbotd.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
+    RECV_BYTES,
     ErrorCode,
     FrameDecoder,
     MoltError,
@@ -47,7 +48,7 @@ class Channel:
 
     def receive(self) -> dict[str, Any] | None:
         while not self.pending:
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(RECV_BYTES)
             if not data:
                 return None
             self.pending.extend(self.decoder.feed(data))

@@ -23,6 +23,7 @@ import numpy as np
 from moltbotd.operations import lookup
 from moltbotd.protocol import (
     PROTOCOL_VERSION,
+    RECV_BYTES,
     FrameDecoder,
     MoltError,
     decode_value,
@@ -35,7 +36,6 @@ from moltbotd.protocol import (
 DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
 # Responses may be large (outputs); the daemon's own limit applies to requests.
 MAX_RESPONSE_BYTES = 1 << 30
-
 
 
 class ConnectError(Exception):
@@ -183,7 +183,7 @@ class Client(_Calls):
     def _receive(self) -> dict[str, Any]:
         assert self._sock is not None
         while True:
-            data = self._sock.recv(1 << 20)
+            data = self._sock.recv(RECV_BYTES)
             if not data:
                 raise ProtocolError("moltbotd closed the connection before answering")
             messages = self._decoder.feed(data)
@@ -247,7 +247,7 @@ class AsyncClient(_Calls):
         decoder = FrameDecoder(MAX_RESPONSE_BYTES)
         error: Exception = ProtocolError("moltbotd closed the connection before answering")
         try:
-            while data := await reader.read(1 << 20):
+            while data := await reader.read(RECV_BYTES):
                 for message in decoder.feed(data):
                     self._deliver(message)
         except (OSError, MoltError) as exc:
