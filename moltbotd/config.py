@@ -86,6 +86,63 @@ def duration(value: Any) -> float:
     return parse_duration(value)
 
 
+def unlimited_or(convert: Converter, doc: str) -> Converter:
+    """None or 'max' mean no limit; anything else goes through `convert`."""
+
+    def wrapped(value: Any) -> Any:
+        return None if value is None or value == "max" else convert(value)
+
+    wrapped.__doc__ = f"{doc}, or max"
+    return wrapped
+
+
+def cpu_share(value: Any) -> float:
+    """'150%' or 1.5 -> 1.5 CPUs."""
+    expected = "a CPU share such as 150% or 1.5 (CPUs), from 1% to 100000%"
+    text = str(value).strip()
+    try:
+        cpus = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+    if isinstance(value, bool) or not 0.01 <= cpus <= 1000:
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return cpus
+
+
+def rate(value: Any) -> int:
+    """'10MB/s' -> bytes per second."""
+    text = value[:-2] if isinstance(value, str) and value.endswith("/s") else value
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"expected a rate such as 10MB/s or 512KiB/s, got {value!r}") from None
+
+
+def cpu_period(value: Any) -> float:
+    """duration from 1ms to 1s"""
+    seconds = parse_duration(value)
+    if not 0.001 <= seconds <= 1.0:
+        raise ValueError(f"expected a period from 1ms to 1s, got {value!r}")
+    return seconds
+
+
+def threads(value: Any) -> int | None:
+    """integer 1..256, or auto"""
+    if value == "auto":
+        return None
+    try:
+        return integer(1, 256)(value)
+    except ValueError:
+        raise ValueError(f"expected an integer from 1 to 256 or auto, got {value!r}") from None
+
+
+def io_device(value: Any) -> str:
+    """auto, or a block device path"""
+    if value == "auto" or (isinstance(value, str) and value.startswith("/")):
+        return value
+    raise ValueError(f"expected auto or a device path such as /dev/vda, got {value!r}")
+
+
 def size(value: Any) -> int:
     """size: 64MiB, 4GiB"""
     return parse_size(value)
@@ -103,8 +160,11 @@ class SessionSettings:
         choice("cpu", "cuda"),
         "cpu, or cuda: the CUDA execution provider with CPU fallback where CUDA cannot start",
     )
-    intra_op_threads: int = setting(
-        1, integer(1, 256), "threads inside one operator (onnxruntime intra_op_num_threads)"
+    intra_op_threads: int | None = setting(
+        None,
+        threads,
+        "threads inside one operator (onnxruntime intra_op_num_threads); auto: the CPU quota"
+        " rounded up (150% -> 2), 1 without a quota",
     )
     inter_op_threads: int = setting(
         1, integer(1, 256), "threads across operators (onnxruntime inter_op_num_threads)"
@@ -112,6 +172,78 @@ class SessionSettings:
     graph_optimization: str = setting(
         "all", choice("disable", "basic", "extended", "all"), "onnxruntime graph optimization level"
     )
+
+
+@dataclass(frozen=True)
+class CpuLimits:
+    quota: float | None = setting(
+        None, unlimited_or(cpu_share, "CPU share: 150% or 1.5"), "CPU time per period (cpu.max)"
+    )
+    period: float = setting(0.1, cpu_period, "the period of the quota (cpu.max)")
+    weight: int | None = setting(
+        None,
+        unlimited_or(integer(1, 10000), "integer 1..10000"),
+        "share under contention (cpu.weight)",
+    )
+
+
+@dataclass(frozen=True)
+class MemoryLimits:
+    limit: int | None = setting(
+        None,
+        unlimited_or(size, "size"),
+        "hard limit: the worker is OOM-killed above it (memory.max)",
+    )
+    high: int | None = setting(
+        None, unlimited_or(size, "size"), "throttled and reclaimed above it (memory.high)"
+    )
+    swap: int | None = setting(
+        None, unlimited_or(size, "size"), "swap it may use (memory.swap.max)"
+    )
+
+
+@dataclass(frozen=True)
+class IoLimits:
+    read_bps: int | None = setting(
+        None, unlimited_or(rate, "rate: 10MB/s"), "read bytes/s (io.max)"
+    )
+    write_bps: int | None = setting(
+        None, unlimited_or(rate, "rate: 10MB/s"), "written bytes/s (io.max)"
+    )
+    read_iops: int | None = setting(
+        None, unlimited_or(integer(1, 10**9), "integer"), "read operations/s (io.max)"
+    )
+    write_iops: int | None = setting(
+        None, unlimited_or(integer(1, 10**9), "integer"), "write operations/s (io.max)"
+    )
+    device: str = setting(
+        "auto", io_device, "the disk limited: auto is the one holding the model repository"
+    )
+
+
+@dataclass(frozen=True)
+class PidsLimits:
+    max: int | None = setting(
+        None, unlimited_or(integer(1, 4194304), "integer"), "processes and threads (pids.max)"
+    )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Kernel-enforced limits of one model version's cgroup."""
+
+    cpu: CpuLimits = section(CpuLimits, "CPU")
+    memory: MemoryLimits = section(MemoryLimits, "memory")
+    io: IoLimits = section(IoLimits, "disk IO")
+    pids: PidsLimits = section(PidsLimits, "processes")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a model.yaml or a models.<name> entry sets: session keys and limits, partially."""
+
+    session: Mapping[str, Any] = field(default_factory=dict)
+    limits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,10 +271,10 @@ class WorkerSettings:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A model's entry under `models:`: its active version and session overrides."""
+    """A model's entry under `models:`: its active version, session settings and limits."""
 
     version: str | None = None
-    overrides: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Overrides = field(default_factory=Overrides)
 
 
 @dataclass(frozen=True)
@@ -166,6 +298,13 @@ class Config:
     drain_timeout: float = setting(
         30.0, duration, "time in-flight requests get to finish at stop or version switch"
     )
+    isolation: str = setting(
+        "best-effort",
+        choice("strict", "best-effort", "off"),
+        "strict: refuse to start without cgroup v2 delegation; best-effort: warn and run"
+        " without limits; off: never use cgroups",
+    )
+    limits: Limits = section(Limits, "limits for every model (model.yaml and models: override)")
     workers: WorkerSettings = section(WorkerSettings, "worker process lifecycle")
     defaults: SessionSettings = section(
         SessionSettings, "session settings for every model (model.yaml and models: override)"
@@ -175,10 +314,20 @@ class Config:
         metadata={"help": "per-model entries: `version` (the active one) and session settings"},
     )
 
-    def session_settings(self, model: str, model_yaml: Mapping[str, Any]) -> SessionSettings:
+    def session_settings(self, model: str, model_yaml: Overrides) -> SessionSettings:
         """defaults < the version's model.yaml < the config's models.<name>."""
-        entry = self.models.get(model, ModelConfig())
-        return dataclasses.replace(self.defaults, **{**model_yaml, **entry.overrides})
+        entry = self.models.get(model, ModelConfig()).overrides
+        return dataclasses.replace(self.defaults, **{**model_yaml.session, **entry.session})
+
+    def limits_for(self, model: str, model_yaml: Overrides) -> Limits:
+        """limits < the version's model.yaml limits < the config's models.<name>.limits."""
+        entry = self.models.get(model, ModelConfig()).overrides
+        return Limits(**{
+            f.name: dataclasses.replace(getattr(self.limits, f.name),
+                                        **{**model_yaml.limits.get(f.name, {}),
+                                           **entry.limits.get(f.name, {})})
+            for f in dataclasses.fields(Limits)
+        })  # fmt: skip
 
 
 # --- loading --------------------------------------------------------------------------
@@ -196,22 +345,40 @@ def load(config_path: Path | None) -> Config:
     return _build(Config, data, str(config_path), "", base=config_path.parent)
 
 
-def parse_session_overrides(data: Any, where: str, prefix: str = "") -> dict[str, Any]:
-    """Validate a partial SessionSettings mapping (a model.yaml, a models.<name> entry)."""
+def parse_overrides(data: Any, where: str, prefix: str = "") -> Overrides:
+    """Validate a model.yaml or a models.<name> entry: session keys and `limits`, partially."""
+    if data is None:
+        return Overrides()
+    _require_map(data, where, prefix)
+    session = {k: v for k, v in data.items() if k != "limits"}
+    return Overrides(
+        _partial(SessionSettings, session, where, prefix, extra=("limits",)),
+        _partial(Limits, data.get("limits"), where, prefix + "limits."),
+    )
+
+
+def _partial(cls: type, data: Any, where: str, prefix: str, extra: tuple[str, ...] = ()) -> dict:
+    """Only the keys given, converted; sections as nested dicts."""
     if data is None:
         return {}
     _require_map(data, where, prefix)
-    known = {f.name: f for f in dataclasses.fields(SessionSettings)}
-    _reject_unknown(data, known, where, prefix)
-    return {key: _convert(known[key], value, where, prefix + key) for key, value in data.items()}
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(data, {**known, **dict.fromkeys(extra)}, where, prefix)
+    return {
+        key: _partial(known[key].metadata["section"], raw, where, f"{prefix}{key}.")
+        if "section" in known[key].metadata
+        else _convert(known[key], raw, where, prefix + key)
+        for key, raw in data.items()
+        if key in known
+    }
 
 
-def parse_model_yaml(file: Path) -> dict[str, Any]:
+def parse_model_yaml(file: Path) -> Overrides:
     try:
         text = file.read_text()
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-    return parse_session_overrides(_parse_yaml(file, text), str(file))
+    return parse_overrides(_parse_yaml(file, text), str(file))
 
 
 def _parse_yaml(file: Path, text: str) -> Any:
@@ -259,7 +426,7 @@ def _build_models(data: Any, where: str) -> dict[str, ModelConfig]:
         version = entry.pop("version", None) if isinstance(entry, dict) else None
         if version is not None:
             version = _convert_value(name, version, where, prefix + "version")
-        models[model] = ModelConfig(version, parse_session_overrides(entry, where, prefix))
+        models[model] = ModelConfig(version, parse_overrides(entry, where, prefix))
     return models
 
 
@@ -310,6 +477,7 @@ def reference_markdown() -> str:
 
     walk(Config, "")
     walk(SessionSettings, "models.NAME.")
+    walk(Limits, "models.NAME.limits.")
     rows.append(
         "| `models.NAME.version` | model or version name | highest on disk |"
         " the version served when the daemon starts |"
@@ -319,7 +487,9 @@ def reference_markdown() -> str:
 
 def _show(value: Any, convert: Converter) -> str:
     """A default as one would write it in the file."""
-    if convert is duration:
+    if value is None:
+        return "auto" if convert is threads else "max"
+    if convert in (duration, cpu_period):
         return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
     if convert is size:
         return f"{value // 2**20}MiB" if value % 2**20 == 0 else str(value)

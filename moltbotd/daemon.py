@@ -5,22 +5,32 @@ accepting, let requests in flight finish, stop the workers, remove the socket.
 """
 
 import asyncio
+import contextlib
+import functools
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import sdnotify
 
 from moltbotd import __version__
 from moltbotd import config as cfg
+from moltbotd.cgroups import CgroupError
+from moltbotd.isolation import Isolation
 from moltbotd.logs import Ring, configure, get_logger
+from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.repository import scan
-from moltbotd.server import Server, StartError
+from moltbotd.server import Reloader, Server, StartError
 from moltbotd.supervisor import Supervisor
 
 EXIT_FAILURE = 1
+EXIT_ISOLATION = 69  # EX_UNAVAILABLE: isolation: strict without cgroup v2 delegation
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd units can refuse to restart on it
+Loader = Callable[[], cfg.Config]
 
 log = get_logger("daemon")
 
@@ -42,14 +52,53 @@ def check_repository(config: cfg.Config) -> list[str]:
     return problems
 
 
-async def serve(config: cfg.Config, ring: Ring) -> int:
+def reloader(load: Loader, supervisor: Supervisor, notifier: Any) -> Reloader:
+    """Re-read the config; a bad file leaves the running configuration as it is."""
+
+    async def reload_config() -> dict[str, Any]:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        try:
+            config = load()
+        except cfg.ConfigError as exc:
+            log.error(f"reload refused: {exc}")
+            raise MoltError(
+                ErrorCode.INVALID_CONFIG, f"{exc}; the running configuration is unchanged"
+            ) from None
+        finally:
+            notifier.notify("READY=1")
+        return await supervisor.reload(config)
+
+    return reload_config
+
+
+async def on_sighup(reload_config: Reloader) -> None:
+    with contextlib.suppress(MoltError):  # already logged
+        await reload_config()
+
+
+async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     notifier = sdnotify.SystemdNotifier()
-    supervisor = Supervisor(config)
-    server = Server(config, supervisor, ring)
+    try:
+        isolation = Isolation.establish(config.isolation, config.models_dir)
+    except CgroupError as exc:
+        log.error(f"cannot start: {exc}")
+        return EXIT_ISOLATION
+    supervisor = Supervisor(config, isolation)
+    reload_config = reloader(load, supervisor, notifier)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def hangup() -> None:  # only schedules: the reload runs as a task of the loop
+        task = loop.create_task(on_sighup(reload_config))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
+    server = Server(config, supervisor, ring, reload_config)
     try:
         await server.listen()
     except (StartError, OSError) as exc:
@@ -108,21 +157,24 @@ def main(
     """Serve ONNX models from per-model worker processes on a Unix socket (foreground)."""
     if config_path is None and cfg.DEFAULT_CONFIG_PATH.exists():
         config_path = cfg.DEFAULT_CONFIG_PATH
+    load = functools.partial(
+        load_config, config_path, socket=socket, models_dir=models_dir,
+        log_format=log_format, log_level=log_level,
+    )  # fmt: skip
     try:
-        config = cfg.with_overrides(
-            cfg.load(config_path),
-            socket=socket,
-            models_dir=models_dir,
-            log_format=log_format,
-            log_level=log_level,
-        )
+        config = load()
     except cfg.ConfigError as exc:
         click.echo(f"moltbotd: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     if check_config:
         sys.exit(report_check(config_path, config))
     ring = configure(config.log_format, config.log_level, config.log_ring_size)
-    sys.exit(asyncio.run(serve(config, ring)))
+    sys.exit(asyncio.run(serve(config, load, ring)))
+
+
+def load_config(config_path: Path | None, **flags: Any) -> cfg.Config:
+    """The file (or the defaults), with the command-line flags on top; also for reloads."""
+    return cfg.with_overrides(cfg.load(config_path), **flags)
 
 
 def report_check(config_path: Path | None, config: cfg.Config) -> int:

@@ -119,6 +119,11 @@ OPERATIONS: dict[str, Operation] = {
             mutating=True,
         ),
         Operation(
+            "reload",
+            "Re-read the config file: limits change live, session changes restart workers.",
+            mutating=True,
+        ),
+        Operation(
             "logs",
             "Entries from the daemon's log ring, filtered.",
             (

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moltbotd.config import SessionSettings, WorkerSettings
+from moltbotd.cgroups import Group
+from moltbotd.config import Limits, SessionSettings, WorkerSettings
+from moltbotd.limits import describe, memory_limit_text
 from moltbotd.logs import get_logger
 from moltbotd.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame
 from moltbotd.signature import Signature
@@ -40,6 +42,7 @@ class WorkerSpec:
     version: str
     path: Path  # model.onnx
     session: SessionSettings
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def label(self) -> str:
@@ -73,10 +76,12 @@ class Worker:
     error: str | None = None  # why it is FATAL, or how it last died
     counters: Counters = field(default_factory=Counters)
     started_at: float | None = None  # monotonic time it became READY
+    cgroup: Group | None = None  # where its process goes before it loads the model
 
     def __post_init__(self) -> None:
         self.log = log.bind(model=self.spec.model, version=self.spec.version)
         self._ids = itertools.count(1)
+        self._oom_kills = 0  # the group's count when the current process started
         self._inflight: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._channel: _Channel | None = None
@@ -138,6 +143,9 @@ class Worker:
             )
         self.pid = self._proc.pid
         self._relay = loop.create_task(self._relay_output(self._proc))
+        if self.cgroup:  # before the model loads, so the load is limited and accounted
+            self._oom_kills = self.cgroup.oom_kills()
+            self.cgroup.add(self.pid)
         _, self._channel = await loop.create_unix_connection(lambda: _Channel(self), sock=parent)
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session)}
@@ -172,7 +180,7 @@ class Worker:
             return False
         await self._kill_and_reap()
         if done:
-            reason = _describe_exit(self._proc.returncode or 0)
+            reason, _ = self._exit_reason(self._proc.returncode or 0)
             self.error = f"worker pid {self.pid} {reason} while loading its model"
         else:
             self.error = f"did not report ready within {self.settings.start_timeout:g}s"
@@ -202,9 +210,9 @@ class Worker:
         """Wait for the READY process to end (a stop, or a death), then account for it."""
         assert self._proc is not None
         code = await self._proc.wait()
-        reason = _describe_exit(code)
+        reason, error_code = self._exit_reason(code)
         self._fail_inflight(
-            f"{self.label}: worker pid {self.pid} {reason} while running this request"
+            f"{self.label}: worker pid {self.pid} {reason} while running this request", error_code
         )
         if self.state in (S.READY, S.DRAINING) and not self._stop.is_set():
             self.error = f"worker pid {self.pid} {reason}"
@@ -351,13 +359,20 @@ class Worker:
         elif self._handshake and not self._handshake.done():
             self._handshake.set_result(message)
 
-    def _fail_inflight(self, why: str) -> None:
+    def _exit_reason(self, code: int) -> tuple[str, ErrorCode]:
+        """How the process ended; a kill by the kernel's OOM killer in its group says so."""
+        if code == -signal.SIGKILL and self.cgroup and self.cgroup.oom_kills() > self._oom_kills:
+            limit = memory_limit_text(self.spec.limits)
+            return f"was killed by its memory limit {limit}", ErrorCode.RESOURCE_EXHAUSTED
+        return _describe_exit(code), ErrorCode.WORKER_FAILED
+
+    def _fail_inflight(self, why: str, code: ErrorCode = ErrorCode.WORKER_FAILED) -> None:
         for future in self._inflight.values():
             if not future.done():
                 self.counters.errors += 1
                 future.set_exception(
                     MoltError(
-                        ErrorCode.WORKER_FAILED,
+                        code,
                         why,
                         {"model": self.spec.model, "version": self.spec.version},
                     )
@@ -386,6 +401,7 @@ class Worker:
             "restarts": self.counters.restarts,
             "signature": self.signature.to_wire() if self.signature else None,
             "session": asdict(self.spec.session),
+            "limits": describe(self.spec.limits),
         }
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moltbotd.config import NAME_PATTERN, NAME_RULE, ConfigError, parse_model_yaml
+from moltbotd.config import NAME_PATTERN, NAME_RULE, ConfigError, Overrides, parse_model_yaml
 
 MODEL_FILE = "model.onnx"
 MODEL_YAML = "model.yaml"
@@ -43,10 +43,10 @@ class RepoModel:
     def version_dir(self, version: str) -> Path:
         return self.path / version
 
-    def model_yaml(self, version: str) -> dict[str, Any]:
-        """The version's validated model.yaml settings (empty when it has none)."""
+    def model_yaml(self, version: str) -> Overrides:
+        """The version's validated model.yaml settings (none when it has no model.yaml)."""
         file = self.version_dir(version) / MODEL_YAML
-        return parse_model_yaml(file) if file.exists() else {}
+        return parse_model_yaml(file) if file.exists() else Overrides()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,12 @@ class StartError(Exception):
     """The daemon cannot start serving (the socket is taken, ...); the message says why."""
 
 
-def make_handlers(supervisor: Supervisor, ring: Ring, config: Config) -> dict[str, Handler]:
+Reloader = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def make_handlers(
+    supervisor: Supervisor, ring: Ring, config: Config, reload_config: Reloader
+) -> dict[str, Handler]:
     """The daemon's half of every operation in OPERATIONS (the server checks it is complete)."""
 
     async def hello(p: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +85,9 @@ def make_handlers(supervisor: Supervisor, ring: Ring, config: Config) -> dict[st
     async def switch(p: dict[str, Any]) -> dict[str, Any]:
         return await supervisor.switch(p.get("model"), p["version"])
 
+    async def reload(_: dict[str, Any]) -> dict[str, Any]:
+        return await reload_config()
+
     async def logs(p: dict[str, Any]) -> dict[str, Any]:
         try:
             low = parse_level(p.get("min_level", LEVELS[0]))
@@ -105,14 +113,17 @@ def make_handlers(supervisor: Supervisor, ring: Ring, config: Config) -> dict[st
         "models": models,
         "infer": infer,
         "switch": switch,
+        "reload": reload,
         "logs": logs,
     }
 
 
 class Server:
-    def __init__(self, config: Config, supervisor: Supervisor, ring: Ring) -> None:
+    def __init__(
+        self, config: Config, supervisor: Supervisor, ring: Ring, reload_config: Reloader
+    ) -> None:
         self.config = config
-        self.handlers = make_handlers(supervisor, ring, config)
+        self.handlers = make_handlers(supervisor, ring, config, reload_config)
         if self.handlers.keys() != OPERATIONS.keys():
             raise RuntimeError(
                 f"handlers {sorted(self.handlers)} != operations {sorted(OPERATIONS)}"

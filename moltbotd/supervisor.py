@@ -6,11 +6,17 @@ serialised by that model's lock, and a second one arriving meanwhile gets CONFLI
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from moltbotd.cgroups import CgroupError
 from moltbotd.config import Config, ConfigError
+from moltbotd.isolation import Isolation
+from moltbotd.limits import intra_op_threads
 from moltbotd.logs import get_logger
 from moltbotd.process import Worker, WorkerSpec
 from moltbotd.protocol import ErrorCode, MoltError
@@ -19,6 +25,25 @@ from moltbotd.signature import check_inputs, check_output_names
 from moltbotd.states import WorkerState
 
 log = get_logger("supervisor")
+# Settings a reload applies at once; any other change waits for a restart of the daemon.
+LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout", "workers"})
+
+
+@contextlib.asynccontextmanager
+async def _exclusive(model: "Model", operation: str) -> AsyncIterator[None]:
+    """One state-changing operation per model at a time; another one gets CONFLICT."""
+    if model.lock.locked():
+        raise MoltError(
+            ErrorCode.CONFLICT,
+            f"model {model.name} is busy with '{model.operation}'; try again when it is done",
+            {"model": model.name, "operation": model.operation},
+        )
+    async with model.lock:
+        model.operation = operation
+        try:
+            yield
+        finally:
+            model.operation = None
 
 
 @dataclass
@@ -29,19 +54,24 @@ class Model:
     operation: str | None = None  # the state-changing operation in progress
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, isolation: Isolation) -> dict[str, Any]:
+        worker = self.active.status() if self.active else None
+        if worker and self.active and self.active.cgroup:
+            worker["cgroup"] = str(self.active.cgroup.path)
+            worker["usage"] = isolation.usage(self.active.cgroup)
         return {
             "name": self.name,
             "active_version": self.active and self.active.spec.version,
             "error": self.error,
             "operation": self.operation,
-            "worker": self.active.status() if self.active else None,
+            "worker": worker,
         }
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, isolation: Isolation) -> None:
         self.config = config
+        self.isolation = isolation
         self.models: dict[str, Model] = {}
         self.started = time.time()
 
@@ -90,20 +120,34 @@ class Supervisor:
 
     def _spawn(self, repo_model: RepoModel, version: str, model: Model) -> Worker | None:
         try:
-            session = self.config.session_settings(repo_model.name, repo_model.model_yaml(version))
-        except ConfigError as exc:
+            spec = self._spec(repo_model, version)
+            group = self.isolation.place(model.name, version, spec.limits)
+        except (ConfigError, CgroupError) as exc:
             model.error = str(exc)
             log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
             return None
-        spec = WorkerSpec(
-            model.name, version, repo_model.version_dir(version) / MODEL_FILE, session
-        )
-        worker = Worker(spec, self.config.workers)
+        worker = Worker(spec, self.config.workers, cgroup=group)
         worker.start()
         return worker
 
+    def _spec(self, repo_model: RepoModel, version: str) -> WorkerSpec:
+        model_yaml = repo_model.model_yaml(version)
+        limits = self.config.limits_for(repo_model.name, model_yaml)
+        session = self.config.session_settings(repo_model.name, model_yaml)
+        threads = intra_op_threads(session.intra_op_threads, limits)
+        session = dataclasses.replace(session, intra_op_threads=threads)
+        path = repo_model.version_dir(version) / MODEL_FILE
+        return WorkerSpec(repo_model.name, version, path, session, limits)
+
+    async def _retire(self, worker: Worker, model: Model) -> None:
+        """Stop a worker for good and remove its group, unless the active worker shares it."""
+        await worker.stop()
+        shared = model.active is not worker and model.active and model.active.cgroup
+        if worker.cgroup and worker.cgroup != shared:
+            self.isolation.forget(worker.cgroup)
+
     async def stop(self) -> None:
-        await asyncio.gather(*(m.active.stop() for m in self.models.values() if m.active))
+        await asyncio.gather(*(self._retire(m.active, m) for m in self.models.values() if m.active))
 
     def _scan(self) -> dict[str, RepoModel]:
         return scan(self.config.models_dir).models
@@ -168,18 +212,48 @@ class Supervisor:
         repo = self._scan()
         name = name or self._only_model_with(repo, version)
         model = self.model(name)
-        if model.lock.locked():
-            raise MoltError(
-                ErrorCode.CONFLICT,
-                f"model {name} is busy with '{model.operation}'; try again when it is done",
-                {"model": name, "operation": model.operation},
-            )
-        async with model.lock:
-            model.operation = f"switch to {version}"
-            try:
-                return await self._switch(model, repo.get(name), version)
-            finally:
-                model.operation = None
+        async with _exclusive(model, f"switch to {version}"):
+            return await self._switch(model, repo.get(name), version)
+
+    async def reload(self, config: Config) -> dict[str, Any]:
+        """Apply a re-read config: limits live, session changes by a zero-downtime restart."""
+        later = [
+            f.name
+            for f in dataclasses.fields(Config)
+            if f.name not in LIVE_SETTINGS
+            and getattr(config, f.name) != getattr(self.config, f.name)
+        ]
+        # Settings that need a restart keep their running values until then.
+        self.config = dataclasses.replace(config, **{k: getattr(self.config, k) for k in later})
+        repo = self._scan()
+        outcome = {}
+        for model in self.models.values():
+            outcome[model.name] = await self._reload_model(model, repo.get(model.name))
+        log.info("configuration reloaded", restart_needed=",".join(later) or None)
+        return {"models": outcome, "restart_needed": later}
+
+    async def _reload_model(self, model: Model, repo_model: RepoModel | None) -> str:
+        worker = model.active
+        if worker is None or repo_model is None:
+            return "unchanged: not serving"
+        try:
+            spec = self._spec(repo_model, worker.spec.version)
+        except ConfigError as exc:
+            return f"unchanged: {exc}"
+        try:
+            async with _exclusive(model, "reload"):
+                if spec.session != worker.spec.session:
+                    await self._switch(model, repo_model, spec.version, restart=True)
+                    return "restarted: session settings changed"
+                if spec.limits == worker.spec.limits:
+                    return "unchanged"
+                if worker.cgroup:
+                    self.isolation.apply(worker.cgroup, spec.limits)
+                worker.spec = dataclasses.replace(worker.spec, limits=spec.limits)
+        except (MoltError, CgroupError) as exc:
+            return f"unchanged: {exc}"
+        log.info(f"model {model.name}: limits updated", model=model.name, pid=worker.pid)
+        return "limits updated" if worker.cgroup else "limits updated, not enforced"
 
     def _only_model_with(self, repo: dict[str, RepoModel], version: str) -> str:
         having = [n for n, m in repo.items() if version in m.versions and n in self.models]
@@ -199,13 +273,13 @@ class Supervisor:
         )
 
     async def _switch(
-        self, model: Model, repo_model: RepoModel | None, version: str
+        self, model: Model, repo_model: RepoModel | None, version: str, restart: bool = False
     ) -> dict[str, Any]:
         old = model.active
         previous = old.spec.version if old else None
         if repo_model is None or version not in repo_model.versions:
             raise self._not_loaded(model.name, version, previous or "none")
-        if old and previous == version and old.state is WorkerState.READY:
+        if old and previous == version and old.state is WorkerState.READY and not restart:
             return {"model": model.name, "from": previous, "to": version, "changed": False}
         started = time.monotonic()
         log.info(
@@ -222,14 +296,14 @@ class Supervisor:
         try:
             await new.wait_ready(self.config.workers.start_timeout)
         except MoltError as exc:
-            await new.stop()
+            await self._retire(new, model)
             keeps = f"; {previous} keeps serving" if old and old.state is WorkerState.READY else ""
             raise MoltError(exc.code, exc.message + keeps, exc.details) from None
         loaded = time.monotonic()
         model.active, model.error = new, None  # from here on, new requests go to `new`
         drained = await old.drain(self.config.drain_timeout) if old else True
         if old:
-            await old.stop()
+            await self._retire(old, model)
         log.info(
             f"model {model.name}: now serving {version}",
             model=model.name,
@@ -253,7 +327,8 @@ class Supervisor:
         return {
             "uptime": time.time() - self.started,
             "models_dir": str(self.config.models_dir),
-            "models": [m.status() for m in models],
+            "isolation": self.isolation.status(),
+            "models": [m.status(self.isolation) for m in models],
         }
 
     def health(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from moltbotd.protocol import MoltError
 from moltbotd.units import format_duration
 from moltctl.client import Client, ConnectError, ProtocolError
 from moltctl.render import preview, table, to_json
+from moltctl.status_view import status_table
 from moltctl.when import parse_when
 
 EXIT_OK = 0
@@ -33,7 +34,7 @@ FOLLOW_POLL_SECONDS = 0.5
 
 # moltctl commands by the operation they map onto ("hello" runs before each of them).
 COMMANDS = {"health": "health", "status": "status", "models": "models", "infer": "infer",
-            "switch": "switch", "logs": "logs"}  # fmt: skip
+            "switch": "switch", "reload": "reload", "logs": "logs"}  # fmt: skip
 
 
 class Cli(click.Group):
@@ -114,42 +115,13 @@ def status(session: _Session, model: str | None, interval: float | None, count: 
     shown = 0
     while True:
         report = client.status(model)
-        click.echo(to_json(report) if output == "json" else _status_table(report, not no_legend))
+        click.echo(to_json(report) if output == "json" else status_table(report, not no_legend))
         shown += 1
         if interval is None or (count is not None and shown >= count):
             return
         time.sleep(interval)
         if output == "table":
             click.echo()
-
-
-def _status_table(report: dict[str, Any], legend: bool) -> str:
-    rows = []
-    for m in report["models"]:
-        w = m["worker"] or {}
-        detail = m["operation"] or w.get("error") or m["error"] or ",".join(w.get("providers", []))
-        rows.append({"model": m["name"], "version": m["active_version"],
-                     "state": w.get("state", "failed"), "pid": w.get("pid"),
-                     "uptime": w.get("uptime") and format_duration(w["uptime"]),
-                     "requests": w.get("requests"), "errors": w.get("errors"),
-                     "restarts": w.get("restarts"), "inflight": w.get("inflight"),
-                     "detail": detail})  # fmt: skip
-    head = (f"{report['server']} (pid {report['pid']}), up {format_duration(report['uptime'])},"
-            f" {len(report['models'])} models, socket {report['socket']}")  # fmt: skip
-    columns = [
-        ("MODEL", "model"),
-        ("VERSION", "version"),
-        ("STATE", "state"),
-        ("PID", "pid"),
-        ("UPTIME", "uptime"),
-        ("REQUESTS", "requests"),
-        ("ERRORS", "errors"),
-        ("RESTARTS", "restarts"),
-        ("INFLIGHT", "inflight"),
-        ("DETAIL", "detail"),
-    ]
-    body = table(rows, columns, legend)
-    return f"{head}\n{body}" if legend else body
 
 
 @cli.command()
@@ -265,6 +237,21 @@ def switch(session: _Session, args: tuple[str, ...], output: str, no_legend: boo
         click.echo(f"{result['model']}: {result['from'] or 'nothing'} -> {result['to']}"
                    f" (loaded in {format_duration(result['load_seconds'])}, previous version"
                    f" drained in {format_duration(result['drain_seconds'])})")  # fmt: skip
+
+
+@cli.command()
+@output_options
+@click.pass_obj
+def reload(session: _Session, output: str, no_legend: bool) -> None:
+    """Re-read moltbotd's config file: limits change live (same worker pids)."""
+    result = session().reload()
+    if output == "json":
+        click.echo(to_json(result))
+        return
+    rows = [{"model": name, "outcome": outcome} for name, outcome in result["models"].items()]
+    click.echo(table(rows, [("MODEL", "model"), ("OUTCOME", "outcome")], not no_legend))
+    if result["restart_needed"]:
+        click.echo("takes effect when moltbotd restarts: " + ", ".join(result["restart_needed"]))
 
 
 # --- logs ------------------------------------------------------------------------------------

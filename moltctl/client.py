@@ -120,6 +120,9 @@ class _Calls:
     def switch(self, version: str, model: str | None = None) -> Any:
         return self._call("switch", {"model": model, "version": version})
 
+    def reload(self) -> Any:
+        return self._call("reload", {})
+
     def logs(self, **filters: Any) -> Any:
         return self._call("logs", filters)
 

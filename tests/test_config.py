@@ -11,12 +11,13 @@ from moltbotd.config import (
     Config,
     ConfigError,
     ModelConfig,
+    Overrides,
     RestartSettings,
     SessionSettings,
     WorkerSettings,
     load,
     parse_model_yaml,
-    parse_session_overrides,
+    parse_overrides,
     with_overrides,
 )
 
@@ -110,9 +111,11 @@ def test_full_file_loads(tmp_path):
     )
     assert cfg.defaults == SessionSettings("cpu", 4, 2, "basic")
     assert cfg.models == {
-        "demo": ModelConfig("v2.0", {"intra_op_threads": 8, "graph_optimization": "extended"}),
-        "iris": ModelConfig("v1", {}),
-        "plain": ModelConfig(None, {}),
+        "demo": ModelConfig(
+            "v2.0", Overrides({"intra_op_threads": 8, "graph_optimization": "extended"})
+        ),
+        "iris": ModelConfig("v1"),
+        "plain": ModelConfig(None),
     }
 
 
@@ -174,7 +177,7 @@ def test_unknown_key_under_models_entry(tmp_path):
 def test_wrong_type(tmp_path):
     message, file = load_error(tmp_path, "defaults:\n  intra_op_threads: two\n")
     assert message == (
-        f"{file}: defaults.intra_op_threads: expected an integer from 1 to 256, got 'two'"
+        f"{file}: defaults.intra_op_threads: expected an integer from 1 to 256 or auto, got 'two'"
     )
 
 
@@ -307,7 +310,7 @@ def test_session_settings_precedence(tmp_path):
             "models:\n  demo:\n    intra_op_threads: 8\n",
         )
     )
-    model_yaml = {"intra_op_threads": 4, "graph_optimization": "basic"}
+    model_yaml = Overrides({"intra_op_threads": 4, "graph_optimization": "basic"})
     settings = cfg.session_settings("demo", model_yaml)
     assert settings == SessionSettings(
         device="cpu",  # defaults
@@ -320,20 +323,20 @@ def test_session_settings_precedence(tmp_path):
     assert other.intra_op_threads == 4
     assert other.graph_optimization == "basic"
     # no model.yaml: defaults, then the override
-    assert cfg.session_settings("demo", {}).intra_op_threads == 8
-    assert cfg.session_settings("iris", {}) == cfg.defaults
+    assert cfg.session_settings("demo", Overrides()).intra_op_threads == 8
+    assert cfg.session_settings("iris", Overrides()) == cfg.defaults
 
 
 def test_session_settings_does_not_change_the_config():
     cfg = Config()
-    cfg.session_settings("demo", {"intra_op_threads": 7})
+    cfg.session_settings("demo", Overrides({"intra_op_threads": 7}))
     assert cfg.defaults == SessionSettings()
 
 
 def test_parse_model_yaml(tmp_path):
     file = write(tmp_path, "intra_op_threads: 2\ndevice: CPU\n", "model.yaml")
-    assert parse_model_yaml(file) == {"intra_op_threads": 2, "device": "cpu"}
-    assert parse_model_yaml(write(tmp_path, "", "empty.yaml")) == {}
+    assert parse_model_yaml(file) == Overrides({"intra_op_threads": 2, "device": "cpu"})
+    assert parse_model_yaml(write(tmp_path, "", "empty.yaml")) == Overrides()
 
 
 @pytest.mark.parametrize(
@@ -342,7 +345,7 @@ def test_parse_model_yaml(tmp_path):
         ("threads: 2\n", ": threads: unknown setting"),
         ("version: v1\n", ": version: unknown setting"),
         ("device: tpu\n", ": device: expected one of cpu, cuda, got 'tpu'"),
-        ("intra_op_threads: 0\n", ": intra_op_threads: expected an integer from 1 to 256"),
+        ("intra_op_threads: 0\n", ": intra_op_threads: expected an integer from 1 to 256 or auto"),
         ("- 1\n", ": the top level: expected a mapping of settings"),
         ("device: [cpu\n", ": not valid YAML at line "),
     ],
@@ -364,11 +367,11 @@ def test_parse_model_yaml_missing_file(tmp_path):
     assert str(info.value).startswith(f"{file}: cannot read")
 
 
-def test_parse_session_overrides_with_prefix():
+def test_parse_overrides_with_prefix():
     with pytest.raises(ConfigError) as info:
-        parse_session_overrides({"device": 1}, "where.yaml", "models.x.")
+        parse_overrides({"device": 1}, "where.yaml", "models.x.")
     assert str(info.value) == "where.yaml: models.x.device: expected one of cpu, cuda, got 1"
-    assert parse_session_overrides(None, "where.yaml") == {}
+    assert parse_overrides(None, "where.yaml") == Overrides()
 
 
 def test_with_overrides_ignores_none():

@@ -113,11 +113,13 @@ def test_lookup_unknown_operation_lists_the_known_ones():
         lookup("reboot")
     assert info.value.code == ErrorCode.UNKNOWN_OPERATION
     assert "unknown operation 'reboot'" in info.value.message
-    assert "(known: hello, health, status, models, infer, switch, logs)" in info.value.message
+    assert (
+        "(known: hello, health, status, models, infer, switch, reload, logs)" in info.value.message
+    )
 
 
-def test_only_switch_is_mutating():
-    assert [name for name, op in OPERATIONS.items() if op.mutating] == ["switch"]
+def test_only_switch_and_reload_are_mutating():
+    assert [name for name, op in OPERATIONS.items() if op.mutating] == ["switch", "reload"]
 
 
 def test_every_operation_name_matches_its_key():
@@ -129,7 +131,7 @@ def test_every_operation_name_matches_its_key():
 
 def handlers() -> dict:
     # make_handlers only closes over its arguments: stand-ins are enough.
-    return server.make_handlers(object(), Ring(100), Config())  # type: ignore[arg-type]
+    return server.make_handlers(object(), Ring(100), Config(), object())  # type: ignore[arg-type]
 
 
 def test_every_operation_has_a_server_handler():
@@ -162,7 +164,7 @@ def test_logs_handler_queries_the_ring():
     ring = Ring(100)
     ring.add({"time": 1.0, "level": "info", "event": "one", "component": "t"})
     ring.add({"time": 2.0, "level": "error", "event": "two", "component": "t"})
-    logs = server.make_handlers(object(), ring, Config())["logs"]  # type: ignore[arg-type]
+    logs = server.make_handlers(object(), ring, Config(), object())["logs"]  # type: ignore[arg-type]
     result = asyncio.run(logs({"min_level": "warn"}))
     assert [e["event"] for e in result["entries"]] == ["two"]
     assert result["last_seq"] == 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moltbotd.config import NAME_RULE, ConfigError
+from moltbotd.config import NAME_RULE, ConfigError, Overrides
 from moltbotd.repository import (
     MODEL_FILE,
     RepoModel,
@@ -149,11 +149,15 @@ def test_scan_models_dir_that_is_a_file(tmp_path):
 
 def test_model_yaml_reads_and_validates(tmp_path):
     folder = add_version(tmp_path, "demo", "v1")
-    (folder / "model.yaml").write_text("intra_op_threads: 3\ngraph_optimization: BASIC\n")
+    (folder / "model.yaml").write_text(
+        "intra_op_threads: 3\ngraph_optimization: BASIC\nlimits:\n  memory: {limit: 512MiB}\n"
+    )
     add_version(tmp_path, "demo", "v2")
     model = scan(tmp_path).models["demo"]
-    assert model.model_yaml("v1") == {"intra_op_threads": 3, "graph_optimization": "basic"}
-    assert model.model_yaml("v2") == {}
+    assert model.model_yaml("v1") == Overrides(
+        {"intra_op_threads": 3, "graph_optimization": "basic"}, {"memory": {"limit": 512 << 20}}
+    )
+    assert model.model_yaml("v2") == Overrides()
 
 
 def test_model_yaml_error_names_the_file(tmp_path):
@@ -164,7 +168,7 @@ def test_model_yaml_error_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         model.model_yaml("v1")
     assert str(info.value) == (
-        f"{file}: intra_op_threads: expected an integer from 1 to 256, got 'many'"
+        f"{file}: intra_op_threads: expected an integer from 1 to 256 or auto, got 'many'"
     )
 
 

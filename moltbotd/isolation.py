@@ -1,0 +1,111 @@
+"""Isolation: whether limits are enforced here, and each model version's group.
+
+`isolation: strict` refuses to start without a delegated cgroup v2 subtree that has
+every controller; `best-effort` logs one WARNING and runs without limits; `off` never
+touches cgroups. Status always says which is in force, and why.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moltbotd.cgroups import CgroupError, Group, Subtree, own_group, problems
+from moltbotd.config import Limits
+from moltbotd.limits import Usage, disk_of, files_for, has_io_limits
+from moltbotd.logs import get_logger
+
+log = get_logger("isolation")
+
+
+@dataclass
+class Isolation:
+    mode: str  # strict | best-effort | off
+    models_dir: Path
+    subtree: Subtree | None = None
+    reason: str | None = None  # why limits are not enforced
+    sys_root: Path = Path("/sys")
+    _usage: dict[Path, Usage] = field(default_factory=dict)
+
+    @classmethod
+    def establish(cls, mode: str, models_dir: Path, proc: Path = Path("/proc"),
+                  sys_root: Path = Path("/sys")) -> "Isolation":  # fmt: skip
+        """Take over the daemon's own cgroup, or say why not (raising in strict mode)."""
+        if mode == "off":
+            return cls(mode, models_dir, reason="isolation is off in the config", sys_root=sys_root)
+        try:
+            group = own_group(proc)
+            found = problems(group)
+        except (CgroupError, OSError) as exc:
+            found = [str(exc)]
+        if found:
+            if mode == "strict":
+                raise CgroupError("isolation: strict, but " + "; ".join(found))
+            log.warning("running without resource limits (isolation: best-effort): "
+                        + "; ".join(found))  # fmt: skip
+            return cls(mode, models_dir, reason="; ".join(found), sys_root=sys_root)
+        subtree = Subtree(group)
+        subtree.take_over()
+        isolation = cls(mode, models_dir, subtree, sys_root=sys_root)
+        isolation.remove_stale()
+        log.info(f"resource limits enforced in {group}", cgroup=str(group))
+        return isolation
+
+    def remove_stale(self) -> None:
+        assert self.subtree is not None
+        for group in self.subtree.stale_groups():
+            log.warning(f"removing {group.path}, left by a daemon that did not stop cleanly")
+            release(group)
+
+    @property
+    def enforced(self) -> bool:
+        return self.subtree is not None
+
+    def place(self, model: str, version: str, limits: Limits) -> Group | None:
+        """The version's group with its limits written, or None where nothing is enforced."""
+        if self.subtree is None:
+            return None
+        group = self.subtree.group(model, version)
+        self.apply(group, limits)
+        return group
+
+    def apply(self, group: Group, limits: Limits) -> None:
+        group.write(files_for(limits, self._io_device(limits)))
+
+    def _io_device(self, limits: Limits) -> str | None:
+        if not has_io_limits(limits):
+            return None
+        where = self.models_dir if limits.io.device == "auto" else Path(limits.io.device)
+        try:
+            return disk_of(where, self.sys_root)
+        except (OSError, ValueError) as exc:
+            if self.mode == "strict":
+                raise CgroupError(f"cannot apply io limits: {exc}") from None
+            log.warning(f"io limits not applied: {exc}")
+            return None
+
+    def usage(self, group: Group) -> dict[str, Any]:
+        meter = self._usage.setdefault(group.path, Usage(group))
+        return meter.read(time.monotonic())
+
+    def forget(self, group: Group) -> None:
+        self._usage.pop(group.path, None)
+        release(group)
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": self.mode, "enforced": self.enforced, "reason": self.reason,
+                "cgroup": str(self.subtree.path) if self.subtree else None}  # fmt: skip
+
+
+def release(group: Group, patience: float = 2.0) -> None:
+    """Remove a group once the processes inside are gone (killing what is left)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            group.remove()
+            return
+        except CgroupError as exc:
+            if time.monotonic() > deadline:
+                log.error(str(exc))
+                return
+            time.sleep(0.02)

@@ -1,0 +1,83 @@
+"""`moltctl status` for people: one row per model, and limits and usage for one model."""
+
+from typing import Any
+
+from moltbotd.units import format_duration, format_size
+from moltctl.render import table
+
+COLUMNS = [("MODEL", "model"), ("VERSION", "version"), ("STATE", "state"), ("PID", "pid"),
+           ("UPTIME", "uptime"), ("REQUESTS", "requests"), ("ERRORS", "errors"),
+           ("RESTARTS", "restarts"), ("INFLIGHT", "inflight"), ("CPU", "cpu"),
+           ("MEMORY", "memory"), ("DETAIL", "detail")]  # fmt: skip
+
+
+def status_table(report: dict[str, Any], legend: bool) -> str:
+    rows = [_row(m) for m in report["models"]]
+    body = table(rows, COLUMNS, legend)
+    if not legend:
+        return body
+    lines = [_headline(report), body]
+    if len(report["models"]) == 1 and report["models"][0]["worker"]:
+        lines += model_detail(report["models"][0]["worker"])
+    return "\n".join(lines)
+
+
+def _headline(report: dict[str, Any]) -> str:
+    iso = report["isolation"]
+    enforced = "limits enforced" if iso["enforced"] else "no limits enforced"
+    return (f"{report['server']} (pid {report['pid']}), up {format_duration(report['uptime'])},"
+            f" {len(report['models'])} models, socket {report['socket']},"
+            f" isolation {iso['mode']}: {enforced}")  # fmt: skip
+
+
+def _row(m: dict[str, Any]) -> dict[str, Any]:
+    w = m["worker"] or {}
+    usage = w.get("usage") or {}
+    detail = m["operation"] or w.get("error") or m["error"] or ",".join(w.get("providers", []))
+    cpu = usage.get("cpu_percent")
+    return {"model": m["name"], "version": m["active_version"],
+            "state": w.get("state", "failed"), "pid": w.get("pid"),
+            "uptime": w.get("uptime") and format_duration(w["uptime"]),
+            "requests": w.get("requests"), "errors": w.get("errors"),
+            "restarts": w.get("restarts"), "inflight": w.get("inflight"),
+            "cpu": None if cpu is None else f"{cpu:g}%",
+            "memory": usage.get("memory_current") and format_size(usage["memory_current"]),
+            "detail": detail}  # fmt: skip
+
+
+def model_detail(worker: dict[str, Any]) -> list[str]:
+    """Limits in force and the kernel's counters, for `moltctl status MODEL`."""
+    lim, use = worker["limits"], worker.get("usage")
+    quota = lim["cpu_quota_percent"]
+    lines = [
+        "",
+        f"limits   cpu {'max' if quota is None else f'{quota:g}%'} per"
+        f" {lim['cpu_period_ms']:g}ms, weight {lim['cpu_weight'] or 100}"
+        f" | memory max {_size(lim['memory_max'])}, high {_size(lim['memory_high'])},"
+        f" swap {_size(lim['memory_swap_max'])}"
+        f" | io read {_io(lim['io_read_bps'], lim['io_read_iops'])},"
+        f" write {_io(lim['io_write_bps'], lim['io_write_iops'])}"
+        f" | pids {lim['pids_max'] or 'max'}",
+    ]
+    if not use:
+        return [*lines, "usage    not measured: no cgroup (see isolation above)"]
+    cpu = use["cpu_percent"]
+    return [*lines,
+            f"usage    cpu {'-' if cpu is None else f'{cpu:g}%'}"
+            f" (throttled {use['cpu_throttled_count']} times,"
+            f" {use['cpu_throttled_seconds']:.2f}s)"
+            f" | memory {_size(use['memory_current'])} (peak {_size(use['memory_peak'])}),"
+            f" {use['oom_kills']} OOM kills"
+            f" | io read {format_size(use['io_read_bytes'])},"
+            f" written {format_size(use['io_write_bytes'])}"
+            f" | pids {use['pids_current']}",
+            f"cgroup   {worker['cgroup']}"]  # fmt: skip
+
+
+def _size(value: int | None) -> str:
+    return "max" if value is None else format_size(value)
+
+
+def _io(bps: int | None, iops: int | None) -> str:
+    rate = "max" if bps is None else f"{format_size(bps)}/s"
+    return rate if iops is None else f"{rate} and {iops} IO/s"
