@@ -32,8 +32,10 @@ def test_status_table_and_json(daemon):
     lines = out.splitlines()
     assert lines[0].startswith("moltbotd 0.1.0 (pid ")
     assert lines[0].endswith("isolation best-effort: no limits enforced")
-    assert lines[1].split() == ["MODEL", "VERSION", "STATE", "PID", "UPTIME", "REQUESTS",
-                                "ERRORS", "RESTARTS", "INFLIGHT", "CPU", "MEMORY", "DETAIL"]  # fmt: skip
+    assert lines[1].split() == [
+        "MODEL", "VERSION", "STATE", "PID", "UPTIME", "REQUESTS", "ERRORS", "RESTARTS",
+        "INFLIGHT", "CPU", "MEMORY", "DETAIL",
+    ]  # fmt: skip
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["demo"][1:3] == ["v2.0", "ready"]
     report = json.loads(ok(run_moltctl("status", "demo", "-o", "json", socket=daemon.socket)))
