@@ -42,6 +42,8 @@ def section(cls: type, help: str) -> Any:
 
 def choice(*options: str) -> Converter:
     def convert(value: Any) -> str:
+        if value is False and "off" in options:
+            return "off"  # YAML 1.1 reads a bare `off` as false
         if not isinstance(value, str) or value.lower() not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
         return value.lower()

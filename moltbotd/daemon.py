@@ -7,6 +7,7 @@ accepting, let requests in flight finish, stop the workers, remove the socket.
 import asyncio
 import contextlib
 import functools
+import os
 import signal
 import sys
 import time
@@ -77,6 +78,17 @@ async def on_sighup(reload_config: Reloader) -> None:
         await reload_config()
 
 
+async def keep_watchdog_fed(notifier: Any) -> None:
+    """WATCHDOG=1 at half of systemd's WatchdogSec, from the event loop itself: a loop that
+    hangs stops feeding it, and systemd restarts the daemon."""
+    usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+    if not usec or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await asyncio.sleep(usec / 2e6)
+
+
 async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -114,7 +126,9 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
         summary = f"serving {len(health) - failed} models, {failed} failed"
         notifier.notify(f"READY=1\nSTATUS={summary}")
         log.info(f"moltbotd {__version__} ready: {summary}", socket=str(config.socket))
+        watchdog = loop.create_task(keep_watchdog_fed(notifier))
         await stopping
+        watchdog.cancel()
     else:
         starting.cancel()
     log.info("stopping: draining requests, then workers", drain_timeout=config.drain_timeout)

@@ -30,10 +30,17 @@ def models_dir(tmp_path: Path) -> Path:
 class Daemon:
     """moltbotd as a subprocess in its own process group, logging to a file."""
 
-    def __init__(self, tmp_path: Path, models_dir: Path, config: str | None = None,
-                 args: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tmp_path: Path,
+        models_dir: Path,
+        config: str | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.dir = tmp_path
         self.args = args
+        self.env = {**os.environ, **(env or {})}
         self.socket = tmp_path / "moltbotd.sock"
         self.models_dir = models_dir
         self.log_path = tmp_path / "moltbotd.log"
@@ -53,7 +60,8 @@ class Daemon:
     def start(self, wait: bool = True) -> "Daemon":
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=self.dir)  # fmt: skip
+                                         start_new_session=True, cwd=self.dir,
+                                         env=self.env)  # fmt: skip
         if wait:
             self.wait_for_log("ready: serving")
         return self
@@ -101,8 +109,8 @@ def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[type]:
     started: list[Daemon] = []
 
     def make(config: str | None = None, start: bool = True, wait: bool = True,
-             args: tuple[str, ...] = ()) -> Daemon:  # fmt: skip
-        daemon = Daemon(tmp_path, models_dir, config, args)
+             args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Daemon:  # fmt: skip
+        daemon = Daemon(tmp_path, models_dir, config, args, env)
         started.append(daemon)
         return daemon.start(wait) if start else daemon
 
