@@ -40,7 +40,7 @@ def test_sd_notify_ready_watchdog_reloading_stopping(daemon_factory, tmp_path):
     assert messages_until(sock, "WATCHDOG=1")[-1] == "WATCHDOG=1"
     assert messages_until(sock, "WATCHDOG=1")[-1] == "WATCHDOG=1"  # it keeps coming
     daemon.proc.send_signal(signal.SIGHUP)
-    reload = [m for m in messages_until(sock, "RELOADING=1") if "RELOADING" in m][0]
+    reload = next(m for m in messages_until(sock, "RELOADING=1") if "RELOADING" in m)
     assert reload.startswith("RELOADING=1\nMONOTONIC_USEC=")
     assert int(reload.split("=")[-1]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert "READY=1" in messages_until(sock, "READY=1")
