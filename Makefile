@@ -7,7 +7,7 @@ RUN_DIR := $(CURDIR)/run
 SOCKET := $(RUN_DIR)/moltbotd.sock
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo check lint unit test bench clean
+.PHONY: venv run demo check lint test e2e e2e-deps bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -32,9 +32,23 @@ lint: venv
 check: lint
 	$(VENV)/bin/pytest -q -m 'not vm' $(PYTEST_ARGS)
 
-# Everything.
-test: lint
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+# Everything, the VM scenarios (tests/e2e) included.
+test: lint e2e-deps
+	$(VENV)/bin/pytest -q -rs $(PYTEST_ARGS)
+
+# Only the VM scenarios: the .deb installed in a Debian VM with systemd and cgroup v2.
+e2e: venv e2e-deps
+	$(VENV)/bin/pytest -q -rs -m vm $(PYTEST_ARGS)
+
+# What the VM scenarios and `make deb` need from Debian (installed when missing, as root).
+E2E_TOOLS := qemu-system-x86_64:qemu-system-x86 mmdebstrap:mmdebstrap mkfs.ext4:e2fsprogs \
+	dpkg-scanpackages:dpkg-dev lintian:lintian help2man:help2man
+e2e-deps:
+	@missing=$$(for t in $(E2E_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 bench: venv
 	$(PY) bench/bench.py

@@ -84,3 +84,16 @@ def multi_io_model() -> "helper.ModelProto":
         ],
     )
     return finish(graph)
+
+
+def memory_hog_model() -> "helper.ModelProto":
+    """y = sum of n ones: a request allocates n float32 (n=100_000_000 is 400 MB)."""
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["n"], ["ones"],
+                          value=numpy_helper.from_array(np.array([1.0], np.float32))),
+         helper.make_node("ReduceSum", ["ones"], ["y"], keepdims=0)],
+        "hog",
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )  # fmt: skip
+    return finish(graph)

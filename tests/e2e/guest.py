@@ -1,0 +1,272 @@
+"""The end-to-end scenarios, run inside the VM with the installed package's own Python.
+
+Each check records PASS/FAIL with what it saw; tests/e2e/test_vm.py asserts on them.
+Order matters: the package as installed (demo models), then the test models with
+limits, then reload, OOM, stop, remove and purge.
+"""
+
+import grp
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moltbotd.protocol import MoltError
+from moltctl.client import Client
+
+HOST = Path("/host")
+CONFIG = Path("/etc/moltbot/moltbotd.yaml")
+MODELS = Path("/var/lib/moltbot/models")
+SOCKET = Path("/run/moltbot/moltbotd.sock")
+UNIT_CGROUP = Path("/sys/fs/cgroup/moltbot.slice/moltbotd.service")
+results: dict[str, dict[str, Any]] = {}
+
+
+def check(name: str, ok: bool, detail: Any = "") -> bool:
+    results[name] = {"ok": bool(ok), "detail": str(detail)}
+    print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
+    return bool(ok)
+
+
+def attempt(name: str, scenario: Callable[[], None]) -> None:
+    """Run one scenario; an exception is that scenario's failure, not the run's end."""
+    try:
+        scenario()
+    except Exception as exc:  # report it and go on with the next scenario
+        check(name, False, f"{type(exc).__name__}: {exc}")
+        print(sh("journalctl -u moltbotd --no-pager -n 60"), flush=True)
+
+
+def sh(command: str, timeout: float = 300) -> str:
+    done = subprocess.run(
+        command, shell=True, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return (done.stdout + done.stderr).strip()
+
+
+def run(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def main_pid() -> int:
+    return int(sh("systemctl show -p MainPID --value moltbotd"))
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.25)
+    return predicate()
+
+
+def worker(client: Client, model: str) -> dict[str, Any]:
+    return client.status(model)["models"][0]["worker"]
+
+
+def restart_with(config: str) -> None:
+    CONFIG.write_text(config)
+    out = sh("systemctl restart moltbotd")  # Type=notify: returns once READY=1 came
+    if sh("systemctl is-active moltbotd") != "active":
+        raise RuntimeError(f"moltbotd did not come back: {out}")
+
+
+# --- the package as installed ----------------------------------------------------------------
+
+
+def installed_service() -> None:
+    check("service-active-after-install", sh("systemctl is-active moltbotd") == "active",
+          sh("systemctl status moltbotd --no-pager | head -5"))  # fmt: skip
+    info = SOCKET.stat()
+    mode, group = stat.S_IMODE(info.st_mode), grp.getgrgid(info.st_gid).gr_name
+    check("socket-0660-group-moltbot", (mode, group) == (0o660, "moltbot"), f"{mode:o} {group}")
+    status = run("moltctl", "status")
+    check("moltctl-status", status.returncode == 0 and "demo" in status.stdout, status.stdout)
+    check("moltctl-switch-v2.0", "demo: v1.0 -> v2.0" in (out := sh("moltctl switch v2.0")), out)
+    out = sh("moltctl infer demo --input x='[[1, 2, 3, 4]]' -o json")
+    check("infer-after-switch", json.loads(out)["outputs"]["y"]["data"] == [[10, 20, 30, 40]], out)
+    before = main_pid()
+    sh("systemctl reload moltbotd")
+    check("systemctl-reload-keeps-main-pid",
+          main_pid() == before and sh("systemctl is-active moltbotd") == "active",
+          f"{before} -> {main_pid()}")  # fmt: skip
+    security = sh("systemd-analyze security moltbotd --no-pager | tail -1")
+    check("systemd-analyze-security", "Overall exposure level" in security, security)
+
+
+def cgroup_layout() -> None:
+    with Client(SOCKET) as c:
+        w = worker(c, "demo")
+    group = UNIT_CGROUP / "model-demo-v2.0"
+    check("daemon-in-supervisor-leaf",
+          str(main_pid()) in (UNIT_CGROUP / "supervisor" / "cgroup.procs").read_text().split(),
+          sh("systemd-cgls --no-pager -u moltbotd"))  # fmt: skip
+    check("worker-in-model-group", str(w["pid"]) in (group / "cgroup.procs").read_text().split(),
+          f"pid {w['pid']} in {group}")  # fmt: skip
+    headline = sh("moltctl status | head -1")
+    check("status-shows-limits-enforced", headline.endswith(": limits enforced"), headline)
+
+
+# --- limits that the kernel enforces ----------------------------------------------------------
+
+LIMITED = """models_dir: /var/lib/moltbot/models
+isolation: strict
+models:
+  slow:
+    limits:
+      cpu: {{quota: {quota}}}
+      io: {{read_bps: 10MB/s, write_bps: 5MB/s}}
+  hog:
+    limits:
+      memory: {{limit: 300MiB, swap: 0}}
+      pids: {{max: 64}}
+"""
+
+
+def install_test_models() -> None:
+    for model in ("slow", "hog"):
+        shutil.copytree(HOST / "models" / model, MODELS / model, dirs_exist_ok=True)
+    sh("chown -R moltbot:moltbot /var/lib/moltbot/models")
+    restart_with(LIMITED.format(quota="20%"))
+    check("strict-isolation-starts-under-systemd", sh("systemctl is-active moltbotd") == "active")
+
+
+def cpu_quota() -> None:
+    group = UNIT_CGROUP / "model-slow-v1"
+    check("cpu.max-written", (group / "cpu.max").read_text().split() == ["20000", "100000"],
+          (group / "cpu.max").read_text().strip())  # fmt: skip
+    before, started = _cpu_stat(group), time.monotonic()
+    with Client(SOCKET, timeout=600) as c:
+        c.infer("slow", {"n": np.array(2_000_000, np.int64), "x": np.ones(4, np.float32)})
+    wall, after = time.monotonic() - started, _cpu_stat(group)
+    used = (after["usage_usec"] - before["usage_usec"]) / 1e6
+    throttled = after["nr_throttled"] - before["nr_throttled"]
+    check(
+        "cpu-quota-20%-enforced",
+        0.1 <= used / wall <= 0.3 and throttled > 0,
+        f"{used:.2f}s CPU in {wall:.2f}s wall ({used / wall:.0%}), nr_throttled +{throttled}",
+    )
+
+
+def _cpu_stat(group: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in (group / "cpu.stat").open())}
+
+
+def io_limits() -> None:
+    io_max = (UNIT_CGROUP / "model-slow-v1" / "io.max").read_text().strip()
+    disk = Path("/sys/block/vda/dev").read_text().strip()
+    check(
+        "io.max-on-the-repository-disk",
+        io_max.startswith(f"{disk} rbps=10000000 wbps=5000000"),
+        f"{io_max} (vda is {disk})",
+    )
+
+
+def live_reload() -> None:
+    with Client(SOCKET) as c:
+        pid = worker(c, "slow")["pid"]
+    CONFIG.write_text(LIMITED.format(quota="50%"))
+    sh("systemctl reload moltbotd")
+    cpu_max = UNIT_CGROUP / "model-slow-v1" / "cpu.max"
+    changed = wait_until(lambda: cpu_max.read_text().split() == ["50000", "100000"], 30)
+    with Client(SOCKET) as c:
+        now = worker(c, "slow")
+    check(
+        "reload-changes-cpu.max-same-pid",
+        changed and now["pid"] == pid,
+        f"cpu.max {cpu_max.read_text().strip()}, pid {pid} -> {now['pid']}",
+    )
+
+
+def oom_kill_contained() -> None:
+    stream = Stream()
+    stream.start()
+    time.sleep(1)
+    try:
+        with Client(SOCKET, timeout=300) as c:
+            c.infer("hog", {"n": np.array([200_000_000], np.int64)})  # 800 MB
+        error = None
+    except MoltError as exc:
+        error = exc
+    check("oom-request-gets-RESOURCE_EXHAUSTED",
+          error is not None and error.code.value == "RESOURCE_EXHAUSTED"
+          and "killed by its memory limit 300.0MiB" in error.message, repr(error))  # fmt: skip
+    with Client(SOCKET) as c:
+        back = wait_until(lambda: worker(c, "hog")["state"] == "ready", 120)
+        hog = worker(c, "hog")
+        out = c.infer("hog", {"n": np.array([1000], np.int64)})
+    stream.stop()
+    check(
+        "oom-worker-restarts",
+        back and hog["restarts"] >= 1 and float(out["y"]) == 1000.0,
+        f"state {hog['state']}, restarts {hog['restarts']}, usage {hog.get('usage')}",
+    )
+    check("oom-kill-counted", hog["usage"]["oom_kills"] >= 1, hog["usage"])
+    check("others-serve-with-zero-errors", stream.errors == [] and stream.count > 20,
+          f"{stream.count} requests, errors {stream.errors[:3]}")  # fmt: skip
+    check("unit-survives-oom", sh("systemctl is-active moltbotd") == "active")
+
+
+class Stream(threading.Thread):
+    """A steady stream of requests to the demo model, counting failures."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.count, self.errors, self.running = 0, [], True
+
+    def run(self) -> None:
+        with Client(SOCKET, timeout=60) as c:
+            while self.running:
+                try:
+                    assert c.infer("demo", {"x": [[1, 2, 3, 4]]})["y"][0, 0] == 10
+                    self.count += 1
+                except Exception as exc:  # every failure counts against isolation
+                    self.errors.append(repr(exc))
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.running = False
+        self.join(60)
+
+
+# --- stop, remove, purge -----------------------------------------------------------------------
+
+
+def stop_and_remove() -> None:
+    sh("systemctl stop moltbotd")
+    leftover = sh(f"find {UNIT_CGROUP} -name cgroup.procs -exec cat {{}} + 2>/dev/null")
+    check("stop-leaves-no-process", leftover == "" and not SOCKET.exists(), leftover or "none")
+    sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y moltbot")
+    check("remove-keeps-models-and-config", (MODELS / "demo" / "v1.0" / "model.onnx").exists()
+          and CONFIG.exists(), sh("ls /var/lib/moltbot /etc/moltbot"))  # fmt: skip
+    sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y moltbot")
+    check("purge-removes-state", not Path("/var/lib/moltbot").exists(),
+          sh("ls -la /var/lib/moltbot 2>&1"))  # fmt: skip
+
+
+def main() -> int:
+    for name, scenario in [("installed", installed_service), ("cgroups", cgroup_layout),
+                           ("test-models", install_test_models), ("cpu", cpu_quota),
+                           ("io", io_limits), ("reload", live_reload),
+                           ("oom", oom_kill_contained), ("stop", stop_and_remove)]:  # fmt: skip
+        print(f"INFO scenario {name} at {time.monotonic():.0f}s", flush=True)
+        attempt(name, scenario)
+    (HOST / "results.json").write_text(json.dumps(results, indent=1))
+    failed = [n for n, r in results.items() if not r["ok"]]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MOLTBOT_SOCKET", str(SOCKET))
+    sys.exit(main())
