@@ -329,3 +329,19 @@ def test_logs_ring_over_the_socket(daemon):
         assert c.logs(min_level="error")["entries"] == []
         last = c.logs()["last_seq"]
         assert c.logs(after=last)["entries"] == []
+
+
+def test_worker_killed_while_loading_is_restarted_and_requests_wait(daemon_factory):
+    import re
+
+    daemon = daemon_factory(wait=False)
+    daemon.wait_for_log("model slow v1 starting model=slow")
+    pid = int(re.search(r"model slow v1 starting model=slow version=v1 pid=(\d+)",
+                        daemon.log()).group(1))  # fmt: skip
+    os.kill(pid, signal.SIGKILL)  # python is still importing onnxruntime: mid-load
+    with daemon.client() as c:  # a request now waits for the restarted worker
+        out = c.infer("slow", slow_inputs(10))
+        status = c.status("slow")["models"][0]["worker"]
+    np.testing.assert_array_equal(out["y"], np.ones(4))
+    assert status["restarts"] == 1 and status["pid"] != pid
+    assert f"worker pid {pid} was killed by SIGKILL while loading its model" in daemon.log()
