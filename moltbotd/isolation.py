@@ -38,15 +38,18 @@ class Isolation:
             found = problems(group)
         except (CgroupError, OSError) as exc:
             found = [str(exc)]
+        if not found:
+            try:
+                Subtree(group).take_over()
+            except OSError as exc:  # root passes the access checks, yet a write may fail
+                found = [f"cannot take over {group}: {exc}"]
         if found:
             if mode == "strict":
                 raise CgroupError("isolation: strict, but " + "; ".join(found))
             log.warning("running without resource limits (isolation: best-effort): "
                         + "; ".join(found))  # fmt: skip
             return cls(mode, models_dir, reason="; ".join(found), sys_root=sys_root)
-        subtree = Subtree(group)
-        subtree.take_over()
-        isolation = cls(mode, models_dir, subtree, sys_root=sys_root)
+        isolation = cls(mode, models_dir, Subtree(group), sys_root=sys_root)
         isolation.remove_stale()
         log.info(f"resource limits enforced in {group}", cgroup=str(group))
         return isolation
@@ -65,8 +68,9 @@ class Isolation:
         """The version's group with its limits written, or None where nothing is enforced."""
         if self.subtree is None:
             return None
+        files = files_for(limits, self._io_device(limits))
         group = self.subtree.group(model, version)
-        self.apply(group, limits)
+        group.write(files)
         return group
 
     def apply(self, group: Group, limits: Limits) -> None:
