@@ -89,34 +89,18 @@ def test_no_problems_with_every_controller_and_writable_files(tmp_path):
     assert problems(fake_group(tmp_path)) == []
 
 
-def test_missing_controllers_make_one_message_naming_them(tmp_path):
-    group = fake_group(tmp_path, controllers="pids")
-    assert problems(group) == [
-        f"the cpu, memory and io controllers are not available to moltbotd's cgroup {group}:"
-        f" {ADVICE}"
-    ]
-
-
-def test_two_missing_controllers(tmp_path):
-    group = fake_group(tmp_path, controllers="io pids")
-    assert problems(group) == [
-        f"the cpu and memory controllers are not available to moltbotd's cgroup {group}: {ADVICE}"
-    ]
-
-
-def test_one_missing_controller(tmp_path):
-    group = fake_group(tmp_path, controllers="cpu memory pids")
-    assert problems(group) == [
-        f"the io controller is not available to moltbotd's cgroup {group}: {ADVICE}"
-    ]
-
-
-def test_no_controllers_at_all(tmp_path):
-    group = fake_group(tmp_path, controllers="")
-    assert problems(group) == [
-        f"the cpu, memory, io and pids controllers are not available to moltbotd's cgroup"
-        f" {group}: {ADVICE}"
-    ]
+@pytest.mark.parametrize(
+    ("controllers", "missing"),
+    [
+        ("pids", "the cpu, memory and io controllers are"),
+        ("io pids", "the cpu and memory controllers are"),
+        ("cpu memory pids", "the io controller is"),
+        ("", "the cpu, memory, io and pids controllers are"),
+    ],
+)
+def test_missing_controllers_make_one_message_naming_them(tmp_path, controllers, missing):
+    group = fake_group(tmp_path, controllers=controllers)
+    assert problems(group) == [f"{missing} not available to moltbotd's cgroup {group}: {ADVICE}"]
 
 
 def test_only_the_needed_controllers_count(tmp_path):

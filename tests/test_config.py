@@ -174,11 +174,29 @@ def test_unknown_key_under_models_entry(tmp_path):
     assert "intra_op_threads" in message
 
 
-def test_wrong_type(tmp_path):
-    message, file = load_error(tmp_path, "defaults:\n  intra_op_threads: two\n")
-    assert message == (
-        f"{file}: defaults.intra_op_threads: expected an integer from 1 to 256 or auto, got 'two'"
-    )
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("defaults:\n  intra_op_threads: two\n",
+         "defaults.intra_op_threads: expected an integer from 1 to 256 or auto, got 'two'"),
+        ("workers:\n  stop_timeout: soon\n",
+         "workers.stop_timeout: expected a duration such as 30s, 500ms, 2m or 1h, got 'soon'"),
+        ("max_frame_bytes: 12 parsecs\n",
+         "max_frame_bytes: expected a size such as 512KiB, 64MiB or 4GiB, got '12 parsecs'"),
+        ("log_format: xml\n", "log_format: expected one of text, json, got 'xml'"),
+        ("models:\n  demo:\n    device: tpu\n",
+         "models.demo.device: expected one of cpu, cuda, got 'tpu'"),
+        ("workers: 5\n", "workers: expected a mapping of settings, got 5"),
+        ("models:\n  - demo\n", "models: expected a mapping of settings, got ['demo']"),
+        ("models:\n  demo: v2.0\n", "models.demo: expected a mapping of settings, got 'v2.0'"),
+        ("socket: ''\n", "socket: expected a path, got ''"),
+    ],
+    ids=["wrong-type", "duration", "size", "choice", "choice-in-model", "section",
+         "models", "model-entry", "empty-path"],
+)  # fmt: skip
+def test_error_messages_name_file_key_and_expectation(tmp_path, text, expected):
+    message, file = load_error(tmp_path, text)
+    assert message == f"{file}: {expected}"
 
 
 @pytest.mark.parametrize(
@@ -195,35 +213,10 @@ def test_integer_settings(tmp_path, text, part):
     assert message.startswith(f"{file}: {part}")
 
 
-def test_bad_duration(tmp_path):
-    message, file = load_error(tmp_path, "workers:\n  stop_timeout: soon\n")
-    assert message == (
-        f"{file}: workers.stop_timeout: expected a duration such as 30s, 500ms, 2m or 1h,"
-        " got 'soon'"
-    )
-
-
 def test_negative_duration(tmp_path):
     message, _ = load_error(tmp_path, "drain_timeout: -3\n")
     assert "drain_timeout: expected a duration" in message
     assert "negative number -3" in message
-
-
-def test_bad_size(tmp_path):
-    message, file = load_error(tmp_path, "max_frame_bytes: 12 parsecs\n")
-    assert message == (
-        f"{file}: max_frame_bytes: expected a size such as 512KiB, 64MiB or 4GiB, got '12 parsecs'"
-    )
-
-
-def test_bad_choice(tmp_path):
-    message, file = load_error(tmp_path, "log_format: xml\n")
-    assert message == f"{file}: log_format: expected one of text, json, got 'xml'"
-
-
-def test_bad_choice_in_a_model_entry(tmp_path):
-    message, file = load_error(tmp_path, "models:\n  demo:\n    device: tpu\n")
-    assert message == f"{file}: models.demo.device: expected one of cpu, cuda, got 'tpu'"
 
 
 def test_choice_is_case_insensitive(tmp_path):
@@ -246,21 +239,6 @@ def test_invalid_yaml_unclosed_bracket(tmp_path):
 def test_top_level_not_a_mapping(tmp_path, text):
     message, file = load_error(tmp_path, text)
     assert message.startswith(f"{file}: the top level: expected a mapping of settings, got ")
-
-
-def test_section_not_a_mapping(tmp_path):
-    message, file = load_error(tmp_path, "workers: 5\n")
-    assert message == f"{file}: workers: expected a mapping of settings, got 5"
-
-
-def test_models_not_a_mapping(tmp_path):
-    message, file = load_error(tmp_path, "models:\n  - demo\n")
-    assert message == f"{file}: models: expected a mapping of settings, got ['demo']"
-
-
-def test_model_entry_not_a_mapping(tmp_path):
-    message, file = load_error(tmp_path, "models:\n  demo: v2.0\n")
-    assert message == f"{file}: models.demo: expected a mapping of settings, got 'v2.0'"
 
 
 @pytest.mark.parametrize("model", ["bad name", "-leading", "a/b", "x" * 65])
@@ -292,11 +270,6 @@ def test_socket_mode_must_be_quoted_octal(tmp_path, raw, shown):
     assert message == (
         f'{file}: socket_mode: expected an octal file mode in quotes such as "0660", got {shown}'
     )
-
-
-def test_empty_path_is_refused(tmp_path):
-    message, file = load_error(tmp_path, "socket: ''\n")
-    assert message == f"{file}: socket: expected a path, got ''"
 
 
 # --- session settings --------------------------------------------------------------------
