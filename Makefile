@@ -55,3 +55,13 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) build dist *.egg-info .pytest_cache .ruff_cache
+
+# The Debian 12 (bookworm, amd64) package: dist/moltbot_<version>_amd64.deb and a flat
+# apt repository dist/apt/ (docs/packaging.md). deb-lint runs lintian on it; `make e2e`
+# installs and drives it in the test VM.
+.PHONY: deb deb-lint
+deb:
+	packaging/deb/build
+
+deb-lint:
+	lintian --pedantic --display-info dist/moltbot_*_amd64.deb

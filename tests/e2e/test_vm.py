@@ -1,0 +1,132 @@
+"""End to end in a Debian bookworm VM with systemd as PID 1 and cgroup v2 (qemu).
+
+`make deb` builds the package once; two VM boots then use it:
+- tests/e2e/guest.sh + guest.py: installed by name from the flat apt repository, the
+  service, moltctl, cgroup layout, kernel-enforced CPU quota, io.max, live reload,
+  OOM containment; each test below asserts on one group of its checks;
+- tests/e2e/package-checks.sh: the package's life cycle (install, user, unit, socket,
+  completion, man pages, security, reload, watchdog, stop, reinstall, remove, purge).
+This host has neither systemd as PID 1 nor cgroup controllers, so this is where the
+units, the package and the limits are proven.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moltbotd.demo import save
+from tests.models import memory_hog_model, slow_model
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]  # one VM boot takes minutes
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+VM_TIMEOUT = 1500
+
+
+def unavailable() -> str | None:
+    """Why the VM cannot run here (printed as the skip reason), or None."""
+    missing = [t for t in ("qemu-system-x86_64", "mmdebstrap", "mkfs.ext4", "dpkg-scanpackages")
+               if shutil.which(t) is None]  # fmt: skip
+    if missing:
+        return f"missing {', '.join(missing)}: run `make e2e-deps` (apt-get install as root)"
+    if os.geteuid() != 0:
+        return "building the VM image needs root (mmdebstrap --mode=root)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def built() -> Path:
+    """The VM image (cached outside the checkout) and dist/ from `make deb`."""
+    reason = unavailable()
+    if reason:
+        print(f"\nVM scenarios skipped: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    subprocess.run([str(HERE / "build-image")], check=True, timeout=900)
+    subprocess.run(["make", "-C", str(ROOT), "deb"], check=True, timeout=1200)
+    return ROOT / "dist"
+
+
+def boot(share: Path, script: str) -> subprocess.CompletedProcess[str]:
+    share.chmod(0o755)  # apt's sandbox user _apt reads the repository in the VM
+    done = subprocess.run([str(HERE / "vm-run"), "-t", str(VM_TIMEOUT), str(share), script],
+                          capture_output=True, text=True, timeout=VM_TIMEOUT + 60,
+                          check=False)  # fmt: skip
+    print(done.stdout[-30000:], done.stderr[-5000:], sep="\n")
+    return done
+
+
+@pytest.fixture(scope="session")
+def vm(built: Path, tmp_path_factory) -> dict:
+    share = tmp_path_factory.mktemp("vm-share")
+    shutil.copytree(built / "apt", share / "apt")
+    save(slow_model(), share / "models", "slow", "v1")
+    save(memory_hog_model(), share / "models", "hog", "v1")
+    for name in ("guest.sh", "guest.py"):
+        shutil.copy(HERE / name, share / name)
+    done = boot(share, "guest.sh")
+    results = share / "results.json"
+    assert results.exists(), f"the VM run left no results (exit {done.returncode})"
+    return {"results": json.loads(results.read_text()), "output": done.stdout}
+
+
+@pytest.fixture(scope="session")
+def package_run(built: Path, tmp_path_factory) -> subprocess.CompletedProcess[str]:
+    share = tmp_path_factory.mktemp("vm-package")
+    for deb in built.glob("moltbot_*_amd64.deb"):
+        shutil.copy(deb, share / deb.name)
+    shutil.copytree(built / "apt", share / "apt")
+    shutil.copy(HERE / "package-checks.sh", share / "package-checks.sh")
+    return boot(share, "package-checks.sh")
+
+
+def passed(vm: dict, *names: str) -> None:
+    failed = {n: vm["results"].get(n, {"ok": False, "detail": "not run"}) for n in names}
+    failed = {n: r["detail"] for n, r in failed.items() if not r["ok"]}
+    assert not failed, failed
+
+
+def test_apt_install_by_name_starts_the_service(vm):
+    passed(vm, "service-active-after-install", "socket-0660-group-moltbot", "moltctl-status")
+
+
+def test_moltctl_switch_as_documented(vm):
+    passed(vm, "moltctl-switch-v2.0", "infer-after-switch")
+
+
+def test_systemd_reload_and_security(vm):
+    passed(vm, "systemctl-reload-keeps-main-pid", "systemd-analyze-security")
+
+
+def test_cgroup_layout(vm):
+    passed(vm, "daemon-in-supervisor-leaf", "worker-in-model-group", "status-shows-limits-enforced")
+
+
+def test_cpu_quota_is_enforced(vm):
+    passed(vm, "strict-isolation-starts-under-systemd", "cpu.max-written", "cpu-quota-20%-enforced")
+
+
+def test_io_max_on_the_right_device(vm):
+    passed(vm, "io.max-on-the-repository-disk")
+
+
+def test_live_reload_changes_limits_without_restart(vm):
+    passed(vm, "reload-changes-cpu.max-same-pid")
+
+
+def test_oom_kill_is_contained(vm):
+    passed(vm, "oom-request-gets-RESOURCE_EXHAUSTED", "oom-worker-restarts", "oom-kill-counted",
+           "others-serve-with-zero-errors", "unit-survives-oom")  # fmt: skip
+
+
+def test_package_life_cycle(package_run):
+    failed = re.findall(r"^FAIL (.*)$", package_run.stdout, re.MULTILINE)
+    summary = re.search(r"summary: (\d+) passed, (\d+) failed", package_run.stdout)
+    assert summary, f"no summary (exit {package_run.returncode}):\n{package_run.stdout[-3000:]}"
+    assert not failed and summary.group(2) == "0" and package_run.returncode == 0, failed
+    assert int(summary.group(1)) >= 45  # every check ran
