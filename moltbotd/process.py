@@ -23,7 +23,7 @@ from moltbotd.limits import describe, memory_limit_text
 from moltbotd.logs import get_logger
 from moltbotd.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame
 from moltbotd.signature import Signature
-from moltbotd.states import LIVE, WorkerState, check_transition
+from moltbotd.states import WorkerState, check_transition
 
 log = get_logger("worker")
 S = WorkerState
@@ -314,10 +314,6 @@ class Worker:
             f"{self.label} is not serving (worker {self.state}){why}",
             {"model": self.spec.model, "version": self.spec.version, "state": self.state.value},
         )
-
-    @property
-    def live(self) -> bool:
-        return self.state in LIVE
 
     # --- requests ----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ class Server:
         os.chmod(path, self.config.socket_mode)
         log.info(f"listening on {path}", socket=str(path))
 
-    async def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def handle(self, message: dict[str, Any], peer: str = "") -> dict[str, Any]:
         """One request in, one response out; never raises."""
         req_id = message.get("id")
         req_id = req_id if isinstance(req_id, int | str) and not isinstance(req_id, bool) else None
@@ -153,7 +154,10 @@ class Server:
                 raise MoltError(
                     ErrorCode.SHUTTING_DOWN, "moltbotd is shutting down; retry once it is back"
                 )
-            result = await self.handlers[op.name](op.check_params(request.params))
+            params = op.check_params(request.params)
+            if op.mutating:  # an audit trail: who changed what, when
+                log.info(f"{op.name} requested", op=op.name, peer=peer, **params)
+            result = await self.handlers[op.name](params)
             return ok_response(request.id, result)
         except RequestError as exc:
             return error_response(exc.req_id, exc)
@@ -208,6 +212,14 @@ def _claim_socket_path(path: Path) -> None:
     raise StartError(f"another moltbotd is already serving at {path}")
 
 
+def _peer(sock: socket.socket | None) -> str:
+    """pid and uid of the client process, from the kernel (SO_PEERCRED)."""
+    if sock is None:
+        return "unknown"
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return f"pid {pid} uid {uid}"
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -215,10 +227,12 @@ class Connection(asyncio.Protocol):
         self.pending = 0
         self.paused = False
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer = "unknown"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
+        self.peer = _peer(transport.get_extra_info("socket"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -241,7 +255,7 @@ class Connection(asyncio.Protocol):
 
     def _start(self, message: dict[str, Any]) -> None:
         self.pending += 1
-        task = asyncio.get_running_loop().create_task(self.server.handle(message))
+        task = asyncio.get_running_loop().create_task(self.server.handle(message, self.peer))
         task.add_done_callback(self._finished)
         if self.pending >= self.server.config.max_inflight_per_connection and not self.paused:
             self.paused = True

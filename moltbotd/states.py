@@ -30,9 +30,6 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     S.FATAL: frozenset({S.STOPPED}),
 }
 
-# States in which a process may be running (and must be stopped before it is dropped).
-LIVE = frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING})
-
 
 class IllegalTransition(RuntimeError):
     pass

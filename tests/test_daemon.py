@@ -345,3 +345,11 @@ def test_worker_killed_while_loading_is_restarted_and_requests_wait(daemon_facto
     np.testing.assert_array_equal(out["y"], np.ones(4))
     assert status["restarts"] == 1 and status["pid"] != pid
     assert f"worker pid {pid} was killed by SIGKILL while loading its model" in daemon.log()
+
+
+def test_state_changing_requests_are_audited_with_the_caller(daemon):
+    with daemon.client() as c:
+        c.switch("v1.0", "demo")
+    line = next(x for x in daemon.log().splitlines() if "switch requested" in x)
+    assert f'peer="pid {os.getpid()} uid {os.getuid()}"' in line
+    assert "model=demo version=v1.0" in line

@@ -5,7 +5,7 @@ from collections import deque
 
 import pytest
 
-from moltbotd.states import LIVE, TRANSITIONS, IllegalTransition, WorkerState, check_transition
+from moltbotd.states import TRANSITIONS, IllegalTransition, WorkerState, check_transition
 
 S = WorkerState
 ARCS = [(old, new) for old, targets in TRANSITIONS.items() for new in sorted(targets)]
@@ -80,10 +80,3 @@ def test_ready_only_after_starting():
 
 def test_fatal_is_left_only_for_stopped():
     assert TRANSITIONS[S.FATAL] == frozenset({S.STOPPED})
-
-
-def test_live_states():
-    assert frozenset({S.STARTING, S.READY, S.DRAINING, S.STOPPING}) == LIVE
-    assert S.STOPPED not in LIVE
-    assert S.BACKOFF not in LIVE
-    assert S.FATAL not in LIVE
