@@ -131,9 +131,10 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
         watchdog.cancel()
     else:
         starting.cancel()
-    log.info("stopping: draining requests, then workers", drain_timeout=config.drain_timeout)
+    drain = supervisor.config.drain_timeout  # the supervisor holds the reloaded config
+    log.info("stopping: draining requests, then workers", drain_timeout=drain)
     notifier.notify("STOPPING=1")
-    await server.shutdown(config.drain_timeout)
+    await server.shutdown(drain)
     await supervisor.stop()
     log.info("stopped")
     return 0

@@ -132,3 +132,12 @@ def test_isolation_off_never_looks(daemon_factory):
         assert c.status()["isolation"] == {"mode": "off", "enforced": False,
                                            "reason": "isolation is off in the config",
                                            "cgroup": None}  # fmt: skip
+
+
+def test_a_reloaded_drain_timeout_is_the_one_used_at_stop(daemon_factory):
+    daemon = daemon_factory("drain_timeout: 30s\n")
+    daemon.config_path.write_text("drain_timeout: 7s\n")
+    with daemon.client() as c:
+        c.reload()
+    daemon.stop()
+    assert "stopping: draining requests, then workers drain_timeout=7.0" in daemon.log()
