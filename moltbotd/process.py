@@ -200,7 +200,10 @@ class Worker:
             pid=self.pid,
             providers=",".join(self.providers),
             load_ms=round(info["load_seconds"] * 1e3, 1),
+            warmup_ms=round(info["warmup_seconds"] * 1e3, 1),
         )
+        if info["warmup_error"]:
+            self.log.warning(f"{self.label}: warm-up run on zeros failed: {info['warmup_error']}")
         if self.spec.session.device == "cuda" and "CUDAExecutionProvider" not in self.providers:
             self.log.warning(
                 f"{self.label}: CUDA is not available, running on CPU",

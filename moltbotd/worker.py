@@ -13,12 +13,15 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from moltbotd.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     RECV_BYTES,
+    STRING_DTYPE,
+    WIRE_DTYPES,
     ErrorCode,
     FrameDecoder,
     MoltError,
@@ -98,6 +101,28 @@ def classify(exc: Exception) -> ErrorCode:
     )
 
 
+def warm_up(session: Any, signature: Signature) -> str | None:
+    """One run on zeros shaped by the signature (dynamic dimensions as 1), so the first
+    request does not pay for onnxruntime's lazy initialisation; returns why it failed."""
+    if any(spec.dtype is None for spec in signature.inputs):
+        return "skipped: an input is not a tensor"
+    feeds = {
+        spec.name: np.zeros(
+            [d if isinstance(d, int) else 1 for d in spec.shape or ()],
+            dtype=object if spec.dtype == STRING_DTYPE else WIRE_DTYPES[spec.dtype],
+        )
+        for spec in signature.inputs
+    }
+    for spec in signature.inputs:
+        if spec.dtype == STRING_DTYPE:
+            feeds[spec.name].fill("")
+    try:
+        session.run(None, feeds)
+    except Exception as exc:  # a model may reject zeros: it still serves real inputs
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def serve(channel: Channel, session: Any) -> None:
     while (request := channel.receive()) is not None:
         try:
@@ -131,15 +156,11 @@ def main(argv: list[str]) -> int:
         tuple(map(spec_from_ort, session.get_inputs())),
         tuple(map(spec_from_ort, session.get_outputs())),
     )
-    channel.send(
-        {
-            "ready": {
-                "signature": signature.to_wire(),
-                "providers": providers,
-                "load_seconds": time.monotonic() - started,
-            }
-        }
-    )
+    loaded = time.monotonic()
+    ready = {"signature": signature.to_wire(), "providers": providers,
+             "load_seconds": loaded - started, "warmup_error": warm_up(session, signature),
+             "warmup_seconds": time.monotonic() - loaded}  # fmt: skip
+    channel.send({"ready": ready})
     serve(channel, session)
     return 0
 

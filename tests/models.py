@@ -97,3 +97,15 @@ def memory_hog_model() -> "helper.ModelProto":
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
     )  # fmt: skip
     return finish(graph)
+
+
+def reshape_model() -> "helper.ModelProto":
+    """y = x reshaped to `shape`: zeros for `shape` are an invalid target (warm-up fails)."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )  # fmt: skip
+    return finish(graph)

@@ -353,3 +353,21 @@ def test_state_changing_requests_are_audited_with_the_caller(daemon):
     line = next(x for x in daemon.log().splitlines() if "switch requested" in x)
     assert f'peer="pid {os.getpid()} uid {os.getuid()}"' in line
     assert "model=demo version=v1.0" in line
+
+
+def test_workers_warm_up_before_they_count_as_ready(daemon):
+    loaded = [x for x in daemon.log().splitlines() if "] Model " in x and " loaded " in x]
+    assert len(loaded) == 4
+    assert all(" warmup_ms=" in line for line in loaded)
+    assert "warm-up run on zeros failed" not in daemon.log()
+
+
+def test_a_failed_warm_up_is_a_warning_and_the_model_serves(daemon_factory, models_dir):
+    from tests.models import reshape_model
+
+    save(reshape_model(), models_dir, "reshape", "v1")
+    daemon = daemon_factory()
+    assert "model reshape v1: warm-up run on zeros failed: " in daemon.log()
+    with daemon.client() as c:
+        out = c.infer("reshape", {"x": [1.0, 2.0, 3.0, 4.0], "shape": [2, 2]})
+    assert out["y"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
