@@ -66,9 +66,10 @@ def reloader(load: Loader, supervisor: Supervisor, notifier: Any) -> Reloader:
             raise MoltError(
                 ErrorCode.INVALID_CONFIG, f"{exc}; the running configuration is unchanged"
             ) from None
-        finally:
+        else:
+            return await supervisor.reload(config)
+        finally:  # after the reload finished: systemctl reload returns when it is done
             notifier.notify("READY=1")
-        return await supervisor.reload(config)
 
     return reload_config
 
@@ -120,6 +121,10 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     starting = loop.create_task(supervisor.start())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception():
+        log.error(f"cannot start: {starting.exception()}")
+        await server.shutdown(0)
+        return EXIT_CONFIG
     if starting.done():
         health = supervisor.health()["models"]
         failed = sum(state != "ready" for state in health.values())

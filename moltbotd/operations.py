@@ -42,6 +42,11 @@ class Operation:
     mutating: bool = False
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters, checked against the declaration; a null counts as not given."""
+        if not all(isinstance(key, str) for key in params):
+            raise MoltError(ErrorCode.BAD_REQUEST, f"operation '{self.name}': parameter names"
+                            " must be strings")  # fmt: skip
+        params = {key: value for key, value in params.items() if value is not None}
         known = {p.name: p for p in self.params}
         unknown = sorted(set(params) - set(known))
         if unknown:

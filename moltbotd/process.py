@@ -1,7 +1,7 @@
 """One worker process, seen from the daemon: spawn, handshake, requests, death, restart, stop.
 
-A Worker owns its process's whole life in one task (_supervise); only that task and
-stop() change its state, always through states.check_transition, and every change is
+A Worker owns its process's whole life in one task (_supervise); that task, stop() and
+drain() change its state, always through states.check_transition, and every change is
 logged. Requests travel over a socketpair in the protocol's frames; the ones in flight
 when the process dies fail with WORKER_FAILED.
 """
@@ -65,7 +65,7 @@ class _Channel(asyncio.Protocol):
             self.worker.on_message(message)
 
 
-@dataclass
+@dataclass(eq=False)  # a process handle: identity, not field-by-field equality
 class Worker:
     spec: WorkerSpec
     settings: WorkerSettings
@@ -108,7 +108,13 @@ class Worker:
         failures = 0
         while not self._stop.is_set():
             await self._set(S.STARTING)
-            ready = await self._spawn_and_load()
+            try:
+                ready = await self._spawn_and_load()
+            except OSError as exc:  # fork/exec, socketpair or cgroup placement refused
+                self.error = f"cannot start a worker: {exc}"
+                self.log.error(f"{self.label}: {self.error}")
+                await self._kill_and_reap()
+                ready = False
             if ready:
                 await self._proc_exit()
             if self.state is S.FATAL:
@@ -130,22 +136,27 @@ class Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         loop = asyncio.get_running_loop()
         self.signature, self.started_at = None, None
-        with child:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "moltbotd.worker",
-                str(child.fileno()),
-                pass_fds=(child.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        self.pid = self._proc.pid
-        self._relay = loop.create_task(self._relay_output(self._proc))
-        if self.cgroup:  # before the model loads, so the load is limited and accounted
-            self._oom_kills = self.cgroup.oom_kills()
-            self.cgroup.add(self.pid)
+        try:
+            with child:
+                self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "moltbotd.worker",
+                    str(child.fileno()),
+                    pass_fds=(child.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+            self.pid = self._proc.pid
+            # kept so the relay task is not garbage-collected while it runs
+            self._relay = loop.create_task(self._relay_output(self._proc))
+            if self.cgroup:  # before the model loads, so the load is limited and accounted
+                self._oom_kills = self.cgroup.oom_kills()
+                self.cgroup.add(self.pid)
+        except OSError:
+            parent.close()
+            raise
         _, self._channel = await loop.create_unix_connection(lambda: _Channel(self), sock=parent)
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session)}
@@ -163,7 +174,8 @@ class Worker:
             return_when=asyncio.FIRST_COMPLETED,
         )
         exited.cancel()
-        if self._stop.is_set():
+        if self._stop.is_set():  # stop() may have come before there was a process to kill
+            await self._kill_and_reap()
             return False
         if self._handshake.done() and "ready" in self._handshake.result():
             self._became_ready(self._handshake.result()["ready"])
@@ -176,6 +188,8 @@ class Worker:
                 error=self.error,
             )
             await self._kill_and_reap()
+            if self._stop.is_set():  # stopped meanwhile: STOPPING, not FATAL
+                return False
             await self._set(S.FATAL)
             return False
         await self._kill_and_reap()

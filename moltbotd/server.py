@@ -51,6 +51,7 @@ def make_handlers(
 
     async def hello(p: dict[str, Any]) -> dict[str, Any]:
         wanted = p.get("protocol", PROTOCOL_VERSION)
+        log.debug("hello", client=p.get("client", "unnamed"), protocol=wanted)
         if wanted != PROTOCOL_VERSION:
             raise MoltError(
                 ErrorCode.UNSUPPORTED_PROTOCOL,
@@ -204,9 +205,11 @@ def _claim_socket_path(path: Path) -> None:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
-    except OSError:
+    except ConnectionRefusedError:
         path.unlink()  # nobody listens: a stale socket
         return
+    except OSError as exc:
+        raise StartError(f"cannot check whether {path} is in use: {exc.strerror}") from None
     finally:
         probe.close()
     raise StartError(f"another moltbotd is already serving at {path}")
@@ -228,6 +231,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = "unknown"
+        self.half_closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -236,6 +240,11 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+
+    def eof_received(self) -> bool:
+        """A client that half-closes after its requests still gets every answer."""
+        self.half_closed = True
+        return bool(self.pending)  # True keeps the transport open until they are written
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -269,7 +278,16 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         if not self.pending:
             self.server.request_done()
+            if self.half_closed:
+                self.transport.close()
 
     def _write(self, response: dict[str, Any]) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(encode_frame(response))
+        if self.transport.is_closing():
+            return
+        try:
+            frame = encode_frame(response)
+        except (TypeError, ValueError, OverflowError):  # a result msgpack cannot carry: a bug
+            log.exception("cannot encode a response", id=response.get("id"))
+            error = MoltError(ErrorCode.INTERNAL, "moltbotd could not encode its answer")
+            frame = encode_frame(error_response(response.get("id"), error))
+        self.transport.write(frame)

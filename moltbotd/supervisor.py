@@ -26,7 +26,7 @@ from moltbotd.states import WorkerState
 
 log = get_logger("supervisor")
 # Settings a reload applies at once; any other change waits for a restart of the daemon.
-LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout", "workers"})
+LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout"})
 
 
 @contextlib.asynccontextmanager
@@ -73,6 +73,7 @@ class Supervisor:
         self.config = config
         self.isolation = isolation
         self.models: dict[str, Model] = {}
+        self.workers: set[Worker] = set()  # every worker not yet retired, active or not
         self.started = time.time()
 
     # --- start and stop ----------------------------------------------------------------
@@ -127,6 +128,7 @@ class Supervisor:
             log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
             return None
         worker = Worker(spec, self.config.workers, cgroup=group)
+        self.workers.add(worker)
         worker.start()
         return worker
 
@@ -142,12 +144,15 @@ class Supervisor:
     async def _retire(self, worker: Worker, model: Model) -> None:
         """Stop a worker for good and remove its group, unless the active worker shares it."""
         await worker.stop()
+        self.workers.discard(worker)
         shared = model.active is not worker and model.active and model.active.cgroup
         if worker.cgroup and worker.cgroup != shared:
             self.isolation.forget(worker.cgroup)
 
     async def stop(self) -> None:
-        await asyncio.gather(*(self._retire(m.active, m) for m in self.models.values() if m.active))
+        """Stop every worker, also one a switch had started but not yet made active."""
+        retiring = [self._retire(w, self.models[w.spec.model]) for w in list(self.workers)]
+        await asyncio.gather(*retiring)
 
     def _scan(self) -> dict[str, RepoModel]:
         return scan(self.config.models_dir).models

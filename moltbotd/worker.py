@@ -18,7 +18,6 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from moltbotd.protocol import (
-    DEFAULT_MAX_FRAME_BYTES,
     RECV_BYTES,
     STRING_DTYPE,
     WIRE_DTYPES,
@@ -46,7 +45,8 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.decoder = FrameDecoder(DEFAULT_MAX_FRAME_BYTES * 4)
+        # The daemon enforces max_frame_bytes on clients; here any frame the header allows.
+        self.decoder = FrameDecoder(2**32 - 1)
         self.pending: list[Any] = []
 
     def receive(self) -> dict[str, Any] | None:

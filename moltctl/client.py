@@ -172,13 +172,19 @@ class Client(_Calls):
             self.connect()
         assert self._sock is not None
         req_id = next(self._ids)
+        message = _message(op, req_id, params)
         try:
-            self._sock.sendall(_message(op, req_id, params))
+            self._sock.sendall(message)
             reply = self._receive()
         except TimeoutError:
+            self.close()  # a late answer would be taken for the next call's
             raise ProtocolError(f"no answer from moltbotd within {self.timeout:g}s") from None
         except OSError as exc:
+            self.close()
             raise ProtocolError(f"lost the connection to moltbotd: {exc}") from None
+        except ProtocolError:
+            self.close()
+            raise
         if reply.get("id") not in (req_id, None):
             raise ProtocolError(f"answer for request {reply.get('id')!r}, expected {req_id}")
         return decode(response_result(reply))
@@ -236,6 +242,8 @@ class AsyncClient(_Calls):
         if self._writer is None:
             await self.connect()
         assert self._writer is not None
+        if self._reader_task is not None and self._reader_task.done():
+            raise ProtocolError("the connection to moltbotd is closed")
         req_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = future

@@ -371,3 +371,37 @@ def test_a_failed_warm_up_is_a_warning_and_the_model_serves(daemon_factory, mode
     with daemon.client() as c:
         out = c.infer("reshape", {"x": [1.0, 2.0, 3.0, 4.0], "shape": [2, 2]})
     assert out["y"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_a_half_closed_connection_still_gets_every_answer(daemon):
+    requests = b"".join(encode_frame({"id": i, "op": "infer", "params": {
+        "model": "demo", "inputs": {"x": [[i, 0, 0, 0]]}}}) for i in range(20))  # fmt: skip
+    decoder, frames = FrameDecoder(), []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(daemon.socket))
+        sock.sendall(requests)
+        sock.shutdown(socket.SHUT_WR)  # like `nc -N`: no more requests, answers please
+        while data := sock.recv(65536):
+            frames += decoder.feed(data)
+    assert sorted(f["id"] for f in frames) == list(range(20))
+    assert all(f["ok"] for f in frames)
+
+
+def test_a_client_timeout_does_not_desynchronise_the_next_call(daemon):
+    from moltctl.client import Client, ProtocolError
+
+    client = Client(daemon.socket, timeout=0.3)
+    with pytest.raises(ProtocolError, match=r"no answer from moltbotd within 0\.3s"):
+        client.infer("slow", slow_inputs())
+    assert client.infer("demo", {"x": [[1, 2, 3, 4]]}).model == "demo"  # not slow's answer
+    client.close()
+
+
+def test_a_missing_models_dir_stops_the_start_with_a_message(daemon_factory, tmp_path):
+    from moltbotd.daemon import EXIT_CONFIG
+
+    daemon = daemon_factory(wait=False, args=("--models-dir", str(tmp_path / "nowhere")))
+    assert daemon.proc.wait(60) == EXIT_CONFIG
+    assert f"cannot start: models_dir {tmp_path / 'nowhere'} is not a directory" in daemon.log()
+    assert "ready: serving" not in daemon.log()

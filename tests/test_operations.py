@@ -22,7 +22,7 @@ def bad_request(op: str, params: dict) -> MoltError:
 
 def test_valid_params_are_returned_unchanged():
     params = {"model": "demo", "inputs": {"x": [[1.0]]}, "version": "v1.0", "outputs": ["y"]}
-    assert OPERATIONS["infer"].check_params(params) is params
+    assert OPERATIONS["infer"].check_params(params) == params
 
 
 def test_unknown_param_is_named_with_the_known_ones():
@@ -55,7 +55,13 @@ def test_required_param_given_as_none_is_missing():
 
 def test_optional_param_may_be_left_out_or_none():
     assert OPERATIONS["switch"].check_params({"version": "v2.0"}) == {"version": "v2.0"}
-    assert OPERATIONS["status"].check_params({"model": None}) == {"model": None}
+    assert OPERATIONS["status"].check_params({"model": None}) == {}  # null: not given
+    assert OPERATIONS["logs"].check_params({"after": None, "limit": 5}) == {"limit": 5}
+
+
+def test_parameter_names_must_be_strings():
+    err = bad_request("logs", {1: "x"})
+    assert err.message == "operation 'logs': parameter names must be strings"
 
 
 def test_wrong_type_message():
