@@ -64,8 +64,13 @@ def problems(group: Path, needed: tuple[str, ...] = CONTROLLERS) -> list[str]:
 
 
 def group_name(model: str, version: str) -> str:
-    """A stable, safe directory name: model-<name>-<version>."""
-    return GROUP_PREFIX + _UNSAFE.sub("_", f"{model}-{version}")
+    """A stable, safe directory name: model-<name>-<version>.
+
+    A '-' inside the model or version is doubled, so the single '-' between them is
+    unambiguous: model a-b v c and model a v b-c must never share (and kill) a group.
+    """
+    model, version = (_UNSAFE.sub("_", part).replace("-", "--") for part in (model, version))
+    return f"{GROUP_PREFIX}{model}-{version}"
 
 
 @dataclass(frozen=True)

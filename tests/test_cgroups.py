@@ -160,13 +160,18 @@ def test_missing_controllers_and_unwritable_files_are_both_reported(tmp_path):
     [
         ("demo", "v1.0", "model-demo-v1.0"),
         ("a/b", "v1", "model-a_b-v1"),
-        ("My_Model", "2024-01", "model-My_Model-2024-01"),
+        ("My_Model", "2024-01", "model-My_Model-2024--01"),
         ("x y", "v 1\n", "model-x_y-v_1_"),
         ("../..", "v1", "model-.._..-v1"),
     ],
 )
 def test_group_name(model, version, expected):
     assert group_name(model, version) == expected
+
+
+def test_group_names_of_different_versions_never_collide():
+    assert group_name("a-b", "c") == "model-a--b-c"
+    assert group_name("a", "b-c") == "model-a-b--c"
 
 
 def test_group_name_is_one_directory_level():
