@@ -302,11 +302,8 @@ class Worker:
     async def _set(self, new: WorkerState) -> None:
         check_transition(self.state, new)
         old, self.state = self.state, new
-        self.log.debug(
-            f"{self.label} {old} -> {new}",
-        )
-        async with self._changed:
-            self._changed.notify_all()
+        self.log.debug(f"{self.label} {old} -> {new}")
+        await self._notify()
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait while the worker starts or backs off; raise if it cannot serve."""

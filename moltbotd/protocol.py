@@ -161,14 +161,21 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def request_id(message: dict[str, Any]) -> RequestId | None:
+    """The request's id when it is a valid one (an integer or a string), else None."""
+    req_id = message.get("id")
+    valid = isinstance(req_id, int | str) and not isinstance(req_id, bool)
+    return req_id if valid else None
+
+
 def parse_request(message: dict[str, Any]) -> Request:
     """Check a request's envelope; the RequestError raised carries the id when it is known."""
-    req_id = message.get("id")
-    if not isinstance(req_id, int | str) or isinstance(req_id, bool):
+    req_id = request_id(message)
+    if req_id is None:
         raise RequestError(
             None,
             ErrorCode.BAD_REQUEST,
-            f"request 'id' must be an integer or a string, got {_describe(req_id)}",
+            f"request 'id' must be an integer or a string, got {_describe(message.get('id'))}",
         )
     op = message.get("op")
     if not isinstance(op, str):

@@ -30,6 +30,7 @@ from moltbotd.protocol import (
     error_response,
     ok_response,
     parse_request,
+    request_id,
 )
 from moltbotd.supervisor import Supervisor
 
@@ -146,8 +147,7 @@ class Server:
 
     async def handle(self, message: dict[str, Any], peer: str = "") -> dict[str, Any]:
         """One request in, one response out; never raises."""
-        req_id = message.get("id")
-        req_id = req_id if isinstance(req_id, int | str) and not isinstance(req_id, bool) else None
+        req_id = request_id(message)
         try:
             request = parse_request(message)
             op = lookup(request.op)
