@@ -22,7 +22,7 @@ demo: venv
 # Serve the demo repository in the foreground; in another terminal:
 #   export MOLTBOT_SOCKET=$(SOCKET); .venv/bin/moltctl status
 run: demo
-	$(VENV)/bin/moltbotd --socket $(SOCKET) --models-dir $(RUN_DIR)/models
+	$(VENV)/bin/moltbotd --socket $(SOCKET) --models-dir $(RUN_DIR)/models --state-dir $(RUN_DIR)/state
 
 lint: venv
 	$(VENV)/bin/ruff check .

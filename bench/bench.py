@@ -304,7 +304,14 @@ def running_daemon(models_dir: Path, workdir: Path) -> Iterator[Daemon]:
     config.write_text("{}\n")  # the built-in defaults, whatever /etc/moltbot holds
     socket_path, log = workdir / "moltbotd.sock", workdir / "moltbotd.log"
     command = [sys.executable, "-m", "moltbotd", "--config", str(config)]
-    command += ["--socket", str(socket_path), "--models-dir", str(models_dir)]
+    command += [
+        "--socket",
+        str(socket_path),
+        "--models-dir",
+        str(models_dir),
+        "--state-dir",
+        str(workdir / "state"),
+    ]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             command,

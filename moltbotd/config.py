@@ -145,6 +145,26 @@ def io_device(value: Any) -> str:
     raise ValueError(f"expected auto or a device path such as /dev/vda, got {value!r}")
 
 
+def fraction(value: Any) -> float:
+    """share: 20% or 0.2"""
+    expected = "a share such as 20% or 0.2, above 0% and at most 100%"
+    text = str(value).strip()
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+    if isinstance(value, bool) or not 0 < share <= 1:
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return share
+
+
+def boolean(value: Any) -> bool:
+    """true or false"""
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def size(value: Any) -> int:
     """size: 64MiB, 4GiB"""
     return parse_size(value)
@@ -242,10 +262,15 @@ class Limits:
 
 @dataclass(frozen=True)
 class Overrides:
-    """What a model.yaml or a models.<name> entry sets: session keys and limits, partially."""
+    """What a model.yaml or a models.<name> entry sets: session keys and limits, partially.
+
+    Only a model.yaml has `samples`: inputs (name -> nested lists) the version must
+    answer before it serves; without them it warms up on zeros.
+    """
 
     session: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    samples: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -272,11 +297,23 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class CanarySettings:
+    max_error_rate: float = setting(
+        0.2, fraction, "a canary failing more of its requests than this is rolled back"
+    )
+    window: float = setting(60.0, duration, "the error rate is measured over this window")
+    min_requests: int = setting(
+        20, integer(1, 10**9), "requests in the window before the error rate is judged"
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A model's entry under `models:`: its active version, session settings and limits."""
 
     version: str | None = None
     overrides: Overrides = field(default_factory=Overrides)
+    on_demand: bool = False  # load a pinned version that is not loaded, instead of refusing
 
 
 @dataclass(frozen=True)
@@ -300,6 +337,15 @@ class Config:
     drain_timeout: float = setting(
         30.0, duration, "time in-flight requests get to finish at stop or version switch"
     )
+    state_dir: Path = setting(
+        Path("/var/lib/moltbot/state"),
+        path,
+        "where active versions and canaries are kept across restarts",
+    )
+    on_demand_idle: float = setting(
+        600.0, duration, "a version loaded on demand is unloaded after this long unused"
+    )
+    canary: CanarySettings = section(CanarySettings, "automatic rollback of a canary")
     isolation: str = setting(
         "best-effort",
         choice("strict", "best-effort", "off"),
@@ -380,7 +426,22 @@ def parse_model_yaml(file: Path) -> Overrides:
         text = file.read_text()
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-    return parse_overrides(_parse_yaml(file, text), str(file))
+    data = _parse_yaml(file, text)
+    samples = data.pop("samples", None) if isinstance(data, dict) else None
+    overrides = parse_overrides(data, str(file))
+    return dataclasses.replace(overrides, samples=_samples(samples, str(file)))
+
+
+def _samples(data: Any, where: str) -> tuple[Mapping[str, Any], ...]:
+    """A list of maps from input name to a value; the worker checks them against the model."""
+    if data is None:
+        return ()
+    expected = "a list of maps from input name to a value (nested lists)"
+    if not isinstance(data, list) or not all(
+        isinstance(s, dict) and s and all(isinstance(k, str) for k in s) for s in data
+    ):
+        raise ConfigError(f"{where}: samples: expected {expected}, got {data!r}"[:300])
+    return tuple(data)
 
 
 def _parse_yaml(file: Path, text: str) -> Any:
@@ -428,7 +489,9 @@ def _build_models(data: Any, where: str) -> dict[str, ModelConfig]:
         version = entry.pop("version", None) if isinstance(entry, dict) else None
         if version is not None:
             version = _convert_value(name, version, where, prefix + "version")
-        models[model] = ModelConfig(version, parse_overrides(entry, where, prefix))
+        on_demand = entry.pop("on_demand", False) if isinstance(entry, dict) else False
+        on_demand = _convert_value(boolean, on_demand, where, prefix + "on_demand")
+        models[model] = ModelConfig(version, parse_overrides(entry, where, prefix), on_demand)
     return models
 
 
@@ -482,7 +545,11 @@ def reference_markdown() -> str:
     walk(Limits, "models.NAME.limits.")
     rows.append(
         "| `models.NAME.version` | model or version name | highest on disk |"
-        " the version served when the daemon starts |"
+        " the version served when the daemon starts (see below) |"
+    )
+    rows.append(
+        "| `models.NAME.on_demand` | true or false | `false` | a request pinned to a version"
+        " that is not loaded loads it (unloaded after `on_demand_idle`) instead of failing |"
     )
     return "\n".join(rows) + "\n"
 
@@ -493,6 +560,8 @@ def _show(value: Any, convert: Converter) -> str:
         return "auto" if convert is threads else "max"
     if convert in (duration, cpu_period):
         return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+    if convert is fraction:
+        return f"{value * 100:g}%"
     if convert is size:
         return f"{value // 2**20}MiB" if value % 2**20 == 0 else str(value)
     if convert is file_mode:

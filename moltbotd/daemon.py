@@ -25,6 +25,7 @@ from moltbotd.isolation import Isolation
 from moltbotd.logs import Ring, configure, get_logger
 from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.repository import scan
+from moltbotd.rollout import Rollout
 from moltbotd.server import Reloader, Server, StartError
 from moltbotd.supervisor import Supervisor
 
@@ -53,7 +54,7 @@ def check_repository(config: cfg.Config) -> list[str]:
     return problems
 
 
-def reloader(load: Loader, supervisor: Supervisor, notifier: Any) -> Reloader:
+def reloader(load: Loader, rollout: Rollout, notifier: Any) -> Reloader:
     """Re-read the config; a bad file leaves the running configuration as it is."""
 
     async def reload_config() -> dict[str, Any]:
@@ -67,7 +68,7 @@ def reloader(load: Loader, supervisor: Supervisor, notifier: Any) -> Reloader:
                 ErrorCode.INVALID_CONFIG, f"{exc}; the running configuration is unchanged"
             ) from None
         else:
-            return await supervisor.reload(config)
+            return await rollout.sup.reload(config, rollout.restart)
         finally:  # after the reload finished: systemctl reload returns when it is done
             notifier.notify("READY=1")
 
@@ -102,7 +103,8 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
         log.error(f"cannot start: {exc}")
         return EXIT_ISOLATION
     supervisor = Supervisor(config, isolation)
-    reload_config = reloader(load, supervisor, notifier)
+    rollout = Rollout(supervisor)
+    reload_config = reloader(load, rollout, notifier)
     reloads: set[asyncio.Task[None]] = set()
 
     def hangup() -> None:  # only schedules: the reload runs as a task of the loop
@@ -111,7 +113,7 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, hangup)
-    server = Server(config, supervisor, ring, reload_config)
+    server = Server(config, rollout, ring, reload_config)
     try:
         await server.listen()
     except (StartError, OSError) as exc:
@@ -158,6 +160,11 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     type=click.Path(path_type=Path, file_okay=False),
     help="model repository: MODEL/VERSION/model.onnx",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="where active versions are remembered across restarts",
+)
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="log line format")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
@@ -170,6 +177,7 @@ def main(
     config_path: Path | None,
     socket: Path | None,
     models_dir: Path | None,
+    state_dir: Path | None,
     log_format: str | None,
     log_level: str | None,
     check_config: bool,
@@ -178,7 +186,7 @@ def main(
     if config_path is None and cfg.DEFAULT_CONFIG_PATH.exists():
         config_path = cfg.DEFAULT_CONFIG_PATH
     load = functools.partial(
-        load_config, config_path, socket=socket, models_dir=models_dir,
+        load_config, config_path, socket=socket, models_dir=models_dir, state_dir=state_dir,
         log_format=log_format, log_level=log_level,
     )  # fmt: skip
     try:

@@ -30,6 +30,7 @@ _TYPE_NAMES = {
     dict: "a map",
     list: "a list",
     bool: "a boolean",
+    bytes: "bytes",
 }
 
 
@@ -82,7 +83,11 @@ def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
 
 
 _MODEL = Param("model", (str,), help="model name")
-_VERSION = Param("version", (str,), help="model version, e.g. v2.0")
+_ONE_MODEL = Param("model", (str,), help="model name; may be left out when only one model fits")
+_PROGRESS = Param(
+    "progress", (bool,), help="also send {id, progress: {phase, detail}} frames as it goes"
+)
+_FORCE = Param("force", (bool,), help="accept a changed signature or a failed warm-up on zeros")
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -114,12 +119,58 @@ OPERATIONS: dict[str, Operation] = {
         ),
         Operation(
             "switch",
-            "Make VERSION the active version of MODEL without dropping a request.",
+            "Make VERSION the active version of MODEL (validated, warmed, then cut over;"
+            " the old version drains), or give it a share of the requests as a canary.",
             (
-                Param(
-                    "model", (str,), help="model name; may be left out when one model has VERSION"
-                ),
+                _ONE_MODEL,
                 Param("version", (str,), required=True, help="version to activate"),
+                _FORCE,
+                Param("canary", (float,), help="share of requests for VERSION, 0 < share < 1"),
+                _PROGRESS,
+            ),
+            mutating=True,
+        ),
+        Operation(
+            "rollback",
+            "End MODEL's canary, or return to the version that served before the active one.",
+            (_ONE_MODEL, _PROGRESS),
+            mutating=True,
+        ),
+        Operation(
+            "promote",
+            "Make MODEL's canary the active version; the old one drains.",
+            (_ONE_MODEL, _PROGRESS),
+            mutating=True,
+        ),
+        Operation(
+            "versions",
+            "The versions on disk with state, size, sha256 and deploy time.",
+            (_MODEL,),
+        ),
+        Operation(
+            "upload",
+            "Append a chunk to a file of a model folder being deployed; the first chunk"
+            " (no upload) opens the upload and returns its token.",
+            (
+                Param("upload", (str,), help="the token an earlier chunk returned"),
+                Param("path", (str,), required=True, help="file path inside the folder"),
+                Param("offset", (int,), required=True, help="bytes of the file sent before"),
+                Param("data", (bytes,), required=True, help="the chunk"),
+            ),
+        ),
+        Operation(
+            "deploy",
+            "Publish an upload as MODEL/VERSION after it is checked, loaded and warmed;"
+            " optionally switch to it.",
+            (
+                Param("upload", (str,), required=True, help="the upload's token"),
+                Param("model", (str,), required=True, help="model name"),
+                Param("version", (str,), required=True, help="the new version's name"),
+                Param("files", (dict,), required=True, help="path -> sha256 as the client read it"),
+                Param("activate", (bool,), help="switch to it once deployed"),
+                _FORCE,
+                Param("source", (str,), help="where the folder came from, for the manifest"),
+                _PROGRESS,
             ),
             mutating=True,
         ),

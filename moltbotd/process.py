@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class WorkerSpec:
     path: Path  # model.onnx
     session: SessionSettings
     limits: Limits = field(default_factory=Limits)
+    samples: tuple[Mapping[str, Any], ...] = ()  # model.yaml's warm-up inputs
 
     @property
     def label(self) -> str:
@@ -77,6 +79,9 @@ class Worker:
     counters: Counters = field(default_factory=Counters)
     started_at: float | None = None  # monotonic time it became READY
     cgroup: Group | None = None  # where its process goes before it loads the model
+    on_phase: Callable[[str], None] | None = None  # told when loading turns to warming
+    ready_info: dict[str, Any] = field(default_factory=dict)  # the last `ready` handshake
+    last_used: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.log = log.bind(model=self.spec.model, version=self.spec.version)
@@ -159,7 +164,8 @@ class Worker:
             raise
         _, self._channel = await loop.create_unix_connection(lambda: _Channel(self), sock=parent)
         self._handshake = loop.create_future()
-        spec = {"path": str(self.spec.path), **asdict(self.spec.session)}
+        spec = {"path": str(self.spec.path), **asdict(self.spec.session),
+                "samples": list(self.spec.samples)}  # fmt: skip
         self._channel.transport.write(encode_frame(spec))  # type: ignore[union-attr]
         self.log.info(f"{self.label} starting", pid=self.pid)
         return await self._await_handshake()
@@ -207,6 +213,7 @@ class Worker:
     def _became_ready(self, info: dict[str, Any]) -> None:
         self.signature = Signature.from_wire(info["signature"])
         self.providers = info["providers"]
+        self.ready_info = info
         self.started_at = time.monotonic()
         self.error = None
         self.log.info(
@@ -215,6 +222,7 @@ class Worker:
             providers=",".join(self.providers),
             load_ms=round(info["load_seconds"] * 1e3, 1),
             warmup_ms=round(info["warmup_seconds"] * 1e3, 1),
+            samples=info["samples"],
         )
         if info["warmup_error"]:
             self.log.warning(f"{self.label}: warm-up run on zeros failed: {info['warmup_error']}")
@@ -335,6 +343,7 @@ class Worker:
         if self.state is not S.READY or self._channel is None or self._channel.transport is None:
             raise self.unavailable()
         req_id = next(self._ids)
+        self.last_used = time.monotonic()
         future = asyncio.get_running_loop().create_future()
         self._inflight[req_id] = future
         self.counters.requests += 1
@@ -366,6 +375,9 @@ class Worker:
             future = self._inflight.get(message["id"])
             if future and not future.done():
                 future.set_result(message)
+        elif "phase" in message:
+            if self.on_phase:
+                self.on_phase(message["phase"])
         elif self._handshake and not self._handshake.done():
             self._handshake.set_result(message)
 

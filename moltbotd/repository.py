@@ -44,9 +44,13 @@ class RepoModel:
         return self.path / version
 
     def model_yaml(self, version: str) -> Overrides:
-        """The version's validated model.yaml settings (none when it has no model.yaml)."""
-        file = self.version_dir(version) / MODEL_YAML
-        return parse_model_yaml(file) if file.exists() else Overrides()
+        return read_model_yaml(self.version_dir(version))
+
+
+def read_model_yaml(version_dir: Path) -> Overrides:
+    """A version's validated model.yaml settings (none when it has no model.yaml)."""
+    file = version_dir / MODEL_YAML
+    return parse_model_yaml(file) if file.exists() else Overrides()
 
 
 @dataclass(frozen=True)

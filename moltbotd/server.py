@@ -12,10 +12,12 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moltbotd import __version__
+from moltbotd.catalog import Catalog
 from moltbotd.config import Config
 from moltbotd.logs import LEVELS, Ring, get_logger, parse_level
 from moltbotd.operations import OPERATIONS, lookup
@@ -32,10 +34,21 @@ from moltbotd.protocol import (
     parse_request,
     request_id,
 )
-from moltbotd.supervisor import Supervisor
+from moltbotd.rollout import Progress, Rollout, no_progress
 
 log = get_logger("server")
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, and how to tell them how it is going."""
+
+    peer: str
+    progress: Progress
+
+
+Handler = Callable[[dict[str, Any], Caller], Awaitable[Any]]
+Emit = Callable[[dict[str, Any]], None]
 
 
 class StartError(Exception):
@@ -46,11 +59,13 @@ Reloader = Callable[[], Awaitable[dict[str, Any]]]
 
 
 def make_handlers(
-    supervisor: Supervisor, ring: Ring, config: Config, reload_config: Reloader
+    rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader
 ) -> dict[str, Handler]:
     """The daemon's half of every operation in OPERATIONS (the server checks it is complete)."""
+    supervisor = rollout.sup
+    catalog = Catalog(supervisor)
 
-    async def hello(p: dict[str, Any]) -> dict[str, Any]:
+    async def hello(p: dict[str, Any], _: Caller) -> dict[str, Any]:
         wanted = p.get("protocol", PROTOCOL_VERSION)
         log.debug("hello", client=p.get("client", "unnamed"), protocol=wanted)
         if wanted != PROTOCOL_VERSION:
@@ -68,10 +83,10 @@ def make_handlers(
             "operations": list(OPERATIONS),
         }
 
-    async def health(_: dict[str, Any]) -> dict[str, Any]:
+    async def health(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return supervisor.health()
 
-    async def status(p: dict[str, Any]) -> dict[str, Any]:
+    async def status(p: dict[str, Any], _: Caller) -> dict[str, Any]:
         return {
             "server": f"moltbotd {__version__}",
             "pid": os.getpid(),
@@ -79,19 +94,41 @@ def make_handlers(
             **supervisor.status(p.get("model")),
         }
 
-    async def models(_: dict[str, Any]) -> dict[str, Any]:
+    async def models(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return supervisor.repository()
 
-    async def infer(p: dict[str, Any]) -> dict[str, Any]:
+    async def infer(p: dict[str, Any], _: Caller) -> dict[str, Any]:
         return await supervisor.infer(p["model"], p["inputs"], p.get("version"), p.get("outputs"))
 
-    async def switch(p: dict[str, Any]) -> dict[str, Any]:
-        return await supervisor.switch(p.get("model"), p["version"])
+    async def switch(p: dict[str, Any], c: Caller) -> dict[str, Any]:
+        share = p.get("canary")
+        if share is not None and not 0 < share < 1:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"canary share must be above 0 and below 1"
+                            f" (10% is 0.1), got {share!r}")  # fmt: skip
+        return await rollout.switch(p.get("model"), p["version"], p.get("force", False), share,
+                                    c.progress)  # fmt: skip
 
-    async def reload(_: dict[str, Any]) -> dict[str, Any]:
+    async def rollback(p: dict[str, Any], c: Caller) -> dict[str, Any]:
+        return await rollout.rollback(p.get("model"), c.progress)
+
+    async def promote(p: dict[str, Any], c: Caller) -> dict[str, Any]:
+        return await rollout.promote(p.get("model"), c.progress)
+
+    async def versions(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        return await catalog.versions(p.get("model"))
+
+    async def upload(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        return supervisor.uploads.write(p.get("upload"), p["path"], p["offset"], p["data"])
+
+    async def deploy(p: dict[str, Any], c: Caller) -> dict[str, Any]:
+        return await rollout.deploy(p["upload"], p["model"], p["version"], p["files"],
+                                    p.get("activate", False), p.get("force", False),
+                                    p.get("source", ""), c.peer, c.progress)  # fmt: skip
+
+    async def reload(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return await reload_config()
 
-    async def logs(p: dict[str, Any]) -> dict[str, Any]:
+    async def logs(p: dict[str, Any], _: Caller) -> dict[str, Any]:
         try:
             low = parse_level(p.get("min_level", LEVELS[0]))
             high = parse_level(p.get("max_level", LEVELS[-1]))
@@ -116,6 +153,11 @@ def make_handlers(
         "models": models,
         "infer": infer,
         "switch": switch,
+        "rollback": rollback,
+        "promote": promote,
+        "versions": versions,
+        "upload": upload,
+        "deploy": deploy,
         "reload": reload,
         "logs": logs,
     }
@@ -123,10 +165,10 @@ def make_handlers(
 
 class Server:
     def __init__(
-        self, config: Config, supervisor: Supervisor, ring: Ring, reload_config: Reloader
+        self, config: Config, rollout: Rollout, ring: Ring, reload_config: Reloader
     ) -> None:
         self.config = config
-        self.handlers = make_handlers(supervisor, ring, config, reload_config)
+        self.handlers = make_handlers(rollout, ring, config, reload_config)
         if self.handlers.keys() != OPERATIONS.keys():
             raise RuntimeError(
                 f"handlers {sorted(self.handlers)} != operations {sorted(OPERATIONS)}"
@@ -145,8 +187,11 @@ class Server:
         os.chmod(path, self.config.socket_mode)
         log.info(f"listening on {path}", socket=str(path))
 
-    async def handle(self, message: dict[str, Any], peer: str = "") -> dict[str, Any]:
-        """One request in, one response out; never raises."""
+    async def handle(
+        self, message: dict[str, Any], peer: str = "", emit: Emit | None = None
+    ) -> dict[str, Any]:
+        """One request in, one response out (and progress frames through emit, when the
+        request asks for them); never raises."""
         req_id = request_id(message)
         try:
             request = parse_request(message)
@@ -158,7 +203,9 @@ class Server:
             params = op.check_params(request.params)
             if op.mutating:  # an audit trail: who changed what, when
                 log.info(f"{op.name} requested", op=op.name, peer=peer, **params)
-            result = await self.handlers[op.name](params)
+            result = await self.handlers[op.name](
+                params, self._caller(request.id, params, peer, emit)
+            )
             return ok_response(request.id, result)
         except RequestError as exc:
             return error_response(exc.req_id, exc)
@@ -170,6 +217,16 @@ class Server:
                 ErrorCode.INTERNAL, "internal error in moltbotd; the daemon log has the details"
             )
             return error_response(req_id, error)
+
+    @staticmethod
+    def _caller(req_id: Any, params: dict[str, Any], peer: str, emit: Emit | None) -> Caller:
+        if not (params.get("progress") and emit):
+            return Caller(peer, no_progress)
+
+        def progress(phase: str, detail: str) -> None:
+            emit({"id": req_id, "progress": {"phase": phase, "detail": detail}})
+
+        return Caller(peer, progress)
 
     def request_done(self) -> None:
         if not any(c.pending for c in self.connections):
@@ -264,7 +321,8 @@ class Connection(asyncio.Protocol):
 
     def _start(self, message: dict[str, Any]) -> None:
         self.pending += 1
-        task = asyncio.get_running_loop().create_task(self.server.handle(message, self.peer))
+        handling = self.server.handle(message, self.peer, self._write)
+        task = asyncio.get_running_loop().create_task(handling)
         task.add_done_callback(self._finished)
         if self.pending >= self.server.config.max_inflight_per_connection and not self.paused:
             self.paused = True

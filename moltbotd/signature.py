@@ -3,6 +3,7 @@
 The worker reads the signature from its onnxruntime session and reports it in the
 readiness handshake; the supervisor checks every request against it before the
 request costs a worker anything, so a bad input gets a precise answer at once.
+`compare` lists what replacing one signature with another would break for clients.
 """
 
 import math
@@ -96,6 +97,59 @@ def _dim(dim: Any) -> Dim:
 
 def format_shape(shape: tuple[Dim, ...] | list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def compare(old: Signature, new: Signature) -> list[str]:
+    """What a switch from old to new changes for clients; empty when new is compatible.
+
+    Compatible: every request valid for old is valid for new, and clients get the outputs
+    they got before. Changes come inputs first (old's order, then added ones), then outputs.
+    """
+    return [
+        *_compare_specs("input", old.inputs, new.inputs),
+        *_compare_specs("output", old.outputs, new.outputs),
+    ]
+
+
+def _compare_specs(
+    kind: str, old: tuple[TensorSpec, ...], new: tuple[TensorSpec, ...]
+) -> list[str]:
+    new_by_name = {spec.name: spec for spec in new}
+    changes: list[str] = []
+    for spec in old:
+        if spec.name in new_by_name:
+            changes += _spec_changes(kind, spec, new_by_name[spec.name])
+        else:
+            changes.append(f"{kind} {spec.describe()} is removed")
+    # every input is required, so old clients lack a new one; a new output is just extra
+    if kind == "input":
+        old_names = {spec.name for spec in old}
+        changes += [f"input {spec.describe()} is new" for spec in new if spec.name not in old_names]
+    return changes
+
+
+def _spec_changes(kind: str, old: TensorSpec, new: TensorSpec) -> list[str]:
+    where = f"{kind} '{old.name}'"
+    changes = []
+    if old.type != new.type:
+        changes.append(f"{where}: dtype {old.dtype or old.type} -> {new.dtype or new.type}")
+    # a shape of None means a non-tensor: a switch to or from one already shows as a type change
+    if old.shape is not None and new.shape is not None:
+        # an input may accept more than before, an output may promise more, never the reverse
+        loose, strict = (old.shape, new.shape) if kind == "input" else (new.shape, old.shape)
+        if _pins_more(loose, strict):
+            changes.append(f"{where}: shape {format_shape(old.shape)} -> {format_shape(new.shape)}")
+    return changes
+
+
+def _pins_more(loose: tuple[Dim, ...], strict: tuple[Dim, ...]) -> bool:
+    """Whether `strict` fixes a size that `loose` leaves dynamic or fixes otherwise.
+
+    Names of dynamic dims are only labels, so 'N' and 'batch' are the same.
+    """
+    if len(loose) != len(strict):
+        return True
+    return any(isinstance(s, int) and s != d for d, s in zip(loose, strict, strict=True))
 
 
 def check_inputs(label: str, signature: Signature, inputs: dict[str, Any]) -> dict[str, Any]:

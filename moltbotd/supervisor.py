@@ -1,18 +1,23 @@
-"""The supervisor: which models are served, which worker answers each request, switches.
+"""The supervisor: which models are served, which worker answers each request.
 
-It owns the routing table (model -> active Worker). Each Worker owns its own process;
-the supervisor decides which workers exist. State-changing operations on one model are
-serialised by that model's lock, and a second one arriving meanwhile gets CONFLICT.
+It owns the routing table: per model the active Worker, a canary Worker with its share,
+and versions loaded on demand. Each Worker owns its own process; the supervisor decides
+which workers exist. How a version becomes active (switch, canary, promote, rollback,
+deploy) is rollout.py's; this file starts, routes, reloads and reports.
 """
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from moltbotd.canary import CanaryRoute
 from moltbotd.cgroups import CgroupError
 from moltbotd.config import Config, ConfigError
 from moltbotd.isolation import Isolation
@@ -20,17 +25,21 @@ from moltbotd.limits import intra_op_threads
 from moltbotd.logs import get_logger
 from moltbotd.process import Worker, WorkerSpec
 from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.repository import MODEL_FILE, RepoModel, scan
+from moltbotd.repository import MODEL_FILE, RepoModel, read_model_yaml, scan
 from moltbotd.signature import check_inputs, check_output_names
+from moltbotd.state import ModelState, State, StateStore
 from moltbotd.states import WorkerState
+from moltbotd.uploads import Uploads
 
 log = get_logger("supervisor")
 # Settings a reload applies at once; any other change waits for a restart of the daemon.
-LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout"})
+LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout", "canary",
+                           "on_demand_idle"})  # fmt: skip
+REAP_EVERY = 30.0  # seconds between looks for idle on-demand versions and stale uploads
 
 
 @contextlib.asynccontextmanager
-async def _exclusive(model: "Model", operation: str) -> AsyncIterator[None]:
+async def exclusive(model: "Model", operation: str) -> AsyncIterator[None]:
     """One state-changing operation per model at a time; another one gets CONFLICT."""
     if model.lock.locked():
         raise MoltError(
@@ -50,22 +59,51 @@ async def _exclusive(model: "Model", operation: str) -> AsyncIterator[None]:
 class Model:
     name: str
     active: Worker | None = None
+    canary: CanaryRoute | None = None
+    canary_worker: Worker | None = None
+    on_demand: dict[str, Worker] = field(default_factory=dict)  # version -> worker
+    broken: dict[str, str] = field(default_factory=dict)  # version -> why it could not serve
+    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     error: str | None = None  # why it has no worker at all (e.g. a bad model.yaml)
     operation: str | None = None  # the state-changing operation in progress
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def loaded(self) -> dict[str, Worker]:
+        """Every version with a worker, by version."""
+        workers = dict(self.on_demand)
+        if self.canary and self.canary_worker:
+            workers[self.canary.version] = self.canary_worker
+        if self.active:
+            workers[self.active.spec.version] = self.active
+        return workers
+
+    def event(self, kind: str, message: str, **details: Any) -> None:
+        """Something an operator should see in status (a canary rolled back, ...)."""
+        self.events.append({"time": time.time(), "kind": kind, "message": message, **details})
+
     def status(self, isolation: Isolation) -> dict[str, Any]:
-        worker = self.active.status() if self.active else None
-        if worker and self.active and self.active.cgroup:
-            worker["cgroup"] = str(self.active.cgroup.path)
-            worker["usage"] = isolation.usage(self.active.cgroup)
         return {
             "name": self.name,
             "active_version": self.active and self.active.spec.version,
             "error": self.error,
             "operation": self.operation,
-            "worker": worker,
-        }
+            "worker": self.active and _worker_status(self.active, isolation),
+            "canary": self.canary and {
+                **self.canary.status(),
+                "worker": self.canary_worker and _worker_status(self.canary_worker, isolation),
+            },
+            "on_demand": {v: _worker_status(w, isolation) for v, w in self.on_demand.items()},
+            "broken": self.broken,
+            "events": list(self.events),
+        }  # fmt: skip
+
+
+def _worker_status(worker: Worker, isolation: Isolation) -> dict[str, Any]:
+    status = worker.status()
+    if worker.cgroup:
+        status["cgroup"] = str(worker.cgroup.path)
+        status["usage"] = isolation.usage(worker.cgroup)
+    return status
 
 
 class Supervisor:
@@ -75,14 +113,20 @@ class Supervisor:
         self.models: dict[str, Model] = {}
         self.workers: set[Worker] = set()  # every worker not yet retired, active or not
         self.started = time.time()
+        self.store = StateStore(config.state_dir)
+        self.state = State()
+        self.uploads = Uploads(config.models_dir)
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- start and stop ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start a worker for every model in the repository; wait until each is settled."""
+        """Start the remembered (or configured) version of every model, and its canary."""
         result = scan(self.config.models_dir)
         for why in result.skipped:
             log.warning(f"model repository: skipped {why}")
+        self.state = self.store.load()
+        self.uploads.sweep(now=float("inf"))  # whatever a previous run left half-sent
         repo = result.models
         for name in self.config.models.keys() - repo.keys():
             log.warning(
@@ -91,71 +135,173 @@ class Supervisor:
                 model=name,
             )
         for name, repo_model in repo.items():
-            model = self.models[name] = Model(name)
-            version = self._initial_version(repo_model)
-            if version:
-                model.active = self._spawn(repo_model, version, model)
+            self.start_model(Model(name), repo_model)
         await asyncio.gather(
-            *(
-                m.active.wait_ready(self.config.workers.start_timeout)
-                for m in self.models.values()
-                if m.active
-            ),
+            *(w.wait_ready(self.config.workers.start_timeout) for w in list(self.workers)),
             return_exceptions=True,
         )
+        for model in self.models.values():
+            self._keep_canary_if_ready(model)
+        self._remember_actives()
+        self.spawn_task(self._reap_forever())
+
+    def start_model(self, model: Model, repo_model: RepoModel) -> None:
+        self.models[model.name] = model
+        version = self._initial_version(repo_model)
+        if version:
+            model.active = self.spawn(repo_model.name, version, repo_model.version_dir(version))
+        saved = self.state.model(model.name).canary
+        if model.active and saved and saved.version in repo_model.versions:
+            log.info(f"model {model.name}: resuming the canary of {saved.version}")
+            model.canary = CanaryRoute(saved.version, saved.share, self.config.canary,
+                                       started=saved.started)  # fmt: skip
+            model.canary_worker = self.spawn(
+                model.name, saved.version, repo_model.version_dir(saved.version)
+            )
 
     def _initial_version(self, repo_model: RepoModel) -> str | None:
-        wanted = self.config.models.get(repo_model.name)
-        version = wanted.version if wanted and wanted.version else repo_model.latest
+        """The version the state file remembers, unless the config's pin changed since."""
+        name = repo_model.name
+        wanted = self.config.models.get(name)
+        pin = wanted.version if wanted else None
+        saved = self.state.model(name)
+        if saved.active in repo_model.versions and saved.config_pin == pin:
+            return saved.active
+        if saved.active:
+            why = (
+                f"is no longer in {repo_model.path}"
+                if saved.active not in repo_model.versions
+                else f"was chosen before models.{name}.version became {pin}"
+            )
+            log.warning(f"model {name}: the remembered version {saved.active} {why}", model=name)
+        version = pin or repo_model.latest
         if version not in repo_model.versions:
-            self.models[repo_model.name].error = (
+            self.models[name].error = (
                 f"configured version {version} is not in {repo_model.path}"
                 f" (versions there: {', '.join(repo_model.versions)})"
             )
-            log.error(
-                f"model {repo_model.name}: {self.models[repo_model.name].error}",
-                model=repo_model.name,
-            )
+            log.error(f"model {name}: {self.models[name].error}", model=name)
             return None
         return version
 
-    def _spawn(self, repo_model: RepoModel, version: str, model: Model) -> Worker | None:
+    def _keep_canary_if_ready(self, model: Model) -> None:
+        worker = model.canary_worker
+        if worker and worker.state is not WorkerState.READY:
+            self.end_canary(model, f"it did not start: {worker.error}")
+
+    def _remember_actives(self) -> None:
+        """Record what serves now, so the next start (even after kill -9) serves it too."""
+        for name, model in self.models.items():
+            saved = self.state.model(name)
+            if model.active and saved.active != model.active.spec.version:
+                saved.activate(model.active.spec.version, self.config_pin(name))
         try:
-            spec = self._spec(repo_model, version)
-            group = self.isolation.place(model.name, version, spec.limits)
+            self.store.save(self.state)
+        except OSError as exc:
+            log.error(f"cannot write {self.store.path}: {exc}; switches will not survive")
+
+    def config_pin(self, name: str) -> str | None:
+        wanted = self.config.models.get(name)
+        return wanted.version if wanted else None
+
+    def spawn(self, name: str, version: str, version_dir: Path) -> Worker | None:
+        """A new worker for a version (started, not yet ready); None if it cannot be."""
+        model = self.models.get(name)
+        try:
+            spec = self.spec(name, version, version_dir)
+            group = self.isolation.place(name, version, spec.limits)
         except (ConfigError, CgroupError) as exc:
-            model.error = str(exc)
-            log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
+            if model:
+                model.broken[version] = str(exc)
+                model.error = model.error if model.active else str(exc)
+            log.error(f"model {name} {version}: {exc}", model=name, version=version)
             return None
         worker = Worker(spec, self.config.workers, cgroup=group)
         self.workers.add(worker)
         worker.start()
         return worker
 
-    def _spec(self, repo_model: RepoModel, version: str) -> WorkerSpec:
-        model_yaml = repo_model.model_yaml(version)
-        limits = self.config.limits_for(repo_model.name, model_yaml)
-        session = self.config.session_settings(repo_model.name, model_yaml)
+    def spec(self, name: str, version: str, version_dir: Path) -> WorkerSpec:
+        model_yaml = read_model_yaml(version_dir)
+        limits = self.config.limits_for(name, model_yaml)
+        session = self.config.session_settings(name, model_yaml)
         threads = intra_op_threads(session.intra_op_threads, limits)
         session = dataclasses.replace(session, intra_op_threads=threads)
-        path = repo_model.version_dir(version) / MODEL_FILE
-        return WorkerSpec(repo_model.name, version, path, session, limits)
+        path = version_dir / MODEL_FILE
+        return WorkerSpec(name, version, path, session, limits, model_yaml.samples)
 
-    async def _retire(self, worker: Worker, model: Model) -> None:
-        """Stop a worker for good and remove its group, unless the active worker shares it."""
+    async def retire(self, worker: Worker, drain: bool = False) -> bool:
+        """Stop a worker for good (after its requests, with drain) and remove its group
+        unless another worker still lives in it; False when the drain timed out."""
+        drained = await worker.drain(self.config.drain_timeout) if drain else True
         await worker.stop()
         self.workers.discard(worker)
-        shared = model.active is not worker and model.active and model.active.cgroup
-        if worker.cgroup and worker.cgroup != shared:
+        if worker.cgroup and all(w.cgroup != worker.cgroup for w in self.workers):
             self.isolation.forget(worker.cgroup)
+        return drained
 
     async def stop(self) -> None:
         """Stop every worker, also one a switch had started but not yet made active."""
-        retiring = [self._retire(w, self.models[w.spec.model]) for w in list(self.workers)]
-        await asyncio.gather(*retiring)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*(self.retire(w) for w in list(self.workers)))
 
-    def _scan(self) -> dict[str, RepoModel]:
+    def spawn_task(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run in the background; kept referenced (and cancelled at stop)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def save(self, name: str, change: Callable[[ModelState], None]) -> None:
+        """Apply a change to a model's saved state and make it durable, or change nothing."""
+        before = copy.deepcopy(self.state)
+        change(self.state.model(name))
+        try:
+            self.store.save(self.state)
+        except OSError as exc:
+            self.state = before
+            raise MoltError(
+                ErrorCode.INTERNAL,
+                f"cannot record the change in {self.store.path}: {exc.strerror or exc};"
+                " nothing was changed",
+            ) from None
+
+    def scan(self) -> dict[str, RepoModel]:
         return scan(self.config.models_dir).models
+
+    # --- background ----------------------------------------------------------------------
+
+    def end_canary(self, model: Model, why: str) -> None:
+        """Stop routing to the canary at once; its worker drains in the background."""
+        worker, route = model.canary_worker, model.canary
+        if route is None:
+            return
+        model.canary, model.canary_worker = None, None
+        with contextlib.suppress(MoltError):  # logged by save; routing has changed already
+            self.save(model.name, lambda s: setattr(s, "canary", None))
+        serving = model.active.spec.version if model.active else "nothing"
+        message = f"canary {route.version} rolled back: {why}; {serving} serves every request"
+        log.error(f"model {model.name}: {message}", model=model.name, version=route.version)
+        model.event("canary-rollback", message, version=route.version)
+        if worker:
+            self.spawn_task(self.retire(worker, drain=True))
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(REAP_EVERY, self.config.on_demand_idle / 2))
+            await self.reap()
+
+    async def reap(self) -> None:
+        """Unload versions loaded on demand and idle too long; drop abandoned uploads."""
+        idle_since = time.monotonic() - self.config.on_demand_idle
+        for model in self.models.values():
+            for version, worker in list(model.on_demand.items()):
+                if worker.last_used < idle_since and not worker.inflight:
+                    del model.on_demand[version]
+                    log.info(f"model {model.name} {version}: unloading, unused", model=model.name)
+                    await self.retire(worker)
+        for token in self.uploads.sweep():
+            log.warning(f"removed upload {token}: abandoned")
 
     # --- requests ------------------------------------------------------------------------
 
@@ -169,59 +315,97 @@ class Supervisor:
                 {"model": name, "served": list(self.models)},
             ) from None
 
-    def route(self, name: str, version: str | None) -> Worker:
-        model = self.model(name)
-        worker = model.active
+    def route(self, model: Model, version: str | None) -> Worker:
+        if version is None:
+            canary = model.canary_worker
+            ready = canary and model.canary and canary.state is WorkerState.READY
+            if ready and model.canary.takes_next():  # type: ignore[union-attr]
+                return canary  # type: ignore[return-value]
+            if model.active is None:
+                raise MoltError(
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"model {model.name} is not serving: {model.error}",
+                    {"model": model.name},
+                )
+            return model.active
+        worker = model.loaded().get(version)
+        if worker is None:
+            worker = self._load_on_demand(model, version)
+        return worker
+
+    def _load_on_demand(self, model: Model, version: str) -> Worker:
+        repo_model = self.scan().get(model.name)
+        on_disk = repo_model.versions if repo_model else ()
+        loaded = sorted(model.loaded())
+        if version not in on_disk:
+            raise MoltError(
+                ErrorCode.VERSION_NOT_FOUND,
+                f"model {model.name} has no version {version} (versions: {', '.join(on_disk)})",
+                {"model": model.name, "version": version, "versions": list(on_disk)},
+            )
+        entry = self.config.models.get(model.name)
+        if not (entry and entry.on_demand) or repo_model is None:
+            raise MoltError(
+                ErrorCode.VERSION_NOT_LOADED,
+                f"model {model.name} {version} is not loaded (loaded: {', '.join(loaded)});"
+                f" switch to it with: moltctl switch {model.name} {version}, or set"
+                f" models.{model.name}.on_demand: true",
+                {"model": model.name, "version": version, "loaded": loaded},
+            )
+        worker = self.spawn(model.name, version, repo_model.version_dir(version))
         if worker is None:
             raise MoltError(
                 ErrorCode.MODEL_UNAVAILABLE,
-                f"model {name} is not serving: {model.error}",
-                {"model": name},
+                f"model {model.name} {version}: {model.broken[version]}",
             )
-        if version is not None and version != worker.spec.version:
-            raise self._not_loaded(name, version, worker.spec.version)
+        log.info(f"model {model.name} {version}: loading on demand", model=model.name)
+        model.on_demand[version] = worker
         return worker
 
-    def _not_loaded(self, name: str, version: str, active: str) -> MoltError:
-        repo_model = self._scan().get(name)
-        on_disk = repo_model.versions if repo_model else ()
-        if version not in on_disk:
-            return MoltError(
-                ErrorCode.VERSION_NOT_FOUND,
-                f"model {name} has no version {version} (versions: {', '.join(on_disk)})",
-                {"model": name, "version": version, "versions": list(on_disk)},
-            )
-        return MoltError(
-            ErrorCode.VERSION_NOT_LOADED,
-            f"model {name} {version} is not loaded (loaded: {active});"
-            f" switch to it with: moltctl switch {name} {version}",
-            {"model": name, "version": version, "loaded": [active]},
-        )
+    async def ready_worker(self, model: Model, version: str | None) -> Worker:
+        """The worker for a request, once it is ready. A request that waited for a worker
+        a switch then retired is routed again, to the version now serving."""
+        worker = self.route(model, version)
+        if worker.state is WorkerState.READY:
+            return worker
+        try:
+            await worker.wait_ready(self.config.workers.start_timeout)
+        except MoltError:
+            if worker in self.workers:
+                raise
+            return await self.ready_worker(model, version)
+        return worker
 
     async def infer(
         self, name: str, inputs: dict[str, Any], version: str | None, outputs: list[Any] | None
     ) -> dict[str, Any]:
-        worker = self.route(name, version)
-        if worker.state is not WorkerState.READY:
-            await worker.wait_ready(self.config.workers.start_timeout)
+        model = self.model(name)
+        worker = await self.ready_worker(model, version)
         assert worker.signature is not None
         tensors = check_inputs(worker.label, worker.signature, inputs)
         if outputs:
             check_output_names(worker.label, worker.signature, outputs)
-        reply = await worker.infer(tensors, outputs)
+        canary = model.canary if worker is model.canary_worker else None
+        try:
+            reply = await worker.infer(tensors, outputs)
+        except MoltError:
+            self._canary_outcome(model, canary, failed=True)
+            raise
+        self._canary_outcome(model, canary, failed=False)
         return {"model": name, "version": worker.spec.version, "outputs": reply["outputs"]}
 
-    # --- control -------------------------------------------------------------------------
+    def _canary_outcome(self, model: Model, canary: CanaryRoute | None, failed: bool) -> None:
+        if canary is None or model.canary is not canary:  # not a canary's, or ended meanwhile
+            return
+        why = canary.record(failed)
+        if why:
+            self.end_canary(model, why)
 
-    async def switch(self, name: str | None, version: str) -> dict[str, Any]:
-        repo = self._scan()
-        name = name or self._only_model_with(repo, version)
-        model = self.model(name)
-        async with _exclusive(model, f"switch to {version}"):
-            return await self._switch(model, repo.get(name), version)
+    # --- reload --------------------------------------------------------------------------
 
-    async def reload(self, config: Config) -> dict[str, Any]:
-        """Apply a re-read config: limits live, session changes by a zero-downtime restart."""
+    async def reload(self, config: Config, restart: Callable[..., Any]) -> dict[str, Any]:
+        """Apply a re-read config: limits live, session changes by a zero-downtime restart
+        (`restart(model, version)`, the rollout's)."""
         later = [
             f.name
             for f in dataclasses.fields(Config)
@@ -230,25 +414,24 @@ class Supervisor:
         ]
         # Settings that need a restart keep their running values until then.
         self.config = dataclasses.replace(config, **{k: getattr(self.config, k) for k in later})
-        repo = self._scan()
         outcome = {}
         for model in self.models.values():
-            outcome[model.name] = await self._reload_model(model, repo.get(model.name))
+            outcome[model.name] = await self._reload_model(model, restart)
         log.info("configuration reloaded", restart_needed=",".join(later) or None)
         return {"models": outcome, "restart_needed": later}
 
-    async def _reload_model(self, model: Model, repo_model: RepoModel | None) -> str:
+    async def _reload_model(self, model: Model, restart: Callable[..., Any]) -> str:
         worker = model.active
-        if worker is None or repo_model is None:
+        if worker is None:
             return "unchanged: not serving"
         try:
-            spec = self._spec(repo_model, worker.spec.version)
+            spec = self.spec(model.name, worker.spec.version, worker.spec.path.parent)
         except ConfigError as exc:
             return f"unchanged: {exc}"
         try:
-            async with _exclusive(model, "reload"):
+            async with exclusive(model, "reload"):
                 if spec.session != worker.spec.session:
-                    await self._switch(model, repo_model, spec.version, restart=True)
+                    await restart(model, spec.version)
                     return "restarted: session settings changed"
                 if spec.limits == worker.spec.limits:
                     return "unchanged"
@@ -260,71 +443,6 @@ class Supervisor:
         log.info(f"model {model.name}: limits updated", model=model.name, pid=worker.pid)
         return "limits updated" if worker.cgroup else "limits updated, not enforced"
 
-    def _only_model_with(self, repo: dict[str, RepoModel], version: str) -> str:
-        having = [n for n, m in repo.items() if version in m.versions and n in self.models]
-        if len(having) == 1:
-            return having[0]
-        if not having:
-            raise MoltError(
-                ErrorCode.VERSION_NOT_FOUND,
-                f"no served model has a version {version}",
-                {"version": version},
-            )
-        raise MoltError(
-            ErrorCode.BAD_REQUEST,
-            f"models {', '.join(having)} all have a version {version}: name the model"
-            f" (moltctl switch MODEL {version})",
-            {"models": having},
-        )
-
-    async def _switch(
-        self, model: Model, repo_model: RepoModel | None, version: str, restart: bool = False
-    ) -> dict[str, Any]:
-        old = model.active
-        previous = old.spec.version if old else None
-        if repo_model is None or version not in repo_model.versions:
-            raise self._not_loaded(model.name, version, previous or "none")
-        if old and previous == version and old.state is WorkerState.READY and not restart:
-            return {"model": model.name, "from": previous, "to": version, "changed": False}
-        started = time.monotonic()
-        log.info(
-            f"model {model.name}: switching {previous} -> {version}",
-            model=model.name,
-            version=version,
-        )
-        new = self._spawn(repo_model, version, model)
-        if new is None:
-            raise MoltError(
-                ErrorCode.MODEL_UNAVAILABLE,
-                f"model {model.name} {version}: {model.error}; {previous} keeps serving",
-            )
-        try:
-            await new.wait_ready(self.config.workers.start_timeout)
-        except MoltError as exc:
-            await self._retire(new, model)
-            keeps = f"; {previous} keeps serving" if old and old.state is WorkerState.READY else ""
-            raise MoltError(exc.code, exc.message + keeps, exc.details) from None
-        loaded = time.monotonic()
-        model.active, model.error = new, None  # from here on, new requests go to `new`
-        drained = await old.drain(self.config.drain_timeout) if old else True
-        if old:
-            await self._retire(old, model)
-        log.info(
-            f"model {model.name}: now serving {version}",
-            model=model.name,
-            version=version,
-            previous=previous,
-        )
-        return {
-            "model": model.name,
-            "from": previous,
-            "to": version,
-            "changed": True,
-            "load_seconds": loaded - started,
-            "drain_seconds": time.monotonic() - loaded,
-            "drained": drained,
-        }
-
     # --- views ---------------------------------------------------------------------------
 
     def status(self, name: str | None) -> dict[str, Any]:
@@ -332,6 +450,7 @@ class Supervisor:
         return {
             "uptime": time.time() - self.started,
             "models_dir": str(self.config.models_dir),
+            "state_file": str(self.store.path),
             "isolation": self.isolation.status(),
             "models": [m.status(self.isolation) for m in models],
         }
@@ -344,7 +463,7 @@ class Supervisor:
         return {"status": "ok" if healthy else "degraded", "models": states}
 
     def repository(self) -> dict[str, Any]:
-        repo = self._scan()
+        repo = self.scan()
         return {
             "models_dir": str(self.config.models_dir),
             "models": [

@@ -2,8 +2,9 @@
 
 Spawned as a fresh interpreter (never forked from the threaded daemon). It speaks the
 same frames as clients over the socketpair end FD: the supervisor sends one `load`
-message, the worker answers `ready` with the model's signature or `failed` with the
-loader's error, then answers `infer` messages one at a time until the channel closes.
+message, the worker says it is `warming` once the model loaded, answers `ready` with the
+model's signature or `failed` with the loader's or a warm-up sample's error, then
+answers `infer` messages one at a time until the channel closes.
 """
 
 import ctypes
@@ -28,7 +29,7 @@ from moltbotd.protocol import (
     encode_frame,
     encode_value,
 )
-from moltbotd.signature import Signature, spec_from_ort
+from moltbotd.signature import Signature, check_inputs, spec_from_ort
 
 EXIT_LOAD_FAILED = 3  # gunicorn's idea: a model that cannot load is not a crash to retry
 _PR_SET_PDEATHSIG = 1
@@ -101,9 +102,27 @@ def classify(exc: Exception) -> ErrorCode:
     )
 
 
+def run_samples(session: Any, signature: Signature, samples: list[dict[str, Any]]) -> None:
+    """Run model.yaml's warm-up samples; a sample that fails means the version is broken."""
+    for number, sample in enumerate(samples, 1):
+        where = f"warm-up sample {number} of {len(samples)}"
+        try:
+            feeds = check_inputs(where, signature, sample)
+            run(session, {"inputs": feeds})
+        except MoltError as exc:
+            raise LoadFailed(exc.message) from None
+        except Exception as exc:
+            raise LoadFailed(f"{where} failed: {type(exc).__name__}: {exc}") from None
+
+
+class LoadFailed(Exception):
+    """The model cannot serve: its file does not load, or a warm-up sample fails."""
+
+
 def warm_up(session: Any, signature: Signature) -> str | None:
-    """One run on zeros shaped by the signature (dynamic dimensions as 1), so the first
-    request does not pay for onnxruntime's lazy initialisation; returns why it failed."""
+    """Without samples: one run on zeros shaped by the signature (dynamic dimensions as 1),
+    so the first request does not pay for onnxruntime's lazy initialisation; returns why
+    it failed (a model may reject zeros yet serve real inputs: the caller decides)."""
     if any(spec.dtype is None for spec in signature.inputs):
         return "skipped: an input is not a tensor"
     feeds = {
@@ -146,23 +165,38 @@ def main(argv: list[str]) -> int:
     spec = channel.receive()
     if spec is None:
         return 0
+    try:
+        session, ready = load_and_warm(channel, spec)
+    except LoadFailed as exc:
+        channel.send({"failed": str(exc)})
+        return EXIT_LOAD_FAILED
+    channel.send({"ready": ready})
+    serve(channel, session)
+    return 0
+
+
+def load_and_warm(channel: Channel, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     started = time.monotonic()
     try:
         session, providers = load_session(spec)
     except Exception as exc:
-        channel.send({"failed": f"{type(exc).__name__}: {exc}".strip()})
-        return EXIT_LOAD_FAILED
+        raise LoadFailed(f"{type(exc).__name__}: {exc}".strip()) from None
     signature = Signature(
         tuple(map(spec_from_ort, session.get_inputs())),
         tuple(map(spec_from_ort, session.get_outputs())),
     )
     loaded = time.monotonic()
+    channel.send({"phase": "warming"})
+    warmup_error = None
+    if spec["samples"]:
+        run_samples(session, signature, spec["samples"])
+    else:
+        warmup_error = warm_up(session, signature)
     ready = {"signature": signature.to_wire(), "providers": providers,
-             "load_seconds": loaded - started, "warmup_error": warm_up(session, signature),
+             "load_seconds": loaded - started, "warmup_error": warmup_error,
+             "samples": len(spec["samples"]),
              "warmup_seconds": time.monotonic() - loaded}  # fmt: skip
-    channel.send({"ready": ready})
-    serve(channel, session)
-    return 0
+    return session, ready
 
 
 if __name__ == "__main__":

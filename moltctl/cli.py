@@ -19,8 +19,9 @@ import numpy as np
 from moltbotd import __version__
 from moltbotd.logs import LEVELS, parse_level, render_text
 from moltbotd.protocol import MoltError
-from moltbotd.units import format_duration
+from moltbotd.units import format_duration, format_size
 from moltctl.client import Client, ConnectError, ProtocolError
+from moltctl.deploying import DeployError, next_version, send_folder
 from moltctl.render import preview, table, to_json
 from moltctl.status_view import status_table
 from moltctl.when import parse_when
@@ -32,9 +33,11 @@ EXIT_UNAVAILABLE = 3
 EXIT_PROTOCOL = 4
 FOLLOW_POLL_SECONDS = 0.5
 
-# moltctl commands by the operation they map onto ("hello" runs before each of them).
-COMMANDS = {"health": "health", "status": "status", "models": "models", "infer": "infer",
-            "switch": "switch", "reload": "reload", "logs": "logs"}  # fmt: skip
+# moltctl commands and the operations each one uses ("hello" runs before each of them).
+COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
+            "infer": ("infer",), "switch": ("switch",), "rollback": ("rollback",),
+            "promote": ("promote",), "versions": ("versions",), "deploy": ("upload", "deploy"),
+            "reload": ("reload",), "logs": ("logs",)}  # fmt: skip
 
 
 class Cli(click.Group):
@@ -79,12 +82,11 @@ class _Session:
 
     def __init__(self, socket_path: Path | None, timeout: float | None) -> None:
         self.client = Client(socket_path, timeout)
-        self.greeted = False
+        self.server: dict[str, Any] | None = None  # what hello said
 
     def __call__(self) -> Client:
-        if not self.greeted:
-            self.client.hello(client=f"moltctl {__version__}")
-            self.greeted = True
+        if self.server is None:
+            self.server = self.client.hello(client=f"moltctl {__version__}")
         return self.client
 
 
@@ -213,30 +215,192 @@ def _describe(value: Any) -> dict[str, Any]:
     return {"dtype": "sequence" if isinstance(value, list) else "map", "shape": None, "data": value}
 
 
-# --- switch ----------------------------------------------------------------------------------
+# --- versions: switch, canary, promote, rollback, deploy -----------------------------------
+
+
+def show_progress(progress: dict[str, Any]) -> None:
+    """Progress goes to stderr, so that -o json keeps stdout one JSON document."""
+    click.echo(f"  {progress['phase']:<11} {progress['detail']}", err=True)
+
+
+def _timings(seconds: dict[str, float]) -> str:
+    parts = [f"{phase} {format_duration(spent)}" for phase, spent in seconds.items()]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def show_outcome(result: dict[str, Any], output: str) -> None:
+    if output == "json":
+        click.echo(to_json(result))
+        return
+    name = result["model"]
+    if result.get("canary_ended"):
+        click.echo(f"{name}: canary {result['from']} ended; {result['to']} serves every request")
+    elif result.get("canary"):
+        click.echo(
+            f"{name}: canary {result['to']} takes {result['canary']:.0%} of requests,"
+            f" {result['from']} the rest{_timings(result['seconds'])}\n"
+            f"  complete it: moltctl promote {name}   undo it: moltctl rollback {name}"
+        )
+    elif not result["changed"]:
+        click.echo(
+            f"{name}: {result['to']} is ready"
+            if result.get("deployed")
+            else f"{name}: already serving {result['to']}"
+        )
+    else:
+        total = format_duration(sum(result["seconds"].values()))
+        click.echo(f"{name}: {result['from'] or 'nothing'} -> {result['to']} in {total}"
+                   f"{_timings(result['seconds'])}")  # fmt: skip
+    for change in result.get("changes", []):
+        click.echo(f"  accepted with --force: {change}")
+    if result.get("checksum", "verified") != "verified":
+        click.echo(f"  checksum {result['checksum']}")
+    if result.get("drained") is False:
+        click.echo("  the previous version did not finish its requests within drain_timeout")
+
+
+def force_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    force = "accept a changed signature or a failed warm-up on zeros"
+    return click.option("--force", is_flag=True, help=force)(func)
+
+
+def parse_share(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        share = 0.0
+    if not 0 < share < 1:
+        raise click.BadParameter(f"expected a share such as 10% (above 0%, below 100%), got"
+                                 f" {text!r}", param_hint="--canary")  # fmt: skip
+    return share
 
 
 @cli.command()
 @click.argument("args", nargs=-1, required=True, metavar="[MODEL] VERSION")
+@force_option
+@click.option(
+    "--canary",
+    "share",
+    metavar="PERCENT",
+    help="send this share of requests (10%) to VERSION; promote or rollback later",
+)
 @output_options
 @click.pass_obj
-def switch(session: _Session, args: tuple[str, ...], output: str, no_legend: bool) -> None:
+def switch(session: _Session, args: tuple[str, ...], force: bool, share: str | None,
+           output: str, no_legend: bool) -> None:  # fmt: skip
     """Serve VERSION of MODEL from now on, without dropping a request.
 
+    The new version is checked against its manifest, loaded, warmed and compared with the
+    serving one before any request reaches it; the old version then drains and stops.
     MODEL may be left out when only one served model has VERSION: `moltctl switch v2.0`.
     """
     if len(args) > 2:
         raise click.UsageError("expected [MODEL] VERSION")
     model, version = (None, args[0]) if len(args) == 1 else args
-    result = session().switch(version, model)
+    result = session().switch(version, model, force, parse_share(share), show_progress)
+    show_outcome(result, output)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@output_options
+@click.pass_obj
+def rollback(session: _Session, model: str | None, output: str, no_legend: bool) -> None:
+    """End MODEL's canary, or return to the version that served before (again: further back)."""
+    show_outcome(session().rollback(model, show_progress), output)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@output_options
+@click.pass_obj
+def promote(session: _Session, model: str | None, output: str, no_legend: bool) -> None:
+    """Make MODEL's canary the version serving every request."""
+    show_outcome(session().promote(model, show_progress), output)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@output_options
+@click.pass_obj
+def versions(session: _Session, model: str | None, output: str, no_legend: bool) -> None:
+    """Versions on disk: state (active, canary, loaded, available, broken), size, sha256."""
+    report = session().versions(model)
     if output == "json":
-        click.echo(to_json(result))
-    elif not result["changed"]:
-        click.echo(f"{result['model']}: already serving {result['to']}")
-    else:
-        click.echo(f"{result['model']}: {result['from'] or 'nothing'} -> {result['to']}"
-                   f" (loaded in {format_duration(result['load_seconds'])}, previous version"
-                   f" drained in {format_duration(result['drain_seconds'])})")  # fmt: skip
+        click.echo(to_json(report))
+        return
+    rows = [{"model": m["name"], **v, "size": format_size(v["size"]),
+             "sha256": v["sha256"][:12] + ("" if v["verified"] is not False else " (changed!)"),
+             "deployed": _when_deployed(v), "detail": v.get("error") or v.get("problem")}
+            for m in report["models"] for v in m["versions"]]  # fmt: skip
+    columns = [("MODEL", "model"), ("VERSION", "version"), ("STATE", "state"), ("SIZE", "size"),
+               ("SHA256", "sha256"), ("DEPLOYED", "deployed"), ("DETAIL", "detail")]  # fmt: skip
+    click.echo(table(rows, columns, not no_legend))
+
+
+def _when_deployed(version: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(version["deployed_at"]))
+    return f"{when} by {version['deployed_by']}" if version["deployed_by"] else when
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--model-path",
+    "model_path",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="the model folder (same as PATH): model.onnx, optional model.yaml",
+)
+@click.option("--model", "model", help="model name (default: the only served model)")
+@click.option("--version", "version", help="new version name (default: the newest plus one)")
+@click.option("--activate", is_flag=True, help="switch to it once deployed")
+@force_option
+@output_options
+@click.pass_obj
+def deploy(session: _Session, path: Path | None, model_path: Path | None, model: str | None,
+           version: str | None, activate: bool, force: bool, output: str,
+           no_legend: bool) -> None:  # fmt: skip
+    """Copy a model folder into the repository as a new version, checked and validated.
+
+    `moltctl deploy ./resnet --model resnet --version v3 --activate`, or
+    `moltctl deploy --model-path DIR`. A version that exists is never overwritten.
+    """
+    if (path is None) == (model_path is None):
+        raise click.UsageError("give the model folder once: PATH or --model-path DIR")
+    folder = path or model_path
+    assert folder is not None
+    client = session()
+    model, version = _deploy_names(client, model, version)
+    click.echo(f"deploying {folder} as {model} {version}", err=True)
+    try:
+        result = send_folder(client, folder, model, version,
+                             {"activate": activate, "force": force},
+                             session.server["max_frame_bytes"],  # type: ignore[index]
+                             lambda name, size: click.echo(f"  sending     {name}"
+                                                           f" ({format_size(size)})", err=True),
+                             show_progress)  # fmt: skip
+    except (DeployError, OSError) as exc:
+        raise click.UsageError(str(exc)) from None
+    show_outcome(result, output)
+
+
+def _deploy_names(client: Client, model: str | None, version: str | None) -> tuple[str, str]:
+    repo = client.models()["models"]
+    if model is None:
+        served = [m["name"] for m in repo if m["served"]]
+        if len(served) != 1:
+            raise click.UsageError(f"{len(served)} models are served ({', '.join(served)}):"
+                                   " name one with --model")  # fmt: skip
+        model = served[0]
+    if version is None:
+        versions = next((m["versions"] for m in repo if m["name"] == model), [])
+        try:
+            version = next_version(versions)
+        except DeployError as exc:
+            raise click.UsageError(str(exc)) from None
+    return model, version
 
 
 @cli.command()

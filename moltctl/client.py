@@ -84,10 +84,17 @@ def _same(result: Any) -> Any:
     return result
 
 
-class _Calls:
-    """Each operation once; _call returns a value (Client) or a coroutine (AsyncClient)."""
+OnProgress = Callable[[dict[str, Any]], None]  # {"phase": ..., "detail": ...}
 
-    def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same) -> Any:
+
+class _Calls:
+    """Each operation once; _call returns a value (Client) or a coroutine (AsyncClient).
+
+    Calls taking on_progress ask the daemon for progress frames and hand each to it.
+    """
+
+    def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same,
+              on_progress: OnProgress | None = None) -> Any:  # fmt: skip
         raise NotImplementedError
 
     def hello(self, client: str = "moltbot-client") -> Any:
@@ -117,8 +124,32 @@ class _Calls:
         }
         return self._call("infer", params, decode_outputs)
 
-    def switch(self, version: str, model: str | None = None) -> Any:
-        return self._call("switch", {"model": model, "version": version})
+    def switch(self, version: str, model: str | None = None, force: bool = False,
+               canary: float | None = None,
+               on_progress: OnProgress | None = None) -> Any:  # fmt: skip
+        params = {"model": model, "version": version, "force": force or None, "canary": canary}
+        return self._call("switch", params, on_progress=on_progress)
+
+    def rollback(self, model: str | None = None, on_progress: OnProgress | None = None) -> Any:
+        return self._call("rollback", {"model": model}, on_progress=on_progress)
+
+    def promote(self, model: str | None = None, on_progress: OnProgress | None = None) -> Any:
+        return self._call("promote", {"model": model}, on_progress=on_progress)
+
+    def versions(self, model: str | None = None) -> Any:
+        return self._call("versions", {"model": model})
+
+    def upload(self, path: str, offset: int, data: bytes, upload: str | None = None) -> Any:
+        return self._call("upload", {"upload": upload, "path": path, "offset": offset,
+                                     "data": data})  # fmt: skip
+
+    def deploy(self, upload: str, model: str, version: str, files: dict[str, str],
+               activate: bool = False, force: bool = False, source: str | None = None,
+               on_progress: OnProgress | None = None) -> Any:  # fmt: skip
+        params = {"upload": upload, "model": model, "version": version, "files": files,
+                  "activate": activate or None, "force": force or None,
+                  "source": source}  # fmt: skip
+        return self._call("deploy", params, on_progress=on_progress)
 
     def reload(self) -> Any:
         return self._call("reload", {})
@@ -127,9 +158,11 @@ class _Calls:
         return self._call("logs", filters)
 
 
-def _message(op: str, req_id: int, params: dict[str, Any]) -> bytes:
+def _message(op: str, req_id: int, params: dict[str, Any], progress: bool = False) -> bytes:
     """Check the call against the operation table before it leaves, then frame it."""
     given = {k: v for k, v in params.items() if v is not None}
+    if progress:
+        given["progress"] = True
     lookup(op).check_params(given)
     return encode_frame(request(req_id, op, given))
 
@@ -144,6 +177,7 @@ class Client(_Calls):
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(MAX_RESPONSE_BYTES)
         self._ids = itertools.count(1)
+        self._received: list[dict[str, Any] | MoltError] = []
 
     def connect(self) -> "Client":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -167,15 +201,19 @@ class Client(_Calls):
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same) -> Any:
+    def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same,
+              on_progress: OnProgress | None = None) -> Any:  # fmt: skip
         if self._sock is None:
             self.connect()
         assert self._sock is not None
         req_id = next(self._ids)
-        message = _message(op, req_id, params)
+        message = _message(op, req_id, params, on_progress is not None)
         try:
             self._sock.sendall(message)
             reply = self._receive()
+            while "progress" in reply and on_progress:
+                on_progress(reply["progress"])
+                reply = self._receive()
         except TimeoutError:
             self.close()  # a late answer would be taken for the next call's
             raise ProtocolError(f"no answer from moltbotd within {self.timeout:g}s") from None
@@ -191,15 +229,15 @@ class Client(_Calls):
 
     def _receive(self) -> dict[str, Any]:
         assert self._sock is not None
-        while True:
+        while not self._received:
             data = self._sock.recv(RECV_BYTES)
             if not data:
                 raise ProtocolError("moltbotd closed the connection before answering")
-            messages = self._decoder.feed(data)
-            if messages:
-                if isinstance(messages[0], MoltError):
-                    raise ProtocolError(f"unreadable answer from moltbotd: {messages[0].message}")
-                return messages[0]
+            self._received.extend(self._decoder.feed(data))
+        message = self._received.pop(0)
+        if isinstance(message, MoltError):
+            raise ProtocolError(f"unreadable answer from moltbotd: {message.message}")
+        return message
 
 
 class AsyncClient(_Calls):
@@ -210,6 +248,7 @@ class AsyncClient(_Calls):
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._progress: dict[int, OnProgress] = {}
         self._ids = itertools.count(1)
 
     async def connect(self) -> "AsyncClient":
@@ -236,9 +275,8 @@ class AsyncClient(_Calls):
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
-    async def _call(
-        self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same
-    ) -> Any:
+    async def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same,
+                    on_progress: OnProgress | None = None) -> Any:  # fmt: skip
         if self._writer is None:
             await self.connect()
         assert self._writer is not None
@@ -247,11 +285,14 @@ class AsyncClient(_Calls):
         req_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = future
+        if on_progress:
+            self._progress[req_id] = on_progress
         try:
-            self._writer.write(_message(op, req_id, params))
+            self._writer.write(_message(op, req_id, params, on_progress is not None))
             reply = await future
         finally:
             self._waiting.pop(req_id, None)
+            self._progress.pop(req_id, None)
         return decode(response_result(reply))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -270,6 +311,11 @@ class AsyncClient(_Calls):
     def _deliver(self, message: dict[str, Any] | MoltError) -> None:
         if isinstance(message, MoltError):
             raise message
+        if "progress" in message:
+            callback = self._progress.get(message.get("id"))  # type: ignore[arg-type]
+            if callback:
+                callback(message["progress"])
+            return
         future = self._waiting.get(message.get("id"))  # type: ignore[arg-type]
         if future is None and message.get("id") is None:
             # An error the daemon could not address (a bad frame): it concerns everyone.

@@ -43,6 +43,7 @@ class Daemon:
         self.env = {**os.environ, **(env or {})}
         self.socket = tmp_path / "moltbotd.sock"
         self.models_dir = models_dir
+        self.state_dir = tmp_path / "state"
         self.log_path = tmp_path / "moltbotd.log"
         self.config_path: Path | None = None
         if config is not None:
@@ -52,7 +53,8 @@ class Daemon:
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "moltbotd", "--socket", str(self.socket),
-                "--models-dir", str(self.models_dir), "--log-level", "debug"]  # fmt: skip
+                "--models-dir", str(self.models_dir), "--log-level", "debug",
+                "--state-dir", str(self.state_dir)]  # fmt: skip
         if self.config_path:
             argv += ["--config", str(self.config_path)]
         return argv + list(self.args)

@@ -1,6 +1,7 @@
 """moltctl end to end: real invocations against the real daemon, output and exit codes."""
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -62,8 +63,13 @@ def test_status_interval_stops_quietly_on_ctrl_c(daemon):
 
 def test_switch_as_documented(daemon):
     """`moltctl switch v2.0`: the model may be left out when only one has that version."""
-    out = ok(run_moltctl("switch", "v1.0", socket=daemon.socket))
-    assert out.startswith("demo: v2.0 -> v1.0 (loaded in ")
+    result = run_moltctl("switch", "v1.0", socket=daemon.socket)
+    out = ok(result)
+    assert re.match(r"demo: v2.0 -> v1.0 in \S+ \(validating \S+, loading \S+, warming \S+,"
+                    r" switching \S+, draining \S+\)\n", out), out
+    assert "checksum not checked: " in out and "has no manifest.json" in out
+    phases = [line.split()[0] for line in result.stderr.splitlines()]
+    assert phases == ["validating", "loading", "warming", "validating", "switching", "draining"]
     assert ok(run_moltctl("switch", "demo", "v1.0", socket=daemon.socket)) == (
         "demo: already serving v1.0\n"
     )

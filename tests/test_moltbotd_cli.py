@@ -45,7 +45,10 @@ def test_bad_config_stops_the_start_naming_file_key_and_expectation(tmp_path, mo
     config.write_text("drain_timout: 5s\n")
     result = moltbotd("--config", str(config))
     assert result.returncode == EXIT_CONFIG
-    assert "drain_timout: unknown setting (known here: defaults, drain_timeout," in result.stderr
+    assert (
+        "drain_timout: unknown setting (known here: canary, defaults, drain_timeout,"
+        in result.stderr
+    )
 
 
 def test_check_config_reports_a_bad_model_yaml(tmp_path, models_dir):

@@ -1,6 +1,7 @@
 """The operation registry: parameter checks, lookup, and that server and moltctl cover it."""
 
 import asyncio
+import types
 
 import click
 import pytest
@@ -10,6 +11,7 @@ from moltbotd.config import Config
 from moltbotd.logs import Ring
 from moltbotd.operations import OPERATIONS, Operation, Param, lookup
 from moltbotd.protocol import PROTOCOL_VERSION, ErrorCode, MoltError
+from moltbotd.rollout import no_progress
 from moltctl import cli as moltctl_cli
 
 
@@ -119,13 +121,15 @@ def test_lookup_unknown_operation_lists_the_known_ones():
         lookup("reboot")
     assert info.value.code == ErrorCode.UNKNOWN_OPERATION
     assert "unknown operation 'reboot'" in info.value.message
-    assert (
-        "(known: hello, health, status, models, infer, switch, reload, logs)" in info.value.message
+    assert info.value.message.endswith(
+        "(known: hello, health, status, models, infer, switch, rollback, promote, versions,"
+        " upload, deploy, reload, logs)"
     )
 
 
-def test_only_switch_and_reload_are_mutating():
-    assert [name for name, op in OPERATIONS.items() if op.mutating] == ["switch", "reload"]
+def test_operations_that_change_what_serves_are_mutating():
+    mutating = [name for name, op in OPERATIONS.items() if op.mutating]
+    assert mutating == ["switch", "rollback", "promote", "deploy", "reload"]
 
 
 def test_every_operation_name_matches_its_key():
@@ -135,9 +139,13 @@ def test_every_operation_name_matches_its_key():
 # --- coverage by the daemon and by moltctl --------------------------------------------------
 
 
+ROLLOUT = types.SimpleNamespace(sup=object())
+CALLER = server.Caller("test", no_progress)
+
+
 def handlers() -> dict:
     # make_handlers only closes over its arguments: stand-ins are enough.
-    return server.make_handlers(object(), Ring(100), Config(), object())  # type: ignore[arg-type]
+    return server.make_handlers(ROLLOUT, Ring(100), Config(), object())  # type: ignore[arg-type]
 
 
 def test_every_operation_has_a_server_handler():
@@ -148,12 +156,12 @@ def test_every_operation_has_a_server_handler():
 
 def test_hello_handler_answers_and_refuses_another_protocol():
     hello = handlers()["hello"]
-    answer = asyncio.run(hello({}))
+    answer = asyncio.run(hello({}, CALLER))
     assert answer["protocol"] == PROTOCOL_VERSION
     assert answer["operations"] == list(OPERATIONS)
     assert answer["max_frame_bytes"] == Config().max_frame_bytes
     with pytest.raises(MoltError) as info:
-        asyncio.run(hello({"protocol": PROTOCOL_VERSION + 1}))
+        asyncio.run(hello({"protocol": PROTOCOL_VERSION + 1}, CALLER))
     assert info.value.code == ErrorCode.UNSUPPORTED_PROTOCOL
     assert info.value.details == {"supported": [PROTOCOL_VERSION]}
 
@@ -161,7 +169,7 @@ def test_hello_handler_answers_and_refuses_another_protocol():
 def test_logs_handler_rejects_an_unknown_level():
     logs = handlers()["logs"]
     with pytest.raises(MoltError) as info:
-        asyncio.run(logs({"min_level": "loud"}))
+        asyncio.run(logs({"min_level": "loud"}, CALLER))
     assert info.value.code == ErrorCode.BAD_REQUEST
     assert "unknown log level 'loud'" in info.value.message
 
@@ -170,8 +178,8 @@ def test_logs_handler_queries_the_ring():
     ring = Ring(100)
     ring.add({"time": 1.0, "level": "info", "event": "one", "component": "t"})
     ring.add({"time": 2.0, "level": "error", "event": "two", "component": "t"})
-    logs = server.make_handlers(object(), ring, Config(), object())["logs"]  # type: ignore[arg-type]
-    result = asyncio.run(logs({"min_level": "warn"}))
+    logs = server.make_handlers(ROLLOUT, ring, Config(), object())["logs"]  # type: ignore[arg-type]
+    result = asyncio.run(logs({"min_level": "warn"}, CALLER))
     assert [e["event"] for e in result["entries"]] == ["two"]
     assert result["last_seq"] == 2
 
@@ -183,7 +191,7 @@ def test_every_operation_but_hello_has_a_moltctl_command():
     for name in OPERATIONS:
         if name == "hello":
             continue
-        keys = [key for key, op in commands.items() if op == name]
+        keys = [key for key, ops in commands.items() if name in ops]
         assert keys, f"operation {name!r} has no moltctl command"
         for key in keys:
             assert key in group.commands, f"moltctl has no command {key!r} for {name!r}"
@@ -191,5 +199,6 @@ def test_every_operation_but_hello_has_a_moltctl_command():
 
 
 def test_moltctl_commands_map_onto_real_operations():
-    assert "hello" not in moltctl_cli.COMMANDS.values()
-    assert set(moltctl_cli.COMMANDS.values()) <= set(OPERATIONS)
+    used = {op for ops in moltctl_cli.COMMANDS.values() for op in ops}
+    assert "hello" not in used
+    assert used <= set(OPERATIONS)

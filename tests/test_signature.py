@@ -9,6 +9,7 @@ from moltbotd.signature import (
     TensorSpec,
     check_inputs,
     check_output_names,
+    compare,
     format_shape,
     spec_from_ort,
 )
@@ -302,3 +303,119 @@ def test_fractional_value_for_an_integer_input_is_refused_not_truncated():
     )
     checked = check_inputs(LABEL, SIG, valid_inputs(ids=[1.0, 2.0]))  # whole floats are fine
     assert decode_tensor(checked["ids"]).tolist() == [1, 2]
+
+
+# --- comparing two signatures --------------------------------------------------------------
+
+Y = SIG.outputs[0]
+
+
+def with_input(spec: TensorSpec) -> Signature:
+    """SIG with the input of spec's name replaced by spec."""
+    return Signature(tuple(spec if s.name == spec.name else s for s in SIG.inputs), SIG.outputs)
+
+
+def with_outputs(*outputs: TensorSpec) -> Signature:
+    return Signature(SIG.inputs, outputs)
+
+
+def test_compare_identical_signatures():
+    assert compare(SIG, SIG) == []
+    assert compare(SIG, Signature.from_wire(SIG.to_wire())) == []
+
+
+def test_compare_ignores_names_of_dynamic_dims():
+    assert compare(SIG, with_input(TensorSpec("x", "tensor(float)", ("batch", 3)))) == []
+    assert compare(SIG, with_input(TensorSpec("x", "tensor(float)", (None, 3)))) == []
+    assert (
+        compare(SIG, with_outputs(TensorSpec("y", "tensor(float)", (None, 3)), SIG.outputs[1]))
+        == []
+    )
+
+
+def test_compare_input_widened_to_dynamic_is_compatible():
+    assert compare(SIG, with_input(TensorSpec("x", "tensor(float)", ("N", "C")))) == []
+    assert compare(SIG, with_input(TensorSpec("ids", "tensor(int64)", (None,)))) == []
+
+
+def test_compare_input_narrowed():
+    new = with_input(TensorSpec("x", "tensor(float)", (8, 3)))
+    assert compare(SIG, new) == ["input 'x': shape [N, 3] -> [8, 3]"]
+    new = with_input(TensorSpec("x", "tensor(float)", ("N", 4)))
+    assert compare(SIG, new) == ["input 'x': shape [N, 3] -> [N, 4]"]
+
+
+def test_compare_output_widened_is_a_change():
+    new = with_outputs(TensorSpec("y", "tensor(float)", ("N", None)), SIG.outputs[1])
+    assert compare(SIG, new) == ["output 'y': shape [N, 3] -> [N, ?]"]
+
+
+def test_compare_output_narrowed_is_compatible():
+    new = with_outputs(TensorSpec("y", "tensor(float)", (5, 3)), SIG.outputs[1])
+    assert compare(SIG, new) == []
+
+
+def test_compare_dtype_change():
+    new = with_input(TensorSpec("x", "tensor(double)", ("N", 3)))
+    assert compare(SIG, new) == ["input 'x': dtype float32 -> float64"]
+    seq = "seq(map(string,tensor(float)))"
+    new = with_outputs(Y, TensorSpec("probabilities", seq, None))
+    assert compare(SIG, new) == [
+        f"output 'probabilities': dtype seq(map(int64,tensor(float))) -> {seq}"
+    ]
+
+
+def test_compare_rank_change():
+    new = with_input(TensorSpec("x", "tensor(float)", ("N", 3, None)))
+    assert compare(SIG, new) == ["input 'x': shape [N, 3] -> [N, 3, ?]"]
+    new = with_outputs(TensorSpec("y", "tensor(float)", ("N",)), SIG.outputs[1])
+    assert compare(SIG, new) == ["output 'y': shape [N, 3] -> [N]"]
+
+
+def test_compare_input_added():
+    new = Signature((*SIG.inputs, TensorSpec("z", "tensor(int64)", (2,))), SIG.outputs)
+    assert compare(SIG, new) == ["input 'z' (int64, shape [2]) is new"]
+
+
+def test_compare_input_removed():
+    new = Signature((IDS, WORDS), SIG.outputs)
+    assert compare(SIG, new) == ["input 'x' (float32, shape [N, 3]) is removed"]
+
+
+def test_compare_output_added_is_compatible():
+    new = with_outputs(*SIG.outputs, TensorSpec("logits", "tensor(float)", ("N", 10)))
+    assert compare(SIG, new) == []
+
+
+def test_compare_output_removed():
+    assert compare(SIG, with_outputs(Y)) == [
+        "output 'probabilities' (seq(map(int64,tensor(float)))) is removed"
+    ]
+
+
+def test_compare_non_tensor_outputs_of_the_same_type():
+    probabilities = TensorSpec("probabilities", "seq(map(int64,tensor(float)))", None)
+    assert compare(SIG, with_outputs(Y, probabilities)) == []
+
+
+def test_compare_lists_changes_inputs_first_in_old_order_then_outputs():
+    new = Signature(
+        (
+            TensorSpec("extra", "tensor(bool)", ()),
+            TensorSpec("words", "tensor(string)", (4,)),
+            TensorSpec("x", "tensor(int32)", ("N", 2)),
+        ),
+        (
+            TensorSpec("logits", "tensor(float)", ("N", 10)),
+            TensorSpec("y", "tensor(float)", ("N", "C")),
+        ),
+    )
+    assert compare(SIG, new) == [
+        "input 'x': dtype float32 -> int32",
+        "input 'x': shape [N, 3] -> [N, 2]",
+        "input 'ids' (int64, shape [2]) is removed",
+        "input 'words': shape [?] -> [4]",
+        "input 'extra' (bool, shape []) is new",
+        "output 'y': shape [N, 3] -> [N, C]",
+        "output 'probabilities' (seq(map(int64,tensor(float)))) is removed",
+    ]

@@ -1,0 +1,425 @@
+"""How a version becomes the one serving: switch, canary, promote, rollback, deploy.
+
+Every path goes through the same two steps. `_candidate` proves the new version before
+any request reaches it: the files match the manifest written when it was deployed, the
+model loads, warms up (model.yaml's samples, or zeros), and its signature is compatible
+with the serving version's (or --force accepts the listed changes). `_cut_over` then
+records the choice durably and routes new requests to it in one step, and the old
+version drains its requests before it stops. A failure anywhere before the cut-over
+leaves the old version serving, and the error says why.
+"""
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moltbotd.canary import CanaryRoute
+from moltbotd.config import NAME_PATTERN, NAME_RULE
+from moltbotd.logs import get_logger
+from moltbotd.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    ManifestError,
+    build_manifest,
+    read_manifest,
+    verify,
+    write_manifest,
+)
+from moltbotd.process import Worker
+from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.repository import MODEL_FILE, RepoModel
+from moltbotd.signature import compare
+from moltbotd.state import Canary, ModelState, fsync_dir
+from moltbotd.supervisor import Model, Supervisor, exclusive
+
+log = get_logger("rollout")
+Progress = Callable[[str, str], None]  # (phase, detail): shown by `moltctl switch` as it goes
+
+
+def no_progress(phase: str, detail: str) -> None:
+    """For callers nobody watches (a reload's restart)."""
+
+
+class Phases:
+    """The phases of one operation: timed, shown in status, reported as progress."""
+
+    def __init__(self, model: Model, operation: str, progress: Progress) -> None:
+        self.model, self.operation, self.progress = model, operation, progress
+        self.seconds: dict[str, float] = {}
+        self._phase, self._since = "", time.monotonic()
+
+    def __call__(self, phase: str, detail: str = "") -> None:
+        self._close()
+        self._phase, self._since = phase, time.monotonic()
+        self.model.operation = f"{self.operation}: {phase}"
+        self.progress(phase, detail)
+
+    def _close(self) -> None:
+        if self._phase:
+            spent = time.monotonic() - self._since
+            self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + spent
+
+    def done(self) -> dict[str, float]:
+        self._close()
+        self._phase = ""
+        return self.seconds
+
+
+@dataclasses.dataclass
+class Candidate:
+    worker: Worker
+    changes: list[str]  # accepted with --force: what changes for clients
+    checksum: str  # "verified", or why it was not checked
+
+
+class Rollout:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+
+    # --- switch, canary, promote, rollback -----------------------------------------------
+
+    async def switch(
+        self,
+        name: str | None,
+        version: str,
+        force: bool = False,
+        canary: float | None = None,
+        progress: Progress = no_progress,
+    ) -> dict[str, Any]:
+        repo = self.sup.scan()
+        name = name or self._only_model_with(repo, version)
+        model = self._model_or_new(name, repo)
+        what = f"canary {version}" if canary else f"switch to {version}"
+        async with exclusive(model, what):
+            if model.canary:
+                raise _canary_in_progress(model)
+            repo_model = repo.get(name)
+            if repo_model is None or version not in repo_model.versions:
+                raise _no_version(name, version, repo_model)
+            active = model.active.spec.version if model.active else None
+            if active == version and not canary and model.active.state.value == "ready":  # type: ignore[union-attr]
+                return {"model": name, "from": active, "to": version, "changed": False}
+            if active == version and canary:
+                raise MoltError(ErrorCode.BAD_REQUEST, f"{version} is already serving {name}")
+            phases = Phases(model, what, progress)
+            found = await self._candidate(model, version, repo_model.version_dir(version),
+                                          force, phases)  # fmt: skip
+            if canary:
+                return self._start_canary(model, found, canary, phases)
+            return await self._cut_over(model, found, phases)
+
+    async def restart(self, model: Model, version: str) -> None:
+        """A new worker of the same version replaces the active one (a reload's session
+        change), validated and cut over like a switch."""
+        phases = Phases(model, "reload", no_progress)
+        found = await self._candidate(model, version, model.active.spec.path.parent,  # type: ignore[union-attr]
+                                      False, phases)  # fmt: skip
+        await self._cut_over(model, found, phases)
+
+    async def promote(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
+        model = self.sup.model(name or self._only_model(lambda m: m.canary is not None, "a canary"))
+        async with exclusive(model, "promote"):
+            route, worker = model.canary, model.canary_worker
+            if route is None or worker is None:
+                raise MoltError(
+                    ErrorCode.BAD_REQUEST,
+                    f"model {model.name} has no canary to promote; start one with:"
+                    f" moltctl switch {model.name} VERSION --canary 10%",
+                )
+            phases = Phases(model, "promote", progress)
+            model.canary, model.canary_worker = None, None
+            try:
+                return await self._cut_over(model, Candidate(worker, [], "verified"), phases)
+            except MoltError:
+                model.canary, model.canary_worker = route, worker
+                raise
+
+    async def rollback(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
+        """End a canary, or return to the version that served before the active one."""
+        model = self.sup.model(name or self._only_model(lambda m: True, "a model"))
+        async with exclusive(model, "rollback"):
+            if model.canary:
+                version = model.canary.version
+                self.sup.end_canary(model, "rolled back by hand")
+                active = model.active.spec.version if model.active else None
+                return {"model": model.name, "from": version, "to": active, "changed": True,
+                        "canary_ended": True, "seconds": {}}  # fmt: skip
+            repo_model = self.sup.scan().get(model.name)
+            saved = self.sup.state.model(model.name)
+            earlier = [v for v in saved.history if repo_model and v in repo_model.versions]
+            if not earlier or repo_model is None:
+                raise MoltError(
+                    ErrorCode.BAD_REQUEST,
+                    f"model {model.name} has no earlier version to return to"
+                    f" (remembered: {', '.join(saved.history) or 'none'})",
+                )
+            phases = Phases(model, f"rollback to {earlier[-1]}", progress)
+            # It served before: its signature is the one clients knew, so no --force needed.
+            found = await self._candidate(model, earlier[-1], repo_model.version_dir(earlier[-1]),
+                                          True, phases)  # fmt: skip
+            return await self._cut_over(model, found, phases, rollback=True)
+
+    # --- the two steps -------------------------------------------------------------------
+
+    async def _candidate(
+        self,
+        model: Model,
+        version: str,
+        version_dir: Path,
+        force: bool,
+        phases: Phases,
+        manifest: Manifest | None = None,
+    ) -> Candidate:
+        """A ready worker of `version`, proven fit to replace the active one."""
+        old = model.active
+        keeps = f"; {old.spec.version} keeps serving" if old else ""
+        phases("validating", f"sha256 of {MODEL_FILE} against {MANIFEST_FILE}")
+        checksum = "verified" if manifest else await _checksum(version_dir, keeps)
+        phases("loading", f"{version} in a new worker")
+        worker = self.sup.spawn(model.name, version, version_dir)
+        if worker is None:
+            raise MoltError(
+                ErrorCode.MODEL_UNAVAILABLE, f"model {model.name} {version}: "
+                f"{model.broken.get(version)}{keeps}",
+            )  # fmt: skip
+        worker.on_phase = lambda phase: phases(phase, f"{version}: {_WHAT[phase]}")
+        try:
+            await worker.wait_ready(self.sup.config.workers.start_timeout)
+        except MoltError as exc:
+            await self.sup.retire(worker)
+            model.broken[version] = exc.message
+            raise MoltError(exc.code, exc.message + keeps, exc.details) from None
+        worker.on_phase = None
+        phases("validating", f"{version}'s signature against the serving version's")
+        changes = self._changes(old, worker)
+        if changes and not force:
+            await self.sup.retire(worker)
+            raise MoltError(
+                ErrorCode.VALIDATION_FAILED,
+                f"model {model.name} {version} is not a drop-in replacement: "
+                + "; ".join(changes) + f" (moltctl switch --force accepts this){keeps}",
+                {"model": model.name, "version": version, "changes": changes},
+            )  # fmt: skip
+        model.broken.pop(version, None)
+        return Candidate(worker, changes, checksum)
+
+    @staticmethod
+    def _changes(old: Worker | None, new: Worker) -> list[str]:
+        changes = []
+        if old and old.signature and new.signature and old is not new:
+            changes = compare(old.signature, new.signature)
+        if new.ready_info.get("warmup_error"):
+            changes.append(
+                f"the warm-up run on zeros failed ({new.ready_info['warmup_error']}); give"
+                " model.yaml `samples:` inputs the model accepts"
+            )
+        return changes
+
+    async def _cut_over(
+        self, model: Model, found: Candidate, phases: Phases, rollback: bool = False
+    ) -> dict[str, Any]:
+        new, old = found.worker, model.active
+        version, previous = new.spec.version, old and old.spec.version
+        phases("switching", f"new requests go to {version}")
+        pin = self.sup.config_pin(model.name)
+        try:
+            self.sup.save(model.name, lambda s: _record(s, version, pin, rollback))
+        except MoltError as exc:
+            await self.sup.retire(new)
+            raise MoltError(exc.code, f"{exc.message}; {previous} keeps serving") from None
+        model.active, model.error = new, None  # from here on, new requests go to `new`
+        self.sup.models[model.name] = model
+        drained = True
+        if old:
+            phases("draining", f"{old.inflight} requests in flight on {previous}")
+            drained = await self.sup.retire(old, drain=True)
+        log.info(f"model {model.name}: now serving {version}", model=model.name,
+                 version=version, previous=previous)  # fmt: skip
+        return {"model": model.name, "from": previous, "to": version, "changed": True,
+                "drained": drained, "changes": found.changes, "checksum": found.checksum,
+                "seconds": phases.done()}  # fmt: skip
+
+    def _start_canary(
+        self, model: Model, found: Candidate, share: float, phases: Phases
+    ) -> dict[str, Any]:
+        version = found.worker.spec.version
+        phases("switching", f"{share:.0%} of requests go to {version}")
+        route = CanaryRoute(version, share, self.sup.config.canary)
+        saved = Canary(version, share, route.started)
+        self.sup.save(model.name, lambda s: setattr(s, "canary", saved))
+        model.canary, model.canary_worker = route, found.worker
+        active = model.active.spec.version if model.active else None
+        log.info(f"model {model.name}: canary {version} takes {share:.0%} of requests",
+                 model=model.name, version=version)  # fmt: skip
+        return {"model": model.name, "from": active, "to": version, "changed": True,
+                "canary": share, "changes": found.changes, "checksum": found.checksum,
+                "seconds": phases.done()}  # fmt: skip
+
+    # --- deploy --------------------------------------------------------------------------
+
+    async def deploy(
+        self,
+        upload: str,
+        name: str,
+        version: str,
+        files: dict[str, str],
+        activate: bool = False,
+        force: bool = False,
+        source: str = "",
+        peer: str = "",
+        progress: Progress = no_progress,
+    ) -> dict[str, Any]:
+        """Check what arrived, prove it like a switch would, publish it with one rename."""
+        for what, value in (("model", name), ("version", version)):
+            if not NAME_PATTERN.match(value):
+                raise MoltError(ErrorCode.BAD_REQUEST, f"{what} {value!r}: must be {NAME_RULE}")
+        target = self.sup.config.models_dir / name / version
+        if target.exists():
+            raise MoltError(
+                ErrorCode.ALREADY_EXISTS,
+                f"model {name} already has a version {version} ({target}); a deployed version"
+                " never changes: deploy under a new version",
+                {"model": name, "version": version},
+            )
+        folder = self.sup.uploads.folder(upload)
+        model = self._model_or_new(name, self.sup.scan(), create=False)
+        async with exclusive(model, f"deploy {version}"):
+            phases = Phases(model, f"deploy {version}", progress)
+            phases("receiving", f"sha256 of {len(files)} files")
+            manifest = await self._received(folder, name, version, files, source, peer)
+            try:
+                found = await self._candidate(model, version, folder, force, phases, manifest)
+            except MoltError:
+                self.sup.uploads.discard(upload)
+                raise
+            phases("publishing", f"{target}")
+            await asyncio.to_thread(_publish, self.sup.uploads, upload, manifest, target)
+            found.worker.spec = dataclasses.replace(found.worker.spec, path=target / MODEL_FILE)
+            log.info(f"model {name} {version} deployed", model=name, version=version, peer=peer)
+            if activate:
+                result = await self._cut_over(model, found, phases)
+            else:
+                await self.sup.retire(found.worker)
+                result = {"model": name, "to": version, "changed": False,
+                          "changes": found.changes, "seconds": phases.done()}  # fmt: skip
+        return {**result, "deployed": str(target), "sha256": manifest.model_sha256}
+
+    @staticmethod
+    async def _received(
+        folder: Path, name: str, version: str, files: dict[str, str], source: str, peer: str
+    ) -> Manifest:
+        try:
+            manifest = await asyncio.to_thread(build_manifest, folder, name, version, peer, source)
+        except ManifestError as exc:
+            raise MoltError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        got = {path: entry.sha256 for path, entry in manifest.files.items()}
+        if MODEL_FILE not in got:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"the upload has no {MODEL_FILE}")
+        for path in sorted(got.keys() | files.keys()):
+            if got.get(path) != files.get(path):
+                raise MoltError(
+                    ErrorCode.BAD_REQUEST,
+                    f"{path}: moltctl sent sha256 {str(files.get(path))[:12]}, moltbotd"
+                    f" received {str(got.get(path))[:12]}: the upload is incomplete or"
+                    " damaged; deploy again",
+                )
+        return manifest
+
+    # --- which model ---------------------------------------------------------------------
+
+    def _model_or_new(self, name: str, repo: dict[str, RepoModel], create: bool = True) -> Model:
+        """A served model; or one on disk that is not served yet (a switch starts it)."""
+        if name in self.sup.models:
+            return self.sup.models[name]
+        if name in repo or not create:
+            return Model(name)
+        return self.sup.model(name)  # raises MODEL_NOT_FOUND
+
+    def _only_model_with(self, repo: dict[str, RepoModel], version: str) -> str:
+        having = [n for n, m in repo.items() if version in m.versions and n in self.sup.models]
+        if len(having) == 1:
+            return having[0]
+        if not having:
+            raise MoltError(
+                ErrorCode.VERSION_NOT_FOUND,
+                f"no served model has a version {version}",
+                {"version": version},
+            )
+        raise MoltError(
+            ErrorCode.BAD_REQUEST,
+            f"models {', '.join(having)} all have a version {version}: name the model"
+            f" (moltctl switch MODEL {version})",
+            {"models": having},
+        )
+
+    def _only_model(self, test: Callable[[Model], bool], what: str) -> str:
+        having = [m.name for m in self.sup.models.values() if test(m)]
+        if len(having) != 1:
+            raise MoltError(
+                ErrorCode.BAD_REQUEST,
+                f"{len(having)} models have {what} ({', '.join(having) or 'none'}): name the model",
+            )
+        return having[0]
+
+
+_WHAT = {"warming": "running the warm-up inputs"}
+
+
+def _record(saved: ModelState, version: str, pin: str | None, rollback: bool) -> None:
+    if rollback:
+        saved.history = saved.history[:-1]
+        saved.active, saved.config_pin, saved.canary = version, pin, None
+    else:
+        saved.activate(version, pin)
+
+
+async def _checksum(version_dir: Path, keeps: str) -> str:
+    try:
+        manifest = read_manifest(version_dir)
+    except ManifestError as exc:
+        raise MoltError(ErrorCode.VALIDATION_FAILED, f"{exc}{keeps}") from None
+    if manifest is None:
+        return (
+            f"not checked: {version_dir} has no {MANIFEST_FILE} (it was not deployed with moltctl)"
+        )
+    problems = await asyncio.to_thread(verify, version_dir, manifest)
+    if problems:
+        raise MoltError(
+            ErrorCode.VALIDATION_FAILED,
+            f"{version_dir} does not match its {MANIFEST_FILE}: {'; '.join(problems)}{keeps}",
+        )
+    return "verified"
+
+
+def _publish(uploads: Any, token: str, manifest: Manifest, target: Path) -> None:
+    folder = uploads.folder(token)
+    write_manifest(folder, manifest)
+    uploads.make_durable(token)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(folder, target)  # fails if target appeared meanwhile: versions never change
+    fsync_dir(target.parent)
+    fsync_dir(folder.parent)
+
+
+def _no_version(name: str, version: str, repo_model: RepoModel | None) -> MoltError:
+    on_disk = repo_model.versions if repo_model else ()
+    return MoltError(
+        ErrorCode.VERSION_NOT_FOUND,
+        f"model {name} has no version {version} (versions: {', '.join(on_disk)})",
+        {"model": name, "version": version, "versions": list(on_disk)},
+    )
+
+
+def _canary_in_progress(model: Model) -> MoltError:
+    assert model.canary is not None
+    return MoltError(
+        ErrorCode.CONFLICT,
+        f"model {model.name} has a canary of {model.canary.version} in progress"
+        f" ({model.canary.share:.0%} of requests): promote it (moltctl promote {model.name})"
+        f" or end it (moltctl rollback {model.name}) first",
+        {"model": model.name, "operation": f"canary {model.canary.version}"},
+    )

@@ -1,0 +1,136 @@
+"""State that survives restarts: each model's active version, its history and a canary.
+
+One JSON file in the state directory, replaced atomically (write a temporary file,
+fsync it, rename it over the old one, fsync the directory), so a crash at any point
+leaves either the old state or the new one on disk, never a mix.
+"""
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moltbotd.logs import get_logger
+
+log = get_logger("state")
+STATE_FILE = "state.json"
+SCHEMA = 1
+HISTORY = 20  # previously active versions kept per model, for rollback
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Replace path with data so that a crash leaves the old or the new content."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in path durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Canary:
+    version: str
+    share: float  # 0 < share < 1 of the model's requests
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class ModelState:
+    active: str | None = None
+    history: list[str] = field(default_factory=list)  # earlier active versions, newest last
+    config_pin: str | None = None  # models.NAME.version when `active` was chosen
+    canary: Canary | None = None
+
+    def activate(self, version: str, config_pin: str | None) -> None:
+        if self.active and self.active != version:
+            self.history = [*self.history, self.active][-HISTORY:]
+        self.active, self.config_pin, self.canary = version, config_pin, None
+
+
+@dataclass
+class State:
+    models: dict[str, ModelState] = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelState:
+        return self.models.setdefault(name, ModelState())
+
+    def to_json(self) -> bytes:
+        body = {"schema": SCHEMA, "written": time.time(),
+                "models": {n: asdict(m) for n, m in sorted(self.models.items())}}  # fmt: skip
+        return (json.dumps(body, indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, text: bytes) -> "State":
+        body = json.loads(text)
+        schema = body.get("schema") if isinstance(body, dict) else None
+        if schema != SCHEMA or not isinstance(body.get("models"), dict):
+            raise ValueError(f"expected a map with schema {SCHEMA} and models, got {text[:80]!r}")
+        return cls({name: _model_state(name, raw) for name, raw in body["models"].items()})
+
+
+def _model_state(name: str, raw: Any) -> ModelState:
+    if not isinstance(raw, dict):
+        raise ValueError(f"models.{name}: expected a map, got {raw!r}")
+    for key in ("active", "config_pin"):
+        if not isinstance(raw.get(key), str | None):
+            raise ValueError(f"models.{name}.{key}: expected a version, got {raw[key]!r}")
+    history = raw.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(v, str) for v in history):
+        raise ValueError(f"models.{name}.history: expected a list of versions, got {history!r}")
+    canary = raw.get("canary")
+    if canary is not None:
+        canary = Canary(str(canary["version"]), float(canary["share"]), float(canary["started"]))
+    return ModelState(raw.get("active"), history, raw.get("config_pin"), canary)
+
+
+class StateStore:
+    """The state directory: load once at start, save after every change."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / STATE_FILE
+
+    def load(self) -> State:
+        """The saved state; an unreadable file is set aside (never lost) and ignored."""
+        try:
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            return State()
+        except OSError as exc:
+            log.error(f"cannot read the state file {self.path}: {exc}; starting from the config")
+            return State()
+        try:
+            return State.from_json(text)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            aside = self.path.with_name(f"{STATE_FILE}.corrupt-{time.time_ns()}")
+            try:
+                self.path.rename(aside)
+                kept = f"the file was kept as {aside}"
+            except OSError as rename_error:
+                kept = f"it could not be set aside: {rename_error}"
+            log.error(f"state file {self.path} is unreadable ({exc}); starting from the config"
+                      f" ({kept})")  # fmt: skip
+            return State()
+
+    def save(self, state: State) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, state.to_json())
