@@ -65,8 +65,11 @@ def test_switch_as_documented(daemon):
     """`moltctl switch v2.0`: the model may be left out when only one has that version."""
     result = run_moltctl("switch", "v1.0", socket=daemon.socket)
     out = ok(result)
-    assert re.match(r"demo: v2.0 -> v1.0 in \S+ \(validating \S+, loading \S+, warming \S+,"
-                    r" switching \S+, draining \S+\)\n", out), out
+    assert re.match(
+        r"demo: v2.0 -> v1.0 in \S+ \(validating \S+, loading \S+, warming \S+,"
+        r" switching \S+, draining \S+\)\n",
+        out,
+    ), out
     assert "checksum not checked: " in out and "has no manifest.json" in out
     phases = [line.split()[0] for line in result.stderr.splitlines()]
     assert phases == ["validating", "loading", "warming", "validating", "switching", "draining"]
