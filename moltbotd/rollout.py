@@ -121,7 +121,7 @@ class Rollout:
         await self._cut_over(model, found, phases)
 
     async def promote(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
-        model = self.sup.model(name or self._only_model(lambda m: m.canary is not None, "a canary"))
+        model = self.sup.model(name or self._only_model(lambda m: m.canary is not None, "promote"))
         async with exclusive(model, "promote"):
             route, worker = model.canary, model.canary_worker
             if route is None or worker is None:
@@ -140,7 +140,7 @@ class Rollout:
 
     async def rollback(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
         """End a canary, or return to the version that served before the active one."""
-        model = self.sup.model(name or self._only_model(lambda m: True, "a model"))
+        model = self.sup.model(name or self._only_model(lambda m: True, "rollback"))
         async with exclusive(model, "rollback"):
             if model.canary:
                 version = model.canary.version
@@ -356,12 +356,14 @@ class Rollout:
             {"models": having},
         )
 
-    def _only_model(self, test: Callable[[Model], bool], what: str) -> str:
+    def _only_model(self, test: Callable[[Model], bool], operation: str) -> str:
+        """The model an operation means when it names none: the only one it can apply to."""
         having = [m.name for m in self.sup.models.values() if test(m)]
         if len(having) != 1:
             raise MoltError(
                 ErrorCode.BAD_REQUEST,
-                f"{len(having)} models have {what} ({', '.join(having) or 'none'}): name the model",
+                f"name the model: moltctl {operation} MODEL"
+                f" ({operation} applies to: {', '.join(having) or 'none'})",
             )
         return having[0]
 

@@ -394,12 +394,15 @@ def _deploy_names(client: Client, model: str | None, version: str | None) -> tup
             raise click.UsageError(f"{len(served)} models are served ({', '.join(served)}):"
                                    " name one with --model")  # fmt: skip
         model = served[0]
+    versions = next((m["versions"] for m in repo if m["name"] == model), [])
     if version is None:
-        versions = next((m["versions"] for m in repo if m["name"] == model), [])
         try:
             version = next_version(versions)
         except DeployError as exc:
             raise click.UsageError(str(exc)) from None
+    if version in versions:  # found before sending anything; the daemon checks again
+        raise click.UsageError(f"model {model} already has a version {version}; a deployed"
+                               " version never changes: choose a new --version")  # fmt: skip
     return model, version
 
 
