@@ -1,5 +1,6 @@
 """`moltctl status` for people: one row per model, and limits and usage for one model."""
 
+import time
 from typing import Any
 
 from moltbotd.units import format_duration, format_size
@@ -12,14 +13,34 @@ COLUMNS = [("MODEL", "model"), ("VERSION", "version"), ("STATE", "state"), ("PID
 
 
 def status_table(report: dict[str, Any], legend: bool) -> str:
-    rows = [_row(m) for m in report["models"]]
+    rows = [row for m in report["models"] for row in _rows(m)]
     body = table(rows, COLUMNS, legend)
     if not legend:
         return body
     lines = [_headline(report), body]
     if len(report["models"]) == 1 and report["models"][0]["worker"]:
         lines += model_detail(report["models"][0]["worker"])
+    lines += [_event(m["name"], e) for m in report["models"] for e in m.get("events", [])[-3:]]
     return "\n".join(lines)
+
+
+def _rows(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The active version's row, then a canary's and versions loaded on demand."""
+    rows = [_row(m)]
+    canary = m.get("canary")
+    if canary and canary["worker"]:
+        role = f"canary {canary['share']:.0%}: {canary['errors']}/{canary['requests']} failed"
+        rows.append(_row({**m, "worker": canary["worker"], "active_version": canary["version"],
+                          "operation": None}, role))  # fmt: skip
+    for version, worker in m.get("on_demand", {}).items():
+        rows.append(_row({**m, "worker": worker, "active_version": version,
+                          "operation": None}, "loaded on demand"))  # fmt: skip
+    return rows
+
+
+def _event(model: str, event: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+    return f"{when} {model}: {event['message']}"
 
 
 def _headline(report: dict[str, Any]) -> str:
@@ -30,10 +51,11 @@ def _headline(report: dict[str, Any]) -> str:
             f" isolation {iso['mode']}: {enforced}")  # fmt: skip
 
 
-def _row(m: dict[str, Any]) -> dict[str, Any]:
+def _row(m: dict[str, Any], role: str | None = None) -> dict[str, Any]:
     w = m["worker"] or {}
     usage = w.get("usage") or {}
-    detail = m["operation"] or w.get("error") or m["error"] or ",".join(w.get("providers", []))
+    detail = (role or m["operation"] or w.get("error") or m["error"]
+              or ",".join(w.get("providers", [])))  # fmt: skip
     cpu = usage.get("cpu_percent")
     return {"model": m["name"], "version": m["active_version"],
             "state": w.get("state", "failed"), "pid": w.get("pid"),
