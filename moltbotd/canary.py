@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from moltbotd.config import CanarySettings
@@ -22,16 +23,20 @@ class CanaryRoute:
     settings: CanarySettings
     started: float = field(default_factory=time.time)
     clock: Callable[[], float] = time.monotonic
-    _credit: float = 0.0
+    _credit: Fraction = Fraction(0)  # exact: 0.1 added ten times in floats is below 1.0
     _outcomes: deque[tuple[float, bool]] = field(default_factory=deque)  # (when, failed)
     requests: int = 0
     errors: int = 0
+    _step: Fraction = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._step = Fraction(self.share).limit_denominator(10**6)
 
     def takes_next(self) -> bool:
         """True when the next request goes to the canary."""
-        self._credit += self.share
-        if self._credit >= 1.0:
-            self._credit -= 1.0
+        self._credit += self._step
+        if self._credit >= 1:
+            self._credit -= 1
             return True
         return False
 

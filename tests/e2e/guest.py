@@ -117,6 +117,43 @@ def cgroup_layout() -> None:
     check("status-shows-limits-enforced", headline.endswith(": limits enforced"), headline)
 
 
+# --- versions: state across kill -9, deploy through the sandbox, rollback ---------------------
+
+STATE = Path("/var/lib/moltbot/state/state.json")
+
+
+def active_version(model: str) -> str | None:
+    with Client(SOCKET, timeout=60) as c:
+        return c.status(model)["models"][0]["active_version"]
+
+
+def versions_under_systemd() -> None:
+    saved = json.loads(STATE.read_text())["models"]["demo"]
+    owner = STATE.owner()
+    check("state-file-records-the-switch", saved["active"] == "v2.0" and owner == "moltbot",
+          f"{owner}: {saved}")  # fmt: skip
+    before = main_pid()
+    sh("systemctl kill -s KILL moltbotd")  # the daemon and its workers; Restart=on-failure
+    back = wait_until(lambda: main_pid() not in (0, before) and
+                      sh("systemctl is-active moltbotd") == "active", 60)  # fmt: skip
+    check("kill-9-restart-serves-the-switched-version",
+          back and active_version("demo") == "v2.0", f"pid {before} -> {main_pid()}")  # fmt: skip
+    # /root is invisible to the daemon (ProtectHome): deploy must send the bytes.
+    source = Path("/root/demo-v3")
+    source.mkdir(exist_ok=True)
+    shutil.copy(MODELS / "demo" / "v1.0" / "model.onnx", source / "model.onnx")
+    out = sh(f"moltctl deploy {source} --model demo --version v3.0 --activate")
+    listed = json.loads(sh("moltctl versions demo -o json"))["models"][0]["versions"]
+    v3 = next((v for v in listed if v["version"] == "v3.0"), {})
+    check("deploy-from-a-home-folder-activates",
+          v3.get("state") == "active" and v3.get("verified") is True
+          and (MODELS / "demo" / "v3.0").owner() == "moltbot", f"{out}\n{v3}")  # fmt: skip
+    out = sh("moltctl rollback demo")
+    gone = wait_until(lambda: not (UNIT_CGROUP / "model-demo-v3.0").exists(), 30)
+    check("rollback-returns-and-removes-the-group",
+          active_version("demo") == "v2.0" and gone, out)  # fmt: skip
+
+
 # --- limits that the kernel enforces ----------------------------------------------------------
 
 LIMITED = """models_dir: /var/lib/moltbot/models
@@ -241,6 +278,7 @@ class Stream(threading.Thread):
 
 def main() -> int:
     for name, scenario in [("installed", installed_service), ("cgroups", cgroup_layout),
+                           ("versions", versions_under_systemd),
                            ("test-models", install_test_models), ("cpu", cpu_quota),
                            ("io", io_limits), ("reload", live_reload),
                            ("oom", oom_kill_contained)]:  # fmt: skip

@@ -99,6 +99,12 @@ def test_moltctl_switch_as_documented(vm):
     passed(vm, "moltctl-switch-v2.0", "infer-after-switch")
 
 
+def test_versions_survive_kill_9_and_deploy_crosses_the_sandbox(vm):
+    passed(vm, "state-file-records-the-switch", "kill-9-restart-serves-the-switched-version",
+           "deploy-from-a-home-folder-activates",
+           "rollback-returns-and-removes-the-group")  # fmt: skip
+
+
 def test_systemd_reload_and_security(vm):
     passed(vm, "systemctl-reload-keeps-main-pid", "systemd-analyze-security")
 
