@@ -399,3 +399,56 @@ def test_reference_defaults_load_back_as_the_defaults(tmp_path):
 def test_configuration_doc_contains_the_generated_reference():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert config.reference_markdown() in doc
+
+
+# --- versions: state_dir, canary, on_demand, samples ----------------------------------------
+
+
+def test_version_settings_load(tmp_path):
+    text = ("state_dir: state\non_demand_idle: 90s\ncanary:\n"
+            "  max_error_rate: 5%\n  window: 30s\n  min_requests: 3\n"
+            "models:\n  demo:\n    on_demand: true\n    version: v1\n")  # fmt: skip
+    cfg = load(write(tmp_path, text))
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.on_demand_idle == 90.0
+    assert (cfg.canary.max_error_rate, cfg.canary.window, cfg.canary.min_requests) == (0.05, 30, 3)
+    assert cfg.models["demo"] == ModelConfig("v1", Overrides(), on_demand=True)
+    assert Config().models.get("demo", ModelConfig()).on_demand is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("canary:\n  max_error_rate: 0%\n",
+         "canary.max_error_rate: expected a share such as 20% or 0.2, above 0% and at most"
+         " 100%, got '0%'"),
+        ("canary:\n  max_error_rate: 1.5\n", "canary.max_error_rate: expected a share"),
+        ("canary:\n  max_error_rate: lots\n", "canary.max_error_rate: expected a share"),
+        ("canary:\n  max_error_rate: true\n", "canary.max_error_rate: expected a share"),
+        ("models:\n  demo:\n    on_demand: yes please\n",
+         "models.demo.on_demand: expected true or false, got 'yes please'"),
+        ("models:\n  demo:\n    samples: []\n", "models.demo.samples: unknown setting"),
+    ],
+    ids=["zero-share", "above-one", "text", "bool-share", "on-demand", "samples-not-here"],
+)  # fmt: skip
+def test_version_settings_errors(tmp_path, text, expected):
+    message, file = load_error(tmp_path, text)
+    assert message.startswith(f"{file}: {expected}")
+
+
+def test_model_yaml_samples(tmp_path):
+    file = write(tmp_path, "samples:\n  - {x: [[1, 2, 3, 4]]}\n  - {x: [[0, 0, 0, 0]]}\n"
+                           "intra_op_threads: 2\n", "model.yaml")  # fmt: skip
+    parsed = parse_model_yaml(file)
+    assert parsed.samples == ({"x": [[1, 2, 3, 4]]}, {"x": [[0, 0, 0, 0]]})
+    assert parsed.session == {"intra_op_threads": 2}
+
+
+@pytest.mark.parametrize("samples", ["{x: 1}", "[1, 2]", "[{}]", "[{1: [1]}]"])
+def test_model_yaml_samples_must_be_maps_of_inputs(tmp_path, samples):
+    file = write(tmp_path, f"samples: {samples}\n", "model.yaml")
+    with pytest.raises(ConfigError) as info:
+        parse_model_yaml(file)
+    assert str(info.value).startswith(
+        f"{file}: samples: expected a list of maps from input name to a value (nested lists)"
+    )
