@@ -116,8 +116,9 @@ class Rollout:
         """A new worker of the same version replaces the active one (a reload's session
         change), validated and cut over like a switch."""
         phases = Phases(model, "reload", no_progress)
+        # The same version: its signature cannot change, and zeros failed before too.
         found = await self._candidate(model, version, model.active.spec.path.parent,  # type: ignore[union-attr]
-                                      False, phases)  # fmt: skip
+                                      True, phases)  # fmt: skip
         await self._cut_over(model, found, phases)
 
     async def promote(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
@@ -180,7 +181,7 @@ class Rollout:
         phases("validating", f"sha256 of {MODEL_FILE} against {MANIFEST_FILE}")
         checksum = "verified" if manifest else await _checksum(version_dir, keeps)
         phases("loading", f"{version} in a new worker")
-        worker = self.sup.spawn(model.name, version, version_dir)
+        worker = self.sup.spawn(model, version, version_dir)
         if worker is None:
             raise MoltError(
                 ErrorCode.MODEL_UNAVAILABLE, f"model {model.name} {version}: "
@@ -372,8 +373,9 @@ _WHAT = {"warming": "running the warm-up inputs"}
 
 
 def _record(saved: ModelState, version: str, pin: str | None, rollback: bool) -> None:
-    if rollback:
-        saved.history = saved.history[:-1]
+    if rollback:  # back to `version`: it and whatever came after it leave the history
+        newest = len(saved.history) - 1 - saved.history[::-1].index(version)
+        saved.history = saved.history[:newest]
         saved.active, saved.config_pin, saved.canary = version, pin, None
     else:
         saved.activate(version, pin)

@@ -149,14 +149,14 @@ class Supervisor:
         self.models[model.name] = model
         version = self._initial_version(repo_model)
         if version:
-            model.active = self.spawn(repo_model.name, version, repo_model.version_dir(version))
+            model.active = self.spawn(model, version, repo_model.version_dir(version))
         saved = self.state.model(model.name).canary
         if model.active and saved and saved.version in repo_model.versions:
             log.info(f"model {model.name}: resuming the canary of {saved.version}")
             model.canary = CanaryRoute(saved.version, saved.share, self.config.canary,
                                        started=saved.started)  # fmt: skip
             model.canary_worker = self.spawn(
-                model.name, saved.version, repo_model.version_dir(saved.version)
+                model, saved.version, repo_model.version_dir(saved.version)
             )
 
     def _initial_version(self, repo_model: RepoModel) -> str | None:
@@ -204,17 +204,16 @@ class Supervisor:
         wanted = self.config.models.get(name)
         return wanted.version if wanted else None
 
-    def spawn(self, name: str, version: str, version_dir: Path) -> Worker | None:
-        """A new worker for a version (started, not yet ready); None if it cannot be."""
-        model = self.models.get(name)
+    def spawn(self, model: Model, version: str, version_dir: Path) -> Worker | None:
+        """A new worker for a version (started, not yet ready); None if it cannot be, with
+        the reason in model.broken."""
         try:
-            spec = self.spec(name, version, version_dir)
-            group = self.isolation.place(name, version, spec.limits)
+            spec = self.spec(model.name, version, version_dir)
+            group = self.isolation.place(model.name, version, spec.limits)
         except (ConfigError, CgroupError) as exc:
-            if model:
-                model.broken[version] = str(exc)
-                model.error = model.error if model.active else str(exc)
-            log.error(f"model {name} {version}: {exc}", model=name, version=version)
+            model.broken[version] = str(exc)
+            model.error = model.error if model.active else str(exc)
+            log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
             return None
         worker = Worker(spec, self.config.workers, cgroup=group)
         self.workers.add(worker)
@@ -289,7 +288,10 @@ class Supervisor:
     async def _reap_forever(self) -> None:
         while True:
             await asyncio.sleep(min(REAP_EVERY, self.config.on_demand_idle / 2))
-            await self.reap()
+            try:
+                await self.reap()
+            except Exception:  # a bug here must not end the reaping for good
+                log.exception("unloading idle versions failed")
 
     async def reap(self) -> None:
         """Unload versions loaded on demand and idle too long; drop abandoned uploads."""
@@ -352,7 +354,7 @@ class Supervisor:
                 f" models.{model.name}.on_demand: true",
                 {"model": model.name, "version": version, "loaded": loaded},
             )
-        worker = self.spawn(model.name, version, repo_model.version_dir(version))
+        worker = self.spawn(model, version, repo_model.version_dir(version))
         if worker is None:
             raise MoltError(
                 ErrorCode.MODEL_UNAVAILABLE,
