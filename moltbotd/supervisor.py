@@ -373,7 +373,7 @@ class Supervisor:
         try:
             await worker.wait_ready(self.config.workers.start_timeout)
         except MoltError:
-            if worker in self.workers:
+            if worker in model.loaded().values():  # still routed to: its failure is real
                 raise
             return await self.ready_worker(model, version)
         return worker
