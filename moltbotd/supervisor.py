@@ -298,7 +298,10 @@ class Supervisor:
         idle_since = time.monotonic() - self.config.on_demand_idle
         for model in self.models.values():
             for version, worker in list(model.on_demand.items()):
-                if worker.last_used < idle_since and not worker.inflight:
+                # Loading is not idling: requests wait for a worker that is starting.
+                used = max(worker.last_used, worker.started_at or 0.0)
+                loading = worker.state is WorkerState.STARTING
+                if not loading and used < idle_since and not worker.inflight:
                     del model.on_demand[version]
                     log.info(f"model {model.name} {version}: unloading, unused", model=model.name)
                     await self.retire(worker)
