@@ -111,6 +111,9 @@ class StateStore:
 
     def load(self) -> State:
         """The saved state; an unreadable file is set aside (never lost) and ignored."""
+        for tmp in self.path.parent.glob(f".{STATE_FILE}.*.tmp"):  # a write that a crash cut
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         try:
             text = self.path.read_bytes()
         except FileNotFoundError:

@@ -290,3 +290,12 @@ def test_load_wrong_shape_is_set_aside(tmp_path, content):
     (tmp_path / STATE_FILE).write_bytes(content)
     assert StateStore(tmp_path).load() == State()
     assert_set_aside(tmp_path, content)
+
+
+def test_load_removes_a_temporary_file_a_crash_left(tmp_path):
+    store = StateStore(tmp_path)
+    store.save(sample())
+    left = tmp_path / f".{STATE_FILE}.4242.tmp"
+    left.write_bytes(b'{"half": ')
+    assert store.load() == sample()
+    assert not left.exists()
