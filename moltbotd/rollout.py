@@ -274,7 +274,25 @@ class Rollout:
         peer: str = "",
         progress: Progress = no_progress,
     ) -> dict[str, Any]:
-        """Check what arrived, prove it like a switch would, publish it with one rename."""
+        """Check what arrived, prove it like a switch would, publish it with one rename.
+        A refused deploy leaves nothing behind: neither its upload nor a broken version."""
+        folder = self.sup.uploads.folder(upload)
+        model = self._model_or_new(name, self.sup.scan(), create=False)
+        try:
+            async with exclusive(model, f"deploy {version}"):
+                phases = Phases(model, f"deploy {version}", progress)
+                return await self._deploy(model, upload, folder, version, files, activate,
+                                          force, source, peer, phases)  # fmt: skip
+        except MoltError:
+            self.sup.uploads.discard(upload)
+            if not (self.sup.config.models_dir / name / version).exists():
+                model.broken.pop(version, None)
+            raise
+
+    async def _deploy(self, model: Model, upload: str, folder: Path, version: str,
+                      files: dict[str, str], activate: bool, force: bool, source: str,
+                      peer: str, phases: Phases) -> dict[str, Any]:  # fmt: skip
+        name = model.name
         for what, value in (("model", name), ("version", version)):
             if not NAME_PATTERN.match(value):
                 raise MoltError(ErrorCode.BAD_REQUEST, f"{what} {value!r}: must be {NAME_RULE}")
@@ -286,27 +304,23 @@ class Rollout:
                 " never changes: deploy under a new version",
                 {"model": name, "version": version},
             )
-        folder = self.sup.uploads.folder(upload)
-        model = self._model_or_new(name, self.sup.scan(), create=False)
-        async with exclusive(model, f"deploy {version}"):
-            phases = Phases(model, f"deploy {version}", progress)
-            phases("receiving", f"sha256 of {len(files)} files")
-            manifest = await self._received(folder, name, version, files, source, peer)
-            try:
-                found = await self._candidate(model, version, folder, force, phases, manifest)
-            except MoltError:
-                self.sup.uploads.discard(upload)
-                raise
-            phases("publishing", f"{target}")
+        phases("receiving", f"sha256 of {len(files)} files")
+        manifest = await self._received(folder, name, version, files, source, peer)
+        found = await self._candidate(model, version, folder, force, phases, manifest)
+        phases("publishing", f"{target}")
+        try:
             await asyncio.to_thread(_publish, self.sup.uploads, upload, manifest, target)
-            found.worker.spec = dataclasses.replace(found.worker.spec, path=target / MODEL_FILE)
-            log.info(f"model {name} {version} deployed", model=name, version=version, peer=peer)
-            if activate:
-                result = await self._cut_over(model, found, phases)
-            else:
-                await self.sup.retire(found.worker)
-                result = {"model": name, "to": version, "changed": False,
-                          "changes": found.changes, "seconds": phases.done()}  # fmt: skip
+        except OSError as exc:
+            await self.sup.retire(found.worker)
+            raise MoltError(ErrorCode.INTERNAL, f"cannot publish {target}: {exc}") from None
+        found.worker.spec = dataclasses.replace(found.worker.spec, path=target / MODEL_FILE)
+        log.info(f"model {name} {version} deployed", model=name, version=version, peer=peer)
+        if activate:
+            result = await self._cut_over(model, found, phases)
+        else:
+            await self.sup.retire(found.worker)
+            result = {"model": name, "to": version, "changed": False,
+                      "changes": found.changes, "seconds": phases.done()}  # fmt: skip
         return {**result, "deployed": str(target), "sha256": manifest.model_sha256}
 
     @staticmethod

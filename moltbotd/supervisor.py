@@ -419,6 +419,9 @@ class Supervisor:
         ]
         # Settings that need a restart keep their running values until then.
         self.config = dataclasses.replace(config, **{k: getattr(self.config, k) for k in later})
+        for model in self.models.values():
+            if model.canary:
+                model.canary.settings = self.config.canary
         outcome = {}
         for model in self.models.values():
             outcome[model.name] = await self._reload_model(model, restart)

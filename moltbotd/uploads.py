@@ -28,20 +28,27 @@ class Uploads:
 
     def write(self, token: str | None, path: str, offset: int, data: bytes) -> dict[str, object]:
         """Append one chunk; the first call (no token) opens a new upload."""
+        relative = _relative(path)  # before a new upload's folder exists: none is left over
         if token is None:
+            if offset != 0:
+                raise _out_of_order("(new)", path, 0, offset)
             token = secrets.token_hex(8)
             (self.root / token).mkdir(parents=True, mode=0o750)
-        file = self.folder(token) / _relative(path)
-        size = file.stat().st_size if file.exists() else 0
+        folder = self.folder(token)
+        file = folder / relative
+        size = file.stat().st_size if file.is_file() else 0
         if offset != size:
+            raise _out_of_order(token, path, size, offset)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            with file.open("ab") as out:
+                out.write(data)
+        except OSError as exc:  # a/b after a file a, or a after a folder a
             raise MoltError(
                 ErrorCode.BAD_REQUEST,
-                f"upload {token}: {path} has {size} bytes, a chunk at offset {offset} would"
-                " leave a gap or overwrite: send chunks in order",
-            )
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with file.open("ab") as out:
-            out.write(data)
+                f"upload {token}: cannot write {path}: {exc.strerror or exc}",
+            ) from None
+        os.utime(folder)  # appending to a file leaves the folder's mtime: sweep reads it
         return {"upload": token, "path": path, "size": size + len(data)}
 
     def folder(self, token: str) -> Path:
@@ -76,10 +83,22 @@ class Uploads:
         now = time.time() if now is None else now
         removed = []
         for folder in self.root.iterdir():
-            if now - folder.stat().st_mtime > self.max_age:
+            try:
+                mtime = folder.stat().st_mtime
+            except FileNotFoundError:  # published or discarded meanwhile (in a thread)
+                continue
+            if now - mtime > self.max_age:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
         return removed
+
+
+def _out_of_order(token: str, path: str, size: int, offset: int) -> MoltError:
+    return MoltError(
+        ErrorCode.BAD_REQUEST,
+        f"upload {token}: {path} has {size} bytes, a chunk at offset {offset} would"
+        " leave a gap or overwrite: send chunks in order",
+    )
 
 
 def _relative(path: str) -> PurePosixPath:
