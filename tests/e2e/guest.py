@@ -139,17 +139,19 @@ def versions_under_systemd() -> None:
     check("kill-9-restart-serves-the-switched-version",
           back and active_version("demo") == "v2.0", f"pid {before} -> {main_pid()}")  # fmt: skip
     # /root is invisible to the daemon (ProtectHome): deploy must send the bytes.
-    source = Path("/root/demo-v3")
+    source = Path("/root/demo-v1.5")
     source.mkdir(exist_ok=True)
     shutil.copy(MODELS / "demo" / "v1.0" / "model.onnx", source / "model.onnx")
-    out = sh(f"moltctl deploy {source} --model demo --version v3.0 --activate")
+    out = sh(
+        f"moltctl deploy {source} --model demo --version v1.5 --activate"
+    )  # below v2.0: later scenarios expect v2.0 as the latest
     listed = json.loads(sh("moltctl versions demo -o json"))["models"][0]["versions"]
-    v3 = next((v for v in listed if v["version"] == "v3.0"), {})
+    v15 = next((v for v in listed if v["version"] == "v1.5"), {})
     check("deploy-from-a-home-folder-activates",
-          v3.get("state") == "active" and v3.get("verified") is True
-          and (MODELS / "demo" / "v3.0").owner() == "moltbot", f"{out}\n{v3}")  # fmt: skip
+          v15.get("state") == "active" and v15.get("verified") is True
+          and (MODELS / "demo" / "v1.5").owner() == "moltbot", f"{out}\n{v15}")  # fmt: skip
     out = sh("moltctl rollback demo")
-    gone = wait_until(lambda: not (UNIT_CGROUP / "model-demo-v3.0").exists(), 30)
+    gone = wait_until(lambda: not (UNIT_CGROUP / "model-demo-v1.5").exists(), 30)
     check("rollback-returns-and-removes-the-group",
           active_version("demo") == "v2.0" and gone, out)  # fmt: skip
 
