@@ -135,3 +135,27 @@ def run_moltctl(*args: str, socket: Path | None = None,
         env["MOLTBOT_SOCKET"] = str(socket)
     return subprocess.run([sys.executable, "-m", "moltctl", *args], capture_output=True,
                           text=True, env=env, timeout=timeout, check=False)  # fmt: skip
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "the condition"):
+    """Poll condition() until it returns something true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:g}s")
+        time.sleep(0.05)
+    return value
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[int]:
+    """The inode of every file or folder os.fsync is called on, in order (fsync still runs)."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced

@@ -15,7 +15,7 @@ from moltbotd.config import CanarySettings
 from moltbotd.demo import finish, save
 from moltbotd.protocol import ErrorCode, MoltError
 from moltctl.cli import EXIT_ERROR, EXIT_USAGE
-from tests.conftest import run_moltctl
+from tests.conftest import run_moltctl, wait_until
 from tests.test_cli import fails, ok
 
 X = np.array([[1, 2, 3, 4]], dtype=np.float32)
@@ -145,15 +145,6 @@ def model_status(daemon) -> dict:
     return report["models"][0]
 
 
-def wait_for(condition, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached within {timeout}s")
-        time.sleep(0.05)
-    return result
-
-
 def test_canary_takes_its_share_then_promote(daemon):
     out = ok(run_moltctl("switch", "demo", "v1.0", "--canary", "25%", socket=daemon.socket))
     assert out.startswith("demo: canary v1.0 takes 25% of requests, v2.0 the rest")
@@ -261,7 +252,7 @@ def test_canary_survives_a_restart(daemon_factory):
     assert canary is not None
     assert (canary["version"], canary["share"]) == ("v1.0", 0.1)
     assert canary["started"] == before["started"]
-    assert wait_for(lambda: model_status(daemon)["canary"]["worker"]["state"] == "ready",
+    assert wait_until(lambda: model_status(daemon)["canary"]["worker"]["state"] == "ready",
                     what="the resumed canary's worker ready")  # fmt: skip
     with daemon.client() as client:
         versions = [client.infer("demo", {"x": X}).version for _ in range(20)]

@@ -362,15 +362,8 @@ def test_copy_tree_creates_missing_parents(version, tmp_path):
     assert tree(target) == tree(version)
 
 
-def test_copy_tree_fsyncs_files_and_folders(version, tmp_path, monkeypatch):
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.fstat(fd).st_ino)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+def test_copy_tree_fsyncs_files_and_folders(version, tmp_path, fsynced):
+    synced = fsynced
     target = tmp_path / "copy"
     copy_tree(version, target)
     for path in [target, *target.rglob("*"), target.parent]:

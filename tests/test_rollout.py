@@ -20,7 +20,7 @@ from moltbotd.demo import save, scale_model
 from moltbotd.manifest import build_manifest, write_manifest
 from moltbotd.protocol import ErrorCode, MoltError
 from moltctl.client import AsyncClient, Client, ConnectError, ProtocolError
-from tests.conftest import run_moltctl
+from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model, reshape_model, slow_model
 
 FACTOR = {"v1.0": np.float32(2.0), "v2.0": np.float32(10.0)}  # demo: y = factor * x
@@ -29,16 +29,6 @@ SLOW_WARMUP_N = 1_000_000  # Loop iterations of a warm-up sample: a second or tw
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def wait_until(condition, timeout: float = 10.0, what: str = "the condition"):
-    """Poll condition() until it returns something true; fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout:g}s")
-        time.sleep(0.05)
-    return value
 
 
 def serving(client: Client, model: str = "demo") -> str:

@@ -100,15 +100,8 @@ def test_atomic_write_failure_to_rename_keeps_old_content(tmp_path, monkeypatch)
     assert names(tmp_path) == ["file.json"]
 
 
-def test_atomic_write_fsyncs_file_then_folder(tmp_path, monkeypatch):
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.fstat(fd).st_ino)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+def test_atomic_write_fsyncs_file_then_folder(tmp_path, fsynced):
+    synced = fsynced
     path = tmp_path / "file.json"
     atomic_write(path, b"data")
     assert synced == [path.stat().st_ino, tmp_path.stat().st_ino]
