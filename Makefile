@@ -7,7 +7,7 @@ RUN_DIR := $(CURDIR)/run
 SOCKET := $(RUN_DIR)/moltbotd.sock
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo check lint test e2e e2e-deps bench clean
+.PHONY: venv run demo check lint test e2e e2e-deps bench bench-switch clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -52,6 +52,10 @@ e2e-deps:
 
 bench: venv
 	$(PY) bench/bench.py
+
+# Memory, fds and threads of the daemon across 200 version switches (docs/performance.md).
+bench-switch: venv
+	$(PY) bench/switch_memory.py
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) build dist *.egg-info .pytest_cache .ruff_cache

@@ -59,6 +59,7 @@ class Sample:
     daemon_pss_kb: int
     daemon_anon_kb: int
     workers: int
+    each_worker_rss_kb: tuple[int, ...]  # by pid
     workers_rss_kb: int
     workers_pss_kb: int
     fds: int
@@ -95,19 +96,21 @@ def children(pid: int) -> list[int]:
 
 def sample(pid: int, switches: int) -> Sample:
     daemon = smaps_rollup(pid)
-    rss = pss = count = 0
+    rss, pss = [], []
     for child in children(pid):
         with contextlib.suppress(OSError):  # it may exit between the listing and the read
             memory = smaps_rollup(child)
-            rss, pss, count = rss + memory["Rss"], pss + memory["Pss"], count + 1
+            rss.append(memory["Rss"])
+            pss.append(memory["Pss"])
     return Sample(
         switches=switches,
         daemon_rss_kb=int(proc_status(pid)["VmRSS"].split()[0]),
         daemon_pss_kb=daemon["Pss"],
         daemon_anon_kb=daemon["Anonymous"],
-        workers=count,
-        workers_rss_kb=rss,
-        workers_pss_kb=pss,
+        workers=len(rss),
+        each_worker_rss_kb=tuple(rss),
+        workers_rss_kb=sum(rss),
+        workers_pss_kb=sum(pss),
         fds=len(os.listdir(f"/proc/{pid}/fd")),
         threads=int(proc_status(pid)["Threads"]),
     )
@@ -208,10 +211,14 @@ def run(args: argparse.Namespace, workdir: Path) -> Result:
     return Result(samples, seconds, failures, stream, wall)
 
 
+def _each(s: Sample) -> str:
+    return " + ".join(f"{kb / 1024:.1f}" for kb in s.each_worker_rss_kb)
+
+
 def _brief(s: Sample) -> str:
     return (
         f"daemon RSS {s.daemon_rss_kb / 1024:.1f} MiB (anon {s.daemon_anon_kb / 1024:.1f}),"
-        f" {s.workers} workers RSS {s.workers_rss_kb / 1024:.1f} MiB,"
+        f" {s.workers} workers RSS {s.workers_rss_kb / 1024:.1f} MiB ({_each(s)}),"
         f" {s.fds} fds, {s.threads} threads"
     )
 
