@@ -8,7 +8,7 @@ copy of the demo repository (moltbotd.demo: demo v1.0 y = 2x, demo v2.0 y = 10x,
 v1), then switches demo back and forth between v1.0 and v2.0 with the blocking Client.
 One cycle is one switch: --cycles 200 makes 200 measured switches (100 to each version),
 after --warmup switches (10) that are not measured, so one-time costs (imports, the
-first allocations of each code path, the log ring filling) are left out.
+first allocations of each code path) are left out.
 
 Meanwhile a thread sends a light stream of infer requests to demo (one every
 --interval seconds on its own connection) and checks every answer against the version
@@ -18,8 +18,10 @@ Sampled after the warm-up and after the last switch (and every --series switches
 the daemon's (supervisor's) VmRSS and, from /proc/PID/smaps_rollup, its Pss and
 anonymous memory; the total RSS and Pss of its worker processes (its live children,
 found by their parent pid in /proc/PID/stat); the daemon's open file descriptors
-(/proc/PID/fd) and threads. Printed as a table with the growth between the two samples,
-and the duration of the switch calls (median, p95, max).
+(/proc/PID/fd) and threads; and how many log entries it has written (its in-memory ring
+keeps the newest log_ring_size, 10,000 by default, so it grows until then: about four
+entries a switch). Printed as a table with the growth between the two samples, and the
+duration of the switch calls (median, p95, max).
 
 Exits 1 if a request (an infer or a switch) failed, whatever the memory figures say:
 this is a benchmark that reports; the tests are what assert.
@@ -64,6 +66,7 @@ class Sample:
     workers_pss_kb: int
     fds: int
     threads: int
+    log_entries: int  # written since the start; the daemon's ring keeps the newest log_ring_size
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -94,7 +97,7 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def sample(pid: int, switches: int) -> Sample:
+def sample(pid: int, switches: int, client: Client) -> Sample:
     daemon = smaps_rollup(pid)
     rss, pss = [], []
     for child in children(pid):
@@ -113,6 +116,7 @@ def sample(pid: int, switches: int) -> Sample:
         workers_pss_kb=sum(pss),
         fds=len(os.listdir(f"/proc/{pid}/fd")),
         threads=int(proc_status(pid)["Threads"]),
+        log_entries=client.logs(limit=1)["last_seq"],
     )
 
 
@@ -203,7 +207,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Result:
                     series = args.series and measured > 0 and measured % args.series == 0
                     if number in (args.warmup, total) or series:
                         time.sleep(SETTLE)  # let the old worker's exit be reaped
-                        samples.append(sample(pid, number))
+                        samples.append(sample(pid, number, client))
                         print(f"  after {number} switches: {_brief(samples[-1])}", flush=True)
         finally:
             stream.stop()
@@ -219,7 +223,7 @@ def _brief(s: Sample) -> str:
     return (
         f"daemon RSS {s.daemon_rss_kb / 1024:.1f} MiB (anon {s.daemon_anon_kb / 1024:.1f}),"
         f" {s.workers} workers RSS {s.workers_rss_kb / 1024:.1f} MiB ({_each(s)}),"
-        f" {s.fds} fds, {s.threads} threads"
+        f" {s.fds} fds, {s.threads} threads, {s.log_entries} log entries"
     )
 
 
@@ -234,6 +238,7 @@ METRICS = [
     ("workers Pss, total", "workers_pss_kb", "MiB"),
     ("daemon open fds", "fds", ""),
     ("daemon threads", "threads", ""),
+    ("log entries written (ring keeps 10,000)", "log_entries", "entries"),
 ]
 
 
@@ -244,7 +249,9 @@ def format_table(first: Sample, last: Sample) -> str:
     for label, attr, unit in METRICS:
         before, after = getattr(first, attr), getattr(last, attr)
         growth = f"{(after - before) / before * 100:+.2f} %" if before else "n/a"
-        if unit == "MiB":
+        if unit == "entries":
+            body.append((label, str(before), str(after), f"{after - before:+d}"))
+        elif unit == "MiB":
             body.append((f"{label} (MiB)", f"{before / 1024:.1f}", f"{after / 1024:.1f}", growth))
         else:
             body.append((label, str(before), str(after), growth))
@@ -268,10 +275,10 @@ def format_timing(seconds: list[float]) -> str:
 
 
 def format_series(samples: list[Sample]) -> str:
-    lines = ["samples (switches: daemon RSS / anon, workers RSS, MiB; fds; threads):"]
+    lines = ["samples (switches: daemon RSS / anon, workers RSS, MiB; fds; threads; log entries):"]
     lines += [
         f"  {s.switches:5}: {s.daemon_rss_kb / 1024:6.1f} / {s.daemon_anon_kb / 1024:5.1f},"
-        f" {s.workers_rss_kb / 1024:6.1f}; {s.fds}; {s.threads}"
+        f" {s.workers_rss_kb / 1024:6.1f}; {s.fds}; {s.threads}; {s.log_entries}"
         for s in samples
     ]
     return "\n".join(lines)
