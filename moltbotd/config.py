@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from moltbotd.units import parse_duration, parse_size
+from moltbotd.units import parse_duration, parse_percent, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/moltbot/moltbotd.yaml")
 DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
@@ -98,22 +98,10 @@ def unlimited_or(convert: Converter, doc: str) -> Converter:
     return wrapped
 
 
-def _percent(value: Any, expected: str, fits: Callable[[float], bool]) -> float:
-    """'150%' or 1.5 -> 1.5, if fits(it); else a ValueError saying what was expected."""
-    text = str(value).strip()
-    try:
-        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise ValueError(f"expected {expected}, got {value!r}") from None
-    if isinstance(value, bool) or not fits(number):
-        raise ValueError(f"expected {expected}, got {value!r}")
-    return number
-
-
 def cpu_share(value: Any) -> float:
     """'150%' or 1.5 -> 1.5 CPUs."""
     expected = "a CPU share such as 150% or 1.5 (CPUs), from 1% to 100000%"
-    return _percent(value, expected, lambda cpus: 0.01 <= cpus <= 1000)
+    return parse_percent(value, expected, lambda cpus: 0.01 <= cpus <= 1000)
 
 
 def rate(value: Any) -> int:
@@ -153,7 +141,7 @@ def io_device(value: Any) -> str:
 def fraction(value: Any) -> float:
     """share: 20% or 0.2"""
     expected = "a share such as 20% or 0.2, above 0% and at most 100%"
-    return _percent(value, expected, lambda share: 0 < share <= 1)
+    return parse_percent(value, expected, lambda share: 0 < share <= 1)
 
 
 def boolean(value: Any) -> bool:

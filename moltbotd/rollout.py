@@ -33,8 +33,10 @@ from moltbotd.process import Worker
 from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.repository import MODEL_FILE, RepoModel
 from moltbotd.signature import compare
-from moltbotd.state import Canary, ModelState, fsync_dir
-from moltbotd.supervisor import Model, Supervisor, exclusive
+from moltbotd.state import Canary, fsync_dir
+from moltbotd.states import WorkerState
+from moltbotd.supervisor import Model, Supervisor, exclusive, version_not_found
+from moltbotd.uploads import Uploads
 
 log = get_logger("rollout")
 Progress = Callable[[str, str], None]  # (phase, detail): shown by `moltctl switch` as it goes
@@ -99,9 +101,9 @@ class Rollout:
                 raise _canary_in_progress(model)
             repo_model = repo.get(name)
             if repo_model is None or version not in repo_model.versions:
-                raise _no_version(name, version, repo_model)
+                raise version_not_found(name, version, repo_model)
             active = model.active.spec.version if model.active else None
-            if active == version and not canary and model.active.state.value == "ready":  # type: ignore[union-attr]
+            if active == version and not canary and model.active.state is WorkerState.READY:  # type: ignore[union-attr]
                 return {"model": name, "from": active, "to": version, "changed": False}
             if active == version and canary:
                 raise MoltError(ErrorCode.BAD_REQUEST, f"{version} is already serving {name}")
@@ -228,7 +230,9 @@ class Rollout:
         phases("switching", f"new requests go to {version}")
         pin = self.sup.config_pin(model.name)
         try:
-            self.sup.save(model.name, lambda s: _record(s, version, pin, rollback))
+            self.sup.save(
+                model.name, lambda s: (s.return_to if rollback else s.activate)(version, pin)
+            )
         except MoltError as exc:
             await self.sup.retire(new)
             raise MoltError(exc.code, f"{exc.message}; {previous} keeps serving") from None
@@ -386,15 +390,6 @@ class Rollout:
 _WHAT = {"warming": "running the warm-up inputs"}
 
 
-def _record(saved: ModelState, version: str, pin: str | None, rollback: bool) -> None:
-    if rollback:  # back to `version`: it and whatever came after it leave the history
-        newest = len(saved.history) - 1 - saved.history[::-1].index(version)
-        saved.history = saved.history[:newest]
-        saved.active, saved.config_pin, saved.canary = version, pin, None
-    else:
-        saved.activate(version, pin)
-
-
 async def _checksum(version_dir: Path, keeps: str) -> str:
     try:
         manifest = read_manifest(version_dir)
@@ -413,7 +408,7 @@ async def _checksum(version_dir: Path, keeps: str) -> str:
     return "verified"
 
 
-def _publish(uploads: Any, token: str, manifest: Manifest, target: Path) -> None:
+def _publish(uploads: Uploads, token: str, manifest: Manifest, target: Path) -> None:
     folder = uploads.folder(token)
     write_manifest(folder, manifest)
     uploads.make_durable(token)
@@ -421,15 +416,6 @@ def _publish(uploads: Any, token: str, manifest: Manifest, target: Path) -> None
     os.rename(folder, target)  # fails if target appeared meanwhile: versions never change
     fsync_dir(target.parent)
     fsync_dir(folder.parent)
-
-
-def _no_version(name: str, version: str, repo_model: RepoModel | None) -> MoltError:
-    on_disk = repo_model.versions if repo_model else ()
-    return MoltError(
-        ErrorCode.VERSION_NOT_FOUND,
-        f"model {name} has no version {version} (versions: {', '.join(on_disk)})",
-        {"model": name, "version": version, "versions": list(on_disk)},
-    )
 
 
 def _canary_in_progress(model: Model) -> MoltError:

@@ -66,6 +66,12 @@ class ModelState:
             self.history = [*self.history, self.active][-HISTORY:]
         self.active, self.config_pin, self.canary = version, config_pin, None
 
+    def return_to(self, version: str, config_pin: str | None) -> None:
+        """A rollback to an earlier version: it and what came after it leave the history."""
+        newest = len(self.history) - 1 - self.history[::-1].index(version)
+        self.history = self.history[:newest]
+        self.active, self.config_pin, self.canary = version, config_pin, None
+
 
 @dataclass
 class State:

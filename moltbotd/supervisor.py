@@ -55,6 +55,15 @@ async def exclusive(model: "Model", operation: str) -> AsyncIterator[None]:
             model.operation = None
 
 
+def version_not_found(name: str, version: str, repo_model: RepoModel | None) -> MoltError:
+    on_disk = repo_model.versions if repo_model else ()
+    return MoltError(
+        ErrorCode.VERSION_NOT_FOUND,
+        f"model {name} has no version {version} (versions: {', '.join(on_disk)})",
+        {"model": name, "version": version, "versions": list(on_disk)},
+    )
+
+
 @dataclass
 class Model:
     name: str
@@ -343,11 +352,7 @@ class Supervisor:
         on_disk = repo_model.versions if repo_model else ()
         loaded = sorted(model.loaded())
         if version not in on_disk:
-            raise MoltError(
-                ErrorCode.VERSION_NOT_FOUND,
-                f"model {model.name} has no version {version} (versions: {', '.join(on_disk)})",
-                {"model": model.name, "version": version, "versions": list(on_disk)},
-            )
+            raise version_not_found(model.name, version, repo_model)
         entry = self.config.models.get(model.name)
         if not (entry and entry.on_demand) or repo_model is None:
             raise MoltError(

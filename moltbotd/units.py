@@ -6,6 +6,7 @@ raises ValueError with a sentence that says what was expected.
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 _DURATION_UNITS = {"": 1.0, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -42,6 +43,18 @@ def parse_duration(value: Any) -> float:
     if not match or match.group(2).lower() not in _DURATION_UNITS:
         raise ValueError(f"expected {expected}, got {value!r}")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+def parse_percent(value: Any, expected: str, fits: Callable[[float], bool]) -> float:
+    """'150%' or 1.5 -> 1.5, if fits(it); else a ValueError saying what was expected."""
+    text = str(value).strip()
+    try:
+        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+    if isinstance(value, bool) or not fits(number):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return number
 
 
 def parse_size(value: Any) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from moltbotd import __version__
 from moltbotd.logs import LEVELS, parse_level, render_text
 from moltbotd.protocol import MoltError
-from moltbotd.units import format_duration, format_size
+from moltbotd.units import format_duration, format_size, parse_percent
 from moltctl.client import Client, ConnectError, ProtocolError
 from moltctl.deploying import DeployError, next_version, send_folder
 from moltctl.render import preview, table, to_json
@@ -268,13 +268,10 @@ def parse_share(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        share = 0.0
-    if not 0 < share < 1:
-        raise click.BadParameter(f"expected a share such as 10% (above 0%, below 100%), got"
-                                 f" {text!r}", param_hint="--canary")  # fmt: skip
-    return share
+        return parse_percent(text, "a share such as 10% (above 0%, below 100%)",
+                             lambda share: 0 < share < 1)  # fmt: skip
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--canary") from None
 
 
 @cli.command()

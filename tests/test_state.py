@@ -292,3 +292,9 @@ def test_load_removes_a_temporary_file_a_crash_left(tmp_path):
     left.write_bytes(b'{"half": ')
     assert store.load() == sample()
     assert not left.exists()
+
+
+def test_return_to_trims_the_history_at_the_version():
+    saved = ModelState("v4", ["v1", "v2", "v3"], None, Canary("v5", 0.1, 1.0))
+    saved.return_to("v2", "v9")
+    assert saved == ModelState("v2", ["v1"], "v9", None)
