@@ -63,10 +63,14 @@ class Catalog:
 def _state(model: Model | None, version: str, entry: dict[str, Any]) -> dict[str, Any]:
     """active, canary, loaded (on demand), broken or available; with the reason if broken."""
     if model and model.active and model.active.spec.version == version:
-        return {"state": "active", "pid": model.active.pid}
+        return {"state": "active", "pid": model.active.primary.pid}
     if model and model.canary and model.canary.version == version and model.canary_worker:
-        return {"state": "canary", "pid": model.canary_worker.pid, "share": model.canary.share}
+        return {
+            "state": "canary",
+            "pid": model.canary_worker.primary.pid,
+            "share": model.canary.share,
+        }
     if model and version in model.on_demand:
-        return {"state": "loaded", "pid": model.on_demand[version].pid}
+        return {"state": "loaded", "pid": model.on_demand[version].primary.pid}
     why = (model.broken.get(version) if model else None) or entry["problem"]
     return {"state": "broken", "error": why} if why else {"state": "available"}

@@ -156,6 +156,27 @@ def size(value: Any) -> int:
     return parse_size(value)
 
 
+def milliseconds(value: Any) -> float:
+    """milliseconds, 0..60000"""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 60000:
+        raise ValueError(f"expected a number of milliseconds from 0 to 60000, got {value!r}")
+    return float(value)
+
+
+def batch_sizes(value: Any) -> tuple[int, ...]:
+    """list of batch sizes"""
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in value
+    ):
+        raise ValueError(f"expected a list of batch sizes from 1 to 4096, got {value!r}")
+    return tuple(sorted(set(value)))
+
+
+def optional_name(value: Any) -> str | None:
+    """model name, or none"""
+    return None if value is None or value == "none" else name(value)
+
+
 # --- the settings ---------------------------------------------------------------------
 
 
@@ -246,6 +267,69 @@ class Limits:
     pids: PidsLimits = section(PidsLimits, "processes")
 
 
+PRIORITIES = ("high", "normal", "low")
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = setting(
+        1, integer(1, 4096), "requests run together as one batch (first dimension); 1: off"
+    )
+    timeout_ms: float = setting(
+        2.0, milliseconds, "a batch goes when it is full or its oldest request waited this long"
+    )
+    preferred_sizes: tuple[int, ...] = setting(
+        (), batch_sizes, "a batch that reaches one of these sizes goes at once, without waiting"
+    )
+
+
+@dataclass(frozen=True)
+class Instances:
+    min: int = setting(1, integer(1, 64), "worker processes per model version, at least")
+    max: int = setting(1, integer(1, 64), "worker processes per model version, at most")
+    scale_up_queue: int = setting(
+        4, integer(1, 10**6), "scale up when more requests than this per instance wait..."
+    )
+    scale_up_after: float = setting(1.0, duration, "...for this long")
+    scale_down_after: float = setting(
+        60.0, duration, "an instance above `min` that ran nothing for this long stops"
+    )
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """How requests for one model queue, batch and spread over its worker processes."""
+
+    priority: str = setting(
+        "normal", choice(*PRIORITIES), "the model's requests' priority, unless one sets its own"
+    )
+    max_queue: int = setting(
+        1000, integer(1, 10**7), "requests waiting per model version; more get OVERLOADED"
+    )
+    fallback: str | None = setting(
+        None, optional_name, "the model that answers when this one is overloaded or failed"
+    )
+    batching: Batching = section(Batching, "dynamic batching")
+    instances: Instances = section(Instances, "worker processes per version, and autoscaling")
+
+    def problems(self, model: str) -> list[str]:
+        """Contradictions between settings, phrased for the config's reader."""
+        found = []
+        if self.instances.min > self.instances.max:
+            found.append(f"models.{model}.instances: min {self.instances.min} is above"
+                         f" max {self.instances.max}")  # fmt: skip
+        too_big = [s for s in self.batching.preferred_sizes if s > self.batching.max_batch_size]
+        if too_big:
+            found.append(f"models.{model}.batching: preferred_sizes {list(too_big)} exceed"
+                         f" max_batch_size {self.batching.max_batch_size}")  # fmt: skip
+        if self.fallback == model:
+            found.append(f"models.{model}.fallback: a model cannot fall back on itself")
+        return found
+
+
+SCHEDULING_KEYS = frozenset(f.name for f in dataclasses.fields(Scheduling))
+
+
 @dataclass(frozen=True)
 class Overrides:
     """What a model.yaml or a models.<name> entry sets: session keys and limits, partially.
@@ -256,6 +340,7 @@ class Overrides:
 
     session: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    scheduling: Mapping[str, Any] = field(default_factory=dict)
     samples: tuple[Mapping[str, Any], ...] = ()
 
 
@@ -332,6 +417,9 @@ class Config:
         600.0, duration, "a version loaded on demand is unloaded after this long unused"
     )
     canary: CanarySettings = section(CanarySettings, "automatic rollback of a canary")
+    scheduling: Scheduling = section(
+        Scheduling, "queues, priorities, batching, instances (models.NAME overrides)"
+    )
     isolation: str = setting(
         "best-effort",
         choice("strict", "best-effort", "off"),
@@ -356,12 +444,31 @@ class Config:
     def limits_for(self, model: str, model_yaml: Overrides) -> Limits:
         """limits < the version's model.yaml limits < the config's models.<name>.limits."""
         entry = self.models.get(model, ModelConfig()).overrides
-        return Limits(**{
-            f.name: dataclasses.replace(getattr(self.limits, f.name),
-                                        **{**model_yaml.limits.get(f.name, {}),
-                                           **entry.limits.get(f.name, {})})
-            for f in dataclasses.fields(Limits)
-        })  # fmt: skip
+        return _merged(self.limits, model_yaml.limits, entry.limits)
+
+    def scheduling_for(self, model: str, model_yaml: Overrides) -> Scheduling:
+        """scheduling < the version's model.yaml < the config's models.<name>; raises
+        ConfigError when the result contradicts itself."""
+        entry = self.models.get(model, ModelConfig()).overrides
+        merged = _merged(self.scheduling, model_yaml.scheduling, entry.scheduling)
+        problems = merged.problems(model)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return merged
+
+
+def _merged(base: Any, *partials: Mapping[str, Any]) -> Any:
+    """A settings dataclass with partial overrides applied in order, sections key by key."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(base):
+        given = [p[f.name] for p in partials if f.name in p]
+        if not given:
+            continue
+        if "section" in f.metadata:
+            changes[f.name] = _merged(getattr(base, f.name), *given)
+        else:
+            changes[f.name] = given[-1]
+    return dataclasses.replace(base, **changes)
 
 
 # --- loading --------------------------------------------------------------------------
@@ -384,10 +491,12 @@ def parse_overrides(data: Any, where: str, prefix: str = "") -> Overrides:
     if data is None:
         return Overrides()
     _require_map(data, where, prefix)
-    session = {k: v for k, v in data.items() if k != "limits"}
+    session = {k: v for k, v in data.items() if k != "limits" and k not in SCHEDULING_KEYS}
+    scheduling = {k: v for k, v in data.items() if k in SCHEDULING_KEYS}
     return Overrides(
-        _partial(SessionSettings, session, where, prefix, extra=("limits",)),
+        _partial(SessionSettings, session, where, prefix, extra=("limits", *SCHEDULING_KEYS)),
         _partial(Limits, data.get("limits"), where, prefix + "limits."),
+        _partial(Scheduling, scheduling, where, prefix),
     )
 
 
@@ -529,6 +638,7 @@ def reference_markdown() -> str:
     walk(Config, "")
     walk(SessionSettings, "models.NAME.")
     walk(Limits, "models.NAME.limits.")
+    walk(Scheduling, "models.NAME.")
     rows.append(
         "| `models.NAME.version` | model or version name | highest on disk |"
         " the version served when the daemon starts (see below) |"
@@ -543,7 +653,7 @@ def reference_markdown() -> str:
 def _show(value: Any, convert: Converter) -> str:
     """A default as one would write it in the file."""
     if value is None:
-        return "auto" if convert is threads else "max"
+        return {threads: "auto", optional_name: "none"}.get(convert, "max")
     if convert in (duration, cpu_period):
         return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
     if convert is fraction:
@@ -552,4 +662,6 @@ def _show(value: Any, convert: Converter) -> str:
         return f"{value // 2**20}MiB" if value % 2**20 == 0 else str(value)
     if convert is file_mode:
         return f'"0{value:o}"'
+    if convert is batch_sizes:
+        return str(list(value))
     return str(value)

@@ -115,7 +115,24 @@ OPERATIONS: dict[str, Operation] = {
                 Param("inputs", (dict,), required=True, help="input name -> tensor or nested list"),
                 Param("version", (str,), help="answer from this loaded version (default: active)"),
                 Param("outputs", (list,), help="names of the outputs wanted (default: all)"),
+                Param("priority", (str,), help="high, normal or low (default: the model's)"),
+                Param(
+                    "timeout_ms",
+                    (float,),
+                    help="deadline: answered DEADLINE_EXCEEDED (and"
+                    " never run if still queued) after this many milliseconds",
+                ),
             ),
+        ),
+        Operation(
+            "scale",
+            "Set the number of worker processes of MODEL's active version, or give it back"
+            " to autoscaling (instances: 0); remembered across restarts.",
+            (
+                Param("model", (str,), required=True, help="model name"),
+                Param("instances", (int,), required=True, help="1 to 64; 0: autoscaling"),
+            ),
+            mutating=True,
         ),
         Operation(
             "switch",

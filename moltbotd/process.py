@@ -28,6 +28,7 @@ from moltbotd.states import WorkerState, check_transition
 
 log = get_logger("worker")
 S = WorkerState
+Done = Callable[[dict[str, Any] | MoltError], None]
 
 
 @dataclass
@@ -45,6 +46,7 @@ class WorkerSpec:
     session: SessionSettings
     limits: Limits = field(default_factory=Limits)
     samples: tuple[Mapping[str, Any], ...] = ()  # model.yaml's warm-up inputs
+    batched: bool = False  # requests may come concatenated: the model must allow it
 
     @property
     def label(self) -> str:
@@ -80,6 +82,7 @@ class Worker:
     started_at: float | None = None  # monotonic time it became READY
     cgroup: Group | None = None  # where its process goes before it loads the model
     on_phase: Callable[[str], None] | None = None  # told when loading turns to warming
+    on_state: Callable[["Worker"], None] | None = None  # told after every state change
     ready_info: dict[str, Any] = field(default_factory=dict)  # the last `ready` handshake
     last_used: float = field(default_factory=time.monotonic)
 
@@ -87,7 +90,9 @@ class Worker:
         self.log = log.bind(model=self.spec.model, version=self.spec.version)
         self._ids = itertools.count(1)
         self._oom_kills = 0  # the group's count when the current process started
-        self._inflight: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._inflight: dict[int, Done] = {}
+        self._idle = asyncio.Event()  # set while nothing is in flight
+        self._idle.set()
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._channel: _Channel | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -165,7 +170,7 @@ class Worker:
         _, self._channel = await loop.create_unix_connection(lambda: _Channel(self), sock=parent)
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session),
-                "samples": list(self.spec.samples)}  # fmt: skip
+                "samples": list(self.spec.samples), "batched": self.spec.batched}  # fmt: skip
         self._channel.transport.write(encode_frame(spec))  # type: ignore[union-attr]
         self.log.info(f"{self.label} starting", pid=self.pid)
         return await self._await_handshake()
@@ -284,9 +289,8 @@ class Worker:
         """Refuse new requests, wait for those in flight; False if the deadline passed."""
         if self.state is S.READY:
             await self._set(S.DRAINING)
-        async with self._changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait_for(lambda: not self._inflight), timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
         return not self._inflight
 
     async def _kill_and_reap(self, grace: float = 0.0) -> None:
@@ -311,6 +315,8 @@ class Worker:
         check_transition(self.state, new)
         old, self.state = self.state, new
         self.log.debug(f"{self.label} {old} -> {new}")
+        if self.on_state:
+            self.on_state(self)
         await self._notify()
 
     async def wait_ready(self, timeout: float) -> None:
@@ -339,29 +345,17 @@ class Worker:
 
     # --- requests ----------------------------------------------------------------------
 
-    async def infer(self, inputs: dict[str, Any], outputs: list[str] | None) -> dict[str, Any]:
+    def send(self, batch: list[tuple[dict[str, Any], list[str] | None]], done: Done) -> None:
+        """Run a batch (one request, or several to concatenate) and call done(reply) with
+        the worker's reply, or with a MoltError if the process dies first."""
         if self.state is not S.READY or self._channel is None or self._channel.transport is None:
             raise self.unavailable()
         req_id = next(self._ids)
         self.last_used = time.monotonic()
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[req_id] = future
-        self.counters.requests += 1
-        message = {"id": req_id, "inputs": inputs}
-        if outputs:
-            message["outputs"] = outputs
-        self._channel.transport.write(encode_frame(message))
-        try:
-            reply = await future
-        finally:
-            del self._inflight[req_id]
-            if not self._inflight and self.state is S.DRAINING:
-                await self._notify()
-        if "error" in reply:
-            self.counters.errors += 1
-            error = reply["error"]
-            raise MoltError(ErrorCode(error["code"]), f"{self.label}: {error['message']}")
-        return reply
+        self._inflight[req_id] = done
+        self._idle.clear()
+        self.counters.requests += len(batch)
+        self._channel.transport.write(encode_frame({"id": req_id, "batch": batch}))
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -372,9 +366,12 @@ class Worker:
             self.log.error(f"{self.label} sent a bad frame", error=str(message))
             return
         if "id" in message:
-            future = self._inflight.get(message["id"])
-            if future and not future.done():
-                future.set_result(message)
+            done = self._inflight.pop(message["id"], None)
+            if done:
+                self.counters.errors += sum(not isinstance(r, bytes) for r in message["results"])
+                done(message)
+            if not self._inflight:
+                self._idle.set()
         elif "phase" in message:
             if self.on_phase:
                 self.on_phase(message["phase"])
@@ -389,16 +386,12 @@ class Worker:
         return _describe_exit(code), ErrorCode.WORKER_FAILED
 
     def _fail_inflight(self, why: str, code: ErrorCode = ErrorCode.WORKER_FAILED) -> None:
-        for future in self._inflight.values():
-            if not future.done():
-                self.counters.errors += 1
-                future.set_exception(
-                    MoltError(
-                        code,
-                        why,
-                        {"model": self.spec.model, "version": self.spec.version},
-                    )
-                )
+        inflight, self._inflight = self._inflight, {}
+        self._idle.set()
+        details = {"model": self.spec.model, "version": self.spec.version}
+        for done in inflight.values():
+            self.counters.errors += 1
+            done(MoltError(code, why, details))
 
     async def _relay_output(self, proc: asyncio.subprocess.Process) -> None:
         """onnxruntime and Python write to the worker's stdout/stderr: log it, tagged."""

@@ -41,6 +41,8 @@ class ErrorCode(enum.StrEnum):
     INFERENCE_FAILED = "INFERENCE_FAILED"
     CONFLICT = "CONFLICT"
     VALIDATION_FAILED = "VALIDATION_FAILED"
+    OVERLOADED = "OVERLOADED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     ALREADY_EXISTS = "ALREADY_EXISTS"
     INVALID_CONFIG = "INVALID_CONFIG"
     SHUTTING_DOWN = "SHUTTING_DOWN"
@@ -90,8 +92,24 @@ class FrameTooLarge(MoltError):
 # --- frames -------------------------------------------------------------------------
 
 
+class Packed(bytes):
+    """A value already encoded as msgpack (a worker's outputs): spliced in, never re-encoded."""
+
+
+def pack_with(fields: dict[str, Any], key: str, packed: bytes) -> Packed:
+    """The map `fields` plus `key: packed`, encoded without decoding `packed`: a map packed
+    with None last ends in nil (0xc0), which the packed value replaces."""
+    head = msgpack.packb({**fields, key: None}, use_bin_type=True)
+    return Packed(head[:-1] + packed)
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
+    result = message.get("result")
+    if isinstance(result, Packed):
+        rest = {k: v for k, v in message.items() if k != "result"}
+        body: bytes = pack_with(rest, "result", result)
+    else:
+        body = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 

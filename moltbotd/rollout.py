@@ -29,7 +29,7 @@ from moltbotd.manifest import (
     verify,
     write_manifest,
 )
-from moltbotd.process import Worker
+from moltbotd.pool import Pool
 from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.repository import MODEL_FILE, RepoModel
 from moltbotd.signature import compare
@@ -73,7 +73,7 @@ class Phases:
 
 @dataclasses.dataclass
 class Candidate:
-    worker: Worker
+    pool: Pool
     changes: list[str]  # accepted with --force: what changes for clients
     checksum: str  # "verified", or why it was not checked
 
@@ -211,13 +211,13 @@ class Rollout:
         return Candidate(worker, changes, checksum)
 
     @staticmethod
-    def _changes(old: Worker | None, new: Worker) -> list[str]:
+    def _changes(old: Pool | None, new: Pool) -> list[str]:
         changes = []
         if old and old.signature and new.signature and old is not new:
             changes = compare(old.signature, new.signature)
-        if new.ready_info.get("warmup_error"):
+        if new.primary.ready_info.get("warmup_error"):
             changes.append(
-                f"the warm-up run on zeros failed ({new.ready_info['warmup_error']}); give"
+                f"the warm-up run on zeros failed ({new.primary.ready_info['warmup_error']}); give"
                 " model.yaml `samples:` inputs the model accepts"
             )
         return changes
@@ -225,7 +225,7 @@ class Rollout:
     async def _cut_over(
         self, model: Model, found: Candidate, phases: Phases, rollback: bool = False
     ) -> dict[str, Any]:
-        new, old = found.worker, model.active
+        new, old = found.pool, model.active
         version, previous = new.spec.version, old and old.spec.version
         phases("switching", f"new requests go to {version}")
         pin = self.sup.config_pin(model.name)
@@ -251,12 +251,12 @@ class Rollout:
     def _start_canary(
         self, model: Model, found: Candidate, share: float, phases: Phases
     ) -> dict[str, Any]:
-        version = found.worker.spec.version
+        version = found.pool.spec.version
         phases("switching", f"{share:.0%} of requests go to {version}")
         route = CanaryRoute(version, share, self.sup.config.canary)
         saved = Canary(version, share, route.started)
         self.sup.save(model.name, lambda s: setattr(s, "canary", saved))
-        model.canary, model.canary_worker = route, found.worker
+        model.canary, model.canary_worker = route, found.pool
         active = model.active.spec.version if model.active else None
         log.info(f"model {model.name}: canary {version} takes {share:.0%} of requests",
                  model=model.name, version=version)  # fmt: skip
@@ -315,14 +315,14 @@ class Rollout:
         try:
             await asyncio.to_thread(_publish, self.sup.uploads, upload, manifest, target)
         except OSError as exc:
-            await self.sup.retire(found.worker)
+            await self.sup.retire(found.pool)
             raise MoltError(ErrorCode.INTERNAL, f"cannot publish {target}: {exc}") from None
-        found.worker.spec = dataclasses.replace(found.worker.spec, path=target / MODEL_FILE)
+        found.pool.set_spec(dataclasses.replace(found.pool.spec, path=target / MODEL_FILE))
         log.info(f"model {name} {version} deployed", model=name, version=version, peer=peer)
         if activate:
             result = await self._cut_over(model, found, phases)
         else:
-            await self.sup.retire(found.worker)
+            await self.sup.retire(found.pool)
             result = {"model": name, "to": version, "changed": False,
                       "changes": found.changes, "seconds": phases.done()}  # fmt: skip
         return {**result, "deployed": str(target), "sha256": manifest.model_sha256}

@@ -1,8 +1,10 @@
 """The Unix socket server: a thin asyncio adapter over the sans-IO protocol.
 
-Each connection decodes frames, runs every request as its own task (so responses go
-out in completion order, each tagged with its id) and pauses reading when a client has
-too many requests open. Operations are dispatched from operations.OPERATIONS only.
+Each connection decodes frames and starts every request at once; a handler is either a
+coroutine (run as its own task) or returns a future (an inference: queued in its model's
+pool, no task at all, which is most of the per-request cost saved). Responses go out in
+completion order, each tagged with its id, and reading pauses when a client has too
+many requests open. Operations are dispatched from operations.OPERATIONS only.
 """
 
 import asyncio
@@ -18,7 +20,7 @@ from typing import Any
 
 from moltbotd import __version__
 from moltbotd.catalog import Catalog
-from moltbotd.config import Config
+from moltbotd.config import PRIORITIES, Config
 from moltbotd.logs import LEVELS, Ring, get_logger, parse_level
 from moltbotd.operations import OPERATIONS, lookup
 from moltbotd.protocol import (
@@ -49,6 +51,7 @@ class Caller:
 
 Handler = Callable[[dict[str, Any], Caller], Awaitable[Any]]
 Emit = Callable[[dict[str, Any]], None]
+Answer = tuple[Any, "asyncio.Future[Any]"]  # a request's id, and its outcome to come
 
 
 class StartError(Exception):
@@ -97,8 +100,22 @@ def make_handlers(
     async def models(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return supervisor.repository()
 
-    async def infer(p: dict[str, Any], _: Caller) -> dict[str, Any]:
-        return await supervisor.infer(p["model"], p["inputs"], p.get("version"), p.get("outputs"))
+    def infer(p: dict[str, Any], _: Caller) -> Awaitable[Any]:
+        priority, timeout = p.get("priority"), p.get("timeout_ms")
+        if priority is not None and priority not in PRIORITIES:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"priority must be high, normal or low,"
+                            f" got {priority!r}"[:200])  # fmt: skip
+        if timeout is not None and not timeout > 0:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"timeout_ms must be above 0, got {timeout!r}")
+        return supervisor.infer(p["model"], p["inputs"], p.get("version"), p.get("outputs"),
+                                priority, timeout)  # fmt: skip
+
+    async def scale(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        instances = p["instances"]
+        if not 0 <= instances <= 64:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"instances must be from 1 to 64, or 0 for"
+                            f" autoscaling; got {instances}")  # fmt: skip
+        return supervisor.scale(p["model"], instances or None)
 
     async def switch(p: dict[str, Any], c: Caller) -> dict[str, Any]:
         share = p.get("canary")
@@ -152,6 +169,7 @@ def make_handlers(
         "status": status,
         "models": models,
         "infer": infer,
+        "scale": scale,
         "switch": switch,
         "rollback": rollback,
         "promote": promote,
@@ -187,11 +205,9 @@ class Server:
         os.chmod(path, self.config.socket_mode)
         log.info(f"listening on {path}", socket=str(path))
 
-    async def handle(
-        self, message: dict[str, Any], peer: str = "", emit: Emit | None = None
-    ) -> dict[str, Any]:
-        """One request in, one response out (and progress frames through emit, when the
-        request asks for them); never raises."""
+    def begin(self, message: dict[str, Any], peer: str = "", emit: Emit | None = None) -> Answer:
+        """Start one request; the future gives its response (and progress frames go
+        through emit, when the request asks for them). Never raises."""
         req_id = request_id(message)
         try:
             request = parse_request(message)
@@ -203,16 +219,25 @@ class Server:
             params = op.check_params(request.params)
             if op.mutating:  # an audit trail: who changed what, when
                 log.info(f"{op.name} requested", op=op.name, peer=peer, **params)
-            result = await self.handlers[op.name](
-                params, self._caller(request.id, params, peer, emit)
-            )
-            return ok_response(request.id, result)
+            caller = self._caller(request.id, params, peer, emit)
+            outcome = asyncio.ensure_future(self.handlers[op.name](params, caller))
+        except Exception as exc:
+            outcome = asyncio.get_running_loop().create_future()
+            outcome.set_exception(exc)
+        return req_id, outcome
+
+    @staticmethod
+    def respond(answer: Answer) -> dict[str, Any]:
+        """The response for a finished request; an unexpected exception is logged."""
+        req_id, outcome = answer
+        try:
+            return ok_response(req_id, outcome.result())
         except RequestError as exc:
             return error_response(exc.req_id, exc)
         except MoltError as exc:
             return error_response(req_id, exc)
         except Exception:
-            log.exception("internal error while handling a request", op=message.get("op"))
+            log.exception("internal error while handling a request")
             error = MoltError(
                 ErrorCode.INTERNAL, "internal error in moltbotd; the daemon log has the details"
             )
@@ -321,16 +346,15 @@ class Connection(asyncio.Protocol):
 
     def _start(self, message: dict[str, Any]) -> None:
         self.pending += 1
-        handling = self.server.handle(message, self.peer, self._write)
-        task = asyncio.get_running_loop().create_task(handling)
-        task.add_done_callback(self._finished)
+        answer = self.server.begin(message, self.peer, self._write)
+        answer[1].add_done_callback(lambda _: self._finished(answer))
         if self.pending >= self.server.config.max_inflight_per_connection and not self.paused:
             self.paused = True
             self.transport.pause_reading()
 
-    def _finished(self, task: "asyncio.Task[dict[str, Any]]") -> None:
+    def _finished(self, answer: Answer) -> None:
         self.pending -= 1
-        self._write(task.result())
+        self._write(self.server.respond(answer))
         if self.paused and not self.transport.is_closing():
             self.paused = False
             self.transport.resume_reading()

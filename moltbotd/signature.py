@@ -70,6 +70,18 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    def batch_problem(self) -> str | None:
+        """Why requests cannot be concatenated along the first dimension, if they cannot."""
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            for spec in specs:
+                if spec.dtype in (None, STRING_DTYPE) or not spec.shape:
+                    return f"{kind} {spec.describe()} has no first dimension to batch along"
+                if isinstance(spec.shape[0], int):
+                    return (f"{kind} {spec.describe()} has a fixed first dimension; batching"
+                            " needs it dynamic: export the model with a dynamic batch dimension"
+                            " or set batching.max_batch_size: 1")  # fmt: skip
+        return None
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "inputs": [s.to_wire() for s in self.inputs],

@@ -1,4 +1,5 @@
-"""State that survives restarts: each model's active version, its history and a canary.
+"""State that survives restarts: per model its active version, its history, a canary
+and an instance count set by hand.
 
 One JSON file in the state directory, replaced atomically (write a temporary file,
 fsync it, rename it over the old one, fsync the directory), so a crash at any point
@@ -60,6 +61,7 @@ class ModelState:
     history: list[str] = field(default_factory=list)  # earlier active versions, newest last
     config_pin: str | None = None  # models.NAME.version when `active` was chosen
     canary: Canary | None = None
+    instances: int | None = None  # set by `moltctl scale`; None: the config's autoscaling
 
     def activate(self, version: str, config_pin: str | None) -> None:
         if self.active and self.active != version:
@@ -106,7 +108,10 @@ def _model_state(name: str, raw: Any) -> ModelState:
     canary = raw.get("canary")
     if canary is not None:
         canary = Canary(str(canary["version"]), float(canary["share"]), float(canary["started"]))
-    return ModelState(raw.get("active"), history, raw.get("config_pin"), canary)
+    instances = raw.get("instances")
+    if not (instances is None or (type(instances) is int and instances > 0)):
+        raise ValueError(f"models.{name}.instances: expected a count, got {instances!r}")
+    return ModelState(raw.get("active"), history, raw.get("config_pin"), canary, instances)
 
 
 class StateStore:

@@ -1,9 +1,10 @@
-"""The supervisor: which models are served, which worker answers each request.
+"""The supervisor: which models are served, which pool answers each request.
 
-It owns the routing table: per model the active Worker, a canary Worker with its share,
-and versions loaded on demand. Each Worker owns its own process; the supervisor decides
-which workers exist. How a version becomes active (switch, canary, promote, rollback,
-deploy) is rollout.py's; this file starts, routes, reloads and reports.
+It owns the routing table: per model the active Pool (a version's worker processes and
+its queue), a canary Pool with its share, and versions loaded on demand; a request goes
+to its model's route, or to the model's fallback when that one is overloaded or failed.
+How a version becomes active (switch, canary, promote, rollback, deploy) is rollout.py's;
+this file starts, routes, reloads and reports.
 """
 
 import asyncio
@@ -19,13 +20,15 @@ from typing import Any
 
 from moltbotd.canary import CanaryRoute
 from moltbotd.cgroups import CgroupError
-from moltbotd.config import Config, ConfigError
+from moltbotd.config import Config, ConfigError, Scheduling
 from moltbotd.isolation import Isolation
 from moltbotd.limits import intra_op_threads
 from moltbotd.logs import get_logger
-from moltbotd.process import Worker, WorkerSpec
-from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.pool import Pool
+from moltbotd.process import WorkerSpec
+from moltbotd.protocol import ErrorCode, MoltError, Packed, pack_with
 from moltbotd.repository import MODEL_FILE, RepoModel, read_model_yaml, scan
+from moltbotd.scheduler import Pending, overloaded
 from moltbotd.signature import check_inputs, check_output_names
 from moltbotd.state import ModelState, State, StateStore
 from moltbotd.states import WorkerState
@@ -34,7 +37,7 @@ from moltbotd.uploads import Uploads
 log = get_logger("supervisor")
 # Settings a reload applies at once; any other change waits for a restart of the daemon.
 LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout", "canary",
-                           "on_demand_idle"})  # fmt: skip
+                           "on_demand_idle", "scheduling"})  # fmt: skip
 REAP_EVERY = 30.0  # seconds between looks for idle on-demand versions and stale uploads
 
 
@@ -67,17 +70,17 @@ def version_not_found(name: str, version: str, repo_model: RepoModel | None) -> 
 @dataclass
 class Model:
     name: str
-    active: Worker | None = None
+    active: Pool | None = None
     canary: CanaryRoute | None = None
-    canary_worker: Worker | None = None
-    on_demand: dict[str, Worker] = field(default_factory=dict)  # version -> worker
+    canary_worker: Pool | None = None
+    on_demand: dict[str, Pool] = field(default_factory=dict)  # version -> its pool
     broken: dict[str, str] = field(default_factory=dict)  # version -> why it could not serve
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     error: str | None = None  # why it has no worker at all (e.g. a bad model.yaml)
     operation: str | None = None  # the state-changing operation in progress
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def loaded(self) -> dict[str, Worker]:
+    def loaded(self) -> dict[str, Pool]:
         """Every version with a worker, by version."""
         workers = dict(self.on_demand)
         if self.canary and self.canary_worker:
@@ -107,7 +110,7 @@ class Model:
         }  # fmt: skip
 
 
-def _worker_status(worker: Worker, isolation: Isolation) -> dict[str, Any]:
+def _worker_status(worker: Pool, isolation: Isolation) -> dict[str, Any]:
     status = worker.status()
     if worker.cgroup:
         status["cgroup"] = str(worker.cgroup.path)
@@ -120,7 +123,7 @@ class Supervisor:
         self.config = config
         self.isolation = isolation
         self.models: dict[str, Model] = {}
-        self.workers: set[Worker] = set()  # every worker not yet retired, active or not
+        self.pools: set[Pool] = set()  # every pool not yet retired, active or not
         self.started = time.time()
         self.store = StateStore(config.state_dir)
         self.state = State()
@@ -146,7 +149,7 @@ class Supervisor:
         for name, repo_model in repo.items():
             self.start_model(Model(name), repo_model)
         await asyncio.gather(
-            *(w.wait_ready(self.config.workers.start_timeout) for w in list(self.workers)),
+            *(p.wait_ready(self.config.workers.start_timeout) for p in list(self.pools)),
             return_exceptions=True,
         )
         for model in self.models.values():
@@ -213,46 +216,53 @@ class Supervisor:
         wanted = self.config.models.get(name)
         return wanted.version if wanted else None
 
-    def spawn(self, model: Model, version: str, version_dir: Path) -> Worker | None:
-        """A new worker for a version (started, not yet ready); None if it cannot be, with
+    def spawn(self, model: Model, version: str, version_dir: Path) -> Pool | None:
+        """A new pool for a version (started, not yet ready); None if it cannot be, with
         the reason in model.broken."""
         try:
-            spec = self.spec(model.name, version, version_dir)
+            spec, scheduling = self.spec(model.name, version, version_dir)
             group = self.isolation.place(model.name, version, spec.limits)
         except (ConfigError, CgroupError) as exc:
             model.broken[version] = str(exc)
             model.error = model.error if model.active else str(exc)
             log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
             return None
-        worker = Worker(spec, self.config.workers, cgroup=group)
-        self.workers.add(worker)
-        worker.start()
-        return worker
+        pool = Pool(spec, self.config.workers, scheduling, cgroup=group)
+        pool.manual = self.state.model(model.name).instances
+        pool.on_event = model.event
+        self.pools.add(pool)
+        pool.start()
+        return pool
 
-    def spec(self, name: str, version: str, version_dir: Path) -> WorkerSpec:
+    def spec(self, name: str, version: str, version_dir: Path) -> tuple[WorkerSpec, Scheduling]:
         model_yaml = read_model_yaml(version_dir)
         limits = self.config.limits_for(name, model_yaml)
         session = self.config.session_settings(name, model_yaml)
         threads = intra_op_threads(session.intra_op_threads, limits)
         session = dataclasses.replace(session, intra_op_threads=threads)
+        scheduling = self.config.scheduling_for(name, model_yaml)
+        batched = scheduling.batching.max_batch_size > 1
         path = version_dir / MODEL_FILE
-        return WorkerSpec(name, version, path, session, limits, model_yaml.samples)
+        spec = WorkerSpec(name, version, path, session, limits, model_yaml.samples, batched)
+        return spec, scheduling
 
-    async def retire(self, worker: Worker, drain: bool = False) -> bool:
-        """Stop a worker for good (after its requests, with drain) and remove its group
-        unless another worker still lives in it; False when the drain timed out."""
-        drained = await worker.drain(self.config.drain_timeout) if drain else True
-        await worker.stop()
-        self.workers.discard(worker)
-        if worker.cgroup and all(w.cgroup != worker.cgroup for w in self.workers):
-            self.isolation.forget(worker.cgroup)
+    async def retire(self, pool: Pool, drain: bool = False) -> bool:
+        """Stop a pool for good (after its requests, with drain) and remove its group
+        unless another pool still lives in it; False when the drain timed out."""
+        drained = await pool.drain(self.config.drain_timeout) if drain else True
+        for item in await pool.stop():
+            item.answer(MoltError(ErrorCode.MODEL_UNAVAILABLE, f"{pool.label} stopped before"
+                                  " it could run this request; retry it"))  # fmt: skip
+        self.pools.discard(pool)
+        if pool.cgroup and all(p.cgroup != pool.cgroup for p in self.pools):
+            self.isolation.forget(pool.cgroup)
         return drained
 
     async def stop(self) -> None:
-        """Stop every worker, also one a switch had started but not yet made active."""
+        """Stop every pool, also one a switch had started but not yet made active."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*(self.retire(w) for w in list(self.workers)))
+        await asyncio.gather(*(self.retire(p) for p in list(self.pools)))
 
     def spawn_task(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run in the background; kept referenced (and cancelled at stop)."""
@@ -329,7 +339,7 @@ class Supervisor:
                 {"model": name, "served": list(self.models)},
             ) from None
 
-    def route(self, model: Model, version: str | None) -> Worker:
+    def route(self, model: Model, version: str | None) -> Pool:
         if version is None:
             canary = model.canary_worker
             ready = canary and model.canary and canary.state is WorkerState.READY
@@ -347,7 +357,7 @@ class Supervisor:
             worker = self._load_on_demand(model, version)
         return worker
 
-    def _load_on_demand(self, model: Model, version: str) -> Worker:
+    def _load_on_demand(self, model: Model, version: str) -> Pool:
         repo_model = self.scan().get(model.name)
         on_disk = repo_model.versions if repo_model else ()
         loaded = sorted(model.loaded())
@@ -372,7 +382,7 @@ class Supervisor:
         model.on_demand[version] = worker
         return worker
 
-    async def ready_worker(self, model: Model, version: str | None) -> Worker:
+    async def ready_worker(self, model: Model, version: str | None) -> Pool:
         """The worker for a request, once it is ready. A request that waited for a worker
         a switch then retired is routed again, to the version now serving."""
         worker = self.route(model, version)
@@ -386,23 +396,89 @@ class Supervisor:
             return await self.ready_worker(model, version)
         return worker
 
-    async def infer(
-        self, name: str, inputs: dict[str, Any], version: str | None, outputs: list[Any] | None
-    ) -> dict[str, Any]:
+    def infer(self, name: str, inputs: dict[str, Any], version: str | None,
+              outputs: list[Any] | None, priority: str | None = None,
+              timeout_ms: float | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
+        """Queue a request; the future gives its packed result. Checked at once against
+        the serving version's signature (the first request for a version still loading
+        waits for it)."""
         model = self.model(name)
-        worker = await self.ready_worker(model, version)
-        assert worker.signature is not None
-        tensors = check_inputs(worker.label, worker.signature, inputs)
-        if outputs:
-            check_output_names(worker.label, worker.signature, outputs)
-        canary = model.canary if worker is model.canary_worker else None
+        arrived = time.monotonic()
+        deadline = arrived + timeout_ms / 1000 if timeout_ms else None
+        request = (inputs, outputs, priority, arrived, deadline)
         try:
-            reply = await worker.infer(tensors, outputs)
-        except MoltError:
-            self._canary_outcome(model, canary, failed=True)
-            raise
-        self._canary_outcome(model, canary, failed=False)
-        return {"model": name, "version": worker.spec.version, "outputs": reply["outputs"]}
+            pool = self.route(model, version)
+            if pool.signature is None:  # a version that never loaded yet: wait for it
+                return asyncio.ensure_future(self._submit_when_ready(model, version, request))
+            if version is None and (pool.failed() or pool.overloaded()):
+                raise (
+                    pool.unavailable()
+                    if pool.failed()
+                    else overloaded(pool.label, len(pool.queue), pool.queue.limit)
+                )
+        except MoltError as exc:
+            if version is not None:
+                raise
+            fallback = self._fallback(model, exc)
+            return self._submit(fallback, fallback.active, request, fallback_for=name)  # type: ignore[arg-type]
+        return self._submit(model, pool, request)
+
+    async def _submit_when_ready(self, model: Model, version: str | None,
+                                 request: tuple[Any, ...]) -> Packed:  # fmt: skip
+        pool = await self.ready_worker(model, version)
+        return await self._submit(model, pool, request)
+
+    def _fallback(self, model: Model, error: MoltError) -> Model:
+        """The model that answers for an overloaded or failed one; else the error."""
+        name = self._scheduling(model).fallback
+        other = self.models.get(name) if name else None
+        pool = other.active if other else None
+        if pool is None or pool.signature is None or pool.failed() or pool.overloaded():
+            if name:
+                error.message += f" (its fallback {name} cannot answer either)"
+            raise error
+        return other  # type: ignore[return-value]
+
+    def _scheduling(self, model: Model) -> Scheduling:
+        return model.active.scheduling if model.active else self.config.scheduling
+
+    def _submit(self, model: Model, pool: Pool, request: tuple[Any, ...],
+                fallback_for: str | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
+        inputs, outputs, priority, arrived, deadline = request
+        assert pool.signature is not None
+        tensors = check_inputs(pool.label, pool.signature, inputs)
+        if outputs:
+            check_output_names(pool.label, pool.signature, outputs)
+        canary = model.canary if pool is model.canary_worker else None
+        fields = {"model": model.name, "version": pool.spec.version}
+        if fallback_for:
+            fields["fallback_for"] = fallback_for
+        future: asyncio.Future[Packed] = asyncio.get_running_loop().create_future()
+
+        def reply(outcome: bytes | MoltError) -> None:
+            self._canary_outcome(model, canary, failed=isinstance(outcome, MoltError))
+            if future.done():  # the client went away
+                return
+            if isinstance(outcome, MoltError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(pack_with(fields, "outputs", outcome))
+
+        priority = priority or pool.scheduling.priority
+        pool.submit(Pending(tensors, outputs, priority, deadline, arrived, reply))
+        return future
+
+    def scale(self, name: str, instances: int | None) -> dict[str, Any]:
+        """Set the active version's instances by hand (None: autoscaling); remembered."""
+        model = self.model(name)
+        if model.active is None:
+            raise MoltError(ErrorCode.MODEL_UNAVAILABLE, f"model {name} is not serving:"
+                            f" {model.error}", {"model": name})  # fmt: skip
+        self.save(name, lambda s: setattr(s, "instances", instances))
+        model.active.scale(instances)
+        how = f"{instances} by hand" if instances else "autoscaling"
+        model.event("scale", f"instances of {model.active.label}: {how}")
+        return model.status(self.isolation)
 
     def _canary_outcome(self, model: Model, canary: CanaryRoute | None, failed: bool) -> None:
         if canary is None or model.canary is not canary:  # not a canary's, or ended meanwhile
@@ -434,27 +510,39 @@ class Supervisor:
         return {"models": outcome, "restart_needed": later}
 
     async def _reload_model(self, model: Model, restart: Callable[..., Any]) -> str:
-        worker = model.active
-        if worker is None:
+        pool = model.active
+        if pool is None:
             return "unchanged: not serving"
         try:
-            spec = self.spec(model.name, worker.spec.version, worker.spec.path.parent)
+            spec, scheduling = self.spec(model.name, pool.spec.version, pool.spec.path.parent)
         except ConfigError as exc:
             return f"unchanged: {exc}"
         try:
             async with exclusive(model, "reload"):
-                if spec.session != worker.spec.session:
+                if spec.session != pool.spec.session:
                     await restart(model, spec.version)
                     return "restarted: session settings changed"
-                if spec.limits == worker.spec.limits:
-                    return "unchanged"
-                if worker.cgroup:
-                    self.isolation.apply(worker.cgroup, spec.limits)
-                worker.spec = dataclasses.replace(worker.spec, limits=spec.limits)
+                if spec.batched != pool.spec.batched:  # the worker checks the model allows it
+                    await restart(model, spec.version)
+                    return f"restarted: batching turned {'on' if spec.batched else 'off'}"
+                return self._update_live(model, pool, spec, scheduling)
         except (MoltError, CgroupError) as exc:
             return f"unchanged: {exc}"
-        log.info(f"model {model.name}: limits updated", model=model.name, pid=worker.pid)
-        return "limits updated" if worker.cgroup else "limits updated, not enforced"
+
+    def _update_live(self, model: Model, pool: Pool, spec: WorkerSpec,
+                     scheduling: Scheduling) -> str:  # fmt: skip
+        changes = []
+        if spec.limits != pool.spec.limits:
+            if pool.cgroup:
+                self.isolation.apply(pool.cgroup, spec.limits)
+            pool.set_spec(dataclasses.replace(pool.spec, limits=spec.limits))
+            log.info(f"model {model.name}: limits updated", model=model.name)
+            changes.append("limits updated" if pool.cgroup else "limits updated, not enforced")
+        if scheduling != pool.scheduling:
+            pool.set_scheduling(scheduling)
+            log.info(f"model {model.name}: scheduling updated", model=model.name)
+            changes.append("scheduling updated")
+        return ", ".join(changes) or "unchanged"
 
     # --- views ---------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ model's signature or `failed` with the loader's or a warm-up sample's error, the
 answers `infer` messages one at a time until the channel closes.
 """
 
+import contextlib
 import ctypes
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+import msgpack
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
@@ -51,18 +53,28 @@ class Channel:
         self.pending: list[Any] = []
 
     def receive(self) -> dict[str, Any] | None:
+        messages = self.receive_all()
+        if messages is None:
+            return None
+        message, self.pending = messages[0], messages[1:]
+        return message
+
+    def receive_all(self) -> list[dict[str, Any]] | None:
+        """Every message that has arrived (waiting for one at least); None at EOF."""
         while not self.pending:
             data = self.sock.recv(RECV_BYTES)
             if not data:
                 return None
             self.pending.extend(self.decoder.feed(data))
-        message = self.pending.pop(0)
-        if isinstance(message, MoltError):
-            raise message  # the supervisor wrote a bad frame: a bug, so die loudly
-        return message
+        messages, self.pending = self.pending, []
+        for message in messages:
+            if isinstance(message, MoltError):
+                raise message  # the supervisor wrote a bad frame: a bug, so die loudly
+        return messages
 
-    def send(self, message: dict[str, Any]) -> None:
-        self.sock.sendall(encode_frame(message))
+    def send(self, *messages: dict[str, Any]) -> None:
+        """One write for all of them: a syscall costs more than the bytes."""
+        self.sock.sendall(b"".join(map(encode_frame, messages)))
 
 
 def die_with_parent() -> None:
@@ -143,18 +155,53 @@ def warm_up(session: Any, signature: Signature) -> str | None:
 
 
 def serve(channel: Channel, session: Any) -> None:
-    while (request := channel.receive()) is not None:
-        try:
-            started = time.perf_counter()
-            outputs = run(session, request)
-            reply = {
-                "id": request["id"],
-                "outputs": outputs,
-                "run_ms": (time.perf_counter() - started) * 1e3,
-            }
-        except Exception as exc:  # a failed run is the request's error, not the worker's
-            reply = {"id": request["id"], "error": {"code": classify(exc), "message": str(exc)}}
-        channel.send(reply)
+    """Answer requests until the channel closes; requests that arrived together are
+    answered in one write."""
+    while (requests := channel.receive_all()) is not None:
+        channel.send(*(answer(session, request) for request in requests))
+
+
+def answer(session: Any, request: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    results = run_batch(session, request["batch"])
+    return {"id": request["id"], "results": results,
+            "run_ms": (time.perf_counter() - started) * 1e3}  # fmt: skip
+
+
+Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
+
+
+def run_batch(session: Any, batch: list[list[Any]]) -> list[Result]:
+    """Each request's result: concatenated and run once when there are several."""
+    if len(batch) > 1:
+        # one request may be at fault: then each runs alone, so only it fails
+        with contextlib.suppress(Exception):
+            return run_together(session, batch)
+    return [run_one(session, inputs, outputs) for inputs, outputs in batch]
+
+
+def run_one(session: Any, inputs: dict[str, Any], outputs: list[str] | None) -> Result:
+    try:
+        return msgpack.packb(run(session, {"inputs": inputs, "outputs": outputs}))
+    except Exception as exc:  # a failed run is the request's error, not the worker's
+        return {"code": classify(exc), "message": str(exc)}
+
+
+def run_together(session: Any, batch: list[list[Any]]) -> list[Result]:
+    """Concatenate along the first dimension, run once, split every output back."""
+    wanted = batch[0][1] or None
+    names = wanted or [o.name for o in session.get_outputs()]
+    arrays = [{n: decode_tensor(t) for n, t in inputs.items()} for inputs, _ in batch]
+    feeds = {n: np.concatenate([a[n] for a in arrays]) for n in arrays[0]}
+    rows = [next(iter(a.values())).shape[0] for a in arrays]
+    values = session.run(wanted, feeds)
+    total = sum(rows)
+    if not all(isinstance(v, np.ndarray) and v.shape[:1] == (total,) for v in values):
+        raise ValueError("an output does not have the batch as its first dimension")
+    cuts = np.cumsum(rows)[:-1]
+    parts = zip(*(np.split(v, cuts) for v in values), strict=True)
+    return [msgpack.packb({n: encode_value(p) for n, p in zip(names, ps, strict=True)})
+            for ps in parts]  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -185,6 +232,8 @@ def load_and_warm(channel: Channel, spec: dict[str, Any]) -> tuple[Any, dict[str
         tuple(map(spec_from_ort, session.get_inputs())),
         tuple(map(spec_from_ort, session.get_outputs())),
     )
+    if spec["batched"] and (problem := signature.batch_problem()):
+        raise LoadFailed(f"batching is configured (max_batch_size above 1), but {problem}")
     loaded = time.monotonic()
     channel.send({"phase": "warming"})
     warmup_error = None

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from moltbotd import __version__
+from moltbotd.config import PRIORITIES
 from moltbotd.logs import LEVELS, parse_level, render_text
 from moltbotd.protocol import MoltError
 from moltbotd.units import format_duration, format_size, parse_percent
@@ -35,9 +36,9 @@ FOLLOW_POLL_SECONDS = 0.5
 
 # moltctl commands and the operations each one uses ("hello" runs before each of them).
 COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
-            "infer": ("infer",), "switch": ("switch",), "rollback": ("rollback",),
-            "promote": ("promote",), "versions": ("versions",), "deploy": ("upload", "deploy"),
-            "reload": ("reload",), "logs": ("logs",)}  # fmt: skip
+            "infer": ("infer",), "scale": ("scale",), "switch": ("switch",),
+            "rollback": ("rollback",), "promote": ("promote",), "versions": ("versions",),
+            "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",)}  # fmt: skip
 
 
 class Cli(click.Group):
@@ -190,17 +191,25 @@ def parse_input(text: str) -> tuple[str, Any]:
 )
 @click.option("--version", "version", help="answer from this version (default: the active one)")
 @click.option("--output-name", "output_names", multiple=True, help="only these outputs")
+@click.option("--priority", type=click.Choice(PRIORITIES), help="default: the model's")
+@click.option("--timeout-ms", type=click.FloatRange(min=0, min_open=True),
+              help="give up after this many milliseconds (DEADLINE_EXCEEDED)")  # fmt: skip
 @output_options
 @click.pass_obj
 def infer(session: _Session, model: str, inputs: tuple[str, ...], version: str | None,
-          output_names: tuple[str, ...], output: str, no_legend: bool) -> None:  # fmt: skip
+          output_names: tuple[str, ...], priority: str | None, timeout_ms: float | None,
+          output: str, no_legend: bool) -> None:  # fmt: skip
     """Run MODEL on the given inputs and show its outputs."""
     feeds = dict(parse_input(text) for text in inputs)
-    result = session().infer(model, feeds, version, list(output_names) or None)
+    result = session().infer(model, feeds, version, list(output_names) or None, priority,
+                             timeout_ms)  # fmt: skip
     if output == "json":
         click.echo(to_json({"model": result.model, "version": result.version,
+                            "fallback_for": result.fallback_for,
                             "outputs": {n: _describe(v) for n, v in result.items()}}))  # fmt: skip
         return
+    if result.fallback_for and not no_legend:
+        click.echo(f"{result.fallback_for} could not answer; its fallback did", err=True)
     rows = [{"name": n, **_describe(v), "value": preview(v)} for n, v in result.items()]
     for row in rows:
         row["shape"] = row["shape"] and "[" + ", ".join(map(str, row["shape"])) + "]"
@@ -416,6 +425,33 @@ def reload(session: _Session, output: str, no_legend: bool) -> None:
     click.echo(table(rows, [("MODEL", "model"), ("OUTCOME", "outcome")], not no_legend))
     if result["restart_needed"]:
         click.echo("takes effect when moltbotd restarts: " + ", ".join(result["restart_needed"]))
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("instances", metavar="N|auto")
+@output_options
+@click.pass_obj
+def scale(session: _Session, model: str, instances: str, output: str, no_legend: bool) -> None:
+    """Run N worker processes for MODEL's active version, or give the count back to
+    autoscaling (auto: between instances.min and instances.max). Remembered."""
+    count = None if instances == "auto" else _instance_count(instances)
+    result = session().scale(model, count)
+    if output == "json":
+        click.echo(to_json(result))
+        return
+    pool = result["worker"]
+    how = "set by hand" if pool["scaling"]["manual"] else "autoscaling"
+    click.echo(f"model {model} {pool['version']}: {len(pool['instances'])} instances ({how})")
+    columns = [("PID", "pid"), ("STATE", "state"), ("INFLIGHT", "inflight"),
+               ("REQUESTS", "requests")]  # fmt: skip
+    click.echo(table(pool["instances"], columns, not no_legend))
+
+
+def _instance_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise click.BadParameter(f"expected 1 to 64 or auto, got {text!r}", param_hint="N")
+    return int(text)
 
 
 # --- logs ------------------------------------------------------------------------------------

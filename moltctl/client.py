@@ -49,10 +49,12 @@ class ProtocolError(Exception):
 class Outputs(dict[str, Any]):
     """A model's outputs by name (numpy arrays, or lists/dicts for non-tensor outputs)."""
 
-    def __init__(self, model: str, version: str, outputs: dict[str, Any]) -> None:
+    def __init__(self, model: str, version: str, outputs: dict[str, Any],
+                 fallback_for: str | None = None) -> None:  # fmt: skip
         super().__init__(outputs)
-        self.model = model
+        self.model = model  # the model that answered: the fallback, when fallback_for is set
         self.version = version
+        self.fallback_for = fallback_for  # the model asked for, when its fallback answered
 
 
 def resolve_socket(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -77,7 +79,7 @@ def encode_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 def decode_outputs(result: dict[str, Any]) -> Outputs:
     outputs = {name: decode_value(v) for name, v in result["outputs"].items()}
-    return Outputs(result["model"], result["version"], outputs)
+    return Outputs(result["model"], result["version"], outputs, result.get("fallback_for"))
 
 
 def _same(result: Any) -> Any:
@@ -115,14 +117,24 @@ class _Calls:
         inputs: Mapping[str, Any],
         version: str | None = None,
         outputs: list[str] | None = None,
+        priority: str | None = None,
+        timeout_ms: float | None = None,
     ) -> Any:
+        """priority: high, normal or low; timeout_ms: a deadline, after which the daemon
+        answers DEADLINE_EXCEEDED (a request still queued then is never run)."""
         params = {
             "model": model,
             "inputs": encode_inputs(inputs),
             "version": version,
             "outputs": outputs,
+            "priority": priority,
+            "timeout_ms": timeout_ms,
         }
         return self._call("infer", params, decode_outputs)
+
+    def scale(self, model: str, instances: int | None) -> Any:
+        """Worker processes for MODEL's active version; None gives it back to autoscaling."""
+        return self._call("scale", {"model": model, "instances": instances or 0})
 
     def switch(self, version: str, model: str | None = None, force: bool = False,
                canary: float | None = None,

@@ -30,7 +30,7 @@ def test_valid_params_are_returned_unchanged():
 def test_unknown_param_is_named_with_the_known_ones():
     err = bad_request("infer", {"model": "demo", "inputs": {}, "bogus": 1})
     assert "operation 'infer' takes no parameter 'bogus'" in err.message
-    assert "(it takes: model, inputs, version, outputs)" in err.message
+    assert "(it takes: model, inputs, version, outputs, priority, timeout_ms)" in err.message
 
 
 def test_several_unknown_params_are_all_named_sorted():
@@ -122,14 +122,14 @@ def test_lookup_unknown_operation_lists_the_known_ones():
     assert info.value.code == ErrorCode.UNKNOWN_OPERATION
     assert "unknown operation 'reboot'" in info.value.message
     assert info.value.message.endswith(
-        "(known: hello, health, status, models, infer, switch, rollback, promote, versions,"
-        " upload, deploy, reload, logs)"
+        "(known: hello, health, status, models, infer, scale, switch, rollback, promote,"
+        " versions, upload, deploy, reload, logs)"
     )
 
 
 def test_operations_that_change_what_serves_are_mutating():
     mutating = [name for name, op in OPERATIONS.items() if op.mutating]
-    assert mutating == ["switch", "rollback", "promote", "deploy", "reload"]
+    assert mutating == ["scale", "switch", "rollback", "promote", "deploy", "reload"]
 
 
 def test_every_operation_name_matches_its_key():

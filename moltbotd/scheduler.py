@@ -1,0 +1,172 @@
+"""The queue of one model version: priorities, its bound, deadlines and batch forming.
+
+Pure logic over plain objects and clock values (no asyncio, no processes), so the tests
+drive it with numbers; pool.py runs it against worker processes. A batch is formed
+from the oldest request of the highest priority waiting (the head) and the requests of
+every priority that can be concatenated with it: same input names, dtypes and
+dimensions after the first, and the same outputs asked for.
+"""
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from moltbotd.config import PRIORITIES, Batching
+from moltbotd.protocol import ErrorCode, MoltError
+
+Reply = Callable[[Any], None]  # called once: the packed result (bytes) or a MoltError
+BatchKey = tuple[Any, ...] | None  # None: this request is never batched with another
+
+
+class Pending:
+    """One request for a model version, from its arrival to its answer."""
+
+    __slots__ = (
+        "answered",
+        "arrived",
+        "deadline",
+        "inputs",
+        "key",
+        "outputs",
+        "priority",
+        "reply",
+        "rows",
+        "started",
+        "timer",
+    )  # fmt: skip
+
+    def __init__(self, inputs: dict[str, Any], outputs: list[str] | None, priority: str,
+                 deadline: float | None, arrived: float, reply: Reply) -> None:  # fmt: skip
+        self.inputs = inputs
+        self.outputs = outputs
+        self.priority = priority
+        self.deadline = deadline  # monotonic seconds, or None
+        self.arrived = arrived
+        self.reply = reply
+        self.key, self.rows = batch_key(inputs, outputs)
+        self.timer: Any = None  # the deadline's timer handle, cancelled once answered
+        self.started: float | None = None  # when it went to a worker
+        self.answered = False
+
+    def answer(self, outcome: Any) -> None:
+        """Answer once: a deadline and a late result may both try."""
+        if self.answered:
+            return
+        self.answered = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.reply(outcome)
+
+
+def batch_key(inputs: dict[str, Any], outputs: list[str] | None) -> tuple[BatchKey, int]:
+    """What must match for requests to share a batch, and this request's rows (its first
+    dimension); a request whose inputs disagree on the first dimension runs alone."""
+    rows = {tuple(t["shape"][:1]) for t in inputs.values()}
+    if len(rows) != 1 or not next(iter(rows)) or any(t["dtype"] == "string" for t in
+                                                      inputs.values()):  # fmt: skip
+        return None, 1
+    key = tuple((n, t["dtype"], *t["shape"][1:]) for n, t in sorted(inputs.items()))
+    return (key, tuple(outputs or ())), next(iter(rows))[0]
+
+
+def overloaded(label: str, depth: int, limit: int) -> MoltError:
+    return MoltError(
+        ErrorCode.OVERLOADED,
+        f"{label} is overloaded: {depth} requests are waiting (max_queue {limit});"
+        " retry later, or raise max_queue or instances.max",
+        {"queue_depth": depth, "max_queue": limit},
+    )
+
+
+class Queue:
+    """Waiting requests by priority; bounded, so a flood costs an error, not memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.levels: dict[str, deque[Pending]] = {p: deque() for p in PRIORITIES}
+
+    def __len__(self) -> int:
+        return sum(map(len, self.levels.values()))
+
+    def depths(self) -> dict[str, int]:
+        return {p: len(q) for p, q in self.levels.items()}
+
+    def push(self, item: Pending, label: str) -> None:
+        depth = len(self)
+        if depth >= self.limit:
+            raise overloaded(label, depth, self.limit)
+        self.levels[item.priority].append(item)
+
+    def remove(self, item: Pending) -> bool:
+        try:
+            self.levels[item.priority].remove(item)
+        except ValueError:
+            return False
+        return True
+
+    def drain(self) -> list[Pending]:
+        """Everything waiting, oldest first within each priority; the queue is left empty."""
+        items = [item for level in self.levels.values() for item in level]
+        for level in self.levels.values():
+            level.clear()
+        return items
+
+    def take(self, batching: Batching, now: float) -> tuple[list[Pending], float | None]:
+        """The next batch to run, or ([], when to look again) if it should wait to fill."""
+        head = self._head(now)
+        if head is None:
+            return [], None
+        if batching.max_batch_size == 1 or head.key is None:
+            self._remove([head])
+            return [head], None
+        batch, rows = self._gather(head, batching.max_batch_size, now)
+        oldest = min(item.arrived for item in batch)
+        due = oldest + batching.timeout_ms / 1000
+        if rows < batching.max_batch_size and now < due:
+            preferred = [s for s in batching.preferred_sizes if s <= rows]
+            if not preferred:
+                return [], due
+            batch = _first_rows(batch, preferred[-1])
+        self._remove(batch)
+        return batch, None
+
+    def _head(self, now: float) -> Pending | None:
+        """The oldest live request of the highest priority (expired ones wait for their
+        timers, which answer them)."""
+        for level in self.levels.values():
+            for item in level:
+                if item.deadline is None or item.deadline > now:
+                    return item
+        return None
+
+    def _gather(self, head: Pending, max_rows: int, now: float) -> tuple[list[Pending], int]:
+        batch, rows = [head], head.rows
+        for level in self.levels.values():
+            for item in level:
+                if rows >= max_rows:
+                    return batch, rows
+                live = item.deadline is None or item.deadline > now
+                fits = rows + item.rows <= max_rows
+                if item is not head and item.key == head.key and live and fits:
+                    batch.append(item)
+                    rows += item.rows
+        return batch, rows
+
+    def _remove(self, items: Iterable[Pending]) -> None:
+        taken = {id(item) for item in items}
+        for priority, level in self.levels.items():
+            while level and id(level[0]) in taken:  # the usual case: a prefix
+                taken.discard(id(level.popleft()))
+            if taken and any(id(item) in taken for item in level):
+                self.levels[priority] = deque(i for i in level if id(i) not in taken)
+
+
+def _first_rows(batch: list[Pending], rows: int) -> list[Pending]:
+    """The longest start of the batch (head first) that holds at most `rows` rows."""
+    kept, total = [], 0
+    for item in batch:
+        if total + item.rows > rows:
+            break
+        kept.append(item)
+        total += item.rows
+    return kept or batch[:1]
