@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 import sdnotify
+import uvloop
 
 from moltbotd import __version__
 from moltbotd import config as cfg
@@ -197,7 +198,8 @@ def main(
     if check_config:
         sys.exit(report_check(config_path, config))
     ring = configure(config.log_format, config.log_level, config.log_ring_size)
-    sys.exit(asyncio.run(serve(config, load, ring)))
+    # uvloop: the event loop's own cost per request is about a third of asyncio's
+    sys.exit(uvloop.run(serve(config, load, ring)))
 
 
 def load_config(config_path: Path | None, **flags: Any) -> cfg.Config:

@@ -28,6 +28,11 @@ S = WorkerState
 # Batches one instance holds at once: one running and one on its way, so it never idles
 # for a round trip; the rest wait in the queue, where priorities and deadlines still act.
 PIPELINE = 2
+# Without batching, requests still travel to an instance in bundles (run one by one),
+# as many as fit in BUNDLE_SECONDS of its measured run time, at most BUNDLE_MAX: one
+# message each way instead of one per request, which is most of a tiny model's cost.
+BUNDLE_SECONDS = 0.0005
+BUNDLE_MAX = 16
 SCALE_EVERY = 0.25  # seconds between looks at the queue for autoscaling
 GONE = (S.STOPPING, S.STOPPED, S.FATAL)  # instances that will not serve again
 LEAVING = (S.DRAINING, S.STOPPING, S.STOPPED)  # instances that no longer count
@@ -71,7 +76,11 @@ class Pool:
         self.on_event: Callable[[str, str], None] | None = None  # (kind, message) for status
         self.log = log.bind(model=spec.model, version=spec.version)
         self._closed = False
-        self._wake: asyncio.TimerHandle | None = None
+        self._wake: asyncio.Handle | None = None  # a look at a batch that waits to fill
+        self._wake_when = 0.0
+        self._run_seconds = 0.0  # per request, averaged
+        self._signature: Signature | None = None
+        self._pump_soon = False
         self._crowded_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -96,7 +105,10 @@ class Pool:
 
     @property
     def signature(self) -> Signature | None:
-        return next((w.signature for w in self.workers if w.signature), None)
+        """The version's signature once an instance loaded it (kept across restarts)."""
+        if self._signature is None:
+            self._signature = next((w.signature for w in self.workers if w.signature), None)
+        return self._signature
 
     @property
     def error(self) -> str | None:
@@ -195,7 +207,9 @@ class Pool:
         if item.deadline is not None:
             delay = item.deadline - time.monotonic()
             item.timer = asyncio.get_running_loop().call_later(delay, self._expire, item)
-        self._pump()
+        if not self._pump_soon:  # after the requests that arrived together: one bundle
+            self._pump_soon = True
+            asyncio.get_running_loop().call_soon(self._pump)
 
     def overloaded(self) -> bool:
         return len(self.queue) >= self.queue.limit
@@ -204,41 +218,51 @@ class Pool:
         return all(w.state in GONE for w in self.workers)
 
     def _pump(self) -> None:
+        self._pump_soon = False
         now = time.monotonic()
         while self.queue:
             worker = self._least_loaded()
             if worker is None:
                 return
-            batch, wake = self.queue.take(self.scheduling.batching, now)
+            batch, wake = self.queue.take(self.scheduling.batching, now, self._bundle())
             if not batch:
                 self._wake_at(wake)
                 return
             self._run(worker, batch, now)
+
+    def _bundle(self) -> int:
+        if self._run_seconds <= 0:
+            return 1
+        return max(1, min(BUNDLE_MAX, int(BUNDLE_SECONDS / self._run_seconds)))
 
     def _least_loaded(self) -> Worker | None:
         ready = [w for w in self.workers if w.state is S.READY and w.inflight < PIPELINE]
         return min(ready, key=lambda w: w.inflight, default=None)
 
     def _wake_at(self, when: float | None) -> None:
-        if when is None or (self._wake and self._wake.when() <= when):
+        if when is None or (self._wake and self._wake_when <= when):
             return
         if self._wake:
             self._wake.cancel()
         loop = asyncio.get_running_loop()
         self._wake = loop.call_later(max(0.0, when - time.monotonic()), self._woken)
+        self._wake_when = when
 
     def _woken(self) -> None:
         self._wake = None
         self._pump()
 
     def _run(self, worker: Worker, batch: list[Pending], now: float) -> None:
-        self.stats.batches += 1
-        self.stats.sizes[len(batch)] += 1
+        concat = self.scheduling.batching.max_batch_size > 1
+        if concat:
+            self.stats.batches += 1
+            self.stats.sizes[len(batch)] += 1
         for item in batch:
             item.started = now
             self.stats.waits.append(now - item.arrived)
+        inputs = [(i.inputs, i.outputs) for i in batch]
         try:
-            worker.send([(i.inputs, i.outputs) for i in batch], lambda r: self._done(batch, r))
+            worker.send(inputs, concat, lambda reply: self._done(batch, reply))
         except MoltError as exc:
             self._done(batch, exc)
 
@@ -247,6 +271,9 @@ class Pool:
             for item in batch:
                 item.answer(reply)
         else:
+            # a moving average of the run time per request, for the size of bundles
+            seconds = reply["run_ms"] / 1e3 / len(batch)
+            self._run_seconds += (seconds - self._run_seconds) * 0.1
             for item, result in zip(batch, reply["results"], strict=True):
                 item.answer(result if isinstance(result, bytes) else self._error(result))
         if not self._closed:

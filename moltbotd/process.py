@@ -345,9 +345,11 @@ class Worker:
 
     # --- requests ----------------------------------------------------------------------
 
-    def send(self, batch: list[tuple[dict[str, Any], list[str] | None]], done: Done) -> None:
-        """Run a batch (one request, or several to concatenate) and call done(reply) with
-        the worker's reply, or with a MoltError if the process dies first."""
+    def send(
+        self, batch: list[tuple[dict[str, Any], list[str] | None]], concat: bool, done: Done
+    ) -> None:
+        """Run requests (concatenated into one run with concat, else one by one) and call
+        done(reply) with the worker's reply, or with a MoltError if the process dies first."""
         if self.state is not S.READY or self._channel is None or self._channel.transport is None:
             raise self.unavailable()
         req_id = next(self._ids)
@@ -355,7 +357,8 @@ class Worker:
         self._inflight[req_id] = done
         self._idle.clear()
         self.counters.requests += len(batch)
-        self._channel.transport.write(encode_frame({"id": req_id, "batch": batch}))
+        message = {"id": req_id, "batch": batch, "concat": concat}
+        self._channel.transport.write(encode_frame(message))
 
     async def _notify(self) -> None:
         async with self._changed:

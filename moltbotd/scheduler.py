@@ -8,7 +8,7 @@ dimensions after the first, and the same outputs asked for.
 """
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from moltbotd.config import PRIORITIES, Batching
@@ -84,9 +84,10 @@ class Queue:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.levels: dict[str, deque[Pending]] = {p: deque() for p in PRIORITIES}
+        self.size = 0  # kept, not summed: it is read for every request
 
     def __len__(self) -> int:
-        return sum(map(len, self.levels.values()))
+        return self.size
 
     def depths(self) -> dict[str, int]:
         return {p: len(q) for p, q in self.levels.items()}
@@ -96,12 +97,14 @@ class Queue:
         if depth >= self.limit:
             raise overloaded(label, depth, self.limit)
         self.levels[item.priority].append(item)
+        self.size += 1
 
     def remove(self, item: Pending) -> bool:
         try:
             self.levels[item.priority].remove(item)
         except ValueError:
             return False
+        self.size -= 1
         return True
 
     def drain(self) -> list[Pending]:
@@ -109,14 +112,24 @@ class Queue:
         items = [item for level in self.levels.values() for item in level]
         for level in self.levels.values():
             level.clear()
+        self.size = 0
         return items
 
-    def take(self, batching: Batching, now: float) -> tuple[list[Pending], float | None]:
-        """The next batch to run, or ([], when to look again) if it should wait to fill."""
+    def take(
+        self, batching: Batching, now: float, bundle: int = 1
+    ) -> tuple[list[Pending], float | None]:
+        """The next batch to run, or ([], when to look again) if it should wait to fill.
+
+        Without batching, up to `bundle` requests go together, to be run one by one: one
+        message each way instead of one per request."""
         head = self._head(now)
         if head is None:
             return [], None
-        if batching.max_batch_size == 1 or head.key is None:
+        if batching.max_batch_size == 1:
+            items = self._live(now, bundle)
+            self._remove(items)
+            return items, None
+        if head.key is None:
             self._remove([head])
             return [head], None
         batch, rows = self._gather(head, batching.max_batch_size, now)
@@ -139,6 +152,17 @@ class Queue:
                     return item
         return None
 
+    def _live(self, now: float, count: int) -> list[Pending]:
+        """The first `count` live requests, highest priority first."""
+        found: list[Pending] = []
+        for level in self.levels.values():
+            for item in level:
+                if len(found) == count:
+                    return found
+                if item.deadline is None or item.deadline > now:
+                    found.append(item)
+        return found
+
     def _gather(self, head: Pending, max_rows: int, now: float) -> tuple[list[Pending], int]:
         batch, rows = [head], head.rows
         for level in self.levels.values():
@@ -152,7 +176,8 @@ class Queue:
                     rows += item.rows
         return batch, rows
 
-    def _remove(self, items: Iterable[Pending]) -> None:
+    def _remove(self, items: list[Pending]) -> None:
+        self.size -= len(items)
         taken = {id(item) for item in items}
         for priority, level in self.levels.items():
             while level and id(level[0]) in taken:  # the usual case: a prefix

@@ -270,7 +270,7 @@ class Server:
         if unfinished:
             log.warning(f"{unfinished} requests still running after {timeout:g}s; closing anyway")
         for connection in list(self.connections):
-            connection.transport.close()
+            connection.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()
 
@@ -314,6 +314,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = "unknown"
         self.half_closed = False
+        self.unsent: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -336,7 +337,7 @@ class Connection(asyncio.Protocol):
                 "closing a connection that sent a frame over the limit", size=exc.details["size"]
             )
             self._write(error_response(None, exc))
-            self.transport.close()
+            self.close()
             return
         for message in messages:
             if isinstance(message, MoltError):
@@ -361,7 +362,7 @@ class Connection(asyncio.Protocol):
         if not self.pending:
             self.server.request_done()
             if self.half_closed:
-                self.transport.close()
+                self.close()
 
     def _write(self, response: dict[str, Any]) -> None:
         if self.transport.is_closing():
@@ -372,4 +373,16 @@ class Connection(asyncio.Protocol):
             log.exception("cannot encode a response", id=response.get("id"))
             error = MoltError(ErrorCode.INTERNAL, "moltbotd could not encode its answer")
             frame = encode_frame(error_response(response.get("id"), error))
-        self.transport.write(frame)
+        if not self.unsent:  # responses finished in one turn of the loop go in one write
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.unsent.append(frame)
+
+    def close(self) -> None:
+        """Close once what is written went out."""
+        self._flush()
+        self.transport.close()
+
+    def _flush(self) -> None:
+        frames, self.unsent = self.unsent, []
+        if not self.transport.is_closing():
+            self.transport.write(b"".join(frames))

@@ -163,7 +163,7 @@ def serve(channel: Channel, session: Any) -> None:
 
 def answer(session: Any, request: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
-    results = run_batch(session, request["batch"])
+    results = run_batch(session, request["batch"], request["concat"])
     return {"id": request["id"], "results": results,
             "run_ms": (time.perf_counter() - started) * 1e3}  # fmt: skip
 
@@ -171,9 +171,9 @@ def answer(session: Any, request: dict[str, Any]) -> dict[str, Any]:
 Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
 
 
-def run_batch(session: Any, batch: list[list[Any]]) -> list[Result]:
-    """Each request's result: concatenated and run once when there are several."""
-    if len(batch) > 1:
+def run_batch(session: Any, batch: list[list[Any]], concat: bool) -> list[Result]:
+    """Each request's result: run one by one, or concatenated and run once."""
+    if concat and len(batch) > 1:
         # one request may be at fault: then each runs alone, so only it fails
         with contextlib.suppress(Exception):
             return run_together(session, batch)

@@ -315,7 +315,8 @@ def test_rollback_passes_over_versions_no_longer_on_disk(daemon, models_dir):
             "model demo has no earlier version to return to (remembered: none)"
         )
     assert json.loads((daemon.state_dir / "state.json").read_text())["models"]["demo"] == {
-        "active": "v2.0", "history": [], "config_pin": None, "canary": None}  # fmt: skip
+        "active": "v2.0", "history": [], "config_pin": None, "canary": None,
+        "instances": None}  # fmt: skip
 
 
 def test_moltctl_rollback(daemon):
