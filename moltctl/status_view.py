@@ -7,9 +7,10 @@ from moltbotd.units import format_duration, format_size
 from moltctl.render import table
 
 COLUMNS = [("MODEL", "model"), ("VERSION", "version"), ("STATE", "state"), ("PID", "pid"),
-           ("UPTIME", "uptime"), ("REQUESTS", "requests"), ("ERRORS", "errors"),
-           ("RESTARTS", "restarts"), ("INFLIGHT", "inflight"), ("CPU", "cpu"),
-           ("MEMORY", "memory"), ("DETAIL", "detail")]  # fmt: skip
+           ("INST", "instances"), ("UPTIME", "uptime"), ("REQUESTS", "requests"),
+           ("ERRORS", "errors"), ("RESTARTS", "restarts"), ("QUEUE", "queue"),
+           ("INFLIGHT", "inflight"), ("CPU", "cpu"), ("MEMORY", "memory"),
+           ("DETAIL", "detail")]  # fmt: skip
 
 
 def status_table(report: dict[str, Any], legend: bool) -> str:
@@ -62,6 +63,8 @@ def _row(m: dict[str, Any], role: str | None = None) -> dict[str, Any]:
             "uptime": w.get("uptime") and format_duration(w["uptime"]),
             "requests": w.get("requests"), "errors": w.get("errors"),
             "restarts": w.get("restarts"), "inflight": w.get("inflight"),
+            "instances": w.get("instances") and len(w["instances"]),
+            "queue": w.get("queue") and w["queue"]["depth"],
             "cpu": None if cpu is None else f"{cpu:g}%",
             "memory": usage.get("memory_current") and format_size(usage["memory_current"]),
             "detail": detail}  # fmt: skip
@@ -73,6 +76,7 @@ def model_detail(worker: dict[str, Any]) -> list[str]:
     quota = lim["cpu_quota_percent"]
     lines = [
         "",
+        *scheduling_detail(worker),
         f"limits   cpu {'max' if quota is None else f'{quota:g}%'} per"
         f" {lim['cpu_period_ms']:g}ms, weight {lim['cpu_weight'] or 100}"
         f" | memory max {_size(lim['memory_max'])}, high {_size(lim['memory_high'])},"
@@ -94,6 +98,28 @@ def model_detail(worker: dict[str, Any]) -> list[str]:
             f" written {format_size(use['io_write_bytes'])}"
             f" | pids {use['pids_current']}",
             f"cgroup   {worker['cgroup']}"]  # fmt: skip
+
+
+def scheduling_detail(pool: dict[str, Any]) -> list[str]:
+    """Queue, batching and instances of one version, for `moltctl status MODEL`."""
+    queue, batching, scaling = pool["queue"], pool["batching"], pool["scaling"]
+    waits = batching["queue_ms"]
+    by = ", ".join(f"{p} {n}" for p, n in queue["by_priority"].items())
+    times = "-" if waits["p50"] is None else f"p50 {waits['p50']:.2f}ms, p99 {waits['p99']:.2f}ms"
+    lines = [f"queue    {queue['depth']} waiting ({by}), max {queue['max']}; queue time {times};"
+             f" priority {pool['priority']}; fallback {pool['fallback'] or 'none'}"]  # fmt: skip
+    if batching["max_batch_size"] > 1:
+        sizes = " ".join(f"{k}x{n}" for k, n in batching["batch_sizes"].items()) or "none yet"
+        mean = batching["mean_batch"]
+        lines.append(f"batching up to {batching['max_batch_size']} within"
+                     f" {batching['timeout_ms']:g}ms: {batching['batches']} batches"
+                     f"{'' if mean is None else f', {mean:.1f} requests on average'};"
+                     f" sizes {sizes}")  # fmt: skip
+    how = (f"{scaling['manual']} set by hand" if scaling["manual"]
+           else f"autoscaling {scaling['min']}-{scaling['max']}")  # fmt: skip
+    each = ", ".join(f"{i['pid']} {i['state']} ({i['inflight']} in flight, {i['requests']} run)"
+                     for i in pool["instances"])  # fmt: skip
+    return [*lines, f"instances {len(pool['instances'])} ({how}): {each}"]
 
 
 def _size(value: int | None) -> str:

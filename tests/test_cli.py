@@ -34,11 +34,15 @@ def test_status_table_and_json(daemon):
     assert lines[0].startswith("moltbotd 0.1.0 (pid ")
     assert lines[0].endswith("isolation best-effort: no limits enforced")
     assert lines[1].split() == [
-        "MODEL", "VERSION", "STATE", "PID", "UPTIME", "REQUESTS", "ERRORS", "RESTARTS",
-        "INFLIGHT", "CPU", "MEMORY", "DETAIL",
+        "MODEL", "VERSION", "STATE", "PID", "INST", "UPTIME", "REQUESTS", "ERRORS",
+        "RESTARTS", "QUEUE", "INFLIGHT", "CPU", "MEMORY", "DETAIL",
     ]  # fmt: skip
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["demo"][1:3] == ["v2.0", "ready"]
+    assert rows["demo"][4] == "1"  # one instance
+    detail = ok(run_moltctl("status", "demo", socket=daemon.socket))
+    assert "queue    0 waiting (high 0, normal 0, low 0), max 1000;" in detail
+    assert "instances 1 (autoscaling 1-1): " in detail
     report = json.loads(ok(run_moltctl("status", "demo", "-o", "json", socket=daemon.socket)))
     assert [m["name"] for m in report["models"]] == ["demo"]
     assert report["models"][0]["worker"]["state"] == "ready"
