@@ -117,6 +117,28 @@ def cgroup_layout() -> None:
     check("status-shows-limits-enforced", headline.endswith(": limits enforced"), headline)
 
 
+def instances_in_one_group() -> None:
+    """moltctl scale: two worker processes of one version, both in the version's group."""
+    group = UNIT_CGROUP / "model-demo-v2.0"
+    out = sh("moltctl scale demo 2")
+    with Client(SOCKET) as c:
+        ready = wait_until(
+            lambda: [i["state"] for i in worker(c, "demo")["instances"]] == ["ready"] * 2, 60
+        )
+        pids = [i["pid"] for i in worker(c, "demo")["instances"]]
+        answers = [c.infer("demo", {"x": [[1, 2, 3, 4]]})["y"][0, 0] for _ in range(20)]
+    procs = (group / "cgroup.procs").read_text().split()
+    check("scale-2-instances-in-the-model-group",
+          ready and len(set(pids)) == 2 and all(str(p) in procs for p in pids)
+          and answers == [10.0] * 20, f"{out}; pids {pids}; {group}: {procs}")  # fmt: skip
+    sh("moltctl scale demo auto")
+    with Client(SOCKET) as c:
+        back = wait_until(lambda: len(worker(c, "demo")["instances"]) == 1, 60)
+    gone = wait_until(lambda: str(pids[-1]) not in (group / "cgroup.procs").read_text().split(), 30)
+    check("scale-auto-returns-to-one-instance", back and gone,
+          f"{(group / 'cgroup.procs').read_text().split()}")  # fmt: skip
+
+
 # --- versions: state across kill -9, deploy through the sandbox, rollback ---------------------
 
 STATE = Path("/var/lib/moltbot/state/state.json")
@@ -280,6 +302,7 @@ class Stream(threading.Thread):
 
 def main() -> int:
     for name, scenario in [("installed", installed_service), ("cgroups", cgroup_layout),
+                           ("instances", instances_in_one_group),
                            ("versions", versions_under_systemd),
                            ("test-models", install_test_models), ("cpu", cpu_quota),
                            ("io", io_limits), ("reload", live_reload),

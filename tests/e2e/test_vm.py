@@ -113,6 +113,10 @@ def test_cgroup_layout(vm):
     passed(vm, "daemon-in-supervisor-leaf", "worker-in-model-group", "status-shows-limits-enforced")
 
 
+def test_instances_share_the_version_group(vm):
+    passed(vm, "scale-2-instances-in-the-model-group", "scale-auto-returns-to-one-instance")
+
+
 def test_cpu_quota_is_enforced(vm):
     passed(vm, "strict-isolation-starts-under-systemd", "cpu.max-written", "cpu-quota-20%-enforced")
 
