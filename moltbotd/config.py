@@ -312,18 +312,20 @@ class Scheduling:
     batching: Batching = section(Batching, "dynamic batching")
     instances: Instances = section(Instances, "worker processes per version, and autoscaling")
 
-    def problems(self, model: str) -> list[str]:
-        """Contradictions between settings, phrased for the config's reader."""
+    def problems(self, model: str | None) -> list[str]:
+        """Contradictions between settings, phrased for the config's reader (model None:
+        the top-level defaults)."""
+        prefix = f"models.{model}." if model else "scheduling."
         found = []
         if self.instances.min > self.instances.max:
-            found.append(f"models.{model}.instances: min {self.instances.min} is above"
-                         f" max {self.instances.max}")  # fmt: skip
+            found.append(f"{prefix}instances: min {self.instances.min} is above"
+                         f" max {self.instances.max} (set both)")  # fmt: skip
         too_big = [s for s in self.batching.preferred_sizes if s > self.batching.max_batch_size]
         if too_big:
-            found.append(f"models.{model}.batching: preferred_sizes {list(too_big)} exceed"
+            found.append(f"{prefix}batching: preferred_sizes {list(too_big)} exceed"
                          f" max_batch_size {self.batching.max_batch_size}")  # fmt: skip
-        if self.fallback == model:
-            found.append(f"models.{model}.fallback: a model cannot fall back on itself")
+        if model and self.fallback == model:
+            found.append(f"{prefix}fallback: a model cannot fall back on itself")
         return found
 
 
@@ -483,7 +485,16 @@ def load(config_path: Path | None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{config_path}: cannot read the config file: {exc.strerror}") from None
     data = _parse_yaml(config_path, text)
-    return _build(Config, data, str(config_path), "", base=config_path.parent)
+    config = _build(Config, data, str(config_path), "", base=config_path.parent)
+    problems = config.scheduling.problems(None)
+    for name in config.models:
+        try:
+            config.scheduling_for(name, Overrides())
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(f"{config_path}: {'; '.join(problems)}")
+    return config
 
 
 def parse_overrides(data: Any, where: str, prefix: str = "") -> Overrides:
