@@ -24,6 +24,7 @@ from moltbotd import config as cfg
 from moltbotd.cgroups import CgroupError
 from moltbotd.isolation import Isolation
 from moltbotd.logs import Ring, configure, get_logger
+from moltbotd.malloc import keep_freed_memory
 from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.repository import scan
 from moltbotd.rollout import Rollout
@@ -198,6 +199,7 @@ def main(
     if check_config:
         sys.exit(report_check(config_path, config))
     ring = configure(config.log_format, config.log_level, config.log_ring_size)
+    keep_freed_memory()
     # uvloop: the event loop's own cost per request is about a third of asyncio's
     sys.exit(uvloop.run(serve(config, load, ring)))
 

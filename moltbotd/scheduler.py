@@ -116,12 +116,15 @@ class Queue:
         return items
 
     def take(
-        self, batching: Batching, now: float, bundle: int = 1
+        self, batching: Batching, now: float, bundle: int = 1, idle: bool = False
     ) -> tuple[list[Pending], float | None]:
         """The next batch to run, or ([], when to look again) if it should wait to fill.
 
-        Without batching, up to `bundle` requests go together, to be run one by one: one
-        message each way instead of one per request."""
+        A batch waits to fill only while the instance it would go to is busy (`idle`
+        false): an idle instance takes what is there at once, so batches grow with the
+        load and a lone request never waits for company. Without batching, up to
+        `bundle` requests go together, to be run one by one: one message each way
+        instead of one per request."""
         head = self._head(now)
         if head is None:
             return [], None
@@ -135,7 +138,7 @@ class Queue:
         batch, rows = self._gather(head, batching.max_batch_size, now)
         oldest = min(item.arrived for item in batch)
         due = oldest + batching.timeout_ms / 1000
-        if rows < batching.max_batch_size and now < due:
+        if rows < batching.max_batch_size and now < due and not idle:
             preferred = [s for s in batching.preferred_sizes if s <= rows]
             if not preferred:
                 return [], due

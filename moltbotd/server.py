@@ -373,6 +373,9 @@ class Connection(asyncio.Protocol):
             log.exception("cannot encode a response", id=response.get("id"))
             error = MoltError(ErrorCode.INTERNAL, "moltbotd could not encode its answer")
             frame = encode_frame(error_response(response.get("id"), error))
+        if not self.pending and not self.unsent:  # the only answer due: no reason to wait
+            self.transport.write(frame)
+            return
         if not self.unsent:  # responses finished in one turn of the loop go in one write
             asyncio.get_running_loop().call_soon(self._flush)
         self.unsent.append(frame)

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from moltbotd.malloc import keep_freed_memory
 from moltbotd.protocol import (
     RECV_BYTES,
     STRING_DTYPE,
@@ -206,6 +207,7 @@ def run_together(session: Any, batch: list[list[Any]]) -> list[Result]:
 
 def main(argv: list[str]) -> int:
     die_with_parent()
+    keep_freed_memory()
     # Ctrl-C in a terminal reaches the whole process group: the daemon decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=int(argv[1])))
