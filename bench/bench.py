@@ -1,23 +1,42 @@
 """moltbotd against in-process onnxruntime, on the same models and the same machine.
 
-    make bench                      # or: .venv/bin/python bench/bench.py
-    .venv/bin/python bench/bench.py --quick --json /tmp/bench.json
+    make bench                      # or: .venv/bin/python bench/bench.py   (about 2.5 min)
+    .venv/bin/python bench/bench.py --quick --json /tmp/bench.json            (about 30 s)
+    .venv/bin/python bench/bench.py --quick --models tiny,cnn --batching '{max_batch_size: 16}'
 
-Builds a throwaway model repository (a tiny y = 2x model and an MLP of 3 x 1024->1024
-Gemm + Relu), then measures each model twice, batch 1 everywhere:
+Builds a throwaway model repository with three models:
 
-  in-process  onnxruntime session.run, 1 intra-op / 1 inter-op thread, CPU provider:
-              latency of sequential calls; throughput of 16 threads sharing the session
-  moltbotd    the daemon started as a subprocess with its default settings:
-              latency with the blocking Client; throughput of 16 asyncio tasks on one
-              pipelined AsyncClient connection, and on 4 connections (4 tasks each)
+  tiny  y = 2x, x float32 [N, 4]
+  mlp   3 x (Gemm 1024x1024 + Relu), x float32 [N, 1024]
+  cnn   Conv 3->16 k3 s2 + Relu, Conv 16->32 k3 s2 + Relu, GlobalAveragePool, Flatten,
+        Gemm 32->10, x float32 [N, 3, 224, 224]
+
+Each model is in the repository twice, as NAME and NAME_batched (NAME_batched/v1/model.onnx
+is a symbolic link to NAME's file); the config the script writes gives both
+intra_op_threads 1 and NAME_batched dynamic batching (--batching, by default
+{max_batch_size: 32, timeout_ms: 2}). Every request carries one sample (batch 1).
+
+  in-process  onnxruntime, 1 intra-op / 1 inter-op thread, CPU provider: latency of
+              sequential calls (p50, p99); throughput of batch 1 on one thread (runs/s)
+              and on 16 threads sharing the session; throughput of batch 32 on one thread
+              (samples/s)
+  moltbotd    the daemon started as a subprocess; for NAME and NAME_batched:
+              latency at concurrency 1 with a raw client (one blocking Unix socket, the
+              request frame encoded once) and with the library's blocking Client;
+              throughput at concurrency 16 with a raw client (one socket, frames encoded
+              once, exactly 16 requests outstanding, each refill written in one send,
+              every response decoded and checked `ok`) and with the library's
+              AsyncClient (16 asyncio tasks on one pipelined connection)
+
+Ratios are taken against the in-process figures of the same run, and a "targets" section
+says whether each goal was reached (a missed target never fails the script).
 
 Also printed: the CPU time each process (client, supervisor, worker) spent per request,
-from /proc/PID/stat; the round trip of a bare socketpair between two Python processes,
-the floor of one hop; and the CPU other processes took meanwhile (a busy machine
-makes every figure worse). Every measurement stops at a request count or a time limit,
-whichever comes first (about a minute in all; --quick: about 10 s), and the daemon is
-always stopped (SIGTERM, then SIGKILL) before the script exits.
+from /proc/PID/stat; the batches the batched entries formed; the round trip of a bare
+socketpair between two Python processes, the floor of one hop; and the CPU other
+processes took meanwhile (a busy machine makes every figure worse). Every measurement
+stops at a request count or a time limit, whichever comes first, and the daemon is always
+stopped (SIGTERM, then SIGKILL) before the script exits.
 docs/performance.md has the figures and what limits them.
 """
 
@@ -37,27 +56,34 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import onnxruntime as ort
+import yaml
 
 from moltbotd.demo import save, scale_model
+from moltbotd.protocol import FrameDecoder, MoltError, encode_frame, encode_tensor, request
 from moltctl.client import AsyncClient, Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.models import mlp_model
+from tests.models import cnn_model, mlp_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 16
-CONNECTIONS = 4
+BATCH = 32  # the in-process batched run
 VERSION = "v1"
+BATCHED = "_batched"  # NAME_batched: the same model file, with dynamic batching
+DEFAULT_BATCHING = "{max_batch_size: 32, timeout_ms: 2}"
 READY_MARK = "ready: serving"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 20.0
+RECV_BYTES = 1 << 16  # the raw client's receive buffer, allocated once
+MAX_RESPONSE_BYTES = 1 << 30
+CPUCLOCK_SCHED = 2  # Linux: a process's CPU clock id is (~pid << 3) | 2
 
 Call = Callable[[], Any]
 
@@ -69,18 +95,18 @@ Call = Callable[[], Any]
 class Limits:
     """Each measurement ends at `requests` or `seconds`, whichever comes first."""
 
-    warmup: int  # requests before a latency run (and per connection before throughput)
-    warmup_seconds: float  # a short unrecorded concurrent run before each throughput run
+    warmup: int  # requests before a sequential run (at most warmup_seconds of them)
+    warmup_seconds: float  # also: a short unrecorded run before each concurrent one
     latency_requests: int
     throughput_requests: int
     seconds: float
 
 
 FULL = Limits(
-    warmup=200, warmup_seconds=1.0, latency_requests=50_000, throughput_requests=200_000, seconds=5
+    warmup=200, warmup_seconds=0.5, latency_requests=50_000, throughput_requests=300_000, seconds=3
 )
 QUICK = Limits(
-    warmup=20, warmup_seconds=0.2, latency_requests=1_000, throughput_requests=10_000, seconds=1
+    warmup=20, warmup_seconds=0.1, latency_requests=5_000, throughput_requests=50_000, seconds=0.5
 )
 
 
@@ -95,10 +121,12 @@ class Latency:
 
 @dataclass(frozen=True)
 class Throughput:
-    rps: float
+    rps: float  # requests (or session runs) per second
+    samples_per_s: float  # rps x the samples in each request or run
     requests: int
     seconds: float
-    cpu_us: dict[str, float]  # CPU time per request, by process role
+    cpu_us: dict[str, float]  # CPU time per request or run, by process role
+    batches: dict[str, Any] | None = None  # what a batched entry formed meanwhile
 
     def cores(self, role: str) -> float:
         """How many CPUs the role kept busy on average."""
@@ -108,14 +136,26 @@ class Throughput:
 @dataclass(frozen=True)
 class Row:
     model: str
+    entry: str  # "no batching" or "batching"
     measure: str
+    client: str  # "raw socket" or "library"
     unit: str
-    in_process: float
     moltbotd: float
+    in_process: float  # latency: the same percentile; throughput: batch 1, one thread
+    in_process_batch: float | None = None  # throughput rows: batch 32 samples/s
 
     @property
     def ratio(self) -> float:
         return self.moltbotd / self.in_process
+
+
+@dataclass(frozen=True)
+class Target:
+    goal: str
+    reached: str
+    met: bool
+    value: float
+    threshold: float
 
 
 # --- the model repository -------------------------------------------------------------
@@ -126,30 +166,64 @@ class Case:
     name: str
     description: str
     path: Path
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray]  # one sample
+
+    def batch(self, size: int) -> dict[str, np.ndarray]:
+        return {name: np.repeat(value, size, axis=0) for name, value in self.inputs.items()}
 
 
-def build_repository(models_dir: Path) -> list[Case]:
+MODELS: dict[str, tuple[Callable[[], Any], str, tuple[int, ...]]] = {
+    "tiny": (lambda: scale_model(2.0), "y = 2x, x float32 [1, 4]", (1, 4)),
+    "mlp": (
+        lambda: mlp_model(width=1024, layers=3),
+        "3 x (Gemm 1024x1024 + Relu), x [1, 1024]",
+        (1, 1024),
+    ),
+    "cnn": (
+        cnn_model,
+        "2 x (Conv k3 s2 + Relu) 3->16->32, GlobalAveragePool, Gemm 32->10, x [1, 3, 224, 224]",
+        (1, 3, 224, 224),
+    ),
+}
+
+
+def build_repository(models_dir: Path, names: list[str]) -> list[Case]:
+    """NAME/v1/model.onnx for each model, and NAME_batched/v1/model.onnx linking to it."""
     rng = np.random.default_rng(1)
-    tiny = save(scale_model(2.0), models_dir, "tiny", VERSION)
-    mlp = save(mlp_model(width=1024, layers=3), models_dir, "mlp", VERSION)
-    return [
-        Case("tiny", "y = 2x, x float32 [1, 4]", tiny, {"x": _floats(rng, 4)}),
-        Case("mlp", "3 x (Gemm 1024x1024 + Relu), x [1, 1024]", mlp, {"x": _floats(rng, 1024)}),
-    ]
+    cases = []
+    for name in names:
+        build, description, shape = MODELS[name]
+        path = save(build(), models_dir, name, VERSION)
+        twin = models_dir / f"{name}{BATCHED}" / VERSION
+        twin.mkdir(parents=True)
+        (twin / path.name).symlink_to(Path("..", "..", name, VERSION, path.name))
+        inputs = {"x": rng.standard_normal(shape).astype(np.float32)}
+        cases.append(Case(name, description, path, inputs))
+    return cases
 
 
-def _floats(rng: np.random.Generator, width: int) -> np.ndarray:
-    return rng.standard_normal((1, width)).astype(np.float32)
+def daemon_config(cases: list[Case], batching: dict[str, Any]) -> dict[str, Any]:
+    models: dict[str, Any] = {}
+    for case in cases:
+        models[case.name] = {"intra_op_threads": 1}
+        models[case.name + BATCHED] = {"batching": batching, "intra_op_threads": 1}
+    return {"models": models}
 
 
 # --- measuring --------------------------------------------------------------------------
 
 
-def measure_latency(call: Call, limits: Limits, roles: dict[str, int]) -> Latency:
-    """Sequential calls (concurrency 1) after a warm-up; per-call wall time."""
+def warm_up(call: Call, limits: Limits) -> None:
+    end = time.perf_counter() + limits.warmup_seconds
     for _ in range(limits.warmup):
         call()
+        if time.perf_counter() >= end:
+            break
+
+
+def measure_latency(call: Call, limits: Limits, roles: dict[str, int]) -> Latency:
+    """Sequential calls (concurrency 1) after a warm-up; per-call wall time."""
+    warm_up(call, limits)
     samples: list[float] = []
     end = time.perf_counter() + limits.seconds
     with CpuMeter(roles) as cpu:
@@ -167,6 +241,21 @@ def measure_latency(call: Call, limits: Limits, roles: dict[str, int]) -> Latenc
         requests=len(samples),
         cpu_us=cpu.per_request(len(samples)),
     )
+
+
+def sequential_throughput(call: Call, limits: Limits, samples: int) -> Throughput:
+    """One thread calling in a loop: runs per second (each run `samples` samples)."""
+    warm_up(call, limits)
+    runs = 0
+    with CpuMeter({"client": os.getpid()}) as cpu:
+        started = time.perf_counter()
+        end = started + limits.seconds
+        while runs < limits.throughput_requests and time.perf_counter() < end:
+            call()
+            runs += 1
+        elapsed = time.perf_counter() - started
+    rate = runs / elapsed
+    return Throughput(rate, rate * samples, runs, elapsed, cpu.per_request(runs))
 
 
 def threaded_throughput(call: Call, limits: Limits, seconds: float) -> Throughput:
@@ -192,44 +281,98 @@ def threaded_throughput(call: Call, limits: Limits, seconds: float) -> Throughpu
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - started
-    return Throughput(sum(done) / elapsed, sum(done), elapsed, cpu.per_request(sum(done)))
+    rate = sum(done) / elapsed
+    return Throughput(rate, rate, sum(done), elapsed, cpu.per_request(sum(done)))
 
 
-async def pipelined_throughput(
-    socket_path: Path,
-    case: Case,
-    connections: int,
-    limits: Limits,
-    seconds: float,
-    roles: dict[str, int],
+async def library_throughput(
+    socket_path: Path, model: str, case: Case, limits: Limits, seconds: float, roles: dict[str, int]
 ) -> Throughput:
-    """CONCURRENCY asyncio tasks spread over `connections` AsyncClient connections."""
-    clients = [AsyncClient(socket_path) for _ in range(connections)]
-    try:
-        for client in clients:
-            await client.connect()
-            for _ in range(min(limits.warmup, 20)):
-                await client.infer(case.name, case.inputs)
+    """CONCURRENCY asyncio tasks calling through one pipelined AsyncClient connection."""
+    async with AsyncClient(socket_path) as client:
+        for _ in range(min(limits.warmup, 20)):
+            await client.infer(model, case.inputs)
         tickets = itertools.count()
         end = time.perf_counter() + seconds
 
-        async def loop(client: AsyncClient) -> int:
+        async def loop() -> int:
             count = 0
             while time.perf_counter() < end and next(tickets) < limits.throughput_requests:
-                await client.infer(case.name, case.inputs)
+                await client.infer(model, case.inputs)
                 count += 1
             return count
 
         with CpuMeter(roles) as cpu:
             started = time.perf_counter()
-            counts = await asyncio.gather(
-                *(loop(clients[i % connections]) for i in range(CONCURRENCY))
-            )
+            counts = await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
             elapsed = time.perf_counter() - started
-    finally:
-        for client in clients:
-            await client.close()
-    return Throughput(sum(counts) / elapsed, sum(counts), elapsed, cpu.per_request(sum(counts)))
+    rate = sum(counts) / elapsed
+    return Throughput(rate, rate, sum(counts), elapsed, cpu.per_request(sum(counts)))
+
+
+class RawConnection:
+    """One blocking Unix socket sending a request frame encoded once; every response is
+    decoded (moltbotd.protocol.FrameDecoder) and must be `ok`. Ids are all the same: the
+    responses are counted, not matched."""
+
+    def __init__(self, socket_path: Path, frame: bytes) -> None:
+        self.frame = frame
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(socket_path))
+        self.decoder = FrameDecoder(MAX_RESPONSE_BYTES)
+        self.buffer = bytearray(RECV_BYTES)
+        self.view = memoryview(self.buffer)
+
+    def __enter__(self) -> "RawConnection":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.sock.close()
+
+    def call(self) -> None:
+        """One request, and wait for its response."""
+        self.sock.sendall(self.frame)
+        while not self.receive():
+            pass
+
+    def receive(self) -> int:
+        """Read what arrived; the number of responses it completed (each checked)."""
+        size = self.sock.recv_into(self.buffer)
+        if not size:
+            raise RuntimeError("moltbotd closed the connection")
+        messages = self.decoder.feed(self.view[:size])
+        for message in messages:
+            if isinstance(message, MoltError) or message.get("ok") is not True:
+                raise RuntimeError(f"moltbotd answered with an error: {message!r}"[:500])
+        return len(messages)
+
+
+def infer_frame(model: str, inputs: dict[str, np.ndarray]) -> bytes:
+    encoded = {name: encode_tensor(value) for name, value in inputs.items()}
+    return encode_frame(request(1, "infer", {"model": model, "inputs": encoded}))
+
+
+def raw_throughput(
+    socket_path: Path, frame: bytes, limits: Limits, seconds: float, roles: dict[str, int]
+) -> Throughput:
+    """Exactly CONCURRENCY requests outstanding on one connection: as responses arrive,
+    as many requests go out again, in one send (a slice of CONCURRENCY frames built once)."""
+    burst = memoryview(frame * CONCURRENCY)
+    with RawConnection(socket_path, frame) as conn, CpuMeter(roles) as cpu:
+        started = time.perf_counter()
+        end = started + seconds
+        conn.sock.sendall(burst)
+        sent, done = CONCURRENCY, 0
+        while done < sent:
+            got = conn.receive()
+            done += got
+            if got and sent < limits.throughput_requests and time.perf_counter() < end:
+                refill = min(got, limits.throughput_requests - sent)
+                conn.sock.sendall(burst[: refill * len(frame)])
+                sent += refill
+        elapsed = time.perf_counter() - started
+    rate = done / elapsed
+    return Throughput(rate, rate, done, elapsed, cpu.per_request(done))
 
 
 class CpuMeter:
@@ -253,7 +396,11 @@ class CpuMeter:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads, from /proc/PID/stat."""
+    """CPU time of a process, all its threads (those gone included), in nanoseconds: its
+    CPU clock, as clock_getcpuclockid(3) makes it; else utime + stime from /proc/PID/stat,
+    in clock ticks (10 ms), too coarse for short runs."""
+    with contextlib.suppress(OSError):
+        return time.clock_gettime((~pid << 3) | CPUCLOCK_SCHED)
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -271,15 +418,21 @@ def open_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def bench_in_process(case: Case, limits: Limits) -> tuple[Latency, Throughput]:
+def bench_in_process(case: Case, limits: Limits) -> dict[str, Any]:
     session = open_session(case.path)
+    batch = case.batch(BATCH)
 
     def call() -> Any:
         return session.run(None, case.inputs)
 
-    latency = measure_latency(call, limits, {"client": os.getpid()})
+    results: dict[str, Any] = {"latency": measure_latency(call, limits, {"client": os.getpid()})}
+    results["batch1_1thread"] = sequential_throughput(call, limits, 1)
     threaded_throughput(call, limits, limits.warmup_seconds)
-    return latency, threaded_throughput(call, limits, limits.seconds)
+    results[f"batch1_{CONCURRENCY}threads"] = threaded_throughput(call, limits, limits.seconds)
+    results[f"batch{BATCH}_1thread"] = sequential_throughput(
+        lambda: session.run(None, batch), limits, BATCH
+    )
+    return results
 
 
 # --- moltbotd ---------------------------------------------------------------------------
@@ -290,18 +443,23 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     socket: Path
     log: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def status(self, model: str) -> dict[str, Any]:
+        with Client(self.socket) as client:
+            return client.status(model)["models"][0]
 
     def roles(self, model: str) -> dict[str, int]:
         """The bench (client), the daemon (supervisor) and the model's worker process."""
-        with Client(self.socket) as client:
-            worker = client.status(model)["models"][0]["worker"]
+        worker = self.status(model)["worker"]
         return {"client": os.getpid(), "supervisor": self.proc.pid, "worker": worker["pid"]}
 
 
 @contextlib.contextmanager
-def running_daemon(models_dir: Path, workdir: Path) -> Iterator[Daemon]:
+def running_daemon(models_dir: Path, workdir: Path, settings: dict[str, Any]) -> Iterator[Daemon]:
     config = workdir / "moltbotd.yaml"
-    config.write_text("{}\n")  # the built-in defaults, whatever /etc/moltbot holds
+    # only these settings, and the built-in defaults, whatever /etc/moltbot holds
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
     socket_path, log = workdir / "moltbotd.sock", workdir / "moltbotd.log"
     command = [sys.executable, "-m", "moltbotd", "--config", str(config)]
     command += [
@@ -323,7 +481,7 @@ def running_daemon(models_dir: Path, workdir: Path) -> Iterator[Daemon]:
         )
     try:
         wait_ready(proc, log)
-        yield Daemon(proc, socket_path, log)
+        yield Daemon(proc, socket_path, log, settings)
     finally:
         stop_daemon(proc)
 
@@ -380,21 +538,49 @@ def group_members(pgid: int) -> list[int]:
     )
 
 
-def bench_daemon(daemon: Daemon, case: Case, limits: Limits) -> dict[str, Any]:
-    roles = daemon.roles(case.name)
+def batch_counts(daemon: Daemon, model: str) -> tuple[int, int]:
+    """(batches, requests) the model's worker pool has run so far; (0, 0) if not reported."""
+    batching = daemon.status(model)["worker"].get("batching") or {}
+    sizes = batching.get("batch_sizes") or {}
+    return batching.get("batches") or 0, sum(int(size) * n for size, n in sizes.items())
+
+
+def with_batches(daemon: Daemon, model: str, before: tuple[int, int], run: Throughput) -> Any:
+    """The run, with the batches the model formed since `before` (batched entries only)."""
+    if not model.endswith(BATCHED):
+        return run
+    batches, requests = (b - a for a, b in zip(before, batch_counts(daemon, model), strict=True))
+    queue_ms = (daemon.status(model)["worker"].get("batching") or {}).get("queue_ms")
+    formed = {
+        "batches": batches,
+        "requests": requests,
+        "mean_batch": requests / batches if batches else None,
+        "queue_ms": queue_ms,  # the daemon's latest 2,048 waits in the queue
+    }
+    return Throughput(**{**asdict(run), "batches": formed})
+
+
+def bench_entry(daemon: Daemon, model: str, case: Case, limits: Limits) -> dict[str, Any]:
+    """One repository entry (NAME or NAME_batched): c=1 latency and c=16 throughput, each
+    with the raw client and the library's."""
+    roles = daemon.roles(model)
+    frame = infer_frame(model, case.inputs)
     with Client(daemon.socket) as client:
-        check_answer(case, client.infer(case.name, case.inputs)["y"])
-        latency = measure_latency(lambda: client.infer(case.name, case.inputs), limits, roles)
-    results: dict[str, Any] = {"latency": latency}
-    for connections in (1, CONNECTIONS):
-        asyncio.run(
-            pipelined_throughput(
-                daemon.socket, case, connections, limits, limits.warmup_seconds, roles
-            )
-        )
-        results[f"throughput_{connections}conn"] = asyncio.run(
-            pipelined_throughput(daemon.socket, case, connections, limits, limits.seconds, roles)
-        )
+        check_answer(case, client.infer(model, case.inputs)["y"])
+        library = measure_latency(lambda: client.infer(model, case.inputs), limits, roles)
+    with RawConnection(daemon.socket, frame) as conn:
+        raw = measure_latency(conn.call, limits, roles)
+    results: dict[str, Any] = {"latency_raw": raw, "latency_library": library}
+    raw_throughput(daemon.socket, frame, limits, limits.warmup_seconds, roles)
+    before = batch_counts(daemon, model)
+    run = raw_throughput(daemon.socket, frame, limits, limits.seconds, roles)
+    results["throughput_raw"] = with_batches(daemon, model, before, run)
+    asyncio.run(
+        library_throughput(daemon.socket, model, case, limits, limits.warmup_seconds, roles)
+    )
+    before = batch_counts(daemon, model)
+    run = asyncio.run(library_throughput(daemon.socket, model, case, limits, limits.seconds, roles))
+    results["throughput_library"] = with_batches(daemon, model, before, run)
     return results
 
 
@@ -428,57 +614,177 @@ def socket_round_trip(limits: Limits) -> Latency:
 
 def check_answer(case: Case, answer: np.ndarray) -> None:
     expected = open_session(case.path).run(None, case.inputs)[0]
-    if not np.allclose(answer, expected, rtol=1e-5, atol=1e-5):
+    if not np.allclose(answer, expected, rtol=1e-4, atol=1e-5):
         raise RuntimeError(f"moltbotd answered {case.name} differently from onnxruntime")
 
 
 # --- report ---------------------------------------------------------------------------
 
+ENTRIES = {"plain": "no batching", "batched": "batching"}
+CLIENTS = {"raw": "raw socket", "library": "library"}
 
-def rows_for(case: Case, local: tuple[Latency, Throughput], served: dict[str, Any]) -> list[Row]:
-    lat, thr = local
-    one, many = served["throughput_1conn"], served[f"throughput_{CONNECTIONS}conn"]
-    return [
-        Row(case.name, "p50 latency, c=1", "us", lat.p50_us, served["latency"].p50_us),
-        Row(case.name, "p99 latency, c=1", "us", lat.p99_us, served["latency"].p99_us),
-        Row(case.name, f"throughput, c={CONCURRENCY}, 1 conn", "req/s", thr.rps, one.rps),
-        Row(
-            case.name,
-            f"throughput, c={CONCURRENCY}, {CONNECTIONS} conns",
-            "req/s",
-            thr.rps,
-            many.rps,
-        ),
+
+def rows_for(model: str, local: dict[str, Any], served: dict[str, dict[str, Any]]) -> list[Row]:
+    lat = local["latency"]
+    one, batch = local["batch1_1thread"].rps, local[f"batch{BATCH}_1thread"].samples_per_s
+    rows = []
+    for entry, label in ENTRIES.items():
+        runs = served[entry]
+        for client, name in CLIENTS.items():
+            latency = runs[f"latency_{client}"]
+            rows += [
+                Row(model, label, "p50 latency, c=1", name, "us", latency.p50_us, lat.p50_us),
+                Row(model, label, "p99 latency, c=1", name, "us", latency.p99_us, lat.p99_us),
+            ]
+        for client, name in CLIENTS.items():
+            rps = runs[f"throughput_{client}"].rps
+            measure = f"throughput, c={CONCURRENCY}"
+            rows.append(Row(model, label, measure, name, "req/s", rps, one, batch))
+    return rows
+
+
+def format_in_process(local: dict[str, dict[str, Any]]) -> str:
+    header = (
+        "model",
+        "p50 c=1 (us)",
+        "p99 c=1 (us)",
+        "batch 1, 1 thread (runs/s)",
+        f"batch 1, {CONCURRENCY} threads (runs/s)",
+        f"batch {BATCH}, 1 thread (samples/s)",
+    )
+    body = [
+        (
+            model,
+            f"{r['latency'].p50_us:,.1f}",
+            f"{r['latency'].p99_us:,.1f}",
+            f"{r['batch1_1thread'].rps:,.0f}",
+            f"{r[f'batch1_{CONCURRENCY}threads'].rps:,.0f}",
+            f"{r[f'batch{BATCH}_1thread'].samples_per_s:,.0f}",
+        )
+        for model, r in local.items()
     ]
+    title = "in-process onnxruntime (1 intra-op, 1 inter-op thread, CPU provider):"
+    return title + "\n" + _table(header, body, left=1)
 
 
 def format_ratio(row: Row) -> str:
     if row.unit == "us":
-        return f"{row.ratio:.1f}x slower"
-    return f"{row.ratio:.2f} of in-process"
+        return f"{row.ratio:.1f}x slower" if row.ratio >= 1 else f"{1 / row.ratio:.1f}x faster"
+    return f"{row.ratio:.2f}x"
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("model", "measure", "in-process", "moltbotd", "moltbotd/in-process")
+    header = (
+        "model",
+        "entry",
+        "measure",
+        "client",
+        "moltbotd",
+        "in-process",
+        "moltbotd/in-process",
+        f"of batch {BATCH}",
+    )
     body = [
         (
             r.model,
+            r.entry,
             f"{r.measure} ({r.unit})",
-            f"{r.in_process:,.0f}" if r.unit == "req/s" else f"{r.in_process:,.1f}",
+            r.client,
             f"{r.moltbotd:,.0f}" if r.unit == "req/s" else f"{r.moltbotd:,.1f}",
+            f"{r.in_process:,.0f}" if r.unit == "req/s" else f"{r.in_process:,.1f}",
             format_ratio(r),
+            f"{r.moltbotd / r.in_process_batch:.2g}" if r.in_process_batch else "",
         )
         for r in rows
     ]
+    note = (
+        "latency rows compare with the in-process latency; throughput rows with in-process"
+        f" batch 1 on one thread (runs/s), and, last column, batch {BATCH} (samples/s)"
+    )
+    return _table(header, body, left=4) + "\n" + note
+
+
+def _table(header: tuple[str, ...], body: list[tuple[str, ...]], left: int) -> str:
+    """Columns: the first `left` aligned left, the rest right."""
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = [_join(header, widths), _join(tuple("-" * w for w in widths), widths)]
-    return "\n".join(lines + [_join(line, widths) for line in body])
+
+    def join(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = tuple("-" * w for w in widths)
+    return "\n".join([join(header), join(rule), *(join(line) for line in body)])
 
 
-def _join(cells: tuple[str, ...], widths: list[int]) -> str:
-    left = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
-    right = [c.rjust(w) for c, w in zip(cells[2:], widths[2:], strict=True)]
-    return "  ".join(left + right)
+def check_targets(local: dict[str, Any], served: dict[str, Any]) -> list[Target]:
+    """The goals, on the raw client's figures (the library's load generator is slower)."""
+    targets = []
+
+    def best(model: str, key: str, pick: Callable[[Any], float], lower: bool) -> tuple:
+        figures = {ENTRIES[e]: pick(served[model][e][key]) for e in ENTRIES}
+        choose = min if lower else max
+        entry = choose(figures, key=lambda e: figures[e])
+        return figures[entry], entry, figures
+
+    if "tiny" in served:
+        p50, entry, _ = best("tiny", "latency_raw", lambda r: r.p50_us, lower=True)
+        targets.append(
+            Target(
+                "tiny p50 latency at c=1 <= 60 us",
+                f"{p50:,.1f} us ({entry}, raw socket)",
+                p50 <= 60,
+                p50,
+                60,
+            )
+        )
+        rps, entry, figures = best("tiny", "throughput_raw", lambda r: r.rps, lower=False)
+        other = next(f"{e}: {v:,.0f}" for e, v in figures.items() if e != entry)
+        targets.append(
+            Target(
+                f"tiny throughput at c={CONCURRENCY} >= 48,000 req/s",
+                f"{rps:,.0f} req/s ({entry}, raw socket; {other})",
+                rps >= 48_000,
+                rps,
+                48_000,
+            )
+        )
+    if "mlp" in served:
+        rps = served["mlp"]["batched"]["throughput_raw"].rps
+        one = local["mlp"]["batch1_1thread"].rps
+        batch = local["mlp"][f"batch{BATCH}_1thread"].samples_per_s
+        targets.append(
+            Target(
+                f"mlp throughput at c={CONCURRENCY} with batching >= 3x in-process batch 1"
+                f" ({one:,.0f} runs/s on 1 thread: {3 * one:,.0f})",
+                f"{rps:,.0f} req/s = {rps / one:.2f}x (raw socket; in-process batch {BATCH}"
+                f" on 1 thread: {batch:,.0f} samples/s = {batch / one:.2f}x)",
+                rps >= 3 * one,
+                rps,
+                3 * one,
+            )
+        )
+    if "cnn" in served:
+        p50, entry, _ = best("cnn", "latency_raw", lambda r: r.p50_us, lower=True)
+        base = local["cnn"]["latency"].p50_us
+        targets.append(
+            Target(
+                f"cnn p50 latency at c=1 <= 1.5x in-process ({base:,.1f} us: {1.5 * base:,.1f})",
+                f"{p50:,.1f} us = {p50 / base:.2f}x ({entry}, raw socket)",
+                p50 <= 1.5 * base,
+                p50,
+                1.5 * base,
+            )
+        )
+    return targets
+
+
+def format_targets(targets: list[Target]) -> str:
+    lines = ["targets (never fatal):"]
+    for t in targets:
+        lines.append(f"  {'MET   ' if t.met else 'MISSED'}  {t.goal}: {t.reached}")
+    return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:
@@ -514,6 +820,7 @@ class Background:
         own = own_cpu() - self._start[2]
         self.others = max(busy - busy0 - own, 0.0) / wall  # cores, on average
         self.steal = (steal - steal0) / wall
+        self.wall = wall
 
 
 def system_cpu() -> tuple[float, float]:
@@ -533,7 +840,8 @@ def own_cpu() -> float:
 def format_background(background: Background) -> str:
     line = (
         f"other load during the run: {background.others:.2f} cores busy outside the bench"
-        f" on average, {background.steal:.2f} cores of steal"
+        f" on average, {background.steal:.2f} cores of steal; the run took"
+        f" {background.wall:.0f} s"
     )
     if background.others > 0.1 or background.steal > 0.1:
         line += "\nWARNING: the machine was not idle; these figures are lower than they can be"
@@ -552,17 +860,21 @@ def format_machine(info: dict[str, Any]) -> str:
 def format_cpu(local: dict[str, Any], served: dict[str, dict[str, Any]]) -> str:
     """Where the CPU went: per request and process; for throughput runs, cores kept busy."""
     lines = ["CPU time per request by process (us), and cores busy in the throughput runs:"]
-    for model, (lat, thr) in local.items():
-        runs = [
-            ("in-process c=1", lat),
-            (f"in-process c={CONCURRENCY} threads", thr),
-            ("moltbotd c=1", served[model]["latency"]),
+    for model, runs in local.items():
+        rows: list[tuple[str, Latency | Throughput]] = [
+            ("in-process c=1", runs["latency"]),
+            ("in-process batch 1, 1 thread", runs["batch1_1thread"]),
+            (f"in-process {CONCURRENCY} threads", runs[f"batch1_{CONCURRENCY}threads"]),
+            (f"in-process batch {BATCH} (per run)", runs[f"batch{BATCH}_1thread"]),
         ]
-        runs += [
-            (f"moltbotd c={CONCURRENCY}, {n} conn", served[model][f"throughput_{n}conn"])
-            for n in (1, CONNECTIONS)
-        ]
-        lines += [f"  {model:5} {label:26} {_cpu(run)}" for label, run in runs]
+        for entry, label in ENTRIES.items():
+            for client, name in CLIENTS.items():
+                rows.append((f"{label}, c=1, {name}", served[model][entry][f"latency_{client}"]))
+            for client, name in CLIENTS.items():
+                run = served[model][entry][f"throughput_{client}"]
+                rows.append((f"{label}, c={CONCURRENCY}, {name}", run))
+        width = max(len(label) for label, _ in rows)
+        lines += [f"  {model:5} {label:{width}}  {_cpu(run)}" for label, run in rows]
     return "\n".join(lines)
 
 
@@ -574,40 +886,21 @@ def _cpu(run: Latency | Throughput) -> str:
     )
 
 
-def to_json(info: dict[str, Any], limits: Limits, rows: list[Row], raw: dict[str, Any]) -> str:
-    results = [{**asdict(r), "ratio": r.ratio} for r in rows]
-    document = {"machine": info, "limits": asdict(limits), "results": results, "raw": raw}
-    return json.dumps(document, indent=2, default=asdict)
-
-
-# --- main -----------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="about 1 s per measurement")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also save the numbers here")
-    parser.add_argument("--seconds", type=float, help="time limit of each measurement")
-    return parser.parse_args(argv)
-
-
-def run(limits: Limits, workdir: Path) -> tuple[list[Row], dict[str, Any]]:
-    cases = build_repository(workdir / "models")
-    print(f"models: {'; '.join(f'{c.name}: {c.description}' for c in cases)}", flush=True)
-    local = {}
-    for case in cases:
-        print(f"in-process onnxruntime: {case.name} ...", flush=True)
-        local[case.name] = bench_in_process(case, limits)
-    print("socket round trip ...", flush=True)
-    floor = socket_round_trip(limits)
-    served = {}
-    print("starting moltbotd ...", flush=True)
-    with running_daemon(workdir / "models", workdir) as daemon:
-        for case in cases:
-            print(f"moltbotd: {case.name} ...", flush=True)
-            served[case.name] = bench_daemon(daemon, case, limits)
-    rows = [row for case in cases for row in rows_for(case, local[case.name], served[case.name])]
-    return rows, {"in_process": local, "moltbotd": served, "socket_round_trip": floor}
+def format_batches(served: dict[str, dict[str, Any]]) -> str:
+    lines = [f"batches the batched entries formed at c={CONCURRENCY}:"]
+    for model, entries in served.items():
+        for client, name in CLIENTS.items():
+            formed = entries["batched"][f"throughput_{client}"].batches or {}
+            if not formed.get("batches"):
+                lines.append(f"  {model:5} {name:10}  (not reported by status)")
+                continue
+            queue = formed.get("queue_ms") or {}
+            waits = ", ".join(f"{k} {v:.2f}" for k, v in queue.items() if v is not None)
+            lines.append(
+                f"  {model:5} {name:10}  {formed['batches']:,} batches, mean"
+                f" {formed['mean_batch']:.1f} requests; queue wait (ms): {waits}"
+            )
+    return "\n".join(lines)
 
 
 def format_floor(floor: Latency) -> str:
@@ -616,6 +909,77 @@ def format_floor(floor: Latency) -> str:
         f" p50 {floor.p50_us:.1f} us, p99 {floor.p99_us:.1f} us\n"
         "(a moltbotd request makes two such hops: client to daemon, daemon to worker)"
     )
+
+
+def to_json(info: dict[str, Any], limits: Limits, rows: list[Row], targets: list[Target],
+            raw: dict[str, Any]) -> str:  # fmt: skip
+    results = [{**asdict(r), "ratio": r.ratio} for r in rows]
+    document = {
+        "machine": info,
+        "limits": asdict(limits),
+        "results": results,
+        "targets": [asdict(t) for t in targets],
+        "raw": raw,
+    }
+    return json.dumps(document, indent=2, default=asdict)
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="about 0.5 s per measurement")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also save the numbers here")
+    parser.add_argument("--seconds", type=float, help="time limit of each measurement")
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated, from {', '.join(MODELS)} (default: all)",
+    )
+    parser.add_argument(
+        "--batching",
+        default=DEFAULT_BATCHING,
+        metavar="YAML",
+        help=f"the batched entries' batching section (default: {DEFAULT_BATCHING})",
+    )
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        parser.error(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
+    args.batching = yaml.safe_load(args.batching)
+    if not isinstance(args.batching, dict):
+        parser.error(f"--batching: expected a YAML mapping, got {args.batching!r}")
+    return args
+
+
+def run(limits: Limits, workdir: Path, names: list[str], batching: dict[str, Any]) -> tuple:
+    cases = build_repository(workdir / "models", names)
+    print(f"models: {'; '.join(f'{c.name}: {c.description}' for c in cases)}", flush=True)
+    local = {}
+    for case in cases:
+        print(f"in-process onnxruntime: {case.name} ...", flush=True)
+        local[case.name] = bench_in_process(case, limits)
+    print("socket round trip ...", flush=True)
+    floor = socket_round_trip(limits)
+    served: dict[str, dict[str, Any]] = {}
+    settings = daemon_config(cases, batching)
+    print(f"starting moltbotd with {json.dumps(settings)} ...", flush=True)
+    with running_daemon(workdir / "models", workdir, settings) as daemon:
+        for case in cases:
+            served[case.name] = {}
+            for entry, model in (("plain", case.name), ("batched", case.name + BATCHED)):
+                print(f"moltbotd: {model} ...", flush=True)
+                served[case.name][entry] = bench_entry(daemon, model, case, limits)
+    rows = [row for c in cases for row in rows_for(c.name, local[c.name], served[c.name])]
+    raw = {
+        "config": settings,
+        "in_process": local,
+        "moltbotd": served,
+        "socket_round_trip": floor,
+    }
+    return rows, check_targets(local, served), raw
 
 
 def main(argv: list[str]) -> int:
@@ -627,20 +991,25 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     info = machine()
     with Background() as background, tempfile.TemporaryDirectory(prefix="moltbench-") as tmp:
-        rows, raw = run(limits, Path(tmp))
+        rows, targets, raw = run(limits, Path(tmp), args.models, args.batching)
     info["other_load_cores"] = round(background.others, 3)
     info["steal_cores"] = round(background.steal, 3)
+    info["seconds"] = round(background.wall, 1)
     report = [
         format_machine(info),
-        f"limits per measurement: {limits.seconds:g} s or the request budget; batch 1",
+        f"limits per measurement: {limits.seconds:g} s or the request budget; every request"
+        f" batch 1; concurrency {CONCURRENCY}; moltbotd config: {json.dumps(raw['config'])}",
+        format_in_process(raw["in_process"]),
         format_table(rows),
+        format_targets(targets),
+        format_batches(raw["moltbotd"]),
         format_cpu(raw["in_process"], raw["moltbotd"]),
         format_floor(raw["socket_round_trip"]),
         format_background(background),
     ]
     print("\n" + "\n\n".join(report))
     if args.json:
-        args.json.write_text(to_json(info, limits, rows, raw) + "\n")
+        args.json.write_text(to_json(info, limits, rows, targets, raw) + "\n")
         print(f"\nsaved {args.json}")
     return 0
 

@@ -202,17 +202,27 @@ class Pool:
         """Queue a request (OVERLOADED when the queue is full) and dispatch what can go."""
         if self._closed:
             raise self.unavailable()
+        self._make_room()
         self.queue.push(item, self.label)
         self._idle.clear()
         if item.deadline is not None:
             delay = item.deadline - time.monotonic()
             item.timer = asyncio.get_running_loop().call_later(delay, self._expire, item)
-        if not self._pump_soon:  # after the requests that arrived together: one bundle
+        if not any(w.inflight for w in self.workers):
+            self._pump()  # nothing runs: no reason to wait for the end of the loop turn
+        elif not self._pump_soon:  # after the requests that arrived together: one bundle
             self._pump_soon = True
             asyncio.get_running_loop().call_soon(self._pump)
 
     def overloaded(self) -> bool:
+        self._make_room()
         return len(self.queue) >= self.queue.limit
+
+    def _make_room(self) -> None:
+        """A queue that looks full dispatches at once what arrived this turn: only requests
+        that must wait count against max_queue, not those waiting for the turn's end."""
+        if self._pump_soon and len(self.queue) >= self.queue.limit:
+            self._pump()
 
     def failed(self) -> bool:
         return all(w.state in GONE for w in self.workers)
@@ -224,7 +234,8 @@ class Pool:
             worker = self._least_loaded()
             if worker is None:
                 return
-            batch, wake = self.queue.take(self.scheduling.batching, now, self._bundle())
+            idle = not worker.inflight
+            batch, wake = self.queue.take(self.scheduling.batching, now, self._bundle(), idle)
             if not batch:
                 self._wake_at(wake)
                 return

@@ -109,3 +109,44 @@ def reshape_model() -> "helper.ModelProto":
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
     )  # fmt: skip
     return finish(graph)
+
+
+def cnn_model(size: int = 224, classes: int = 10, seed: int = 0) -> "helper.ModelProto":
+    """A small CNN: Conv 3->16 k3 s2 + Relu, Conv 16->32 k3 s2 + Relu, GlobalAveragePool,
+    Flatten, Gemm 32->classes. x float32 [N, 3, size, size], y [N, classes]; random
+    weights, fixed by seed (about 5,000 parameters)."""
+    rng = np.random.default_rng(seed)
+
+    def weights(name: str, *shape: int) -> TensorProto:
+        fan_in = int(np.prod(shape[1:]))
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), name
+        )
+
+    def biases(name: str, n: int) -> TensorProto:
+        return numpy_helper.from_array((0.1 * rng.standard_normal(n)).astype(np.float32), name)
+
+    conv = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], **conv),
+            helper.make_node("Relu", ["c1"], ["r1"]),
+            helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], **conv),
+            helper.make_node("Relu", ["c2"], ["r2"]),
+            helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+            helper.make_node("Gemm", ["features", "w3", "b3"], ["y"], transB=1),
+        ],
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
+        [
+            weights("w1", 16, 3, 3, 3),
+            biases("b1", 16),
+            weights("w2", 32, 16, 3, 3),
+            biases("b2", 32),
+            weights("w3", classes, 32),
+            biases("b3", classes),
+        ],
+    )
+    return finish(graph)
