@@ -143,7 +143,8 @@ class Pool:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        for _ in range(self.scheduling.instances.min):
+        # a count set by hand (remembered across restarts) is ready with the daemon
+        for _ in range(self.manual or self.scheduling.instances.min):
             self._add_instance()
         self._scaler = asyncio.get_running_loop().create_task(self._scale_forever())
 
@@ -200,7 +201,7 @@ class Pool:
 
     def submit(self, item: Pending) -> None:
         """Queue a request (OVERLOADED when the queue is full) and dispatch what can go."""
-        if self._closed:
+        if self._closed or self.failed():  # no instance will serve again: it would wait forever
             raise self.unavailable()
         self._make_room()
         self.queue.push(item, self.label)

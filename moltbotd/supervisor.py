@@ -408,14 +408,12 @@ class Supervisor:
         request = (inputs, outputs, priority, arrived, deadline)
         try:
             pool = self.route(model, version)
+            if version is None and pool.failed():
+                raise pool.unavailable()
             if pool.signature is None:  # a version that never loaded yet: wait for it
                 return asyncio.ensure_future(self._submit_when_ready(model, version, request))
-            if version is None and (pool.failed() or pool.overloaded()):
-                raise (
-                    pool.unavailable()
-                    if pool.failed()
-                    else overloaded(pool.label, len(pool.queue), pool.queue.limit)
-                )
+            if version is None and pool.overloaded():
+                raise overloaded(pool.label, len(pool.queue), pool.queue.limit)
         except MoltError as exc:
             if version is not None:
                 raise
