@@ -6,12 +6,10 @@ from onnx import TensorProto, helper, numpy_helper
 from moltbotd.demo import finish
 
 
-def slow_model() -> "helper.ModelProto":
-    """y = x after `n` iterations of an ONNX Loop: a request that runs as long as asked.
-
-    Inputs: n int64 scalar (iterations), x float32 [4]. Output: y float32 [4] (equal to x).
-    """
-    body = helper.make_graph(
+def busy_loop_body(shape: list[int | str]) -> "helper.GraphProto":
+    """A Loop body that passes its float state through unchanged, with work (a Sin) in
+    every iteration: each iteration costs time, the result equals the input."""
+    return helper.make_graph(
         [
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
             helper.make_node("Sin", ["state_in"], ["s"]),
@@ -22,13 +20,21 @@ def slow_model() -> "helper.ModelProto":
         [
             helper.make_tensor_value_info("i", TensorProto.INT64, []),
             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, shape),
         ],
         [
             helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, shape),
         ],
     )
+
+
+def slow_model() -> "helper.ModelProto":
+    """y = x after `n` iterations of an ONNX Loop: a request that runs as long as asked.
+
+    Inputs: n int64 scalar (iterations), x float32 [4]. Output: y float32 [4] (equal to x).
+    """
+    body = busy_loop_body([4])
     graph = helper.make_graph(
         [helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body)],
         "slow",

@@ -22,7 +22,7 @@ from moltbotd.demo import finish, save
 from moltbotd.protocol import ErrorCode, MoltError
 from moltctl.client import AsyncClient
 from tests.conftest import run_moltctl, wait_until
-from tests.models import mlp_model, slow_model
+from tests.models import busy_loop_body, mlp_model, slow_model
 
 SLOW_N = 200_000  # Loop iterations of the slow model: a few tenths of a second per request
 
@@ -34,24 +34,7 @@ def rows_model() -> "helper.ModelProto":
     """x float32 [N, T], n int64 [N] -> y = 3x + 1 after max(n) iterations of a Loop, and
     rows int64 [N]: every element is the number of rows the session ran at once, so a
     request can tell how many rows shared its batch (and n makes a request slow)."""
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("Sin", ["state_in"], ["s"]),
-            helper.make_node("Sub", ["s", "s"], ["zero"]),
-            helper.make_node("Add", ["state_in", "zero"], ["state_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, ["N", "T"]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["N", "T"]),
-        ],
-    )
+    body = busy_loop_body(["N", "T"])
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMax", ["n"], ["trips"], keepdims=0),
