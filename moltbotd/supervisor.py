@@ -20,7 +20,7 @@ from typing import Any
 
 from moltbotd.canary import CanaryRoute
 from moltbotd.cgroups import CgroupError
-from moltbotd.config import Config, ConfigError, Scheduling
+from moltbotd.config import Config, ConfigError, Overrides, Scheduling
 from moltbotd.isolation import Isolation
 from moltbotd.limits import intra_op_threads
 from moltbotd.logs import get_logger
@@ -438,7 +438,13 @@ class Supervisor:
         return other  # type: ignore[return-value]
 
     def _scheduling(self, model: Model) -> Scheduling:
-        return model.active.scheduling if model.active else self.config.scheduling
+        """The serving version's settings; the config's for a model with no version."""
+        if model.active:
+            return model.active.scheduling
+        try:
+            return self.config.scheduling_for(model.name, Overrides())
+        except ConfigError:
+            return self.config.scheduling
 
     def _submit(self, model: Model, pool: Pool, request: tuple[Any, ...],
                 fallback_for: str | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
