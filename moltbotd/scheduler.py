@@ -48,6 +48,10 @@ class Pending:
         self.started: float | None = None  # when it went to a worker
         self.answered = False
 
+    def live(self, now: float) -> bool:
+        """Whether its deadline (if any) is still ahead; expired ones wait for their timer."""
+        return self.deadline is None or self.deadline > now
+
     def answer(self, outcome: Any) -> None:
         """Answer once: a deadline and a late result may both try."""
         if self.answered:
@@ -147,13 +151,9 @@ class Queue:
         return batch, None
 
     def _head(self, now: float) -> Pending | None:
-        """The oldest live request of the highest priority (expired ones wait for their
-        timers, which answer them)."""
-        for level in self.levels.values():
-            for item in level:
-                if item.deadline is None or item.deadline > now:
-                    return item
-        return None
+        """The oldest live request of the highest priority."""
+        live = self._live(now, 1)
+        return live[0] if live else None
 
     def _live(self, now: float, count: int) -> list[Pending]:
         """The first `count` live requests, highest priority first."""
@@ -162,7 +162,7 @@ class Queue:
             for item in level:
                 if len(found) == count:
                     return found
-                if item.deadline is None or item.deadline > now:
+                if item.live(now):
                     found.append(item)
         return found
 
@@ -172,9 +172,8 @@ class Queue:
             for item in level:
                 if rows >= max_rows:
                     return batch, rows
-                live = item.deadline is None or item.deadline > now
                 fits = rows + item.rows <= max_rows
-                if item is not head and item.key == head.key and live and fits:
+                if item is not head and item.key == head.key and item.live(now) and fits:
                     batch.append(item)
                     rows += item.rows
         return batch, rows
