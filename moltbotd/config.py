@@ -276,7 +276,10 @@ class Batching:
         1, integer(1, 4096), "requests run together as one batch (first dimension); 1: off"
     )
     timeout_ms: float = setting(
-        2.0, milliseconds, "a batch goes when it is full or its oldest request waited this long"
+        2.0,
+        milliseconds,
+        "while every instance is busy, a batch that is not full waits at most this long for"
+        " more requests (an idle instance takes what is queued at once)",
     )
     preferred_sizes: tuple[int, ...] = setting(
         (), batch_sizes, "a batch that reaches one of these sizes goes at once, without waiting"
