@@ -314,6 +314,18 @@ class Scheduling:
     )
     batching: Batching = section(Batching, "dynamic batching")
     instances: Instances = section(Instances, "worker processes per version, and autoscaling")
+    direct: bool = setting(
+        True,
+        boolean,
+        "clients may ask for a direct channel to a worker (one socket hop instead of two);"
+        " never while a canary runs or with a fallback",
+    )
+    busy_poll_us: int = setting(
+        0,
+        integer(0, 100_000),
+        "after each request a worker polls its channels this long before it sleeps: lower"
+        " latency for a CPU busy meanwhile (0: sleep at once)",
+    )
 
     def problems(self, model: str | None) -> list[str]:
         """Contradictions between settings, phrased for the config's reader (model None:

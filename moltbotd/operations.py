@@ -125,6 +125,12 @@ OPERATIONS: dict[str, Operation] = {
             ),
         ),
         Operation(
+            "channel",
+            "A direct channel to a worker serving MODEL's active version: the answer carries"
+            " a socket (SCM_RIGHTS) on which infer requests for MODEL skip the daemon.",
+            (Param("model", (str,), required=True, help="model name"),),
+        ),
+        Operation(
             "scale",
             "Set the number of worker processes of MODEL's active version, or give it back"
             " to autoscaling (instances: 0); remembered across restarts.",

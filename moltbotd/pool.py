@@ -19,7 +19,7 @@ from moltbotd.config import Scheduling, WorkerSettings
 from moltbotd.logs import get_logger
 from moltbotd.process import Worker, WorkerSpec
 from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.scheduler import Pending, Queue
+from moltbotd.scheduler import Pending, Queue, deadline_exceeded
 from moltbotd.signature import Signature
 from moltbotd.states import WorkerState
 
@@ -138,6 +138,10 @@ class Pool:
     def set_scheduling(self, scheduling: Scheduling) -> None:
         self.scheduling = scheduling
         self.queue.limit = scheduling.max_queue
+        for worker in self.workers:
+            worker.set_scheduling(scheduling)
+        if not scheduling.direct or scheduling.fallback:
+            self.close_channels("direct channels were turned off")
         self._pump()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -149,8 +153,9 @@ class Pool:
         self._scaler = asyncio.get_running_loop().create_task(self._scale_forever())
 
     def _add_instance(self) -> Worker:
-        worker = Worker(self.spec, self.settings, cgroup=self.cgroup)
+        worker = Worker(self.spec, self.settings, cgroup=self.cgroup, scheduling=self.scheduling)
         worker.on_state = self._instance_changed
+        worker.on_stats = self._direct_stats
         if not self.workers:
             worker.on_phase = self._phase
         self.workers.append(worker)
@@ -292,17 +297,31 @@ class Pool:
             self._pump()
         self._check_idle()
 
+    # --- direct channels ------------------------------------------------------------------
+
+    def channel(self) -> Worker:
+        """The instance a new direct channel goes to: the serving one with the fewest."""
+        ready = [w for w in self.workers if w.state is S.READY]
+        if not ready:
+            raise self.unavailable()
+        return min(ready, key=lambda w: w.channels)
+
+    def close_channels(self, why: str) -> None:
+        for worker in self.workers:
+            worker.close_channels(why, self.settings.stop_timeout)
+
+    def _direct_stats(self, stats: dict[str, Any]) -> None:
+        sizes = {int(size): n for size, n in stats["sizes"].items()}
+        self.stats.batches += sum(sizes.values())
+        self.stats.sizes.update(sizes)
+        self.stats.waits.extend(stats["waits"])
+
     def _error(self, error: dict[str, Any]) -> MoltError:
         return MoltError(ErrorCode(error["code"]), f"{self.label}: {error['message']}")
 
     def _expire(self, item: Pending) -> None:
-        waited = (time.monotonic() - item.arrived) * 1e3
-        if self.queue.remove(item):
-            why = f"waited {waited:.1f}ms in the queue of {self.label}; it was not run"
-        else:
-            why = f"{self.label} did not answer within {waited:.1f}ms (it was running)"
-        item.answer(MoltError(ErrorCode.DEADLINE_EXCEEDED, f"deadline exceeded: {why}",
-                              {"waited_ms": waited, "ran": item.started is not None}))  # fmt: skip
+        queued = self.queue.remove(item)
+        item.answer(deadline_exceeded(self.label, item, time.monotonic(), queued))
         self._check_idle()
 
     def _fail_queue(self, error: MoltError) -> None:
@@ -381,6 +400,7 @@ class Pool:
             **self.primary.status(),
             "state": self.state.value,
             "inflight": self.inflight,
+            "channels": sum(w.channels for w in self.workers),
             "requests": sum(w.counters.requests for w in self.workers),
             "errors": sum(w.counters.errors for w in self.workers),
             "restarts": sum(w.counters.restarts for w in self.workers),

@@ -19,10 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from moltbotd.cgroups import Group
-from moltbotd.config import Limits, SessionSettings, WorkerSettings
+from moltbotd.config import Limits, Scheduling, SessionSettings, WorkerSettings
 from moltbotd.limits import describe, memory_limit_text
 from moltbotd.logs import get_logger
-from moltbotd.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame
+from moltbotd.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    ErrorCode,
+    FrameDecoder,
+    MoltError,
+    encode_frame,
+)
 from moltbotd.signature import Signature
 from moltbotd.states import WorkerState, check_transition
 
@@ -47,6 +53,7 @@ class WorkerSpec:
     limits: Limits = field(default_factory=Limits)
     samples: tuple[Mapping[str, Any], ...] = ()  # model.yaml's warm-up inputs
     batched: bool = False  # requests may come concatenated: the model must allow it
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES  # for requests on direct channels
 
     @property
     def label(self) -> str:
@@ -85,6 +92,9 @@ class Worker:
     on_state: Callable[["Worker"], None] | None = None  # told after every state change
     ready_info: dict[str, Any] = field(default_factory=dict)  # the last `ready` handshake
     last_used: float = field(default_factory=time.monotonic)
+    scheduling: Scheduling = field(default_factory=Scheduling)  # for its direct channels
+    channels: int = 0  # direct channels open (as the worker last reported)
+    on_stats: Callable[[dict[str, Any]], None] | None = None  # its direct channels' counts
 
     def __post_init__(self) -> None:
         self.log = log.bind(model=self.spec.model, version=self.spec.version)
@@ -95,6 +105,9 @@ class Worker:
         self._idle.set()
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._channel: _Channel | None = None
+        self._handoff: socket.socket | None = None  # direct channels' ends go to it this way
+        self._no_channels = asyncio.Event()
+        self._no_channels.set()
         self._proc: asyncio.subprocess.Process | None = None
         self._stop = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -144,16 +157,21 @@ class Worker:
 
     async def _spawn_and_load(self) -> bool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self._handoff:
+            self._handoff.close()
+        # one message per descriptor handed over: a datagram cannot merge two of them
+        self._handoff, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         loop = asyncio.get_running_loop()
         self.signature, self.started_at = None, None
         try:
-            with child:
+            with child, theirs:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
                     "moltbotd.worker",
                     str(child.fileno()),
-                    pass_fds=(child.fileno(),),
+                    str(theirs.fileno()),
+                    pass_fds=(child.fileno(), theirs.fileno()),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
@@ -170,7 +188,10 @@ class Worker:
         _, self._channel = await loop.create_unix_connection(lambda: _Channel(self), sock=parent)
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session),
-                "samples": list(self.spec.samples), "batched": self.spec.batched}  # fmt: skip
+                "samples": list(self.spec.samples), "batched": self.spec.batched,
+                "direct": {"model": self.spec.model, "version": self.spec.version,
+                           "max_frame_bytes": self.spec.max_frame_bytes,
+                           "scheduling": asdict(self.scheduling)}}  # fmt: skip
         self._channel.transport.write(encode_frame(spec))  # type: ignore[union-attr]
         self.log.info(f"{self.label} starting", pid=self.pid)
         return await self._await_handshake()
@@ -240,6 +261,7 @@ class Worker:
         """Wait for the READY process to end (a stop, or a death), then account for it."""
         assert self._proc is not None
         code = await self._proc.wait()
+        self._set_channels(0)  # the kernel closed its ends: the clients see EOF
         reason, error_code = self._exit_reason(code)
         self._fail_inflight(
             f"{self.label}: worker pid {self.pid} {reason} while running this request", error_code
@@ -286,16 +308,62 @@ class Worker:
             await self._set(S.STOPPED)
 
     async def drain(self, timeout: float) -> bool:
-        """Refuse new requests, wait for those in flight; False if the deadline passed."""
+        """Refuse new requests, send the direct channels' clients elsewhere, wait for what
+        is in flight and for the channels to close; False if the deadline passed."""
         if self.state is S.READY:
             await self._set(S.DRAINING)
+        self.close_channels("the version is being replaced", timeout)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
-        return not self._inflight
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_channels.wait(), timeout)
+        return not self._inflight and not self.channels
+
+    # --- direct channels ----------------------------------------------------------------
+
+    def attach(self, sock: socket.socket) -> None:
+        """Hand the worker its end of a direct channel (ours is closed by the caller)."""
+        if self.state is not S.READY or self._handoff is None:
+            raise self.unavailable()
+        socket.send_fds(self._handoff, [b"c"], [sock.fileno()])
+        self._set_channels(self.channels + 1)
+
+    def close_channels(self, why: str, within: float) -> None:
+        """Ask the worker to send its channels' clients back to moltbotd's socket."""
+        if self.channels and self._channel and self._channel.transport:
+            message = {"close_channels": why, "within": within}
+            self._channel.transport.write(encode_frame(message))
+
+    def set_scheduling(self, scheduling: Scheduling) -> None:
+        self.scheduling = scheduling
+        if self.state is S.READY and self._channel and self._channel.transport:
+            message = {"scheduling": asdict(scheduling)}
+            self._channel.transport.write(encode_frame(message))
+
+    def _set_channels(self, count: int) -> None:
+        self.channels = count
+        if count:
+            self._no_channels.clear()
+        else:
+            self._no_channels.set()
+
+    def _stats(self, stats: dict[str, Any]) -> None:
+        """The worker's counts of its direct requests since its last report."""
+        self.counters.requests += stats["requests"]
+        self.counters.errors += stats["errors"]
+        if stats["requests"]:
+            self.last_used = time.monotonic()
+        self._set_channels(stats["channels"])
+        if self.on_stats:
+            self.on_stats(stats)
 
     async def _kill_and_reap(self, grace: float = 0.0) -> None:
         if self._channel and self._channel.transport:
             self._channel.transport.close()  # EOF: a healthy worker exits on its own
+        if self._handoff:
+            self._handoff.close()
+            self._handoff = None
+        self._set_channels(0)  # the process closes them as it ends
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -375,6 +443,8 @@ class Worker:
                 done(message)
             if not self._inflight:
                 self._idle.set()
+        elif "stats" in message:
+            self._stats(message["stats"])
         elif "phase" in message:
             if self.on_phase:
                 self.on_phase(message["phase"])
@@ -413,6 +483,7 @@ class Worker:
             "error": self.error,
             "providers": self.providers,
             "inflight": self.inflight,
+            "channels": self.channels,
             "uptime": up if self.state in (S.READY, S.DRAINING) else None,
             "requests": self.counters.requests,
             "errors": self.counters.errors,

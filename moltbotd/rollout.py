@@ -257,6 +257,8 @@ class Rollout:
         saved = Canary(version, share, route.started)
         self.sup.save(model.name, lambda s: setattr(s, "canary", saved))
         model.canary, model.canary_worker = route, found.pool
+        if model.active:  # its requests must pass through moltbotd to be split
+            model.active.close_channels("a canary started")
         active = model.active.spec.version if model.active else None
         log.info(f"model {model.name}: canary {version} takes {share:.0%} of requests",
                  model=model.name, version=version)  # fmt: skip

@@ -73,6 +73,28 @@ def batch_key(inputs: dict[str, Any], outputs: list[str] | None) -> tuple[BatchK
     return (key, tuple(outputs or ())), next(iter(rows))[0]
 
 
+def request_options(params: dict[str, Any]) -> tuple[str | None, float | None]:
+    """An infer request's priority and timeout_ms, checked (the operation table checked
+    their types)."""
+    priority, timeout = params.get("priority"), params.get("timeout_ms")
+    if priority is not None and priority not in PRIORITIES:
+        raise MoltError(ErrorCode.BAD_REQUEST, f"priority must be high, normal or low,"
+                        f" got {priority!r}"[:200])  # fmt: skip
+    if timeout is not None and not timeout > 0:
+        raise MoltError(ErrorCode.BAD_REQUEST, f"timeout_ms must be above 0, got {timeout!r}")
+    return priority, timeout
+
+
+def deadline_exceeded(label: str, item: Pending, now: float, queued: bool) -> MoltError:
+    waited = (now - item.arrived) * 1e3
+    if queued:
+        why = f"waited {waited:.1f}ms in the queue of {label}; it was not run"
+    else:
+        why = f"{label} did not answer within {waited:.1f}ms (it was running)"
+    return MoltError(ErrorCode.DEADLINE_EXCEEDED, f"deadline exceeded: {why}",
+                     {"waited_ms": waited, "ran": not queued})  # fmt: skip
+
+
 def overloaded(label: str, depth: int, limit: int) -> MoltError:
     return MoltError(
         ErrorCode.OVERLOADED,
@@ -118,6 +140,13 @@ class Queue:
             level.clear()
         self.size = 0
         return items
+
+    def expired(self, now: float) -> list[Pending]:
+        """Remove and return the requests whose deadline passed (for a caller without
+        timers: it answers them)."""
+        gone = [item for level in self.levels.values() for item in level if not item.live(now)]
+        self._remove(gone)
+        return gone
 
     def take(
         self, batching: Batching, now: float, bundle: int = 1, idle: bool = False

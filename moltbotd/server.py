@@ -20,7 +20,7 @@ from typing import Any
 
 from moltbotd import __version__
 from moltbotd.catalog import Catalog
-from moltbotd.config import PRIORITIES, Config
+from moltbotd.config import Config
 from moltbotd.logs import LEVELS, Ring, get_logger, parse_level
 from moltbotd.operations import OPERATIONS, lookup
 from moltbotd.protocol import (
@@ -37,6 +37,7 @@ from moltbotd.protocol import (
     request_id,
 )
 from moltbotd.rollout import Progress, Rollout, no_progress
+from moltbotd.scheduler import request_options
 
 log = get_logger("server")
 
@@ -52,6 +53,15 @@ class Caller:
 Handler = Callable[[dict[str, Any], Caller], Awaitable[Any]]
 Emit = Callable[[dict[str, Any]], None]
 Answer = tuple[Any, "asyncio.Future[Any]"]  # a request's id, and its outcome to come
+
+
+class Handover(dict[str, Any]):
+    """A result that travels with a socket: the client's end of a direct channel, sent
+    with the response frame (SCM_RIGHTS) and closed here once sent."""
+
+    def __init__(self, result: dict[str, Any], sock: socket.socket) -> None:
+        super().__init__(result)
+        self.sock = sock
 
 
 class StartError(Exception):
@@ -101,14 +111,23 @@ def make_handlers(
         return supervisor.repository()
 
     def infer(p: dict[str, Any], _: Caller) -> Awaitable[Any]:
-        priority, timeout = p.get("priority"), p.get("timeout_ms")
-        if priority is not None and priority not in PRIORITIES:
-            raise MoltError(ErrorCode.BAD_REQUEST, f"priority must be high, normal or low,"
-                            f" got {priority!r}"[:200])  # fmt: skip
-        if timeout is not None and not timeout > 0:
-            raise MoltError(ErrorCode.BAD_REQUEST, f"timeout_ms must be above 0, got {timeout!r}")
+        priority, timeout = request_options(p)
         return supervisor.infer(p["model"], p["inputs"], p.get("version"), p.get("outputs"),
                                 priority, timeout)  # fmt: skip
+
+    async def channel(p: dict[str, Any], _: Caller) -> "Handover":
+        pool, worker = supervisor.channel(p["model"])
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            try:
+                worker.attach(theirs)
+            except BaseException:
+                ours.close()
+                raise
+        log.debug("direct channel", model=pool.spec.model, version=pool.spec.version,
+                  pid=worker.pid)  # fmt: skip
+        return Handover({"model": pool.spec.model, "version": pool.spec.version,
+                         "pid": worker.pid}, ours)  # fmt: skip
 
     async def scale(p: dict[str, Any], _: Caller) -> dict[str, Any]:
         instances = p["instances"]
@@ -169,6 +188,7 @@ def make_handlers(
         "status": status,
         "models": models,
         "infer": infer,
+        "channel": channel,
         "scale": scale,
         "switch": switch,
         "rollback": rollback,
@@ -373,12 +393,31 @@ class Connection(asyncio.Protocol):
             log.exception("cannot encode a response", id=response.get("id"))
             error = MoltError(ErrorCode.INTERNAL, "moltbotd could not encode its answer")
             frame = encode_frame(error_response(response.get("id"), error))
+        if isinstance(response.get("result"), Handover):
+            self._hand_over(frame, response)
+            return
         if not self.pending and not self.unsent:  # the only answer due: no reason to wait
             self.transport.write(frame)
             return
         if not self.unsent:  # responses finished in one turn of the loop go in one write
             asyncio.get_running_loop().call_soon(self._flush)
         self.unsent.append(frame)
+
+    def _hand_over(self, frame: bytes, response: dict[str, Any]) -> None:
+        """Send the frame with the socket attached, after every answer written before it
+        (the descriptor rides on the frame's first byte, so the bytes must be in order)."""
+        with response["result"].sock as channel:
+            self._flush()
+            if not self.transport.get_write_buffer_size():
+                ours = os.dup(self.transport.get_extra_info("socket").fileno())
+                with contextlib.suppress(BlockingIOError), socket.socket(fileno=ours) as sock:
+                    sent = socket.send_fds(sock, [frame], [channel.fileno()])
+                    if sent < len(frame):
+                        self.transport.write(frame[sent:])
+                    return
+        error = MoltError(ErrorCode.CONFLICT, "this connection's earlier answers are not read"
+                          " yet; ask for the channel again")  # fmt: skip
+        self.transport.write(encode_frame(error_response(response.get("id"), error)))
 
     def close(self) -> None:
         """Close once what is written went out."""

@@ -25,7 +25,7 @@ from moltbotd.isolation import Isolation
 from moltbotd.limits import intra_op_threads
 from moltbotd.logs import get_logger
 from moltbotd.pool import Pool
-from moltbotd.process import WorkerSpec
+from moltbotd.process import Worker, WorkerSpec
 from moltbotd.protocol import ErrorCode, MoltError, Packed, pack_with
 from moltbotd.repository import MODEL_FILE, RepoModel, read_model_yaml, scan
 from moltbotd.scheduler import Pending, overloaded
@@ -243,7 +243,8 @@ class Supervisor:
         scheduling = self.config.scheduling_for(name, model_yaml)
         batched = scheduling.batching.max_batch_size > 1
         path = version_dir / MODEL_FILE
-        spec = WorkerSpec(name, version, path, session, limits, model_yaml.samples, batched)
+        spec = WorkerSpec(name, version, path, session, limits, model_yaml.samples, batched,
+                          self.config.max_frame_bytes)  # fmt: skip
         return spec, scheduling
 
     async def retire(self, pool: Pool, drain: bool = False) -> bool:
@@ -471,6 +472,23 @@ class Supervisor:
         priority = priority or pool.scheduling.priority
         pool.submit(Pending(tensors, outputs, priority, deadline, arrived, reply))
         return future
+
+    def channel(self, name: str) -> tuple[Pool, Worker]:
+        """The serving instance a client's direct channel goes to; CONFLICT says why the
+        client must use this socket instead (its library then does)."""
+        model = self.model(name)
+        pool = model.active or self.route(model, None)  # raises: it has no serving version
+        why = None
+        if not pool.scheduling.direct:
+            why = "direct channels are turned off for it (scheduling.direct)"
+        elif pool.scheduling.fallback:
+            why = f"its fallback ({pool.scheduling.fallback}) needs every request to pass here"
+        elif model.canary:
+            why = "a canary runs: moltbotd splits its requests"
+        if why:
+            raise MoltError(ErrorCode.CONFLICT, f"model {name} has no direct channel: {why};"
+                            " send its requests to this socket", {"reason": why})  # fmt: skip
+        return pool, pool.channel()
 
     def scale(self, name: str, instances: int | None) -> dict[str, Any]:
         """Set the active version's instances by hand (None: autoscaling); remembered."""

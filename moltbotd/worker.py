@@ -9,6 +9,7 @@ answers `infer` messages one at a time until the channel closes.
 
 import contextlib
 import ctypes
+import selectors
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from moltbotd.direct import Direct
 from moltbotd.malloc import keep_freed_memory
 from moltbotd.protocol import (
     RECV_BYTES,
@@ -72,6 +74,14 @@ class Channel:
             if isinstance(message, MoltError):
                 raise message  # the supervisor wrote a bad frame: a bug, so die loudly
         return messages
+
+    def receive_ready(self) -> list[dict[str, Any]] | None:
+        """What one read brings (the socket is readable: it does not block); None at EOF."""
+        data = self.sock.recv(RECV_BYTES)
+        if not data:
+            return None
+        self.pending.extend(self.decoder.feed(data))
+        return self.receive_all()
 
     def send(self, *messages: dict[str, Any]) -> None:
         """One write for all of them: a syscall costs more than the bytes."""
@@ -155,11 +165,39 @@ def warm_up(session: Any, signature: Signature) -> str | None:
     return None
 
 
-def serve(channel: Channel, session: Any) -> None:
-    """Answer requests until the channel closes; requests that arrived together are
-    answered in one write."""
-    while (requests := channel.receive_all()) is not None:
-        channel.send(*(answer(session, request) for request in requests))
+def serve(channel: Channel, handoff: socket.socket, session: Any, direct: Direct) -> None:
+    """Answer the daemon's requests and the direct channels' until the daemon's channel
+    closes; what arrived together is answered in one write per peer."""
+    direct.selector.register(channel.sock, selectors.EVENT_READ, channel)
+    direct.selector.register(handoff, selectors.EVENT_READ, handoff)
+    while True:
+        for source in direct.wait(direct.timeout()):
+            if source is channel:
+                if (messages := channel.receive_ready()) is None:
+                    return
+                if answers := [a for m in messages if (a := obey(session, direct, m))]:
+                    channel.send(*answers)
+            elif source is handoff:
+                _, fds, _, _ = socket.recv_fds(handoff, 16, 1)
+                for fd in fds:
+                    direct.attach(socket.socket(fileno=fd))
+            else:
+                direct.ready(source)
+        direct.run()
+        direct.flush()
+        if report := direct.report():
+            channel.send(report)
+
+
+def obey(session: Any, direct: Direct, message: dict[str, Any]) -> Any:
+    """A message from the daemon: a batch to run (its answer returned), or an order."""
+    if "id" in message:
+        return answer(session, message)
+    if "close_channels" in message:
+        direct.close_all(message["close_channels"], message["within"])
+    elif "scheduling" in message:
+        direct.configure(message["scheduling"])
+    return None
 
 
 def answer(session: Any, request: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +249,7 @@ def main(argv: list[str]) -> int:
     # Ctrl-C in a terminal reaches the whole process group: the daemon decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=int(argv[1])))
+    handoff = socket.socket(fileno=int(argv[2]))
     spec = channel.receive()
     if spec is None:
         return 0
@@ -220,7 +259,11 @@ def main(argv: list[str]) -> int:
         channel.send({"failed": str(exc)})
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
-    serve(channel, session)
+    signature = Signature.from_wire(ready["signature"])
+    direct = Direct(
+        spec["direct"], signature, lambda batch, concat: run_batch(session, batch, concat)
+    )
+    serve(channel, handoff, session, direct)
     return 0
 
 

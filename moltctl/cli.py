@@ -82,7 +82,8 @@ class _Session:
     """The connection a command uses, opened (and protocol-checked) on first use."""
 
     def __init__(self, socket_path: Path | None, timeout: float | None) -> None:
-        self.client = Client(socket_path, timeout)
+        # one command, one request: a direct channel would only add a round trip
+        self.client = Client(socket_path, timeout, direct=False)
         self.server: dict[str, Any] | None = None  # what hello said
 
     def __call__(self) -> Client:

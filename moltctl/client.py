@@ -5,15 +5,21 @@
         out = c.infer("demo", {"x": np.ones((1, 4), np.float32)})
         out["y"], out.version
 
+Client sends a model's requests on a direct channel to its worker when moltbotd grants
+one (one socket hop instead of two; moltbotd still decides who gets one, and sends its
+clients back when a switch or a canary needs their requests to pass through it).
 AsyncClient has the same methods as coroutines and pipelines: many tasks may await
-calls on one connection at once, and responses are matched to them by id.
+calls on one connection at once, and responses are matched to them by id; its requests
+always go through moltbotd.
 """
 
 import asyncio
 import contextlib
 import itertools
 import os
+import select
 import socket
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,11 +30,13 @@ from moltbotd.operations import lookup
 from moltbotd.protocol import (
     PROTOCOL_VERSION,
     RECV_BYTES,
+    ErrorCode,
     FrameDecoder,
     MoltError,
     decode_value,
     encode_frame,
     encode_tensor,
+    error_response,
     request,
     response_result,
 )
@@ -36,6 +44,8 @@ from moltbotd.protocol import (
 DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
 # Responses may be large (outputs); the daemon's own limit applies to requests.
 MAX_RESPONSE_BYTES = 1 << 30
+CHANNEL_RETRY = 5.0  # seconds before asking again for a channel moltbotd refused
+SOCKET_BUFFER = 4 << 20  # a large tensor goes to the worker in one write
 
 
 class ConnectError(Exception):
@@ -179,17 +189,105 @@ def _message(op: str, req_id: int, params: dict[str, Any], progress: bool = Fals
     return encode_frame(request(req_id, op, given))
 
 
+class Receiver:
+    """Frames from a blocking socket, one at a time; optionally polled before sleeping."""
+
+    def __init__(self, sock: socket.socket, busy_poll: float = 0.0) -> None:
+        self.sock = sock
+        self.busy_poll = busy_poll
+        self.decoder = FrameDecoder(MAX_RESPONSE_BYTES)
+        self.received: list[dict[str, Any] | MoltError] = []
+        self.fds: list[int] = []  # descriptors that came with the frames (SCM_RIGHTS)
+        self.deadline: float | None = None  # for a socket in blocking mode: TimeoutError after
+
+    def receive(self, peer: str, fds: bool = False) -> dict[str, Any]:
+        while not self.received:
+            data = self._read(fds)
+            if not data:
+                raise ProtocolError(f"{peer} closed the connection before answering")
+            self.received.extend(self.decoder.feed(data))
+        message = self.received.pop(0)
+        if isinstance(message, MoltError):
+            raise ProtocolError(f"unreadable answer from {peer}: {message.message}")
+        return message
+
+    def _read(self, fds: bool) -> bytes:
+        if fds:
+            data, got, _, _ = socket.recv_fds(self.sock, RECV_BYTES, 1)
+            self.fds += got
+            return data
+        until = time.monotonic() + self.busy_poll
+        while time.monotonic() < until:  # a sleeping CPU wakes slowly: spin a little first
+            with contextlib.suppress(BlockingIOError):
+                return self.sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                raise TimeoutError
+        return self.sock.recv(RECV_BYTES)
+
+    def ready(self) -> bool:
+        """Whether a frame (or EOF) waits, without waiting for one."""
+        if self.received:
+            return True
+        try:
+            data = self.sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        self.received.extend(self.decoder.feed(data) if data else [])
+        return True
+
+
+class Channel:
+    """A direct channel to the worker serving one model's active version."""
+
+    def __init__(self, sock: socket.socket, info: dict[str, Any], busy_poll: float) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        self.sock = sock
+        self.label = f"the worker serving model {info['model']} {info['version']}"
+        self.receiver = Receiver(sock, busy_poll)
+        self.closing = False  # the worker asked us to go elsewhere
+
+    def call(self, frame: bytes, req_id: int, timeout: float | None) -> dict[str, Any]:
+        self.receiver.deadline = None if timeout is None else time.monotonic() + timeout
+        self.sock.sendall(frame)
+        while True:
+            reply = self.receiver.receive(self.label)
+            if "closing" in reply:
+                self.closing = True
+            elif reply.get("id") in (req_id, None):
+                return reply
+
+    def usable(self) -> bool:
+        """Not asked to close (a notice read now, before a request is sent, counts)."""
+        while not self.closing and self.receiver.ready():
+            if not self.receiver.received:  # EOF: the worker is gone
+                return False
+            self.closing = "closing" in self.receiver.received.pop(0)
+        return not self.closing
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Client(_Calls):
-    """Blocking client: one request at a time on one connection."""
+    """Blocking client: one request at a time on one connection (and, per model, on a
+    direct channel when moltbotd grants one: direct=False never asks).
+
+    busy_poll_us: after sending on a direct channel, poll for the answer this long
+    before sleeping: lower latency for a CPU busy meanwhile."""
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
-                 timeout: float | None = None) -> None:  # fmt: skip
+                 timeout: float | None = None, direct: bool = True,
+                 busy_poll_us: int = 0) -> None:  # fmt: skip
         self.path = resolve_socket(socket_path)
         self.timeout = timeout
+        self.direct = direct
+        self.busy_poll = busy_poll_us / 1e6
         self._sock: socket.socket | None = None
-        self._decoder = FrameDecoder(MAX_RESPONSE_BYTES)
+        self._receiver: Receiver | None = None
         self._ids = itertools.count(1)
-        self._received: list[dict[str, Any] | MoltError] = []
+        self._channels: dict[str, Channel | float] = {}  # model -> channel, or when to ask
 
     def connect(self) -> "Client":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -200,12 +298,17 @@ class Client(_Calls):
             sock.close()
             raise connect_error(self.path, exc) from None
         self._sock = sock
+        self._receiver = Receiver(sock)
         return self
 
     def close(self) -> None:
         if self._sock:
             self._sock.close()
             self._sock = None
+        for channel in self._channels.values():
+            if isinstance(channel, Channel):
+                channel.close()
+        self._channels.clear()
 
     def __enter__(self) -> "Client":
         return self.connect()
@@ -215,17 +318,21 @@ class Client(_Calls):
 
     def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same,
               on_progress: OnProgress | None = None) -> Any:  # fmt: skip
+        req_id = next(self._ids)
+        message = _message(op, req_id, params, on_progress is not None)
+        channel = self._channel(params) if op == "infer" else None
+        if channel:
+            return decode(response_result(self._call_direct(channel, message, req_id, params)))
         if self._sock is None:
             self.connect()
         assert self._sock is not None
-        req_id = next(self._ids)
-        message = _message(op, req_id, params, on_progress is not None)
+        assert self._receiver is not None
         try:
             self._sock.sendall(message)
-            reply = self._receive()
+            reply = self._receiver.receive("moltbotd", fds=op == "channel")
             while "progress" in reply and on_progress:
                 on_progress(reply["progress"])
-                reply = self._receive()
+                reply = self._receiver.receive("moltbotd")
         except TimeoutError:
             self.close()  # a late answer would be taken for the next call's
             raise ProtocolError(f"no answer from moltbotd within {self.timeout:g}s") from None
@@ -239,17 +346,55 @@ class Client(_Calls):
             raise ProtocolError(f"answer for request {reply.get('id')!r}, expected {req_id}")
         return decode(response_result(reply))
 
-    def _receive(self) -> dict[str, Any]:
-        assert self._sock is not None
-        while not self._received:
-            data = self._sock.recv(RECV_BYTES)
-            if not data:
-                raise ProtocolError("moltbotd closed the connection before answering")
-            self._received.extend(self._decoder.feed(data))
-        message = self._received.pop(0)
-        if isinstance(message, MoltError):
-            raise ProtocolError(f"unreadable answer from moltbotd: {message.message}")
-        return message
+    def _channel(self, params: dict[str, Any]) -> Channel | None:
+        """The model's direct channel: asked for on its first request, and again a while
+        after moltbotd refused one or sent us back; None: go through moltbotd."""
+        model = params["model"]
+        if not self.direct or params.get("version"):
+            return None
+        known = self._channels.get(model)
+        if isinstance(known, Channel):
+            if known.usable():
+                return known
+            known.close()
+            known = 0.0  # moved on (a switch): the new version may grant one at once
+        if known is not None and time.monotonic() < known:
+            return None
+        try:
+            info = self._call("channel", {"model": model})
+        except MoltError:  # not granted (a canary, a fallback, an older daemon...)
+            self._channels[model] = time.monotonic() + CHANNEL_RETRY
+            return None
+        assert self._receiver is not None
+        sock = socket.socket(fileno=self._receiver.fds.pop())
+        self._channels[model] = Channel(sock, info, self.busy_poll)
+        return self._channels[model]  # type: ignore[return-value]
+
+    def _call_direct(self, channel: Channel, message: bytes, req_id: int,
+                     params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        timeout = params.get("timeout_ms")
+        wait = self.timeout if timeout is None else timeout / 1000
+        try:
+            reply = channel.call(message, req_id, wait)
+        except TimeoutError:
+            if timeout is None:
+                raise ProtocolError(f"no answer from {channel.label} within {wait:g}s") from None
+            why = f"deadline exceeded: {channel.label} did not answer within {timeout:g}ms"
+            error = MoltError(ErrorCode.DEADLINE_EXCEEDED, why, {"waited_ms": timeout})
+            return error_response(req_id, error)  # its late answer is skipped by id
+        except (OSError, ProtocolError) as exc:
+            self._drop(params["model"])
+            error = MoltError(ErrorCode.WORKER_FAILED, f"{channel.label} closed its direct"
+                              f" channel before answering (it exited?): {exc}")  # fmt: skip
+            return error_response(req_id, error)
+        if channel.closing:
+            self._drop(params["model"])
+        return reply
+
+    def _drop(self, model: str) -> None:
+        channel = self._channels.pop(model, None)
+        if isinstance(channel, Channel):
+            channel.close()
 
 
 class AsyncClient(_Calls):

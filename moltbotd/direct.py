@@ -1,0 +1,306 @@
+"""Direct channels, the worker's side: clients whose infer frames come straight here.
+
+The supervisor decides who gets a channel (`channel` operation): it hands the client one
+end of a socketpair and this worker the other, over the worker's handoff socket
+(SCM_RIGHTS). A request then crosses one socket instead of two, and no process wakes in
+between. What the supervisor's pool does for its queue is done here for the channels,
+with the same code: the request checks against the signature, priorities, the bounded
+queue (OVERLOADED), deadlines and batching (scheduler.Queue). The supervisor keeps
+control: it asks the worker to close its channels (a switch, a canary, a reload that
+turns them off) and reads the worker's counts from the `stats` messages sent here.
+
+Closing loses nothing: the worker sends `{"closing": why}` on each channel and answers
+everything it reads until the client half-closes (or `within` seconds pass); the
+client sends its next requests elsewhere.
+"""
+
+import selectors
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from moltbotd.config import Batching
+from moltbotd.operations import OPERATIONS
+from moltbotd.protocol import (
+    ErrorCode,
+    FrameDecoder,
+    FrameTooLarge,
+    MoltError,
+    RequestError,
+    encode_frame,
+    error_response,
+    ok_response,
+    pack_with,
+    parse_request,
+    request_id,
+)
+from moltbotd.scheduler import Pending, Queue, deadline_exceeded, request_options
+from moltbotd.signature import Signature, check_inputs, check_output_names
+
+INFER = OPERATIONS["infer"]
+SOCKET_BUFFER = 4 << 20  # a 600 KB tensor goes in one write, not in 200 KB slices
+RECV_BYTES = 1 << 20
+REPORT_EVERY = 0.25  # seconds between stats messages while requests come
+MAX_WAITS = 256  # queue times per stats message (a sample, for the percentiles)
+
+Result = bytes | dict[str, Any]  # packed outputs, or the worker's error map
+Runner = Callable[[list[tuple[dict[str, Any], list[str] | None]], bool], list[Result]]
+
+
+class Stream:
+    """One direct channel: a client's socket, its partial frame and its unsent answers."""
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        self.sock = sock
+        self.decoder = FrameDecoder(max_frame_bytes)
+        self.out = bytearray()
+        self.events = 0  # what the selector watches for: read, or write while answers wait
+        self.pending = 0  # requests read and not answered yet
+        self.ended = False  # the client half-closed (or went away)
+        self.closing_at: float | None = None  # when it is closed even if the client is not done
+
+    def write(self, message: dict[str, Any]) -> None:
+        self.out += encode_frame(message)
+
+    def flush(self) -> None:
+        """Send what the socket takes now; the rest waits (a client that does not read
+        must not stall the others)."""
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError:  # the client is gone: its answers have nowhere to go
+            sent, self.ended = len(self.out), True
+        del self.out[:sent]
+
+    def finished(self, now: float) -> bool:
+        done = self.ended and not self.pending and not self.out
+        return done or (self.closing_at is not None and now >= self.closing_at)
+
+
+class Direct:
+    """The worker's direct channels, their queue and the counts reported to the daemon."""
+
+    def __init__(self, session: dict[str, Any], signature: Signature, runner: Runner) -> None:
+        self.model, self.version = session["model"], session["version"]
+        self.label = f"model {self.model} {self.version}"
+        self.fields = {"model": self.model, "version": self.version}
+        self.signature = signature
+        self.runner = runner
+        self.max_frame_bytes: int = session["max_frame_bytes"]
+        self.selector = selectors.DefaultSelector()
+        self.streams: dict[int, Stream] = {}
+        self.queue = Queue(session["scheduling"]["max_queue"])
+        self.configure(session["scheduling"])
+        self._counts = Counts()
+        self._reported = time.monotonic()
+
+    def configure(self, scheduling: dict[str, Any]) -> None:
+        """The model's scheduling settings, at start and after a reload."""
+        self.priority: str = scheduling["priority"]
+        self.batching = Batching(**scheduling["batching"])
+        self.busy_poll = scheduling["busy_poll_us"] / 1e6
+        self.queue.limit = scheduling["max_queue"]
+
+    # --- channels -----------------------------------------------------------------------
+
+    def attach(self, sock: socket.socket) -> None:
+        stream = Stream(sock, self.max_frame_bytes)
+        self.streams[sock.fileno()] = stream
+        self._watch(stream)
+        self._counts.changed = True
+
+    def close_all(self, why: str, within: float) -> None:
+        """Tell every client to go elsewhere; answer what they still send until they
+        half-close, for `within` seconds at most."""
+        due = time.monotonic() + within
+        for stream in self.streams.values():
+            if stream.closing_at is None:
+                stream.write({"closing": why})
+                stream.closing_at = due
+
+    def wait(self, timeout: float | None) -> list[Any]:
+        """What became readable: polled without sleeping for busy_poll_us first (a sleeping
+        CPU wakes slowly and runs cold), then blocking up to `timeout`."""
+        until = time.monotonic() + self.busy_poll
+        while time.monotonic() < until:
+            if events := self.selector.select(0):
+                return [key.data for key, _ in events]
+        return [key.data for key, _ in self.selector.select(timeout)]
+
+    def timeout(self) -> float | None:
+        """How long the worker may sleep: until the next report or a closing is due."""
+        now = time.monotonic()
+        due = [s.closing_at for s in self.streams.values() if s.closing_at is not None]
+        if self._counts.changed:
+            due.append(self._reported + REPORT_EVERY)
+        return max(0.0, min(due) - now) if due else None
+
+    # --- requests -----------------------------------------------------------------------
+
+    def ready(self, stream: Stream) -> None:
+        """The channel can be read (queue every whole request that arrived) or, while
+        answers wait to go out, written."""
+        if stream.out:
+            stream.flush()
+        else:
+            self._read(stream)
+        self._watch(stream)
+
+    def _watch(self, stream: Stream) -> None:
+        """Read a channel only while its answers went out: a client that sends and never
+        reads gets no more of the worker's memory than its socket buffer."""
+        wanted = (
+            0 if stream.ended else selectors.EVENT_WRITE if stream.out else selectors.EVENT_READ
+        )
+        if wanted == stream.events:
+            return
+        if not stream.events:
+            self.selector.register(stream.sock, wanted, stream)
+        elif not wanted:
+            self.selector.unregister(stream.sock)
+        else:
+            self.selector.modify(stream.sock, wanted, stream)
+        stream.events = wanted
+
+    def _read(self, stream: Stream) -> None:
+        try:
+            data = stream.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            stream.ended = True
+            return
+        try:
+            messages = stream.decoder.feed(data)
+        except FrameTooLarge as exc:  # the stream cannot be resynchronised
+            stream.write(error_response(None, exc))
+            stream.ended = True
+            return
+        for message in messages:
+            self.accept(stream, message)
+
+    def accept(self, stream: Stream, message: dict[str, Any] | MoltError) -> None:
+        req_id = None if isinstance(message, MoltError) else request_id(message)
+        try:
+            if isinstance(message, MoltError):
+                raise message
+            self.queue.push(self._checked(stream, message), self.label)
+            stream.pending += 1
+        except MoltError as exc:
+            self._counts.answered(exc)
+            to = exc.req_id if isinstance(exc, RequestError) else req_id
+            stream.write(error_response(to, exc))
+
+    def _checked(self, stream: Stream, message: dict[str, Any]) -> Pending:
+        """The request as the queue takes it, checked as the daemon checks it."""
+        request = parse_request(message)
+        if request.op != "infer":
+            why = f"a direct channel answers only 'infer'; send {request.op!r} to moltbotd's socket"
+            raise MoltError(ErrorCode.UNKNOWN_OPERATION, why[:200])
+        params = INFER.check_params(request.params)
+        if params["model"] != self.model or params.get("version", self.version) != self.version:
+            asked = f"{params['model']} {params.get('version', '')}".strip()
+            raise MoltError(ErrorCode.BAD_REQUEST, f"this direct channel serves {self.label},"
+                            f" not {asked}: ask moltbotd's socket for it"[:300])  # fmt: skip
+        priority, timeout = request_options(params)
+        tensors = check_inputs(self.label, self.signature, params["inputs"])
+        outputs = params.get("outputs")
+        if outputs:
+            check_output_names(self.label, self.signature, outputs)
+        now = time.monotonic()
+        deadline = now + timeout / 1000 if timeout else None
+
+        def reply(outcome: bytes | MoltError) -> None:
+            stream.pending -= 1
+            self._counts.answered(outcome)
+            if isinstance(outcome, MoltError):
+                stream.write(error_response(request.id, outcome))
+            else:
+                result = pack_with(self.fields, "outputs", outcome)
+                stream.write(ok_response(request.id, result))
+
+        return Pending(tensors, outputs, priority or self.priority, deadline, now, reply)
+
+    def run(self) -> None:
+        """Run everything queued: the highest priority first, batched where configured."""
+        concat = self.batching.max_batch_size > 1
+        while self.queue:
+            now = time.monotonic()
+            for item in self.queue.expired(now):
+                item.answer(deadline_exceeded(self.label, item, now, queued=True))
+            # one by one unless batched: a deadline is checked before each run
+            batch, _ = self.queue.take(self.batching, now, idle=True)
+            if batch:
+                self._counts.ran(batch, concat, now)
+                results = self.runner([(i.inputs, i.outputs) for i in batch], concat)
+                self._answer(batch, results)
+
+    def _answer(self, batch: list[Pending], results: list[Result]) -> None:
+        now = time.monotonic()
+        for item, result in zip(batch, results, strict=True):
+            if not item.live(now):  # the client stopped waiting: a late result is dropped
+                item.answer(deadline_exceeded(self.label, item, now, queued=False))
+            elif isinstance(result, bytes):
+                item.answer(result)
+            else:
+                message = f"{self.label}: {result['message']}"
+                item.answer(MoltError(ErrorCode(result["code"]), message))
+
+    def flush(self) -> None:
+        """Send the answers, and close the channels that are done."""
+        now = time.monotonic()
+        for fd, stream in list(self.streams.items()):
+            if stream.out:
+                stream.flush()
+            if not stream.finished(now):
+                self._watch(stream)
+                continue
+            stream.ended = True
+            self._watch(stream)
+            stream.sock.close()
+            del self.streams[fd]
+            self._counts.changed = True
+
+    def report(self) -> dict[str, Any] | None:
+        """The counts since the last report, when one is due: the daemon's status and
+        idle checks see direct requests through these."""
+        now = time.monotonic()
+        if not self._counts.changed or now - self._reported < REPORT_EVERY:
+            return None
+        self._reported = now
+        counts, self._counts = self._counts, Counts()
+        return {"stats": {**counts.to_wire(), "channels": len(self.streams)}}
+
+
+class Counts:
+    """What happened on the channels since the last report."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.sizes: Counter[int] = Counter()
+        self.waits: list[float] = []
+        self.changed = False
+
+    def answered(self, outcome: Any) -> None:
+        self.requests += 1
+        self.errors += isinstance(outcome, MoltError)
+        self.changed = True
+
+    def ran(self, batch: list[Pending], concat: bool, now: float) -> None:
+        if concat:
+            self.sizes[len(batch)] += 1
+        if len(self.waits) < MAX_WAITS:
+            self.waits.extend(now - item.arrived for item in batch[: MAX_WAITS - len(self.waits)])
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors,
+                "sizes": dict(self.sizes), "waits": self.waits}  # fmt: skip

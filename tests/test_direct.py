@@ -1,0 +1,233 @@
+"""Direct channels end to end: a client's infer requests go straight to the worker on a
+socket moltbotd handed over (SCM_RIGHTS), with the daemon's checks, queue and counts,
+and moltbotd still in control (switches, canaries, fallbacks, dead workers).
+
+Real daemons, real workers, real onnxruntime; the raw tests speak the protocol's bytes.
+"""
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moltbotd.protocol import (
+    HEADER,
+    ErrorCode,
+    FrameDecoder,
+    MoltError,
+    encode_frame,
+    encode_tensor,
+    request,
+)
+from moltctl.client import Client
+from tests.conftest import run_moltctl, wait_until
+from tests.models import mlp_model
+from tests.test_scheduling import SLOW_N, direct, pool_status, slow_inputs
+
+X = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+
+class RawChannel:
+    """A direct channel opened by hand: the `channel` answer and its socket."""
+
+    def __init__(self, socket_path: Path, model: str) -> None:
+        with socket.socket(socket.AF_UNIX) as daemon:
+            daemon.connect(str(socket_path))
+            daemon.sendall(encode_frame(request(1, "channel", {"model": model})))
+            data, fds, _, _ = socket.recv_fds(daemon, 1 << 16, 1)
+        [self.answer] = FrameDecoder().feed(data)
+        self.sock = socket.socket(fileno=fds[0]) if fds else None
+        self.decoder = FrameDecoder(1 << 30)
+        self.got: list = []
+
+    def send(self, *messages: dict) -> None:
+        assert self.sock is not None
+        self.sock.sendall(b"".join(encode_frame(m) for m in messages))
+
+    def receive(self, count: int = 1, timeout: float = 30) -> list:
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        while len(self.got) < count:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                break
+            self.got += self.decoder.feed(data)
+        out, self.got = self.got[:count], self.got[count:]
+        return out
+
+
+def infer(req_id: int, model: str, inputs: dict, **params) -> dict:
+    tensors = {name: encode_tensor(np.asarray(v)) for name, v in inputs.items()}
+    return request(req_id, "infer", {"model": model, "inputs": tensors, **params})
+
+
+def worker_of(status: dict, model: str) -> dict:
+    return pool_status(status, model)
+
+
+def test_client_infers_on_a_direct_channel_counted_in_status(daemon) -> None:
+    with daemon.client() as client:
+        outputs = client.infer("demo", {"x": X})
+        assert np.array_equal(outputs["y"], 10 * X)  # the newest version serves: v2.0
+        assert (outputs.model, outputs.version) == ("demo", "v2.0")
+        for _ in range(9):
+            client.infer("demo", {"x": X})
+        pool = wait_until(lambda: (p := worker_of(client.status("demo"), "demo"))["requests"] == 10
+                          and p, what="10 direct requests counted")  # fmt: skip
+        assert pool["channels"] == 1
+        assert pool["instances"][0]["channels"] == 1
+
+
+def test_a_direct_channel_checks_every_request_and_keeps_serving(daemon_factory) -> None:
+    daemon = daemon_factory("max_frame_bytes: 4096\n")
+    channel = RawChannel(daemon.socket, "demo")
+    assert channel.answer["ok"] and channel.answer["result"]["version"] == "v2.0"
+    wrong = {"x": np.ones((1, 3), np.float32)}
+    channel.send(infer(1, "demo", wrong), infer(2, "demo", {"x": X.astype(np.float64)}),
+                 request(3, "status", {}), infer(4, "iris", {"x": X}),
+                 infer(5, "demo", {"x": X}, version="v1.0"),
+                 infer(6, "demo", {"x": X}))  # fmt: skip
+    answers = {a["id"]: a for a in channel.receive(6)}
+    assert answers[1]["error"]["code"] == "INVALID_INPUT"
+    assert "expected float32 with shape [N, 4], got shape [1, 3]" in answers[1]["error"]["message"]
+    assert "got dtype float64" in answers[2]["error"]["message"]
+    assert answers[3]["error"]["code"] == "UNKNOWN_OPERATION"
+    assert "send 'status' to moltbotd's socket" in answers[3]["error"]["message"]
+    for bad in (4, 5):
+        assert answers[bad]["error"]["code"] == "BAD_REQUEST"
+        assert "this direct channel serves model demo v2.0" in answers[bad]["error"]["message"]
+    assert answers[6]["ok"]
+    channel.sock.sendall(HEADER.pack(3) + b"\xc1\xc1\xc1")  # not msgpack
+    [bad_frame] = channel.receive()
+    assert bad_frame["error"]["code"] == "BAD_FRAME"
+    channel.send(infer(7, "demo", {"x": X}))
+    assert channel.receive()[0]["ok"]
+    channel.sock.sendall(HEADER.pack(10_000))
+    [too_large] = channel.receive()
+    assert too_large["error"]["code"] == "FRAME_TOO_LARGE"
+    assert channel.receive() == []  # the stream cannot resynchronise: closed
+    with daemon.client() as client:  # and everyone else is served
+        assert np.array_equal(client.infer("demo", {"x": X})["y"], 10 * X)
+
+
+def test_the_channel_queue_has_priorities_a_bound_and_deadlines(daemon_factory) -> None:
+    daemon = daemon_factory("models:\n  slow:\n    max_queue: 4\n")
+    channel = RawChannel(daemon.socket, "slow")
+    quick = slow_inputs(n=1)
+    # one write: the worker reads all five before it runs any (the 5th finds 4 waiting)
+    channel.send(infer(1, "slow", quick, priority="low"), infer(2, "slow", quick, priority="low"),
+                 infer(3, "slow", quick, priority="high"), infer(4, "slow", quick),
+                 infer(5, "slow", quick))  # fmt: skip
+    answers = channel.receive(5)
+    assert answers[0]["id"] == 5 and answers[0]["error"]["code"] == "OVERLOADED"
+    assert answers[0]["error"]["details"]["queue_depth"] == 4
+    # the queue: 1 low, 2 low, 3 high, 4 normal -> 3, 4, 1, 2
+    assert [a["id"] for a in answers[1:]] == [3, 4, 1, 2]
+    channel.send(infer(6, "slow", slow_inputs()), infer(7, "slow", quick, timeout_ms=50))
+    late = {a["id"]: a for a in channel.receive(2)}
+    assert late[6]["ok"]
+    assert late[7]["error"]["code"] == "DEADLINE_EXCEEDED"
+    assert late[7]["error"]["details"]["ran"] is False
+
+
+def test_batching_on_a_channel_equals_unbatched_runs(daemon_factory, models_dir: Path) -> None:
+    from moltbotd.demo import save
+
+    model = mlp_model(width=32)
+    save(model, models_dir, "mlp", "v1")
+    daemon = daemon_factory("models:\n  mlp:\n    batching: {max_batch_size: 16}\n")
+    channel = RawChannel(daemon.socket, "mlp")
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((rows, 32)).astype(np.float32) for rows in (1, 3, 2, 1, 4, 1)]
+    channel.send(*(infer(i, "mlp", {"x": x}) for i, x in enumerate(xs)))
+    for answer in channel.receive(len(xs)):
+        got = answer["result"]["outputs"]["y"]
+        expected = direct(model, {"x": xs[answer["id"]]})[0]
+        assert np.frombuffer(got["data"], np.float32).reshape(got["shape"]).tolist() == \
+            expected.tolist()  # fmt: skip
+    with Client(daemon.socket, direct=False) as client:
+        batching = wait_until(lambda: worker_of(client.status("mlp"), "mlp")["batching"]["batches"],
+                              what="the batch counted") and \
+            worker_of(client.status("mlp"), "mlp")["batching"]  # fmt: skip
+    assert batching["batch_sizes"] == {"6": 1} or batching["batch_sizes"] == {6: 1}
+
+
+def test_a_switch_moves_direct_clients_without_losing_a_request(daemon) -> None:
+    answers: list[float] = []
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        with daemon.client() as client:
+            while not stop.is_set():
+                try:
+                    answers.append(float(client.infer("demo", {"x": X})["y"][0, 1]))
+                except Exception as exc:  # every failure counts against the switch
+                    errors.append(exc)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    wait_until(lambda: len(answers) > 50, what="direct requests")
+    result = run_moltctl("switch", "demo", "v1.0", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    count = len(answers)
+    wait_until(lambda: len(answers) > count + 50, what="requests after the switch")
+    stop.set()
+    thread.join(10)
+    assert errors == []
+    assert answers[0] == 10.0 and answers[-1] == 2.0
+    assert set(answers) == {2.0, 10.0}
+    with Client(daemon.socket, direct=False) as client:
+        pool = worker_of(client.status("demo"), "demo")
+    assert pool["version"] == "v1.0"
+    assert pool["channels"] == 1  # the client came back for a channel to the new version
+
+
+def test_canary_and_fallback_keep_requests_on_the_socket(daemon_factory) -> None:
+    daemon = daemon_factory("models:\n  iris:\n    fallback: demo\n")
+    refused = RawChannel(daemon.socket, "iris")
+    assert refused.sock is None
+    assert refused.answer["error"]["code"] == "CONFLICT"
+    assert "fallback (demo)" in refused.answer["error"]["message"]
+    channel = RawChannel(daemon.socket, "demo")
+    result = run_moltctl("switch", "demo", "v1.0", "--canary", "0.5",
+                         socket=daemon.socket)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [notice] = channel.receive()
+    assert notice == {"closing": "a canary started"}
+    channel.send(infer(1, "demo", {"x": X}))  # still answered: nothing is lost on the way
+    assert channel.receive()[0]["ok"]
+    assert RawChannel(daemon.socket, "demo").answer["error"]["code"] == "CONFLICT"
+    with daemon.client() as client:  # the library goes through the socket: the split works
+        versions = {client.infer("demo", {"x": X}).version for _ in range(60)}
+    assert versions == {"v1.0", "v2.0"}
+
+
+def test_a_dead_worker_fails_direct_requests_in_flight_then_serves_again(daemon) -> None:
+    with daemon.client() as client:
+        pid = worker_of(client.status("slow"), "slow")["pid"]
+        failure: list[MoltError] = []
+
+        def slow() -> None:
+            with pytest.raises(MoltError) as err:
+                client.infer("slow", slow_inputs(n=SLOW_N * 50))
+            failure.append(err.value)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        wait_until(lambda: worker_of(Client(daemon.socket, direct=False).status("slow"),
+                                     "slow")["channels"] == 1, what="the channel")  # fmt: skip
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(30)
+        assert failure[0].code is ErrorCode.WORKER_FAILED
+        assert "the worker serving model slow v1 closed its direct channel" in failure[0].message
+        wait_until(lambda: worker_of(client.status("slow"), "slow")["state"] == "ready",
+                   timeout=30, what="the restart")  # fmt: skip
+        answer = client.infer("slow", slow_inputs(n=1, x=3.0))
+        assert answer["y"].tolist() == [3.0] * 4
