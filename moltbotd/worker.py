@@ -76,12 +76,13 @@ class Channel:
         return messages
 
     def receive_ready(self) -> list[dict[str, Any]] | None:
-        """What one read brings (the socket is readable: it does not block); None at EOF."""
+        """The whole messages one read brings (the socket is readable: it does not
+        block), maybe none; None at EOF."""
         data = self.sock.recv(RECV_BYTES)
         if not data:
             return None
         self.pending.extend(self.decoder.feed(data))
-        return self.receive_all()
+        return self.receive_all() if self.pending else []
 
     def send(self, *messages: dict[str, Any]) -> None:
         """One write for all of them: a syscall costs more than the bytes."""

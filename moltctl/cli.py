@@ -36,7 +36,7 @@ FOLLOW_POLL_SECONDS = 0.5
 
 # moltctl commands and the operations each one uses ("hello" runs before each of them).
 COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
-            "infer": ("infer",), "scale": ("scale",), "switch": ("switch",),
+            "infer": ("infer", "channel"), "scale": ("scale",), "switch": ("switch",),
             "rollback": ("rollback",), "promote": ("promote",), "versions": ("versions",),
             "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",)}  # fmt: skip
 
@@ -195,13 +195,16 @@ def parse_input(text: str) -> tuple[str, Any]:
 @click.option("--priority", type=click.Choice(PRIORITIES), help="default: the model's")
 @click.option("--timeout-ms", type=click.FloatRange(min=0, min_open=True),
               help="give up after this many milliseconds (DEADLINE_EXCEEDED)")  # fmt: skip
+@click.option("--direct", is_flag=True, help="send it on a direct channel to the model's"
+              " worker (fails if moltbotd grants none, and says why)")  # fmt: skip
 @output_options
 @click.pass_obj
 def infer(session: _Session, model: str, inputs: tuple[str, ...], version: str | None,
           output_names: tuple[str, ...], priority: str | None, timeout_ms: float | None,
-          output: str, no_legend: bool) -> None:  # fmt: skip
+          direct: bool, output: str, no_legend: bool) -> None:  # fmt: skip
     """Run MODEL on the given inputs and show its outputs."""
     feeds = dict(parse_input(text) for text in inputs)
+    session.client.direct = session.client.strict_direct = direct
     result = session().infer(model, feeds, version, list(output_names) or None, priority,
                              timeout_ms)  # fmt: skip
     if output == "json":

@@ -275,7 +275,8 @@ class Client(_Calls):
     direct channel when moltbotd grants one: direct=False never asks).
 
     busy_poll_us: after sending on a direct channel, poll for the answer this long
-    before sleeping: lower latency for a CPU busy meanwhile."""
+    before sleeping: lower latency for a CPU busy meanwhile. strict_direct (moltctl
+    infer --direct): a refused channel is an error, not a reason to use the socket."""
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
                  timeout: float | None = None, direct: bool = True,
@@ -284,6 +285,7 @@ class Client(_Calls):
         self.timeout = timeout
         self.direct = direct
         self.busy_poll = busy_poll_us / 1e6
+        self.strict_direct = False
         self._sock: socket.socket | None = None
         self._receiver: Receiver | None = None
         self._ids = itertools.count(1)
@@ -363,6 +365,8 @@ class Client(_Calls):
         try:
             info = self._call("channel", {"model": model})
         except MoltError:  # not granted (a canary, a fallback, an older daemon...)
+            if self.strict_direct:
+                raise
             self._channels[model] = time.monotonic() + CHANNEL_RETRY
             return None
         assert self._receiver is not None

@@ -28,8 +28,8 @@ def direct(model, feeds):
     return session.run(None, feeds)
 
 
-def slow_inputs(n: int = SLOW_N) -> dict:
-    return {"n": np.array(n, dtype=np.int64), "x": np.ones(4, np.float32)}
+def slow_inputs(n: int = SLOW_N, x: float = 1.0) -> dict:
+    return {"n": np.array(n, dtype=np.int64), "x": np.full(4, x, np.float32)}
 
 
 def raw_exchange(path, payload: bytes, expect: int = 1) -> list:
@@ -389,13 +389,19 @@ def test_a_half_closed_connection_still_gets_every_answer(daemon):
     assert all(f["ok"] for f in frames)
 
 
-def test_a_client_timeout_does_not_desynchronise_the_next_call(daemon):
+@pytest.mark.parametrize(
+    ("direct", "peer"), [(False, "moltbotd"), (True, "the worker serving model slow v1")]
+)
+def test_a_client_timeout_does_not_desynchronise_the_next_call(daemon, direct, peer):
     from moltctl.client import Client, ProtocolError
 
-    client = Client(daemon.socket, timeout=0.3)
-    with pytest.raises(ProtocolError, match=r"no answer from moltbotd within 0\.3s"):
+    client = Client(daemon.socket, timeout=0.3, direct=direct)
+    with pytest.raises(ProtocolError, match=rf"no answer from {peer} within 0\.3s"):
         client.infer("slow", slow_inputs())
     assert client.infer("demo", {"x": [[1, 2, 3, 4]]}).model == "demo"  # not slow's answer
+    if direct:  # the channel stays open: the slow request's late answer is skipped on it
+        client.timeout = 30
+        assert client.infer("slow", slow_inputs(n=1, x=5.0))["y"].tolist() == [5.0] * 4
     client.close()
 
 

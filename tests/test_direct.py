@@ -231,3 +231,17 @@ def test_a_dead_worker_fails_direct_requests_in_flight_then_serves_again(daemon)
                    timeout=30, what="the restart")  # fmt: skip
         answer = client.infer("slow", slow_inputs(n=1, x=3.0))
         assert answer["y"].tolist() == [3.0] * 4
+
+
+def test_moltctl_infer_direct_uses_a_channel_or_says_why_not(daemon_factory) -> None:
+    daemon = daemon_factory("models:\n  iris:\n    fallback: demo\n")
+    ok = run_moltctl("infer", "demo", "-i", "x=[[1, 2, 3, 4]]", "--direct", "-o", "json",
+                     socket=daemon.socket)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert '"version": "v2.0"' in ok.stdout
+    assert "direct channel model=demo version=v2.0" in daemon.log()  # handed over
+    refused = run_moltctl("infer", "iris", "-i", "x=[[1, 2, 3, 4]]", "--direct",
+                          socket=daemon.socket)  # fmt: skip
+    assert refused.returncode != 0
+    assert "model iris has no direct channel: its fallback (demo)" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -23,6 +23,7 @@ from moltbotd.protocol import ErrorCode, MoltError
 from moltctl.client import AsyncClient
 from tests.conftest import run_moltctl, wait_until
 from tests.models import busy_loop_body, mlp_model, slow_model
+from tests.test_daemon import slow_inputs as daemon_slow_inputs
 
 SLOW_N = 200_000  # Loop iterations of the slow model: a few tenths of a second per request
 
@@ -121,7 +122,7 @@ def direct(model, feeds: dict) -> list:
 
 
 def slow_inputs(n: int = SLOW_N, x: float = 1.0) -> dict:
-    return {"n": np.array(n, np.int64), "x": np.full(4, x, np.float32)}
+    return daemon_slow_inputs(n, x)
 
 
 def pool_status(status: dict, model: str) -> dict:
