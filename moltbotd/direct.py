@@ -194,8 +194,7 @@ class Direct:
                 raise message
             self.queue.push(self._checked(stream, message), self.label)
             stream.pending += 1
-        except MoltError as exc:
-            self._counts.answered(exc)
+        except MoltError as exc:  # not counted, as the daemon counts only what it queued
             to = exc.req_id if isinstance(exc, RequestError) else req_id
             stream.write(error_response(to, exc))
 

@@ -377,11 +377,12 @@ class Client(_Calls):
     def _call_direct(self, channel: Channel, message: bytes, req_id: int,
                      params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
         timeout = params.get("timeout_ms")
-        wait = self.timeout if timeout is None else timeout / 1000
+        local = timeout is not None and timeout > 0  # else the worker says BAD_REQUEST
+        wait = timeout / 1000 if local else self.timeout
         try:
             reply = channel.call(message, req_id, wait)
         except TimeoutError:
-            if timeout is None:
+            if not local:
                 raise ProtocolError(f"no answer from {channel.label} within {wait:g}s") from None
             why = f"deadline exceeded: {channel.label} did not answer within {timeout:g}ms"
             error = MoltError(ErrorCode.DEADLINE_EXCEEDED, why, {"waited_ms": timeout})

@@ -27,7 +27,7 @@ from moltbotd.protocol import (
 from moltctl.client import Client
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model
-from tests.test_scheduling import SLOW_N, direct, pool_status, slow_inputs
+from tests.test_scheduling import BAD_PARAMS, SLOW_N, direct, pool_status, slow_inputs
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
@@ -245,3 +245,11 @@ def test_moltctl_infer_direct_uses_a_channel_or_says_why_not(daemon_factory) -> 
     assert refused.returncode != 0
     assert "model iris has no direct channel: its fallback (demo)" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_channel_refuses_a_bad_priority_or_timeout_as_the_daemon_does(daemon) -> None:
+    channel = RawChannel(daemon.socket, "slow")
+    channel.send(*(infer(i, "slow", slow_inputs(n=1), **p) for i, (p, _) in enumerate(BAD_PARAMS)))
+    for answer in channel.receive(len(BAD_PARAMS)):
+        assert answer["error"]["code"] == "BAD_REQUEST"
+        assert BAD_PARAMS[answer["id"]][1] in answer["error"]["message"]

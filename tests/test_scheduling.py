@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moltbotd.demo import finish, save
 from moltbotd.protocol import ErrorCode, MoltError
-from moltctl.client import AsyncClient
+from moltctl.client import AsyncClient, Client
 from tests.conftest import run_moltctl, wait_until
 from tests.models import busy_loop_body, mlp_model, slow_model
 from tests.test_daemon import slow_inputs as daemon_slow_inputs
@@ -391,7 +391,9 @@ BAD_PARAMS = [
 def test_bad_priority_or_timeout_is_a_bad_request(daemon_factory, models_dir):
     save(quick_model(), models_dir, "quick", "v1")
     daemon = daemon_factory()
-    with daemon.client() as c:
+    with Client(
+        daemon.socket, direct=False
+    ) as c:  # the daemon's checks (test_direct: the worker's)
         for params, expected in BAD_PARAMS:
             with pytest.raises(MoltError) as err:
                 c.infer("quick", slow_inputs(n=1), **params)
