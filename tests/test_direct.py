@@ -27,7 +27,8 @@ from moltbotd.protocol import (
 from moltctl.client import Client
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model
-from tests.test_scheduling import BAD_PARAMS, SLOW_N, direct, pool_status, slow_inputs
+from tests.test_daemon import direct
+from tests.test_scheduling import BAD_PARAMS, SLOW_N, pool_status, slow_inputs
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 

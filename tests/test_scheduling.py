@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -23,6 +22,7 @@ from moltbotd.protocol import ErrorCode, MoltError
 from moltctl.client import AsyncClient, Client
 from tests.conftest import run_moltctl, wait_until
 from tests.models import busy_loop_body, mlp_model, slow_model
+from tests.test_daemon import direct
 from tests.test_daemon import slow_inputs as daemon_slow_inputs
 
 SLOW_N = 200_000  # Loop iterations of the slow model: a few tenths of a second per request
@@ -110,15 +110,6 @@ def models_dir(tmp_path: Path) -> Path:
     repo = tmp_path / "models"
     repo.mkdir()
     return repo
-
-
-def direct(model, feeds: dict) -> list:
-    """The unbatched answer: one onnxruntime session in the test process, one request."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])  # fmt: skip
-    return session.run(None, feeds)
 
 
 def slow_inputs(n: int = SLOW_N, x: float = 1.0) -> dict:
