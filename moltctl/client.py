@@ -271,15 +271,16 @@ class Channel:
 
 
 class Client(_Calls):
-    """Blocking client: one request at a time on one connection (and, per model, on a
-    direct channel when moltbotd grants one: direct=False never asks).
+    """Blocking client: one request at a time on one connection; with direct=True, per
+    model, on a direct channel when moltbotd grants one (a worker killed by its memory
+    limit then shows as WORKER_FAILED: only the daemon can tell RESOURCE_EXHAUSTED).
 
     busy_poll_us: after sending on a direct channel, poll for the answer this long
     before sleeping: lower latency for a CPU busy meanwhile. strict_direct (moltctl
     infer --direct): a refused channel is an error, not a reason to use the socket."""
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
-                 timeout: float | None = None, direct: bool = True,
+                 timeout: float | None = None, direct: bool = False,
                  busy_poll_us: int = 0) -> None:  # fmt: skip
         self.path = resolve_socket(socket_path)
         self.timeout = timeout

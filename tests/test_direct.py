@@ -72,7 +72,7 @@ def worker_of(status: dict, model: str) -> dict:
 
 
 def test_client_infers_on_a_direct_channel_counted_in_status(daemon) -> None:
-    with daemon.client() as client:
+    with Client(daemon.socket, 60, direct=True) as client:
         outputs = client.infer("demo", {"x": X})
         assert np.array_equal(outputs["y"], 10 * X)  # the newest version serves: v2.0
         assert (outputs.model, outputs.version) == ("demo", "v2.0")
@@ -112,7 +112,7 @@ def test_a_direct_channel_checks_every_request_and_keeps_serving(daemon_factory)
     [too_large] = channel.receive()
     assert too_large["error"]["code"] == "FRAME_TOO_LARGE"
     assert channel.receive() == []  # the stream cannot resynchronise: closed
-    with daemon.client() as client:  # and everyone else is served
+    with Client(daemon.socket, 60, direct=True) as client:  # and everyone else is served
         assert np.array_equal(client.infer("demo", {"x": X})["y"], 10 * X)
 
 
@@ -164,7 +164,7 @@ def test_a_switch_moves_direct_clients_without_losing_a_request(daemon) -> None:
     stop = threading.Event()
 
     def loop() -> None:
-        with daemon.client() as client:
+        with Client(daemon.socket, 60, direct=True) as client:
             while not stop.is_set():
                 try:
                     answers.append(float(client.infer("demo", {"x": X})["y"][0, 1]))
@@ -204,13 +204,15 @@ def test_canary_and_fallback_keep_requests_on_the_socket(daemon_factory) -> None
     channel.send(infer(1, "demo", {"x": X}))  # still answered: nothing is lost on the way
     assert channel.receive()[0]["ok"]
     assert RawChannel(daemon.socket, "demo").answer["error"]["code"] == "CONFLICT"
-    with daemon.client() as client:  # the library goes through the socket: the split works
+    with Client(
+        daemon.socket, 60, direct=True
+    ) as client:  # the library goes through the socket: the split works
         versions = {client.infer("demo", {"x": X}).version for _ in range(60)}
     assert versions == {"v1.0", "v2.0"}
 
 
 def test_a_dead_worker_fails_direct_requests_in_flight_then_serves_again(daemon) -> None:
-    with daemon.client() as client:
+    with Client(daemon.socket, 60, direct=True) as client:
         pid = worker_of(client.status("slow"), "slow")["pid"]
         failure: list[MoltError] = []
 
