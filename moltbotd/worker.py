@@ -255,12 +255,11 @@ def main(argv: list[str]) -> int:
     if spec is None:
         return 0
     try:
-        session, ready = load_and_warm(channel, spec)
+        session, signature, ready = load_and_warm(channel, spec)
     except LoadFailed as exc:
         channel.send({"failed": str(exc)})
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
-    signature = Signature.from_wire(ready["signature"])
     direct = Direct(
         spec["direct"], signature, lambda batch, concat: run_batch(session, batch, concat)
     )
@@ -268,7 +267,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def load_and_warm(channel: Channel, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def load_and_warm(channel: Channel, spec: dict[str, Any]) -> tuple[Any, Signature, dict[str, Any]]:
     started = time.monotonic()
     try:
         session, providers = load_session(spec)
@@ -291,7 +290,7 @@ def load_and_warm(channel: Channel, spec: dict[str, Any]) -> tuple[Any, dict[str
              "load_seconds": loaded - started, "warmup_error": warmup_error,
              "samples": len(spec["samples"]),
              "warmup_seconds": time.monotonic() - loaded}  # fmt: skip
-    return session, ready
+    return session, signature, ready
 
 
 if __name__ == "__main__":

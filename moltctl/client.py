@@ -5,9 +5,10 @@
         out = c.infer("demo", {"x": np.ones((1, 4), np.float32)})
         out["y"], out.version
 
-Client sends a model's requests on a direct channel to its worker when moltbotd grants
-one (one socket hop instead of two; moltbotd still decides who gets one, and sends its
-clients back when a switch or a canary needs their requests to pass through it).
+Client(direct=True) sends a model's requests on a direct channel to its worker when
+moltbotd grants one (one socket hop instead of two; moltbotd still decides who gets one,
+and sends its clients back when a switch or a canary needs their requests to pass
+through it).
 AsyncClient has the same methods as coroutines and pipelines: many tasks may await
 calls on one connection at once, and responses are matched to them by id; its requests
 always go through moltbotd.
@@ -263,7 +264,8 @@ class Channel:
         while not self.closing and self.receiver.ready():
             if not self.receiver.received:  # EOF: the worker is gone
                 return False
-            self.closing = "closing" in self.receiver.received.pop(0)
+            notice = self.receiver.received.pop(0)  # a late answer, or a notice
+            self.closing = isinstance(notice, dict) and "closing" in notice
         return not self.closing
 
     def close(self) -> None:
