@@ -28,10 +28,11 @@ from moltbotd.protocol import (
     FrameDecoder,
     FrameTooLarge,
     MoltError,
+    Packed,
     RequestError,
     encode_frame,
     error_response,
-    ok_response,
+    ok_frame,
     pack_with,
     parse_request,
     request_id,
@@ -89,7 +90,8 @@ class Direct:
     def __init__(self, session: dict[str, Any], signature: Signature, runner: Runner) -> None:
         self.model, self.version = session["model"], session["version"]
         self.label = f"model {self.model} {self.version}"
-        self.fields = {"model": self.model, "version": self.version}
+        # every answer's result map up to its outputs, packed once
+        self.result_head = pack_with({"model": self.model, "version": self.version}, "outputs", b"")
         self.signature = signature
         self.runner = runner
         self.max_frame_bytes: int = session["max_frame_bytes"]
@@ -188,14 +190,16 @@ class Direct:
             self.accept(stream, message)
 
     def accept(self, stream: Stream, message: dict[str, Any] | MoltError) -> None:
-        req_id = None if isinstance(message, MoltError) else request_id(message)
         try:
             if isinstance(message, MoltError):
                 raise message
             self.queue.push(self._checked(stream, message), self.label)
             stream.pending += 1
         except MoltError as exc:  # not counted, as the daemon counts only what it queued
-            to = exc.req_id if isinstance(exc, RequestError) else req_id
+            if isinstance(exc, RequestError):
+                to = exc.req_id
+            else:
+                to = None if isinstance(message, MoltError) else request_id(message)
             stream.write(error_response(to, exc))
 
     def _checked(self, stream: Stream, message: dict[str, Any]) -> Pending:
@@ -223,8 +227,7 @@ class Direct:
             if isinstance(outcome, MoltError):
                 stream.write(error_response(request.id, outcome))
             else:
-                result = pack_with(self.fields, "outputs", outcome)
-                stream.write(ok_response(request.id, result))
+                stream.out += ok_frame(request.id, Packed(self.result_head + outcome))
 
         return Pending(tensors, outputs, priority or self.priority, deadline, now, reply)
 

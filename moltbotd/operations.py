@@ -6,7 +6,7 @@ before any handler runs, and moltctl has one command per operation. docs/protoco
 documents this table.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moltbotd.protocol import ErrorCode, MoltError
@@ -41,37 +41,54 @@ class Operation:
     params: tuple[Param, ...] = ()
     # State-changing operations on one model are serialised; a second one gets CONFLICT.
     mutating: bool = False
+    _types: dict[str, tuple[type, ...]] = field(init=False, repr=False, compare=False)
+    _required: list[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_types", {p.name: p.types for p in self.params})
+        object.__setattr__(self, "_required", [p.name for p in self.params if p.required])
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """The parameters, checked against the declaration; a null counts as not given."""
-        if not all(isinstance(key, str) for key in params):
-            raise MoltError(ErrorCode.BAD_REQUEST, f"operation '{self.name}': parameter names"
-                            " must be strings")  # fmt: skip
+        given = {}
+        for key, value in params.items():  # one pass: this runs for every request
+            if value is not None:
+                types = self._types.get(key)
+                if types is None or not _is_instance(value, types):
+                    raise self._refuse(params)
+                given[key] = value
+        if not all(name in given for name in self._required):
+            raise self._refuse(params)
+        return given
+
+    def _refuse(self, params: dict[str, Any]) -> MoltError:
+        """What is wrong with parameters that failed the check."""
         params = {key: value for key, value in params.items() if value is not None}
-        known = {p.name: p for p in self.params}
+        if not all(isinstance(key, str) for key in params):
+            return MoltError(ErrorCode.BAD_REQUEST, f"operation '{self.name}': parameter names"
+                             " must be strings")  # fmt: skip
+        known = [p.name for p in self.params]
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise MoltError(
+            return MoltError(
                 ErrorCode.BAD_REQUEST,
                 f"operation '{self.name}' takes no parameter {', '.join(map(repr, unknown))}"
                 f" (it takes: {', '.join(known) or 'none'})",
             )
         for p in self.params:
             value = params.get(p.name)
-            if value is None:
-                if p.required:
-                    raise MoltError(
-                        ErrorCode.BAD_REQUEST,
-                        f"operation '{self.name}' needs parameter '{p.name}' ({p.describe_type()})",
-                    )
-                continue
-            if not _is_instance(value, p.types):
-                raise MoltError(
+            if value is None and p.required:
+                return MoltError(
+                    ErrorCode.BAD_REQUEST,
+                    f"operation '{self.name}' needs parameter '{p.name}' ({p.describe_type()})",
+                )
+            if value is not None and not _is_instance(value, p.types):
+                return MoltError(
                     ErrorCode.BAD_REQUEST,
                     f"operation '{self.name}': parameter '{p.name}' must be {p.describe_type()},"
                     f" got {type(value).__name__} {value!r}"[:300],
                 )
-        return params
+        raise AssertionError(f"parameters {sorted(params)} were refused for no reason")
 
 
 def _is_instance(value: Any, types: tuple[type, ...]) -> bool:

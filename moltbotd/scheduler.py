@@ -65,12 +65,16 @@ class Pending:
 def batch_key(inputs: dict[str, Any], outputs: list[str] | None) -> tuple[BatchKey, int]:
     """What must match for requests to share a batch, and this request's rows (its first
     dimension); a request whose inputs disagree on the first dimension runs alone."""
-    rows = {tuple(t["shape"][:1]) for t in inputs.values()}
-    if len(rows) != 1 or not next(iter(rows)) or any(t["dtype"] == "string" for t in
-                                                      inputs.values()):  # fmt: skip
+    key, rows = [], None
+    for name, tensor in sorted(inputs.items()):
+        shape = tensor["shape"]
+        if not shape or tensor["dtype"] == "string" or rows not in (None, shape[0]):
+            return None, 1
+        rows = shape[0]
+        key.append((name, tensor["dtype"], *shape[1:]))
+    if rows is None:
         return None, 1
-    key = tuple((n, t["dtype"], *t["shape"][1:]) for n, t in sorted(inputs.items()))
-    return (key, tuple(outputs or ())), next(iter(rows))[0]
+    return (tuple(key), tuple(outputs or ())), rows
 
 
 def request_options(params: dict[str, Any]) -> tuple[str | None, float | None]:

@@ -8,7 +8,7 @@ request costs a worker anything, so a bad input gets a precise answer at once.
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,10 @@ class TensorSpec:
 class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)  # inputs
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {spec.name: spec for spec in self.inputs})
 
     def batch_problem(self) -> str | None:
         """Why requests cannot be concatenated along the first dimension, if they cannot."""
@@ -169,23 +173,26 @@ def check_inputs(label: str, signature: Signature, inputs: dict[str, Any]) -> di
 
     `label` names the model version in messages ("model demo v1.0").
     """
-    expected = {spec.name: spec for spec in signature.inputs}
-    unknown = [name for name in inputs if name not in expected]
-    if unknown:
+    expected = signature.by_name
+    checked = {}
+    for name, value in inputs.items():
+        spec = expected.get(name)
+        if spec is None:
+            raise MoltError(
+                ErrorCode.INVALID_INPUT,
+                f"{label} has no input {name!r}; its inputs are "
+                + ", ".join(s.describe() for s in signature.inputs),
+                {"input": name, "expected": [s.to_wire() for s in signature.inputs]},
+            )
+        checked[name] = _check_one(label, spec, value)
+    if len(checked) < len(signature.inputs):
+        missing = next(spec for spec in signature.inputs if spec.name not in inputs)
         raise MoltError(
             ErrorCode.INVALID_INPUT,
-            f"{label} has no input {unknown[0]!r}; its inputs are "
-            + ", ".join(s.describe() for s in signature.inputs),
-            {"input": unknown[0], "expected": [s.to_wire() for s in signature.inputs]},
+            f"{label}: missing input {missing.describe()}",
+            {"input": missing.name, "expected": missing.to_wire()},
         )
-    missing = [spec for spec in signature.inputs if spec.name not in inputs]
-    if missing:
-        raise MoltError(
-            ErrorCode.INVALID_INPUT,
-            f"{label}: missing input {missing[0].describe()}",
-            {"input": missing[0].name, "expected": missing[0].to_wire()},
-        )
-    return {name: _check_one(label, expected[name], value) for name, value in inputs.items()}
+    return checked
 
 
 def check_output_names(label: str, signature: Signature, wanted: list[Any]) -> list[str]:
@@ -210,7 +217,7 @@ def _check_one(label: str, spec: TensorSpec, value: Any) -> dict[str, Any]:
     _check_tensor_map(where, tensor)
     if tensor["dtype"] != spec.dtype:
         raise _invalid(where, spec, f"dtype {tensor['dtype']}")
-    shape = tuple(tensor["shape"])
+    shape = tensor["shape"]
     if not _shape_fits(shape, spec.shape or ()):
         raise _invalid(where, spec, f"shape {format_shape(shape)}")
     _check_data_size(where, tensor)
@@ -257,17 +264,18 @@ def _check_no_truncation(value: Any, array: np.ndarray) -> None:
             raise ValueError(f"{bad.item()!r} is not a whole number")
 
 
+_TENSOR_KEYS = {"dtype", "shape", "data"}
+
+
 def _check_tensor_map(where: str, tensor: dict[str, Any]) -> None:
     form = "a tensor map {dtype, shape, data} or nested lists"
-    if set(tensor) != {"dtype", "shape", "data"}:
+    if tensor.keys() != _TENSOR_KEYS:
         raise MoltError(
             ErrorCode.INVALID_INPUT,
             f"{where}: expected {form}, got a map with keys {sorted(tensor)}",
         )
     shape = tensor["shape"]
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise MoltError(
             ErrorCode.INVALID_INPUT,
             f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}",
@@ -281,10 +289,14 @@ def _check_tensor_map(where: str, tensor: dict[str, Any]) -> None:
         )
 
 
-def _shape_fits(shape: tuple[int, ...], expected: tuple[Dim, ...]) -> bool:
+def _shape_fits(shape: list[int], expected: tuple[Dim, ...]) -> bool:
     if len(shape) != len(expected):
         return False
-    return all(not isinstance(e, int) or e == s for s, e in zip(shape, expected, strict=True))
+    # a loop, not all() over a generator: this runs for every request
+    for size, want in zip(shape, expected, strict=True):
+        if type(want) is int and want != size:
+            return False
+    return True
 
 
 def _check_data_size(where: str, tensor: dict[str, Any]) -> None:

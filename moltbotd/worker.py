@@ -33,6 +33,8 @@ from moltbotd.protocol import (
     decode_tensor,
     encode_frame,
     encode_value,
+    join_tensors,
+    split_tensor,
 )
 from moltbotd.signature import Signature, check_inputs, spec_from_ort
 
@@ -231,17 +233,14 @@ def run_together(session: Any, batch: list[list[Any]]) -> list[Result]:
     """Concatenate along the first dimension, run once, split every output back."""
     wanted = batch[0][1] or None
     names = wanted or [o.name for o in session.get_outputs()]
-    arrays = [{n: decode_tensor(t) for n, t in inputs.items()} for inputs, _ in batch]
-    feeds = {n: np.concatenate([a[n] for a in arrays]) for n in arrays[0]}
-    rows = [next(iter(a.values())).shape[0] for a in arrays]
+    feeds = {name: join_tensors([inputs[name] for inputs, _ in batch]) for name in batch[0][0]}
+    rows = [next(iter(inputs.values()))["shape"][0] for inputs, _ in batch]
     values = session.run(wanted, feeds)
     total = sum(rows)
     if not all(isinstance(v, np.ndarray) and v.shape[:1] == (total,) for v in values):
         raise ValueError("an output does not have the batch as its first dimension")
-    cuts = np.cumsum(rows)[:-1]
-    parts = zip(*(np.split(v, cuts) for v in values), strict=True)
-    return [msgpack.packb({n: encode_value(p) for n, p in zip(names, ps, strict=True)})
-            for ps in parts]  # fmt: skip
+    parts = zip(*(split_tensor(v, rows) for v in values), strict=True)
+    return [msgpack.packb(dict(zip(names, maps, strict=True))) for maps in parts]
 
 
 def main(argv: list[str]) -> int:
