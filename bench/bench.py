@@ -66,8 +66,8 @@ import onnxruntime as ort
 import yaml
 
 from moltbotd.demo import save, scale_model
-from moltbotd.protocol import FrameDecoder, MoltError, encode_frame, encode_tensor, request
-from moltctl.client import AsyncClient, Client
+from moltbotd.protocol import FrameDecoder, MoltError, encode_frame, request
+from moltctl.client import AsyncClient, Channel, Client, encode_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.models import cnn_model, mlp_model
@@ -319,28 +319,34 @@ class RawConnection:
     decoded (moltbotd.protocol.FrameDecoder) and must be `ok`. Ids are all the same: the
     responses are counted, not matched. With `direct`, the socket is a direct channel to
     the model's worker (asked for with the `channel` operation), polled for BUSY_POLL_US
-    before each blocking read."""
+    before each blocking read, and inputs of SHARE_BYTES or more travel in the channel's
+    shared region: copied there before each call (c=1), once for a throughput run."""
 
-    def __init__(self, socket_path: Path, frame: bytes, direct: str | None = None) -> None:
-        self.frame = frame
+    def __init__(self, socket_path: Path, model: str, inputs: dict[str, np.ndarray],
+                 direct: bool = False) -> None:  # fmt: skip
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(socket_path))
         self.decoder = FrameDecoder(MAX_RESPONSE_BYTES)
         self.buffer = bytearray(RECV_BYTES)
         self.view = memoryview(self.buffer)
         self.poll = 0.0
+        params = {"model": model, "inputs": encode_inputs(inputs)}
+        self.share: Callable[[], Any] = lambda: None
         if direct:
-            self.sock = self._channel(direct)
-            self.poll = BUSY_POLL_US / 1e6
+            channel = self._channel(model)
+            params = channel.share(params)
+            self.share = lambda: channel.share({"inputs": encode_inputs(inputs)})
+            self.sock, self.poll = channel.sock, BUSY_POLL_US / 1e6
+        self.frame = encode_frame(request(1, "infer", params))
 
-    def _channel(self, model: str) -> socket.socket:
+    def _channel(self, model: str) -> Channel:
         with self.sock:
             self.sock.sendall(encode_frame(request(1, "channel", {"model": model})))
             data, fds, _, _ = socket.recv_fds(self.sock, RECV_BYTES, 1)
         [answer] = self.decoder.feed(data)
         if not fds:
             raise RuntimeError(f"moltbotd granted no direct channel: {answer!r}"[:500])
-        return socket.socket(fileno=fds[0])
+        return Channel(socket.socket(fileno=fds[0]), answer["result"], 0.0)
 
     def __enter__(self) -> "RawConnection":
         return self
@@ -350,6 +356,7 @@ class RawConnection:
 
     def call(self) -> None:
         """One request, and wait for its response."""
+        self.share()
         self.sock.sendall(self.frame)
         while not self.receive():
             pass
@@ -373,17 +380,13 @@ class RawConnection:
         return 0
 
 
-def infer_frame(model: str, inputs: dict[str, np.ndarray]) -> bytes:
-    encoded = {name: encode_tensor(value) for name, value in inputs.items()}
-    return encode_frame(request(1, "infer", {"model": model, "inputs": encoded}))
-
-
-def raw_throughput(socket_path: Path, frame: bytes, limits: Limits, seconds: float,
-                   roles: dict[str, int], direct: str | None = None) -> Throughput:  # fmt: skip
+def raw_throughput(socket_path: Path, model: str, case: Case, limits: Limits, seconds: float,
+                   roles: dict[str, int], direct: bool = False) -> Throughput:  # fmt: skip
     """Exactly CONCURRENCY requests outstanding on one connection: as responses arrive,
     as many requests go out again, in one send (a slice of CONCURRENCY frames built once)."""
-    burst = memoryview(frame * CONCURRENCY)
-    with RawConnection(socket_path, frame, direct) as conn, CpuMeter(roles) as cpu:
+    with RawConnection(socket_path, model, case.inputs, direct) as conn, CpuMeter(roles) as cpu:
+        frame = conn.frame
+        burst = memoryview(frame * CONCURRENCY)
         started = time.perf_counter()
         end = started + seconds
         conn.sock.sendall(burst)
@@ -591,17 +594,16 @@ def bench_entry(daemon: Daemon, model: str, case: Case, limits: Limits) -> dict[
     the library (Client on a direct channel for c=1, AsyncClient through the socket for
     c=16)."""
     roles = daemon.roles(model)
-    frame = infer_frame(model, case.inputs)
     with Client(daemon.socket, direct=True, busy_poll_us=BUSY_POLL_US) as client:
         check_answer(case, client.infer(model, case.inputs)["y"])
         library = measure_latency(lambda: client.infer(model, case.inputs), limits, roles)
     results: dict[str, Any] = {"latency_library": library}
-    for client, direct in (("raw", None), ("direct", model)):
-        with RawConnection(daemon.socket, frame, direct) as conn:
+    for client, direct in (("raw", False), ("direct", True)):
+        with RawConnection(daemon.socket, model, case.inputs, direct) as conn:
             results[f"latency_{client}"] = measure_latency(conn.call, limits, roles)
-        raw_throughput(daemon.socket, frame, limits, limits.warmup_seconds, roles, direct)
+        raw_throughput(daemon.socket, model, case, limits, limits.warmup_seconds, roles, direct)
         before = batch_counts(daemon, model)
-        run = raw_throughput(daemon.socket, frame, limits, limits.seconds, roles, direct)
+        run = raw_throughput(daemon.socket, model, case, limits, limits.seconds, roles, direct)
         results[f"throughput_{client}"] = with_batches(daemon, model, before, run)
     asyncio.run(
         library_throughput(daemon.socket, model, case, limits, limits.warmup_seconds, roles)

@@ -14,6 +14,9 @@ everything it reads until the client half-closes (or `within` seconds pass); the
 client sends its next requests elsewhere.
 """
 
+import fcntl
+import mmap
+import os
 import selectors
 import socket
 import time
@@ -51,19 +54,40 @@ Runner = Callable[[list[tuple[dict[str, Any], list[str] | None]], bool], list[Re
 
 
 class Stream:
-    """One direct channel: a client's socket, its partial frame and its unsent answers."""
+    """One direct channel: a client's socket, its shared region, its partial frame and its
+    unsent answers."""
 
     def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
-        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         self.sock = sock
+        self.region = offer_region(sock, max_frame_bytes)
+        sock.setblocking(False)
         self.decoder = FrameDecoder(max_frame_bytes)
         self.out = bytearray()
         self.events = 0  # what the selector watches for: read, or write while answers wait
         self.pending = 0  # requests read and not answered yet
         self.ended = False  # the client half-closed (or went away)
         self.closing_at: float | None = None  # when it is closed even if the client is not done
+
+    def shared(self, inputs: Any) -> Any:
+        """The request's inputs with each {"shm": [offset, size]} made the tensor map
+        whose data is that part of the region (a view: not copied)."""
+        if not isinstance(inputs, dict):
+            return inputs  # check_inputs says what is wrong
+        return {name: self._part(name, tensor) if isinstance(tensor, dict) and "shm" in tensor
+                else tensor for name, tensor in inputs.items()}  # fmt: skip
+
+    def _part(self, name: Any, tensor: dict[str, Any]) -> dict[str, Any]:
+        where, size = tensor["shm"], len(self.region)
+        valid = isinstance(where, list) and len(where) == 2 and "data" not in tensor
+        if not (valid and all(type(n) is int and n >= 0 for n in where)) or sum(where) > size:
+            raise MoltError(ErrorCode.INVALID_INPUT, f"input {name!r}: 'shm' must be [offset,"
+                            f" size] within this channel's shared region of {size} bytes,"
+                            f" instead of 'data', got {where!r}"[:300])  # fmt: skip
+        offset, count = where
+        rest = {key: value for key, value in tensor.items() if key != "shm"}
+        return {**rest, "data": self.region[offset : offset + count]}
 
     def write(self, message: dict[str, Any]) -> None:
         self.out += encode_frame(message)
@@ -82,6 +106,28 @@ class Stream:
     def finished(self, now: float) -> bool:
         done = self.ended and not self.pending and not self.out
         return done or (self.closing_at is not None and now >= self.closing_at)
+
+
+def offer_region(sock: socket.socket, size: int) -> memoryview:
+    """Send the client a shared memory region for its large inputs: the channel's first
+    frame, {"region": size} with the memfd attached (SCM_RIGHTS). Sealed against shrinking:
+    a client that truncated it would kill the worker with SIGBUS on the next read. Where
+    the kernel has no memfd, the frame says size 0 and sends none."""
+    try:
+        fd = os.memfd_create("moltbot-direct", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        sock.sendall(encode_frame({"region": 0}))
+        return memoryview(b"")
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(
+            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        )
+        region = mmap.mmap(fd, size, prot=mmap.PROT_READ)  # unmapped once no request uses it
+        socket.send_fds(sock, [encode_frame({"region": size})], [fd])
+    finally:
+        os.close(fd)
+    return memoryview(region)
 
 
 class Direct:
@@ -214,7 +260,7 @@ class Direct:
             raise MoltError(ErrorCode.BAD_REQUEST, f"this direct channel serves {self.label},"
                             f" not {asked}: ask moltbotd's socket for it"[:300])  # fmt: skip
         priority, timeout = request_options(params)
-        tensors = check_inputs(self.label, self.signature, params["inputs"])
+        tensors = check_inputs(self.label, self.signature, stream.shared(params["inputs"]))
         outputs = params.get("outputs")
         if outputs:
             check_output_names(self.label, self.signature, outputs)

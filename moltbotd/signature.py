@@ -310,8 +310,9 @@ def _check_data_size(where: str, tensor: dict[str, Any]) -> None:
             )
         return
     need = count * WIRE_DTYPES[tensor["dtype"]].itemsize
-    if not isinstance(data, bytes) or len(data) != need:
-        got = f"{len(data)} bytes" if isinstance(data, bytes) else type(data).__name__
+    readable = isinstance(data, bytes | memoryview)  # a view: from a direct channel's region
+    if not readable or len(data) != need:
+        got = f"{len(data)} bytes" if readable else type(data).__name__
         raise MoltError(
             ErrorCode.INVALID_INPUT,
             f"{where}: 'data' must be {need} bytes for {tensor['dtype']}"

@@ -5,6 +5,7 @@ and moltbotd still in control (switches, canaries, fallbacks, dead workers).
 Real daemons, real workers, real onnxruntime; the raw tests speak the protocol's bytes.
 """
 
+import mmap
 import os
 import signal
 import socket
@@ -45,6 +46,16 @@ class RawChannel:
         self.sock = socket.socket(fileno=fds[0]) if fds else None
         self.decoder = FrameDecoder(1 << 30)
         self.got: list = []
+        self.region = self._region() if self.sock else None
+
+    def _region(self) -> mmap.mmap:
+        """The worker's first frame: the shared region offered for large inputs."""
+        assert self.sock is not None
+        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
+        [offer] = self.decoder.feed(data)
+        assert offer["region"] > 0 and len(fds) == 1, offer
+        self.region_fd = fds[0]
+        return mmap.mmap(self.region_fd, offer["region"])
 
     def send(self, *messages: dict) -> None:
         assert self.sock is not None
