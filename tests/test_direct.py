@@ -25,7 +25,7 @@ from moltbotd.protocol import (
     encode_tensor,
     request,
 )
-from moltctl.client import Client
+from moltctl.client import Channel, Client
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model
 from tests.test_daemon import direct
@@ -267,3 +267,49 @@ def test_a_channel_refuses_a_bad_priority_or_timeout_as_the_daemon_does(daemon) 
     for answer in channel.receive(len(BAD_PARAMS)):
         assert answer["error"]["code"] == "BAD_REQUEST"
         assert BAD_PARAMS[answer["id"]][1] in answer["error"]["message"]
+
+
+def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_dir: Path) -> None:
+    from moltbotd.demo import save
+
+    model = mlp_model(width=1024, layers=1)
+    save(model, models_dir, "mlp", "v1")
+    daemon = daemon_factory("models:\n  mlp:\n    batching: {max_batch_size: 16}\n")
+    x = np.random.default_rng(4).standard_normal((20, 1024)).astype(np.float32)  # 80 KiB
+    with Client(daemon.socket, direct=True) as client:
+        got = client.infer("mlp", {"x": x})["y"]
+        channel = client._channels["mlp"]
+        assert isinstance(channel, Channel) and channel.region is not None
+        assert bytes(channel.region[: x.nbytes]) == x.tobytes()  # it went through the region
+    assert got.tolist() == direct(model, {"x": x})[0].tolist()
+
+    raw = RawChannel(daemon.socket, "mlp")
+    with pytest.raises(PermissionError):
+        os.ftruncate(raw.region_fd, 0)  # sealed: the worker never reads past its end
+    assert raw.region is not None
+    raw.region[: x.nbytes] = x.tobytes()
+    shm = {"dtype": "float32", "shape": [20, 1024], "shm": [0, x.nbytes]}
+    size = len(raw.region)
+    bad = [[size - 4, x.nbytes], [0, -1], "0", [0, x.nbytes, 1]]
+    raw.send(request(1, "infer", {"model": "mlp", "inputs": {"x": shm}}),
+             *(request(i, "infer", {"model": "mlp", "inputs": {"x": {**shm, "shm": where}}})
+               for i, where in enumerate(bad, 2)),
+             request(9, "infer", {"model": "mlp", "inputs": {"x": {**shm, "data": b""}}}),
+             request(10, "infer", {"model": "mlp", "inputs": {
+                 "x": {**shm, "shm": [0, 16]}}}))  # fmt: skip
+    answers = {a["id"]: a for a in raw.receive(7)}
+    ok = answers.pop(1)["result"]["outputs"]["y"]
+    assert np.frombuffer(ok["data"], np.float32).reshape(ok["shape"]).tolist() == got.tolist()
+    size_error = answers.pop(10)["error"]
+    assert size_error["code"] == "INVALID_INPUT"
+    assert f"'data' must be {x.nbytes} bytes for float32 [20, 1024], got 16 bytes" in \
+        size_error["message"]  # fmt: skip
+    for answer in answers.values():
+        assert answer["error"]["code"] == "INVALID_INPUT", answer
+        assert f"'shm' must be [offset, size] within this channel's shared region of {size}" \
+            " bytes, instead of 'data'" in answer["error"]["message"]  # fmt: skip
+    # the daemon's socket has no region
+    with Client(daemon.socket) as client, pytest.raises(MoltError) as refused:
+        client._call("infer", {"model": "mlp", "inputs": {"x": shm}})
+    assert refused.value.code == ErrorCode.INVALID_INPUT
+    assert "keys ['dtype', 'shape', 'shm']" in refused.value.message

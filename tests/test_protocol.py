@@ -12,6 +12,7 @@ from moltbotd.protocol import (
     FrameDecoder,
     FrameTooLarge,
     MoltError,
+    Packed,
     Request,
     RequestError,
     decode_tensor,
@@ -20,10 +21,13 @@ from moltbotd.protocol import (
     encode_tensor,
     encode_value,
     error_response,
+    join_tensors,
+    ok_frame,
     ok_response,
     parse_request,
     request,
     response_result,
+    split_tensor,
 )
 
 
@@ -430,3 +434,26 @@ def test_freed_memory_is_kept_for_reuse_on_glibc():
     from moltbotd.malloc import keep_freed_memory
 
     assert keep_freed_memory() is True  # glibc accepts both thresholds (32 MiB is its cap)
+
+
+def test_join_and_split_tensors_round_trip_mixed_row_counts() -> None:
+    parts = [np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + rows for rows in (1, 4, 2)]
+    joined = join_tensors([encode_tensor(p) for p in parts])
+    assert joined.tolist() == np.concatenate(parts).tolist()
+    split = split_tensor(joined * 2, [1, 4, 2])
+    assert [decode_tensor(t).tolist() for t in split] == [(p * 2).tolist() for p in parts]
+    assert [t["shape"] for t in split] == [[1, 3], [4, 3], [2, 3]]
+    assert split_tensor(np.zeros((0, 3), np.int64), [0])[0] == \
+        {"dtype": "int64", "shape": [0, 3], "data": b""}  # fmt: skip
+
+
+def test_encode_tensor_names_big_endian_arrays_by_their_dtype() -> None:
+    big = np.arange(3, dtype=">f4")
+    encoded = encode_tensor(big)
+    assert encoded["dtype"] == "float32"
+    assert decode_tensor(encoded).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_ok_frame_is_the_encoded_ok_response() -> None:
+    packed = Packed(msgpack.packb({"y": 1}))
+    assert ok_frame(7, packed) == encode_frame(ok_response(7, packed))
