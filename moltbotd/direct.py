@@ -14,6 +14,7 @@ everything it reads until the client half-closes (or `within` seconds pass); the
 client sends its next requests elsewhere.
 """
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -112,22 +113,33 @@ def offer_region(sock: socket.socket, size: int) -> memoryview:
     """Send the client a shared memory region for its large inputs: the channel's first
     frame, {"region": size} with the memfd attached (SCM_RIGHTS). Sealed against shrinking:
     a client that truncated it would kill the worker with SIGBUS on the next read. Where
-    the kernel has no memfd, the frame says size 0 and sends none."""
+    there is none (no memfd, no memory), the frame says size 0 and the channel goes on."""
     try:
-        fd = os.memfd_create("moltbot-direct", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd, view = _sealed_region(size)
     except OSError:
-        sock.sendall(encode_frame({"region": 0}))
+        with contextlib.suppress(OSError):  # a client already gone sees nothing anyway
+            sock.sendall(encode_frame({"region": 0}))
         return memoryview(b"")
     try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(
-            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-        )
-        region = mmap.mmap(fd, size, prot=mmap.PROT_READ)  # unmapped once no request uses it
         socket.send_fds(sock, [encode_frame({"region": size})], [fd])
+    except OSError:
+        pass  # the client is gone: the channel reads EOF and closes
     finally:
         os.close(fd)
-    return memoryview(region)
+    return view
+
+
+def _sealed_region(size: int) -> tuple[int, memoryview]:
+    fd = os.memfd_create("moltbot-direct", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        # unmapped by the garbage collector once no queued request holds a view of it
+        return fd, memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+    except OSError:
+        os.close(fd)
+        raise
 
 
 class Direct:

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +70,12 @@ class RawChannel:
             self.got += self.decoder.feed(data)
         out, self.got = self.got[:count], self.got[count:]
         return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def infer(req_id: int, model: str, inputs: dict, **params) -> dict:
@@ -234,9 +239,9 @@ def test_a_dead_worker_fails_direct_requests_in_flight_then_serves_again(daemon)
 
         thread = threading.Thread(target=slow)
         thread.start()
-        wait_until(lambda: worker_of(Client(daemon.socket, direct=False).status("slow"),
-                                     "slow")["channels"] == 1, what="the channel")  # fmt: skip
-        time.sleep(0.2)
+        idle = cpu_seconds(pid)
+        # running the slow request, not merely holding the channel (a loaded CI machine)
+        wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the slow request running")
         os.kill(pid, signal.SIGKILL)
         thread.join(30)
         assert failure[0].code is ErrorCode.WORKER_FAILED
