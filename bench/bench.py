@@ -48,6 +48,7 @@ import itertools
 import json
 import os
 import platform
+import selectors
 import signal
 import socket
 import subprocess
@@ -74,6 +75,7 @@ from tests.models import cnn_model, mlp_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 16
+Roles = dict[str, list[int]]  # client, supervisor, worker (every instance): their pids
 BATCH = 32  # the in-process batched run
 VERSION = "v1"
 BATCHED = "_batched"  # NAME_batched: the same model file, with dynamic batching
@@ -205,12 +207,18 @@ def build_repository(models_dir: Path, names: list[str]) -> list[Case]:
     return cases
 
 
+# A compute-bound model on two vCPUs: two single-thread workers, so one computes while
+# the other's requests and answers cross; neither polls (that would take the client's CPU).
+BATCHED_SETTINGS = {"mlp": {"instances": {"min": 2, "max": 2}, "busy_poll_us": 0}}
+
+
 def daemon_config(cases: list[Case], batching: dict[str, Any]) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for case in cases:
         common = {"intra_op_threads": 1, "busy_poll_us": BUSY_POLL_US}
         models[case.name] = common
-        models[case.name + BATCHED] = {"batching": batching, **common}
+        batched = {**common, **BATCHED_SETTINGS.get(case.name, {})}
+        models[case.name + BATCHED] = {"batching": batching, **batched}
     return {"models": models}
 
 
@@ -225,7 +233,7 @@ def warm_up(call: Call, limits: Limits) -> None:
             break
 
 
-def measure_latency(call: Call, limits: Limits, roles: dict[str, int]) -> Latency:
+def measure_latency(call: Call, limits: Limits, roles: Roles) -> Latency:
     """Sequential calls (concurrency 1) after a warm-up; per-call wall time."""
     warm_up(call, limits)
     samples: list[float] = []
@@ -251,7 +259,7 @@ def sequential_throughput(call: Call, limits: Limits, samples: int) -> Throughpu
     """One thread calling in a loop: runs per second (each run `samples` samples)."""
     warm_up(call, limits)
     runs = 0
-    with CpuMeter({"client": os.getpid()}) as cpu:
+    with CpuMeter({"client": [os.getpid()]}) as cpu:
         started = time.perf_counter()
         end = started + limits.seconds
         while runs < limits.throughput_requests and time.perf_counter() < end:
@@ -278,7 +286,7 @@ def threaded_throughput(call: Call, limits: Limits, seconds: float) -> Throughpu
     threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(CONCURRENCY)]
     for thread in threads:
         thread.start()
-    with CpuMeter({"client": os.getpid()}) as cpu:
+    with CpuMeter({"client": [os.getpid()]}) as cpu:
         end = time.perf_counter() + seconds
         barrier.wait()
         started = time.perf_counter()
@@ -290,7 +298,7 @@ def threaded_throughput(call: Call, limits: Limits, seconds: float) -> Throughpu
 
 
 async def library_throughput(
-    socket_path: Path, model: str, case: Case, limits: Limits, seconds: float, roles: dict[str, int]
+    socket_path: Path, model: str, case: Case, limits: Limits, seconds: float, roles: Roles
 ) -> Throughput:
     """CONCURRENCY asyncio tasks calling through one pipelined AsyncClient connection."""
     async with AsyncClient(socket_path) as client:
@@ -381,42 +389,62 @@ class RawConnection:
 
 
 def raw_throughput(socket_path: Path, model: str, case: Case, limits: Limits, seconds: float,
-                   roles: dict[str, int], direct: bool = False) -> Throughput:  # fmt: skip
-    """Exactly CONCURRENCY requests outstanding on one connection: as responses arrive,
-    as many requests go out again, in one send (a slice of CONCURRENCY frames built once)."""
-    with RawConnection(socket_path, model, case.inputs, direct) as conn, CpuMeter(roles) as cpu:
-        frame = conn.frame
-        burst = memoryview(frame * CONCURRENCY)
+                   roles: Roles, direct: bool = False) -> Throughput:  # fmt: skip
+    """Exactly CONCURRENCY requests outstanding, spread over one connection per worker
+    instance (a direct channel goes to one instance): as responses arrive on one, as many
+    requests go out again on it, in one send (a slice of frames built once)."""
+    count = len(roles["worker"]) if direct else 1
+    with contextlib.ExitStack() as stack:
+        conns = [stack.enter_context(RawConnection(socket_path, model, case.inputs, direct))
+                 for _ in range(count)]  # fmt: skip
+        ready = selectors.DefaultSelector()
+        for conn in conns:
+            ready.register(conn.sock, selectors.EVENT_READ, conn)
+        cpu = stack.enter_context(CpuMeter(roles))
         started = time.perf_counter()
         end = started + seconds
-        conn.sock.sendall(burst)
-        sent, done = CONCURRENCY, 0
+        sent = done = 0
+        for slot in range(CONCURRENCY):
+            conns[slot % count].sock.sendall(conns[slot % count].frame)
+            sent += 1
         while done < sent:
-            got = conn.receive()
-            done += got
-            if got and sent < limits.throughput_requests and time.perf_counter() < end:
-                refill = min(got, limits.throughput_requests - sent)
-                conn.sock.sendall(burst[: refill * len(frame)])
-                sent += refill
+            for key, _ in _ready(ready, conns[0].poll):
+                conn = key.data
+                got = conn.receive()
+                done += got
+                if got and sent < limits.throughput_requests and time.perf_counter() < end:
+                    refill = min(got, limits.throughput_requests - sent)
+                    conn.sock.sendall(conn.frame * refill)
+                    sent += refill
         elapsed = time.perf_counter() - started
     rate = done / elapsed
     return Throughput(rate, rate, done, elapsed, cpu.per_request(done))
 
 
+def _ready(selector: selectors.BaseSelector, poll: float) -> list[Any]:
+    """The connections with answers: polled for `poll` seconds before sleeping, as
+    RawConnection.receive does."""
+    until = time.perf_counter() + poll
+    while time.perf_counter() < until:
+        if events := selector.select(0):
+            return events
+    return selector.select()
+
+
 class CpuMeter:
     """CPU time (user + system, all threads) some processes used during a block."""
 
-    def __init__(self, roles: dict[str, int]) -> None:
+    def __init__(self, roles: Roles) -> None:
         self.roles = roles
         self.used: dict[str, float] = {}
 
     def __enter__(self) -> "CpuMeter":
-        self._start = {role: cpu_seconds(pid) for role, pid in self.roles.items()}
+        self._start = {role: sum(map(cpu_seconds, pids)) for role, pids in self.roles.items()}
         return self
 
     def __exit__(self, *_: object) -> None:
-        for role, pid in self.roles.items():
-            self.used[role] = cpu_seconds(pid) - self._start[role]
+        for role, pids in self.roles.items():
+            self.used[role] = sum(map(cpu_seconds, pids)) - self._start[role]
 
     def per_request(self, requests: int) -> dict[str, float]:
         """Microseconds of CPU per request, by role."""
@@ -453,7 +481,7 @@ def bench_in_process(case: Case, limits: Limits) -> dict[str, Any]:
     def call() -> Any:
         return session.run(None, case.inputs)
 
-    results: dict[str, Any] = {"latency": measure_latency(call, limits, {"client": os.getpid()})}
+    results: dict[str, Any] = {"latency": measure_latency(call, limits, {"client": [os.getpid()]})}
     results["batch1_1thread"] = sequential_throughput(call, limits, 1)
     threaded_throughput(call, limits, limits.warmup_seconds)
     results[f"batch1_{CONCURRENCY}threads"] = threaded_throughput(call, limits, limits.seconds)
@@ -477,10 +505,10 @@ class Daemon:
         with Client(self.socket) as client:
             return client.status(model)["models"][0]
 
-    def roles(self, model: str) -> dict[str, int]:
-        """The bench (client), the daemon (supervisor) and the model's worker process."""
-        worker = self.status(model)["worker"]
-        return {"client": os.getpid(), "supervisor": self.proc.pid, "worker": worker["pid"]}
+    def roles(self, model: str) -> Roles:
+        """The bench (client), the daemon (supervisor) and the model's worker processes."""
+        workers = [i["pid"] for i in self.status(model)["worker"]["instances"]]
+        return {"client": [os.getpid()], "supervisor": [self.proc.pid], "worker": workers}
 
 
 @contextlib.contextmanager
@@ -636,7 +664,7 @@ def socket_round_trip(limits: Limits) -> Latency:
         ours.recv(65536)
 
     try:
-        return measure_latency(call, limits, {"client": os.getpid(), "echo": echo.pid})
+        return measure_latency(call, limits, {"client": [os.getpid()], "echo": [echo.pid]})
     finally:
         ours.close()  # EOF: the echo process exits
         echo.wait(STOP_TIMEOUT)

@@ -264,6 +264,7 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     )
 }
 STRING_DTYPE = "string"
+VIEW_BYTES = 64 << 10  # encode_tensor's data for larger arrays is a view, not bytes
 # numpy 2 takes 2 us for dtype.name, more than the rest of encoding a small tensor
 _WIRE_NAMES = {np.dtype(name): name for name in WIRE_DTYPES}
 
@@ -279,7 +280,11 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     if name not in WIRE_DTYPES:
         raise MoltError(ErrorCode.INVALID_INPUT, f"dtype {name} cannot be sent on the wire")
     data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
-    return {"dtype": name, "shape": list(array.shape), "data": data.tobytes()}
+    if data.nbytes < VIEW_BYTES:
+        return {"dtype": name, "shape": list(array.shape), "data": data.tobytes()}
+    # packing or a shared region copies it anyway: no copy here (valid while `array` is)
+    return {"dtype": name, "shape": list(array.shape),
+            "data": memoryview(data.reshape(-1).view(np.uint8))}  # fmt: skip
 
 
 def join_tensors(tensors: list[dict[str, Any]]) -> np.ndarray:

@@ -272,7 +272,7 @@ class Channel:
         inputs, offset = dict(params["inputs"]), 0
         for name, tensor in params["inputs"].items():
             data = tensor.get("data") if isinstance(tensor, dict) else None
-            size = len(data) if isinstance(data, bytes) else 0
+            size = len(data) if isinstance(data, bytes | memoryview) else 0
             if self.region is not None and SHARE_BYTES <= size <= len(self.region) - offset:
                 self.region[offset : offset + size] = data
                 inputs[name] = {"dtype": tensor["dtype"], "shape": tensor["shape"],

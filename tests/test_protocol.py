@@ -7,6 +7,7 @@ import pytest
 from moltbotd.protocol import (
     HEADER,
     STRING_DTYPE,
+    VIEW_BYTES,
     WIRE_DTYPES,
     ErrorCode,
     FrameDecoder,
@@ -457,3 +458,12 @@ def test_encode_tensor_names_big_endian_arrays_by_their_dtype() -> None:
 def test_ok_frame_is_the_encoded_ok_response() -> None:
     packed = Packed(msgpack.packb({"y": 1}))
     assert ok_frame(7, packed) == encode_frame(ok_response(7, packed))
+
+
+def test_encode_tensor_gives_a_view_of_a_large_array_that_packs_as_bytes() -> None:
+    large = np.arange(VIEW_BYTES // 4, dtype=np.float32)
+    encoded = encode_tensor(large)
+    assert isinstance(encoded["data"], memoryview)  # no copy before packing
+    wire = msgpack.unpackb(msgpack.packb(encoded))
+    assert wire["data"] == large.tobytes()
+    assert isinstance(encode_tensor(large[:10])["data"], bytes)
