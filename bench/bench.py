@@ -392,7 +392,7 @@ def raw_throughput(socket_path: Path, model: str, case: Case, limits: Limits, se
                    roles: Roles, direct: bool = False) -> Throughput:  # fmt: skip
     """Exactly CONCURRENCY requests outstanding, spread over one connection per worker
     instance (a direct channel goes to one instance): as responses arrive on one, as many
-    requests go out again on it, in one send (a slice of frames built once)."""
+    requests go out again on it, in one send (a slice of CONCURRENCY frames built once)."""
     count = len(roles["worker"]) if direct else 1
     with contextlib.ExitStack() as stack:
         conns = [stack.enter_context(RawConnection(socket_path, model, case.inputs, direct))
@@ -403,32 +403,31 @@ def raw_throughput(socket_path: Path, model: str, case: Case, limits: Limits, se
         cpu = stack.enter_context(CpuMeter(roles))
         started = time.perf_counter()
         end = started + seconds
-        sent = done = 0
-        for slot in range(CONCURRENCY):
-            conns[slot % count].sock.sendall(conns[slot % count].frame)
-            sent += 1
+        bursts = {conn: memoryview(conn.frame * CONCURRENCY) for conn in conns}
+        for slot, conn in enumerate(conns):
+            share = len(range(slot, CONCURRENCY, count))
+            conn.sock.sendall(bursts[conn][: share * len(conn.frame)])
+        sent, done = CONCURRENCY, 0
         while done < sent:
-            for key, _ in _ready(ready, conns[0].poll):
-                conn = key.data
+            for conn in _answering(ready, conns):
                 got = conn.receive()
                 done += got
                 if got and sent < limits.throughput_requests and time.perf_counter() < end:
                     refill = min(got, limits.throughput_requests - sent)
-                    conn.sock.sendall(conn.frame * refill)
+                    conn.sock.sendall(bursts[conn][: refill * len(conn.frame)])
                     sent += refill
         elapsed = time.perf_counter() - started
     rate = done / elapsed
     return Throughput(rate, rate, done, elapsed, cpu.per_request(done))
 
 
-def _ready(selector: selectors.BaseSelector, poll: float) -> list[Any]:
-    """The connections with answers: polled for `poll` seconds before sleeping, as
-    RawConnection.receive does."""
-    until = time.perf_counter() + poll
-    while time.perf_counter() < until:
-        if events := selector.select(0):
-            return events
-    return selector.select()
+def _answering(selector: selectors.BaseSelector, conns: list[RawConnection]) -> list[Any]:
+    """The connections to read now: the only one (its receive polls, then sleeps), or
+    those with answers, waited for without polling (with a worker per vCPU, a polling
+    client takes the CPU they need: measured 31 against 10 us per request)."""
+    if len(conns) == 1:
+        return conns
+    return [key.data for key, _ in selector.select()]
 
 
 class CpuMeter:
