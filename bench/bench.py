@@ -338,12 +338,12 @@ class RawConnection:
         self.buffer = bytearray(RECV_BYTES)
         self.view = memoryview(self.buffer)
         self.poll = 0.0
-        params = {"model": model, "inputs": encode_inputs(inputs)}
+        params = {"model": model, "inputs": encode_inputs(inputs, view=True)}
         self.share: Callable[[], Any] = lambda: None
         if direct:
             channel = self._channel(model)
             params = channel.share(params)
-            self.share = lambda: channel.share({"inputs": encode_inputs(inputs)})
+            self.share = lambda: channel.share({"inputs": encode_inputs(inputs, view=True)})
             self.sock, self.poll = channel.sock, BUSY_POLL_US / 1e6
         self.frame = encode_frame(request(1, "infer", params))
 
@@ -354,7 +354,7 @@ class RawConnection:
         [answer] = self.decoder.feed(data)
         if not fds:
             raise RuntimeError(f"moltbotd granted no direct channel: {answer!r}"[:500])
-        return Channel(socket.socket(fileno=fds[0]), answer["result"], 0.0)
+        return Channel(socket.socket(fileno=fds[0]), answer["result"], 0.0, START_TIMEOUT)
 
     def __enter__(self) -> "RawConnection":
         return self

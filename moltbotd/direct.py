@@ -16,11 +16,11 @@ client sends its next requests elsewhere.
 
 import contextlib
 import fcntl
-import mmap
 import os
 import selectors
 import socket
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -62,7 +62,7 @@ class Stream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         self.sock = sock
-        self.region = offer_region(sock, max_frame_bytes)
+        self.region, self.region_size = offer_region(sock, max_frame_bytes)
         sock.setblocking(False)
         self.decoder = FrameDecoder(max_frame_bytes)
         self.out = bytearray()
@@ -73,14 +73,15 @@ class Stream:
 
     def shared(self, inputs: Any) -> Any:
         """The request's inputs with each {"shm": [offset, size]} made the tensor map
-        whose data is that part of the region (a view: not copied)."""
+        whose data is a copy of that part of the region: the client can still write to
+        it, and onnxruntime must not see bytes change after they were checked."""
         if not isinstance(inputs, dict):
             return inputs  # check_inputs says what is wrong
         return {name: self._part(name, tensor) if isinstance(tensor, dict) and "shm" in tensor
                 else tensor for name, tensor in inputs.items()}  # fmt: skip
 
     def _part(self, name: Any, tensor: dict[str, Any]) -> dict[str, Any]:
-        where, size = tensor["shm"], len(self.region)
+        where, size = tensor["shm"], self.region_size
         valid = isinstance(where, list) and len(where) == 2 and "data" not in tensor
         if not (valid and all(type(n) is int and n >= 0 for n in where)) or sum(where) > size:
             raise MoltError(ErrorCode.INVALID_INPUT, f"input {name!r}: 'shm' must be [offset,"
@@ -88,7 +89,13 @@ class Stream:
                             f" instead of 'data', got {where!r}"[:300])  # fmt: skip
         offset, count = where
         rest = {key: value for key, value in tensor.items() if key != "shm"}
-        return {**rest, "data": self.region[offset : offset + count]}
+        # pread, not a mapping: pages the client never wrote read as zeros, unallocated
+        return {**rest, "data": os.pread(self.region, count, offset)}
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.region is not None:
+            os.close(self.region)
 
     def write(self, message: dict[str, Any]) -> None:
         self.out += encode_frame(message)
@@ -109,37 +116,33 @@ class Stream:
         return done or (self.closing_at is not None and now >= self.closing_at)
 
 
-def offer_region(sock: socket.socket, size: int) -> memoryview:
+def offer_region(sock: socket.socket, size: int) -> tuple[int | None, int]:
     """Send the client a shared memory region for its large inputs: the channel's first
-    frame, {"region": size} with the memfd attached (SCM_RIGHTS). Sealed against shrinking:
-    a client that truncated it would kill the worker with SIGBUS on the next read. Where
-    there is none (no memfd, no memory), the frame says size 0 and the channel goes on."""
+    frame, {"region": size} with the memfd attached (SCM_RIGHTS); the memfd and its size.
+    Sealed against shrinking: reads past a truncated end would find nothing. Where there
+    is none (no memfd, no memory, a size of 0), the frame says size 0."""
     try:
-        fd, view = _sealed_region(size)
+        fd = _sealed_region(size) if size else None
     except OSError:
-        with contextlib.suppress(OSError):  # a client already gone sees nothing anyway
+        fd = None
+    with contextlib.suppress(OSError):  # a client already gone: the channel reads EOF
+        if fd is None:
             sock.sendall(encode_frame({"region": 0}))
-        return memoryview(b"")
-    try:
-        socket.send_fds(sock, [encode_frame({"region": size})], [fd])
-    except OSError:
-        pass  # the client is gone: the channel reads EOF and closes
-    finally:
-        os.close(fd)
-    return view
+        else:
+            socket.send_fds(sock, [encode_frame({"region": size})], [fd])
+    return fd, size if fd is not None else 0
 
 
-def _sealed_region(size: int) -> tuple[int, memoryview]:
+def _sealed_region(size: int) -> int:
     fd = os.memfd_create("moltbot-direct", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
         seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-        # unmapped by the garbage collector once no queued request holds a view of it
-        return fd, memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
     except OSError:
         os.close(fd)
         raise
+    return fd
 
 
 class Direct:
@@ -259,6 +262,10 @@ class Direct:
             else:
                 to = None if isinstance(message, MoltError) else request_id(message)
             stream.write(error_response(to, exc))
+        except Exception as exc:  # a bug in a check must not take the worker down
+            traceback.print_exc()
+            why = f"the worker could not check this request: {type(exc).__name__}: {exc}"
+            stream.write(error_response(request_id(message), MoltError(ErrorCode.INTERNAL, why)))
 
     def _checked(self, stream: Stream, message: dict[str, Any]) -> Pending:
         """The request as the queue takes it, checked as the daemon checks it."""
@@ -325,7 +332,7 @@ class Direct:
                 continue
             stream.ended = True
             self._watch(stream)
-            stream.sock.close()
+            stream.close()
             del self.streams[fd]
             self._counts.changed = True
 

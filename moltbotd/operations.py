@@ -52,6 +52,8 @@ class Operation:
         """The parameters, checked against the declaration; a null counts as not given."""
         given = {}
         for key, value in params.items():  # one pass: this runs for every request
+            if not isinstance(key, str):
+                raise self._refuse(params)
             if value is not None:
                 types = self._types.get(key)
                 if types is None or not _is_instance(value, types):
@@ -63,10 +65,10 @@ class Operation:
 
     def _refuse(self, params: dict[str, Any]) -> MoltError:
         """What is wrong with parameters that failed the check."""
-        params = {key: value for key, value in params.items() if value is not None}
         if not all(isinstance(key, str) for key in params):
             return MoltError(ErrorCode.BAD_REQUEST, f"operation '{self.name}': parameter names"
                              " must be strings")  # fmt: skip
+        params = {key: value for key, value in params.items() if value is not None}
         known = [p.name for p in self.params]
         unknown = sorted(set(params) - set(known))
         if unknown:

@@ -264,12 +264,14 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     )
 }
 STRING_DTYPE = "string"
-VIEW_BYTES = 64 << 10  # encode_tensor's data for larger arrays is a view, not bytes
+VIEW_BYTES = 64 << 10  # below this, a copy costs less than making a view
 # numpy 2 takes 2 us for dtype.name, more than the rest of encoding a small tensor
 _WIRE_NAMES = {np.dtype(name): name for name in WIRE_DTYPES}
 
 
-def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+def encode_tensor(array: np.ndarray, view: bool = False) -> dict[str, Any]:
+    """A tensor map; with `view`, the data of an array of VIEW_BYTES or more is a view of
+    its memory, not a copy: for a caller that packs it before the array can change."""
     if array.dtype.kind in "OUS":
         return {
             "dtype": STRING_DTYPE,
@@ -280,9 +282,8 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     if name not in WIRE_DTYPES:
         raise MoltError(ErrorCode.INVALID_INPUT, f"dtype {name} cannot be sent on the wire")
     data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
-    if data.nbytes < VIEW_BYTES:
+    if not view or data.nbytes < VIEW_BYTES:
         return {"dtype": name, "shape": list(array.shape), "data": data.tobytes()}
-    # packing or a shared region copies it anyway: no copy here (valid while `array` is)
     return {"dtype": name, "shape": list(array.shape),
             "data": memoryview(data.reshape(-1).view(np.uint8))}  # fmt: skip
 
@@ -299,7 +300,7 @@ def join_tensors(tensors: list[dict[str, Any]]) -> np.ndarray:
 def split_tensor(array: np.ndarray, rows: list[int]) -> list[dict[str, Any]]:
     """The inverse of join_tensors: a tensor map for each run of `rows` along the first
     dimension, cut from one encoding of the whole array."""
-    whole = encode_tensor(array)
+    whole = encode_tensor(array, view=True)  # the parts are packed at once
     data, rest = whole["data"], whole["shape"][1:]
     size = len(data) // len(array) if len(array) else 0
     parts, start = [], 0

@@ -272,7 +272,7 @@ def _check_tensor_map(where: str, tensor: dict[str, Any]) -> None:
     if tensor.keys() != _TENSOR_KEYS:
         raise MoltError(
             ErrorCode.INVALID_INPUT,
-            f"{where}: expected {form}, got a map with keys {sorted(tensor)}",
+            f"{where}: expected {form}, got a map with keys {sorted(tensor, key=repr)}",
         )
     shape = tensor["shape"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -310,9 +310,8 @@ def _check_data_size(where: str, tensor: dict[str, Any]) -> None:
             )
         return
     need = count * WIRE_DTYPES[tensor["dtype"]].itemsize
-    readable = isinstance(data, bytes | memoryview)  # a view: from a direct channel's region
-    if not readable or len(data) != need:
-        got = f"{len(data)} bytes" if readable else type(data).__name__
+    if not isinstance(data, bytes) or len(data) != need:
+        got = f"{len(data)} bytes" if isinstance(data, bytes) else type(data).__name__
         raise MoltError(
             ErrorCode.INVALID_INPUT,
             f"{where}: 'data' must be {need} bytes for {tensor['dtype']}"

@@ -47,6 +47,7 @@ DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
 # Responses may be large (outputs); the daemon's own limit applies to requests.
 MAX_RESPONSE_BYTES = 1 << 30
 CHANNEL_RETRY = 5.0  # seconds before asking again for a channel moltbotd refused
+CHANNEL_SETUP = 5.0  # seconds a worker may take to open a channel (it may be running)
 SOCKET_BUFFER = 4 << 20  # a large tensor goes to the worker in one write
 SHARE_BYTES = 64 << 10  # inputs this large go through a channel's shared region
 SHARE_ALIGN = 64  # each input starts on a cache line
@@ -87,8 +88,11 @@ def connect_error(path: Path, exc: OSError) -> ConnectError:
     return ConnectError(f"moltbotd is not running at {path} ({hint})")
 
 
-def encode_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    return {n: encode_tensor(v) if isinstance(v, np.ndarray) else v for n, v in inputs.items()}
+def encode_inputs(inputs: Mapping[str, Any], view: bool = False) -> dict[str, Any]:
+    """view: large arrays as views of their memory, for a caller that packs them before
+    anyone can change them (the blocking Client)."""
+    return {n: encode_tensor(v, view) if isinstance(v, np.ndarray) else v
+            for n, v in inputs.items()}  # fmt: skip
 
 
 def decode_outputs(result: dict[str, Any]) -> Outputs:
@@ -108,6 +112,8 @@ class _Calls:
 
     Calls taking on_progress ask the daemon for progress frames and hand each to it.
     """
+
+    views = False  # whether a call packs its inputs before it returns (encode_inputs)
 
     def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same,
               on_progress: OnProgress | None = None) -> Any:  # fmt: skip
@@ -138,7 +144,7 @@ class _Calls:
         answers DEADLINE_EXCEEDED (a request still queued then is never run)."""
         params = {
             "model": model,
-            "inputs": encode_inputs(inputs),
+            "inputs": encode_inputs(inputs, self.views),
             "version": version,
             "outputs": outputs,
             "priority": priority,
@@ -216,11 +222,7 @@ class Receiver:
         return message
 
     def _read(self, fds: bool) -> bytes:
-        if fds:
-            data, got, _, _ = socket.recv_fds(self.sock, RECV_BYTES, 1)
-            self.fds += got
-            return data
-        until = time.monotonic() + self.busy_poll
+        until = time.monotonic() + (0.0 if fds else self.busy_poll)
         while time.monotonic() < until:  # a sleeping CPU wakes slowly: spin a little first
             with contextlib.suppress(BlockingIOError):
                 return self.sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
@@ -228,7 +230,11 @@ class Receiver:
             left = self.deadline - time.monotonic()
             if left <= 0 or not select.select([self.sock], [], [], left)[0]:
                 raise TimeoutError
-        return self.sock.recv(RECV_BYTES)
+        if not fds:
+            return self.sock.recv(RECV_BYTES)
+        data, got, _, _ = socket.recv_fds(self.sock, RECV_BYTES, 1)
+        self.fds += got
+        return data
 
     def ready(self) -> bool:
         """Whether a frame (or EOF) waits, without waiting for one."""
@@ -245,16 +251,19 @@ class Receiver:
 class Channel:
     """A direct channel to the worker serving one model's active version."""
 
-    def __init__(self, sock: socket.socket, info: dict[str, Any], busy_poll: float) -> None:
+    def __init__(self, sock: socket.socket, info: dict[str, Any], busy_poll: float,
+                 wait: float) -> None:  # fmt: skip
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self.sock = sock
         self.label = f"the worker serving model {info['model']} {info['version']}"
         self.receiver = Receiver(sock, busy_poll)
         self.closing = False  # the worker asked us to go elsewhere
-        self.region = self._map_region()
+        self.region = self._map_region(wait)
 
-    def _map_region(self) -> mmap.mmap | None:
-        """The worker's first frame offers a shared region for large inputs (a memfd)."""
+    def _map_region(self, wait: float) -> mmap.mmap | None:
+        """The worker's first frame offers a shared region for large inputs (a memfd);
+        a worker busy running for longer than `wait` seconds raises TimeoutError."""
+        self.receiver.deadline = time.monotonic() + wait
         offer = self.receiver.receive(self.label, fds=True)
         size = offer.get("region")
         if not self.receiver.fds:
@@ -271,10 +280,9 @@ class Channel:
         Safe to reuse at every call: the Client waits for each answer."""
         inputs, offset = dict(params["inputs"]), 0
         for name, tensor in params["inputs"].items():
-            data = tensor.get("data") if isinstance(tensor, dict) else None
-            size = len(data) if isinstance(data, bytes | memoryview) else 0
+            size = _shareable(tensor)
             if self.region is not None and SHARE_BYTES <= size <= len(self.region) - offset:
-                self.region[offset : offset + size] = data
+                self.region[offset : offset + size] = tensor["data"]
                 inputs[name] = {"dtype": tensor["dtype"], "shape": tensor["shape"],
                                 "shm": [offset, size]}  # fmt: skip
                 offset += -(-size // SHARE_ALIGN) * SHARE_ALIGN
@@ -305,6 +313,17 @@ class Channel:
             self.region.close()
 
 
+def _shareable(tensor: Any) -> int:
+    """The bytes of a tensor map that can go into a region as they are, or 0 (the rest
+    travels as given, for the worker to check)."""
+    if not isinstance(tensor, dict) or tensor.keys() != {"dtype", "shape", "data"}:
+        return 0
+    data = tensor["data"]
+    if isinstance(data, memoryview) and data.format == "B" and data.c_contiguous:
+        return data.nbytes
+    return len(data) if isinstance(data, bytes) else 0
+
+
 class Client(_Calls):
     """Blocking client: one request at a time on one connection; with direct=True, per
     model, on a direct channel when moltbotd grants one (a worker killed by its memory
@@ -313,6 +332,8 @@ class Client(_Calls):
     busy_poll_us: after sending on a direct channel, poll for the answer this long
     before sleeping: lower latency for a CPU busy meanwhile. strict_direct (moltctl
     infer --direct): a refused channel is an error, not a reason to use the socket."""
+
+    views = True
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
                  timeout: float | None = None, direct: bool = False,
@@ -408,10 +429,16 @@ class Client(_Calls):
             return None
         assert self._receiver is not None
         sock = socket.socket(fileno=self._receiver.fds.pop())
+        timeout = params.get("timeout_ms")
+        wait = min(CHANNEL_SETUP, self.timeout or CHANNEL_SETUP, (timeout or 1e9) / 1000)
         try:
-            channel = Channel(sock, info, self.busy_poll)
-        except (OSError, ProtocolError):  # the worker went away meanwhile: the socket serves
+            channel = Channel(sock, info, self.busy_poll, wait)
+        except (OSError, ProtocolError, TimeoutError) as exc:  # the worker is gone or busy
             sock.close()
+            if self.strict_direct:
+                why = str(exc) or f"no answer within {wait:g}s"
+                raise ProtocolError(f"the worker serving model {model} did not open its"
+                                    f" direct channel: {why}") from None  # fmt: skip
             self._channels[model] = time.monotonic() + CHANNEL_RETRY
             return None
         self._channels[model] = channel

@@ -5,11 +5,13 @@ and moltbotd still in control (switches, canaries, fallbacks, dead workers).
 Real daemons, real workers, real onnxruntime; the raw tests speak the protocol's bytes.
 """
 
+import contextlib
 import mmap
 import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from moltbotd.protocol import (
     encode_tensor,
     request,
 )
-from moltctl.client import Channel, Client
+from moltctl.client import Channel, Client, ProtocolError
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model
 from tests.test_daemon import direct
@@ -301,8 +303,12 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
                for i, where in enumerate(bad, 2)),
              request(9, "infer", {"model": "mlp", "inputs": {"x": {**shm, "data": b""}}}),
              request(10, "infer", {"model": "mlp", "inputs": {
-                 "x": {**shm, "shm": [0, 16]}}}))  # fmt: skip
-    answers = {a["id"]: a for a in raw.receive(7)}
+                 "x": {**shm, "shm": [0, 16]}}}),
+             request(11, "infer", {"model": "mlp", "inputs": {"x": {**shm, 1: 2}}}))  # fmt: skip
+    answers = {a["id"]: a for a in raw.receive(8)}
+    mixed_keys = answers.pop(11)["error"]
+    assert mixed_keys["code"] == "INVALID_INPUT"
+    assert "got a map with keys ['data', 'dtype', 'shape', 1]" in mixed_keys["message"]
     ok = answers.pop(1)["result"]["outputs"]["y"]
     assert np.frombuffer(ok["data"], np.float32).reshape(ok["shape"]).tolist() == got.tolist()
     size_error = answers.pop(10)["error"]
@@ -318,3 +324,40 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
         client._call("infer", {"model": "mlp", "inputs": {"x": shm}})
     assert refused.value.code == ErrorCode.INVALID_INPUT
     assert "keys ['dtype', 'shape', 'shm']" in refused.value.message
+
+
+def test_a_region_read_is_a_copy_and_unwritten_pages_read_as_zeros() -> None:
+    from moltbotd.direct import Stream
+
+    worker_end, client_end = socket.socketpair()
+    stream = Stream(worker_end, 1 << 20)
+    data, fds, _, _ = socket.recv_fds(client_end, 1 << 16, 1)
+    [offer] = FrameDecoder().feed(data)
+    region = mmap.mmap(fds[0], offer["region"])
+    region[:8] = np.arange(2, dtype=np.float32).tobytes()
+    tensor = {"dtype": "float32", "shape": [2], "shm": [0, 8]}
+    shared = stream.shared({"x": tensor, "z": {**tensor, "shm": [4096, 8]}})
+    region[:8] = b"\xff" * 8  # the client writes again: the checked bytes must not change
+    assert shared["x"]["data"] == np.arange(2, dtype=np.float32).tobytes()
+    assert shared["z"]["data"] == bytes(8)
+    stream.close()
+    client_end.close()
+    os.close(fds[0])
+
+
+def test_a_busy_worker_does_not_hold_a_client_past_its_deadline(daemon) -> None:
+    def busy() -> None:  # through the socket: the worker runs it until the daemon stops
+        with Client(daemon.socket) as other, contextlib.suppress(MoltError, ProtocolError):
+            other.infer("slow", slow_inputs(n=SLOW_N * 50))
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    pid = worker_of(Client(daemon.socket).status("slow"), "slow")["pid"]
+    idle = cpu_seconds(pid)
+    wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the slow request running")
+    started = time.monotonic()
+    with Client(daemon.socket, direct=True) as client, pytest.raises(MoltError) as late:
+        client.infer("slow", slow_inputs(n=1), timeout_ms=300)
+    assert late.value.code is ErrorCode.DEADLINE_EXCEEDED
+    # the channel's opening waited 0.3 s at most, then the socket's queue 0.3 s
+    assert time.monotonic() - started < 3

@@ -462,8 +462,9 @@ def test_ok_frame_is_the_encoded_ok_response() -> None:
 
 def test_encode_tensor_gives_a_view_of_a_large_array_that_packs_as_bytes() -> None:
     large = np.arange(VIEW_BYTES // 4, dtype=np.float32)
-    encoded = encode_tensor(large)
+    encoded = encode_tensor(large, view=True)
     assert isinstance(encoded["data"], memoryview)  # no copy before packing
     wire = msgpack.unpackb(msgpack.packb(encoded))
     assert wire["data"] == large.tobytes()
-    assert isinstance(encode_tensor(large[:10])["data"], bytes)
+    assert isinstance(encode_tensor(large[:10], view=True)["data"], bytes)
+    assert isinstance(encode_tensor(large)["data"], bytes)  # a copy unless asked
