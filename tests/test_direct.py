@@ -326,7 +326,7 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
     assert "keys ['dtype', 'shape', 'shm']" in refused.value.message
 
 
-def test_a_region_read_is_a_copy_and_unwritten_pages_read_as_zeros() -> None:
+def test_a_region_read_is_a_copy_and_unwritten_pages_are_refused() -> None:
     from moltbotd.direct import Stream
 
     worker_end, client_end = socket.socketpair()
@@ -336,10 +336,14 @@ def test_a_region_read_is_a_copy_and_unwritten_pages_read_as_zeros() -> None:
     region = mmap.mmap(fds[0], offer["region"])
     region[:8] = np.arange(2, dtype=np.float32).tobytes()
     tensor = {"dtype": "float32", "shape": [2], "shm": [0, 8]}
-    shared = stream.shared({"x": tensor, "z": {**tensor, "shm": [4096, 8]}})
+    shared = stream.shared({"x": tensor})
     region[:8] = b"\xff" * 8  # the client writes again: the checked bytes must not change
     assert shared["x"]["data"] == np.arange(2, dtype=np.float32).tobytes()
-    assert shared["z"]["data"] == bytes(8)
+    with pytest.raises(MoltError) as unwritten:  # reading it would allocate it in the worker
+        stream.shared({"x": {**tensor, "shm": [8192, 8]}})
+    assert unwritten.value.code is ErrorCode.INVALID_INPUT
+    assert "bytes 8192 to 8200 of this channel's shared region were never written" in \
+        unwritten.value.message  # fmt: skip
     stream.close()
     client_end.close()
     os.close(fds[0])
