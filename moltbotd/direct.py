@@ -63,8 +63,7 @@ class Stream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         self.sock = sock
-        self.region, self.region_size = offer_region(sock, max_frame_bytes)
-        self.mapped = memoryview(_map(self.region, self.region_size))
+        self.region, self.mapped = offer_region(sock, max_frame_bytes)
         sock.setblocking(False)
         self.decoder = FrameDecoder(max_frame_bytes)
         self.out = bytearray()
@@ -83,7 +82,7 @@ class Stream:
                 else tensor for name, tensor in inputs.items()}  # fmt: skip
 
     def _part(self, name: Any, tensor: dict[str, Any]) -> dict[str, Any]:
-        where, size = tensor["shm"], self.region_size
+        where, size = tensor["shm"], len(self.mapped)
         valid = isinstance(where, list) and len(where) == 2 and "data" not in tensor
         if not (valid and all(type(n) is int and n >= 0 for n in where)) or sum(where) > size:
             raise MoltError(ErrorCode.INVALID_INPUT, f"input {name!r}: 'shm' must be [offset,"
@@ -123,38 +122,36 @@ class Stream:
         return done or (self.closing_at is not None and now >= self.closing_at)
 
 
-def offer_region(sock: socket.socket, size: int) -> tuple[int | None, int]:
+def offer_region(sock: socket.socket, size: int) -> tuple[int | None, memoryview]:
     """Send the client a shared memory region for its large inputs: the channel's first
-    frame, {"region": size} with the memfd attached (SCM_RIGHTS); the memfd and its size.
-    Sealed against shrinking: reads past a truncated end would find nothing. Where there
-    is none (no memfd, no memory, a size of 0), the frame says size 0."""
+    frame, {"region": size} with the memfd attached (SCM_RIGHTS); the memfd and its
+    read-only mapping here. Where there is none (no memfd, no memory, a size of 0), the
+    frame says size 0."""
     try:
-        fd = _sealed_region(size) if size else None
-    except OSError:
-        fd = None
+        fd, mapping = _sealed_region(size) if size else (None, b"")
+    except (OSError, ValueError):
+        fd, mapping = None, b""
     with contextlib.suppress(OSError):  # a client already gone: the channel reads EOF
         if fd is None:
             sock.sendall(encode_frame({"region": 0}))
         else:
             socket.send_fds(sock, [encode_frame({"region": size})], [fd])
-    return fd, size if fd is not None else 0
+    return fd, memoryview(mapping)
 
 
-def _map(fd: int | None, size: int) -> mmap.mmap | bytes:
-    """The region, mapped read-only (copying from a mapping costs half of pread)."""
-    return b"" if fd is None else mmap.mmap(fd, size, prot=mmap.PROT_READ)
-
-
-def _sealed_region(size: int) -> int:
+def _sealed_region(size: int) -> tuple[int, mmap.mmap]:
+    """A memfd sealed against shrinking (a read past the end of a truncated mapping would
+    kill the worker with SIGBUS), mapped read-only: copying from a mapping costs half of
+    pread."""
     fd = os.memfd_create("moltbot-direct", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
         seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    except OSError:
+        return fd, mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
         os.close(fd)
         raise
-    return fd
 
 
 class Direct:
