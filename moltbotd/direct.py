@@ -34,7 +34,6 @@ from moltbotd.protocol import (
     FrameTooLarge,
     MoltError,
     Packed,
-    RequestError,
     encode_frame,
     error_response,
     ok_frame,
@@ -260,17 +259,14 @@ class Direct:
             self.accept(stream, message)
 
     def accept(self, stream: Stream, message: dict[str, Any] | MoltError) -> None:
+        if isinstance(message, MoltError):  # a frame that is not a request: no id to answer
+            stream.write(error_response(None, message))
+            return
         try:
-            if isinstance(message, MoltError):
-                raise message
             self.queue.push(self._checked(stream, message), self.label)
             stream.pending += 1
         except MoltError as exc:  # not counted, as the daemon counts only what it queued
-            if isinstance(exc, RequestError):
-                to = exc.req_id
-            else:
-                to = None if isinstance(message, MoltError) else request_id(message)
-            stream.write(error_response(to, exc))
+            stream.write(error_response(request_id(message), exc))
         except Exception as exc:  # a bug in a check must not take the worker down
             traceback.print_exc()
             why = f"the worker could not check this request: {type(exc).__name__}: {exc}"

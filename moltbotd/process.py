@@ -314,9 +314,9 @@ class Worker:
             await self._set(S.DRAINING)
         self.close_channels("the version is being replaced", timeout)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._no_channels.wait(), timeout)
+            async with asyncio.timeout(timeout):  # one deadline for both
+                await self._idle.wait()
+                await self._no_channels.wait()
         return not self._inflight and not self.channels
 
     # --- direct channels ----------------------------------------------------------------

@@ -276,8 +276,9 @@ class Channel:
 
     def share(self, params: dict[str, Any]) -> dict[str, Any]:
         """The infer parameters with each large input copied into the region and sent as
-        {"shm": [offset, size]}: one copy instead of packing it and two socket copies.
-        Safe to reuse at every call: the Client waits for each answer."""
+        {"shm": [offset, size]}: a copy in, and the worker's copy out when the request
+        arrives, instead of packing it, two socket copies and unpacking. Safe to reuse at
+        every call: the Client waits for each answer."""
         inputs, offset = dict(params["inputs"]), 0
         for name, tensor in params["inputs"].items():
             size = _shareable(tensor)
