@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -359,9 +358,9 @@ def test_a_busy_worker_does_not_hold_a_client_past_its_deadline(daemon) -> None:
     pid = worker_of(Client(daemon.socket).status("slow"), "slow")["pid"]
     idle = cpu_seconds(pid)
     wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the slow request running")
-    started = time.monotonic()
     with Client(daemon.socket, direct=True) as client, pytest.raises(MoltError) as late:
         client.infer("slow", slow_inputs(n=1), timeout_ms=300)
     assert late.value.code is ErrorCode.DEADLINE_EXCEEDED
-    # the channel's opening waited 0.3 s at most, then the socket's queue 0.3 s
-    assert time.monotonic() - started < 3
+    # answered while the worker still runs the slow request (seconds of work), not after
+    # it: the channel's opening did not wait for the worker
+    assert thread.is_alive()
