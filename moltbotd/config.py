@@ -201,6 +201,12 @@ class SessionSettings:
     graph_optimization: str = setting(
         "all", choice("disable", "basic", "extended", "all"), "onnxruntime graph optimization level"
     )
+    spinning: bool = setting(
+        False,
+        boolean,
+        "onnxruntime's threads spin while they wait for work (allow_spinning): operators"
+        " start sooner, but idle threads burn cores other models could use",
+    )
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,9 @@ def load_session(spec: dict[str, Any]) -> tuple[Any, list[str]]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = spec["intra_op_threads"]
     options.inter_op_num_threads = spec["inter_op_threads"]
+    spinning = "1" if spec["spinning"] else "0"
+    for pool in ("intra_op", "inter_op"):
+        options.add_session_config_entry(f"session.{pool}.allow_spinning", spinning)
     options.graph_optimization_level = getattr(
         ort.GraphOptimizationLevel, _OPT_LEVELS[spec["graph_optimization"]]
     )

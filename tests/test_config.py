@@ -179,6 +179,8 @@ def test_unknown_key_under_models_entry(tmp_path):
     [
         ("defaults:\n  intra_op_threads: two\n",
          "defaults.intra_op_threads: expected an integer from 1 to 256 or auto, got 'two'"),
+        ("models:\n  mlp:\n    spinning: maybe\n",
+         "models.mlp.spinning: expected true or false, got 'maybe'"),
         ("workers:\n  stop_timeout: soon\n",
          "workers.stop_timeout: expected a duration such as 30s, 500ms, 2m or 1h, got 'soon'"),
         ("max_frame_bytes: 12 parsecs\n",
@@ -191,8 +193,8 @@ def test_unknown_key_under_models_entry(tmp_path):
         ("models:\n  demo: v2.0\n", "models.demo: expected a mapping of settings, got 'v2.0'"),
         ("socket: ''\n", "socket: expected a path, got ''"),
     ],
-    ids=["wrong-type", "duration", "size", "choice", "choice-in-model", "section",
-         "models", "model-entry", "empty-path"],
+    ids=["wrong-type", "boolean-in-model", "duration", "size", "choice", "choice-in-model",
+         "section", "models", "model-entry", "empty-path"],
 )  # fmt: skip
 def test_error_messages_name_file_key_and_expectation(tmp_path, text, expected):
     message, file = load_error(tmp_path, text)
