@@ -208,9 +208,10 @@ def build_repository(models_dir: Path, names: list[str]) -> list[Case]:
     return cases
 
 
-# A compute-bound model on two vCPUs: two single-thread workers, so one computes while
-# the other's requests and answers cross; neither polls (that would take the client's CPU).
-BATCHED_SETTINGS = {"mlp": {"instances": {"min": 2, "max": 2}, "busy_poll_us": 0}}
+# A compute-bound model on two vCPUs: one worker serving channels on two threads, so one
+# computes while the other's requests and answers cross, on one copy of the weights; a
+# short poll catches the client's next requests (a longer one takes the client's CPU).
+BATCHED_SETTINGS = {"mlp": {"channel_threads": 2, "busy_poll_us": 100}}
 
 
 def daemon_config(cases: list[Case], batching: dict[str, Any]) -> dict[str, Any]:
@@ -390,11 +391,13 @@ class RawConnection:
 
 
 def raw_throughput(socket_path: Path, model: str, case: Case, limits: Limits, seconds: float,
-                   roles: Roles, direct: bool = False) -> Throughput:  # fmt: skip
-    """Exactly CONCURRENCY requests outstanding, spread over one connection per worker
-    instance (a direct channel goes to one instance): as responses arrive on one, as many
-    requests go out again on it, in one send (a slice of CONCURRENCY frames built once)."""
-    count = len(roles["worker"]) if direct else 1
+                   roles: Roles, channels: int = 0) -> Throughput:  # fmt: skip
+    """Exactly CONCURRENCY requests outstanding, on moltbotd's socket (`channels` 0) or
+    spread over that many direct channels (one per loop that serves channels: a channel
+    goes to one): as responses arrive on one, as many requests go out again on it, in one
+    send (a slice of CONCURRENCY frames built once)."""
+    direct = channels > 0
+    count = max(1, channels)
     with contextlib.ExitStack() as stack:
         conns = [stack.enter_context(RawConnection(socket_path, model, case.inputs, direct))
                  for _ in range(count)]  # fmt: skip
@@ -504,6 +507,11 @@ class Daemon:
     def status(self, model: str) -> dict[str, Any]:
         with Client(self.socket) as client:
             return client.status(model)["models"][0]
+
+    def loops(self, model: str) -> int:
+        """The loops that serve the model's direct channels: its instances' threads."""
+        worker = self.status(model)["worker"]
+        return len(worker["instances"]) * worker["session"]["channel_threads"]
 
     def roles(self, model: str) -> Roles:
         """The bench (client), the daemon (supervisor) and the model's worker processes."""
@@ -629,9 +637,10 @@ def bench_entry(daemon: Daemon, model: str, case: Case, limits: Limits) -> dict[
     for client, direct in (("raw", False), ("direct", True)):
         with RawConnection(daemon.socket, model, case.inputs, direct) as conn:
             results[f"latency_{client}"] = measure_latency(conn.call, limits, roles)
-        raw_throughput(daemon.socket, model, case, limits, limits.warmup_seconds, roles, direct)
+        channels = daemon.loops(model) if direct else 0
+        raw_throughput(daemon.socket, model, case, limits, limits.warmup_seconds, roles, channels)
         before = batch_counts(daemon, model)
-        run = raw_throughput(daemon.socket, model, case, limits, limits.seconds, roles, direct)
+        run = raw_throughput(daemon.socket, model, case, limits, limits.seconds, roles, channels)
         results[f"throughput_{client}"] = with_batches(daemon, model, before, run)
     asyncio.run(
         library_throughput(daemon.socket, model, case, limits, limits.warmup_seconds, roles)

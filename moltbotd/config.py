@@ -201,6 +201,12 @@ class SessionSettings:
     graph_optimization: str = setting(
         "all", choice("disable", "basic", "extended", "all"), "onnxruntime graph optimization level"
     )
+    channel_threads: int = setting(
+        1,
+        integer(1, 64),
+        "threads in each worker that serve direct channels, each its own channels, all"
+        " running the one session (one copy of the weights): N clients compute on N cores",
+    )
     spinning: bool = setting(
         False,
         boolean,

@@ -9,11 +9,14 @@ answers `infer` messages one at a time until the channel closes.
 
 import contextlib
 import ctypes
+import functools
 import selectors
 import signal
 import socket
 import sys
+import threading
 import time
+from operator import methodcaller
 from typing import Any
 
 import msgpack
@@ -22,6 +25,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from moltbotd.direct import Direct
+from moltbotd.lanes import Loops
 from moltbotd.malloc import keep_freed_memory
 from moltbotd.protocol import (
     RECV_BYTES,
@@ -56,6 +60,7 @@ class Channel:
         # The daemon enforces max_frame_bytes on clients; here any frame the header allows.
         self.decoder = FrameDecoder(2**32 - 1)
         self.pending: list[Any] = []
+        self.lock = threading.Lock()
 
     def receive(self) -> dict[str, Any] | None:
         messages = self.receive_all()
@@ -87,8 +92,11 @@ class Channel:
         return self.receive_all() if self.pending else []
 
     def send(self, *messages: dict[str, Any]) -> None:
-        """One write for all of them: a syscall costs more than the bytes."""
-        self.sock.sendall(b"".join(map(encode_frame, messages)))
+        """One write for all of them: a syscall costs more than the bytes. Lanes send
+        their reports too: the lock keeps each write whole."""
+        data = b"".join(map(encode_frame, messages))
+        with self.lock:
+            self.sock.sendall(data)
 
 
 def die_with_parent() -> None:
@@ -171,9 +179,10 @@ def warm_up(session: Any, signature: Signature) -> str | None:
     return None
 
 
-def serve(channel: Channel, handoff: socket.socket, session: Any, direct: Direct) -> None:
-    """Answer the daemon's requests and the direct channels' until the daemon's channel
-    closes; what arrived together is answered in one write per peer."""
+def serve(channel: Channel, handoff: socket.socket, session: Any, loops: Loops) -> None:
+    """Answer the daemon's requests and the main loop's direct channels until the daemon's
+    channel closes; what arrived together is answered in one write per peer."""
+    direct = loops.main
     direct.selector.register(channel.sock, selectors.EVENT_READ, channel)
     direct.selector.register(handoff, selectors.EVENT_READ, handoff)
     while True:
@@ -181,28 +190,28 @@ def serve(channel: Channel, handoff: socket.socket, session: Any, direct: Direct
             if source is channel:
                 if (messages := channel.receive_ready()) is None:
                     return
-                if answers := [a for m in messages if (a := obey(session, direct, m))]:
+                if answers := [a for m in messages if (a := obey(session, loops, m))]:
                     channel.send(*answers)
             elif source is handoff:
                 _, fds, _, _ = socket.recv_fds(handoff, 16, 1)
-                for fd in fds:
-                    direct.attach(socket.socket(fileno=fd))
+                loops.attach([socket.socket(fileno=fd) for fd in fds])
             else:
                 direct.ready(source)
         direct.run()
         direct.flush()
         if report := direct.report():
-            channel.send(report)
+            channel.send(loops.stamp(report))
 
 
-def obey(session: Any, direct: Direct, message: dict[str, Any]) -> Any:
-    """A message from the daemon: a batch to run (its answer returned), or an order."""
+def obey(session: Any, loops: Loops, message: dict[str, Any]) -> Any:
+    """A message from the daemon: a batch to run (its answer returned), or an order for
+    every loop's direct channels."""
     if "id" in message:
         return answer(session, message)
     if "close_channels" in message:
-        direct.close_all(message["close_channels"], message["within"])
+        loops.tell_all(methodcaller("close_all", message["close_channels"], message["within"]))
     elif "scheduling" in message:
-        direct.configure(message["scheduling"])
+        loops.tell_all(methodcaller("configure", message["scheduling"]))
     return None
 
 
@@ -262,10 +271,13 @@ def main(argv: list[str]) -> int:
         channel.send({"failed": str(exc)})
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
-    direct = Direct(
-        spec["direct"], signature, lambda batch, concat: run_batch(session, batch, concat)
-    )
-    serve(channel, handoff, session, direct)
+    directs = [Direct(spec["direct"], signature, functools.partial(run_batch, session))
+               for _ in range(spec["channel_threads"])]  # fmt: skip
+    loops = Loops(directs[0], directs[1:], channel.send)
+    try:
+        serve(channel, handoff, session, loops)
+    finally:
+        loops.stop()
     return 0
 
 
