@@ -1,12 +1,13 @@
-"""Lanes: the threads of one worker that serve direct channels beside its main loop.
+"""Lanes: the threads of one worker that serve its direct channels.
 
-With `channel_threads: N` a worker serves its direct channels on N loops: its main loop
-(which also answers the daemon) and N - 1 lanes, each a thread with a Direct of its own:
-its channels, its queue, its counts. A channel stays on the loop it was given to. Every
-loop runs the worker's one onnxruntime session (its run is thread-safe and releases the
-GIL), so N clients keep N cores computing with one copy of the weights: two processes
-holding a 12 MB MLP each ran 30-50 % slower than two threads sharing one session
-(docs/performance.md). The main loop speaks to a lane only through the lane's inbox.
+With `channel_threads: N` a worker serves its direct channels on N lanes, each a thread
+with a Direct of its own: its channels, its queue, its counts; a channel stays on the
+lane it was given to. The worker's main loop answers the daemon (its batches, the
+handoff of new channels, orders): a long run on a channel never holds a new channel's
+handoff. Every lane runs the worker's one onnxruntime session (its run is thread-safe
+and releases the GIL), so N clients keep N cores computing with one copy of the weights:
+two processes holding a 12 MB MLP each ran 30-50 % slower than two threads sharing one
+session (docs/performance.md). The main loop speaks to a lane only through its inbox.
 """
 
 import os
@@ -65,31 +66,32 @@ class Lane:
 
 
 class Loops:
-    """The main loop's Direct and the lanes: where a new channel goes, orders for all,
-    and the worker's count of channels in every report."""
+    """The main loop's Direct (which holds no channel: its selector and polling serve
+    the daemon's channel) and the lanes: where a new channel goes, orders for all, and
+    the worker's count of channels in every report."""
 
-    def __init__(self, main: Direct, others: list[Direct], send: Send) -> None:
+    def __init__(self, main: Direct, lanes: list[Direct], send: Send) -> None:
         self.main = main
-        self.directs = [main, *others]
         self.lanes = [Lane(direct, lambda report: send(self.stamp(report)), number)
-                      for number, direct in enumerate(others, 1)]  # fmt: skip
+                      for number, direct in enumerate(lanes, 1)]  # fmt: skip
 
     def attach(self, socks: list[socket.socket]) -> None:
-        """Give each new channel to the loop with the fewest."""
-        load = [len(direct.streams) for direct in self.directs]
+        """Give each new channel to the lane with the fewest."""
+        load = [len(lane.direct.streams) for lane in self.lanes]
         for sock in socks:
             least = load.index(min(load))
             load[least] += 1
-            self._tell(least, methodcaller("attach", sock))
+            self.lanes[least].tell(methodcaller("attach", sock))
 
     def tell_all(self, order: Order) -> None:
-        for number in range(len(self.directs)):
-            self._tell(number, order)
+        order(self.main)
+        for lane in self.lanes:
+            lane.tell(order)
 
     def stamp(self, report: dict[str, Any]) -> dict[str, Any]:
-        """A loop's report, with the channels of the whole worker (the daemon keeps the
+        """A lane's report, with the channels of the whole worker (the daemon keeps the
         latest count it was sent)."""
-        report["stats"]["channels"] = sum(len(direct.streams) for direct in self.directs)
+        report["stats"]["channels"] = sum(len(lane.direct.streams) for lane in self.lanes)
         return report
 
     def stop(self) -> None:
@@ -98,9 +100,3 @@ class Loops:
             lane.tell(None)
         for lane in self.lanes:
             lane.thread.join()
-
-    def _tell(self, number: int, order: Order) -> None:
-        if number == 0:
-            order(self.main)
-        else:
-            self.lanes[number - 1].tell(order)

@@ -180,32 +180,25 @@ def warm_up(session: Any, signature: Signature) -> str | None:
 
 
 def serve(channel: Channel, handoff: socket.socket, session: Any, loops: Loops) -> None:
-    """Answer the daemon's requests and the main loop's direct channels until the daemon's
-    channel closes; what arrived together is answered in one write per peer."""
-    direct = loops.main
+    """Answer the daemon's requests and orders, and hand new direct channels to the lanes,
+    until the daemon's channel closes; what arrived together is answered in one write."""
+    direct = loops.main  # for its selector and polling: it holds no channel
     direct.selector.register(channel.sock, selectors.EVENT_READ, channel)
     direct.selector.register(handoff, selectors.EVENT_READ, handoff)
     while True:
-        for source in direct.wait(direct.timeout()):
-            if source is channel:
-                if (messages := channel.receive_ready()) is None:
-                    return
-                if answers := [a for m in messages if (a := obey(session, loops, m))]:
-                    channel.send(*answers)
-            elif source is handoff:
+        for source in direct.wait(None):
+            if source is handoff:
                 _, fds, _, _ = socket.recv_fds(handoff, 16, 1)
                 loops.attach([socket.socket(fileno=fd) for fd in fds])
-            else:
-                direct.ready(source)
-        direct.run()
-        direct.flush()
-        if report := direct.report():
-            channel.send(loops.stamp(report))
+            elif (messages := channel.receive_ready()) is None:
+                return
+            elif answers := [a for m in messages if (a := obey(session, loops, m))]:
+                channel.send(*answers)
 
 
 def obey(session: Any, loops: Loops, message: dict[str, Any]) -> Any:
     """A message from the daemon: a batch to run (its answer returned), or an order for
-    every loop's direct channels."""
+    the direct channels (and the main loop's polling)."""
     if "id" in message:
         return answer(session, message)
     if "close_channels" in message:
@@ -272,7 +265,7 @@ def main(argv: list[str]) -> int:
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
     directs = [Direct(spec["direct"], signature, functools.partial(run_batch, session))
-               for _ in range(spec["channel_threads"])]  # fmt: skip
+               for _ in range(1 + spec["channel_threads"])]  # fmt: skip
     loops = Loops(directs[0], directs[1:], channel.send)
     try:
         serve(channel, handoff, session, loops)

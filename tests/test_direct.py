@@ -364,3 +364,69 @@ def test_a_busy_worker_does_not_hold_a_client_past_its_deadline(daemon) -> None:
     # answered while the worker still runs the slow request (seconds of work), not after
     # it: the channel's opening did not wait for the worker
     assert thread.is_alive()
+
+
+LANES = "models:\n  slow:\n    channel_threads: 2\n  demo:\n    channel_threads: 2\n"
+
+
+def test_channel_threads_run_two_channels_at_once_in_one_worker(daemon_factory) -> None:
+    """Two channels to one worker: the second is answered while the first one's long run
+    is still under way (with one loop it would wait for it), and both loops' requests and
+    channels are counted in status."""
+    daemon = daemon_factory(LANES)
+    with Client(daemon.socket, 60, direct=True) as first, \
+         Client(daemon.socket, 60, direct=True) as second:  # fmt: skip
+        pool = worker_of(first.status("slow"), "slow")
+        long: list = []
+        thread = threading.Thread(
+            target=lambda: long.append(first.infer("slow", slow_inputs(n=SLOW_N * 50, x=2.0)))
+        )
+        thread.start()
+        idle = cpu_seconds(pool["pid"])
+        wait_until(lambda: cpu_seconds(pool["pid"]) > idle + 0.1, what="the long run under way")
+        assert second.infer("slow", slow_inputs(n=1, x=3.0))["y"].tolist() == [3.0] * 4
+        assert thread.is_alive()  # answered beside the long run, not after it
+        thread.join(60)
+        assert long[0]["y"].tolist() == [2.0] * 4
+        pool = wait_until(lambda: (p := worker_of(first.status("slow"), "slow"))["requests"] == 2
+                          and p, what="both loops' requests counted")  # fmt: skip
+        assert pool["channels"] == 2
+        assert len(pool["instances"]) == 1
+        assert pool["session"]["channel_threads"] == 2
+
+
+def test_a_switch_moves_the_clients_of_every_loop_without_losing_a_request(
+    daemon_factory,
+) -> None:
+    daemon = daemon_factory(LANES)
+    answers: list[list[float]] = [[], []]
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def loop(mine: list[float]) -> None:
+        with Client(daemon.socket, 60, direct=True) as client:
+            while not stop.is_set():
+                try:
+                    mine.append(float(client.infer("demo", {"x": X})["y"][0, 1]))
+                except Exception as exc:  # every failure counts against the switch
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(mine,)) for mine in answers]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: min(map(len, answers)) > 50, what="direct requests on both loops")
+    assert worker_of(Client(daemon.socket).status("demo"), "demo")["channels"] == 2
+    result = run_moltctl("switch", "demo", "v1.0", socket=daemon.socket)
+    assert result.returncode == 0, result.stderr
+    counts = list(map(len, answers))
+    wait_until(lambda: all(len(a) > c + 50 for a, c in zip(answers, counts, strict=True)),
+               what="requests after the switch on both")  # fmt: skip
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    for mine in answers:
+        assert mine[0] == 10.0 and mine[-1] == 2.0
+        assert set(mine) == {2.0, 10.0}
+    daemon.stop()
+    assert "did not stop within" not in daemon.log()  # the lanes ended with their worker
