@@ -204,8 +204,9 @@ class SessionSettings:
     channel_threads: int = setting(
         1,
         integer(1, 64),
-        "threads in each worker that serve direct channels, each its own channels, all"
-        " running the one session (one copy of the weights): N clients compute on N cores",
+        "threads in each worker serving its direct channels, each its own (the main thread"
+        " serves moltbotd's socket), all on the one session: N channels compute on N cores"
+        " with one copy of the weights",
     )
     spinning: bool = setting(
         False,

@@ -79,15 +79,17 @@ def test_text_and_json_log_formats(daemon_factory):
 
 def test_session_settings_from_model_yaml_and_config(daemon_factory, models_dir):
     (models_dir / "demo" / "v2.0" / "model.yaml").write_text(
-        "intra_op_threads: 2\ngraph_optimization: basic\n")  # fmt: skip
-    config = "models:\n  demo:\n    graph_optimization: extended\n  iris:\n    device: cuda\n"
+        "intra_op_threads: 2\ngraph_optimization: basic\nchannel_threads: 2\n")  # fmt: skip
+    config = ("models:\n  demo:\n    graph_optimization: extended\n    spinning: true\n"
+              "  iris:\n    device: cuda\n")  # fmt: skip
     daemon = daemon_factory(config)
     with daemon.client() as c:
         demo = c.status("demo")["models"][0]["worker"]
         iris = c.status("iris")["models"][0]["worker"]
         assert c.infer("iris", {"x": [[5.1, 3.5, 1.4, 0.2]]})["label"].tolist() == [0]
     assert demo["session"] == {"device": "cpu", "intra_op_threads": 2, "inter_op_threads": 1,
-                               "graph_optimization": "extended"}  # fmt: skip
+                               "graph_optimization": "extended", "channel_threads": 2,
+                               "spinning": True}  # fmt: skip
     assert iris["session"]["device"] == "cuda"
     # No GPU here: onnxruntime falls back to the CPU provider and the daemon says so.
     assert iris["providers"] == ["CPUExecutionProvider"]
