@@ -204,9 +204,9 @@ class SessionSettings:
     channel_threads: int = setting(
         1,
         integer(1, 64),
-        "threads in each worker serving its direct channels, each its own (the main thread"
-        " serves moltbotd's socket), all on the one session: N channels compute on N cores"
-        " with one copy of the weights",
+        "threads in each worker serving its direct channels, each its own, all on the one"
+        " session: N channels compute on N cores with one copy of the weights; also the most"
+        " runs at once in a worker, moltbotd's socket included",
     )
     spinning: bool = setting(
         False,

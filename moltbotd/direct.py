@@ -50,8 +50,9 @@ RECV_BYTES = 1 << 20
 REPORT_EVERY = 0.25  # seconds between stats messages while requests come
 MAX_WAITS = 256  # queue times per stats message (a sample, for the percentiles)
 
-Result = bytes | dict[str, Any]  # packed outputs, or the worker's error map
-Runner = Callable[[list[tuple[dict[str, Any], list[str] | None]], bool], list[Result]]
+Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
+Batch = list[tuple[dict[str, Any], list[str] | None]]  # each request's inputs and outputs
+Runner = Callable[[Batch, bool], list[Result]]
 
 
 class Stream:
@@ -153,8 +154,27 @@ def _sealed_region(size: int) -> tuple[int, mmap.mmap]:
         raise
 
 
+class Poller:
+    """A selector's sockets, polled without sleeping for `busy_poll` seconds first (a
+    sleeping CPU wakes slowly and runs cold), then waited for."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.busy_poll = 0.0
+
+    def wait(self, timeout: float | None) -> list[Any]:
+        """The data of the sockets that became ready, blocking up to `timeout` at most
+        once the poll found none."""
+        until = time.monotonic() + self.busy_poll
+        while time.monotonic() < until:
+            if events := self.selector.select(0):
+                return [key.data for key, _ in events]
+        return [key.data for key, _ in self.selector.select(timeout)]
+
+
 class Direct:
-    """The worker's direct channels, their queue and the counts reported to the daemon."""
+    """Direct channels served by one thread: their queue and the counts reported to the
+    daemon."""
 
     def __init__(self, session: dict[str, Any], signature: Signature, runner: Runner) -> None:
         self.model, self.version = session["model"], session["version"]
@@ -163,8 +183,7 @@ class Direct:
         self.result_head = pack_with({"model": self.model, "version": self.version}, "outputs", b"")
         self.signature = signature
         self.runner = runner
-        self.max_frame_bytes: int = session["max_frame_bytes"]
-        self.selector = selectors.DefaultSelector()
+        self.poller = Poller()
         self.streams: dict[int, Stream] = {}
         self.queue = Queue(session["scheduling"]["max_queue"])
         self.configure(session["scheduling"])
@@ -175,14 +194,14 @@ class Direct:
         """The model's scheduling settings, at start and after a reload."""
         self.priority: str = scheduling["priority"]
         self.batching = Batching(**scheduling["batching"])
-        self.busy_poll = scheduling["busy_poll_us"] / 1e6
+        self.poller.busy_poll = scheduling["busy_poll_us"] / 1e6
         self.queue.limit = scheduling["max_queue"]
 
     # --- channels -----------------------------------------------------------------------
 
-    def attach(self, sock: socket.socket) -> None:
-        stream = Stream(sock, self.max_frame_bytes)
-        self.streams[sock.fileno()] = stream
+    def attach(self, stream: Stream) -> None:
+        """Serve a channel (opened by the main thread: its region is already offered)."""
+        self.streams[stream.sock.fileno()] = stream
         self._watch(stream)
         self._counts.changed = True
 
@@ -194,15 +213,6 @@ class Direct:
             if stream.closing_at is None:
                 stream.write({"closing": why})
                 stream.closing_at = due
-
-    def wait(self, timeout: float | None) -> list[Any]:
-        """What became readable: polled without sleeping for busy_poll_us first (a sleeping
-        CPU wakes slowly and runs cold), then blocking up to `timeout`."""
-        until = time.monotonic() + self.busy_poll
-        while time.monotonic() < until:
-            if events := self.selector.select(0):
-                return [key.data for key, _ in events]
-        return [key.data for key, _ in self.selector.select(timeout)]
 
     def timeout(self) -> float | None:
         """How long the worker may sleep: until the next report or a closing is due."""
@@ -232,11 +242,11 @@ class Direct:
         if wanted == stream.events:
             return
         if not stream.events:
-            self.selector.register(stream.sock, wanted, stream)
+            self.poller.selector.register(stream.sock, wanted, stream)
         elif not wanted:
-            self.selector.unregister(stream.sock)
+            self.poller.selector.unregister(stream.sock)
         else:
-            self.selector.modify(stream.sock, wanted, stream)
+            self.poller.selector.modify(stream.sock, wanted, stream)
         stream.events = wanted
 
     def _read(self, stream: Stream) -> None:

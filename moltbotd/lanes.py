@@ -2,50 +2,77 @@
 
 With `channel_threads: N` a worker serves its direct channels on N lanes, each a thread
 with a Direct of its own: its channels, its queue, its counts; a channel stays on the
-lane it was given to. The worker's main loop answers the daemon (its batches, the
-handoff of new channels, orders): a long run on a channel never holds a new channel's
-handoff. Every lane runs the worker's one onnxruntime session (its run is thread-safe
-and releases the GIL), so N clients keep N cores computing with one copy of the weights:
-two processes holding a 12 MB MLP each ran 30-50 % slower than two threads sharing one
-session (docs/performance.md). The main loop speaks to a lane only through its inbox.
+lane it was given to. The worker's main thread answers the daemon (its batches, orders)
+and opens each new channel (offers its region) before it gives it to the lane with the
+fewest, so a lane's long run delays that lane's requests, never a channel's opening.
+Every lane runs the worker's one onnxruntime session (its run is thread-safe and
+releases the GIL), so N clients keep N cores computing with one copy of the weights
+(docs/architecture.md has the measurements), taking turns with the daemon's batches for
+N permits (worker.taking_turns). The main thread speaks to a lane only through the
+lane's inbox.
 """
 
+import contextlib
 import os
 import selectors
-import socket
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
-from operator import methodcaller
 from typing import Any
 
-from moltbotd.direct import Direct
+from moltbotd.direct import Direct, Stream
+
+# A lane that failed leaves channels nobody answers: the whole worker exits (EX_SOFTWARE),
+# so its clients see EOF and the supervisor restarts it, as when the main loop fails.
+EXIT_LANE_FAILED = 70
 
 Order = Callable[[Direct], None]  # what a lane's thread does to its Direct
-Send = Callable[[dict[str, Any]], None]  # a message to the daemon (thread-safe)
+Send = Callable[[dict[str, Any]], None]  # a message to the daemon
 
 
 class Lane:
     """A thread serving the direct channels given to it, until told to stop."""
 
-    def __init__(self, direct: Direct, send: Send, number: int) -> None:
+    def __init__(self, direct: Direct, report: Send, number: int) -> None:
         self.direct = direct
-        self.send = send
+        self.report = report
         self.inbox: deque[Order | None] = deque()
+        # channels given by the main thread and taken by the lane's: one writer each
+        self.given = self.taken = 0
         self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        direct.selector.register(self.wake, selectors.EVENT_READ, self)
-        self.thread = threading.Thread(target=self._serve, name=f"lane-{number}", daemon=True)
+        direct.poller.selector.register(self.wake, selectors.EVENT_READ, self)
+        self.thread = threading.Thread(target=self._run, name=f"lane-{number}", daemon=True)
         self.thread.start()
+
+    @property
+    def load(self) -> int:
+        return len(self.direct.streams) + self.given - self.taken
+
+    def give(self, stream: Stream) -> None:
+        self.given += 1
+        self.tell(lambda direct: self._take(direct, stream))
+
+    def _take(self, direct: Direct, stream: Stream) -> None:
+        direct.attach(stream)
+        self.taken += 1
 
     def tell(self, order: Order | None) -> None:
         """Have the lane's thread carry out `order` on its Direct; None stops it."""
         self.inbox.append(order)
         os.eventfd_write(self.wake, 1)
 
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(EXIT_LANE_FAILED)
+
     def _serve(self) -> None:
         direct = self.direct
         while True:
-            for source in direct.wait(direct.timeout()):
+            for source in direct.poller.wait(direct.timeout()):
                 if source is not self:
                     direct.ready(source)
                 elif not self._obey():
@@ -53,7 +80,7 @@ class Lane:
             direct.run()
             direct.flush()
             if report := direct.report():
-                self.send(report)
+                self.report(report)
 
     def _obey(self) -> bool:
         """Carry out the orders that came; False once told to stop."""
@@ -66,33 +93,24 @@ class Lane:
 
 
 class Loops:
-    """The main loop's Direct (which holds no channel: its selector and polling serve
-    the daemon's channel) and the lanes: where a new channel goes, orders for all, and
-    the worker's count of channels in every report."""
+    """The lanes, seen from the main thread: where a new channel goes, orders for all,
+    and the reports, each with the whole worker's channels."""
 
-    def __init__(self, main: Direct, lanes: list[Direct], send: Send) -> None:
-        self.main = main
-        self.lanes = [Lane(direct, lambda report: send(self.stamp(report)), number)
-                      for number, direct in enumerate(lanes, 1)]  # fmt: skip
+    def __init__(self, directs: list[Direct], send: Send) -> None:
+        self.send = send
+        # a count taken under the lock is sent under it: the daemon keeps the latest
+        self.lock = threading.Lock()
+        self.lanes = [Lane(direct, self._report, number)
+                      for number, direct in enumerate(directs, 1)]  # fmt: skip
 
-    def attach(self, socks: list[socket.socket]) -> None:
-        """Give each new channel to the lane with the fewest."""
-        load = [len(lane.direct.streams) for lane in self.lanes]
-        for sock in socks:
-            least = load.index(min(load))
-            load[least] += 1
-            self.lanes[least].tell(methodcaller("attach", sock))
+    def attach(self, stream: Stream) -> None:
+        """Give a new channel to the lane with the fewest, counting those on their way."""
+        min(self.lanes, key=lambda lane: lane.load).give(stream)
 
     def tell_all(self, order: Order) -> None:
-        order(self.main)
+        """Have every lane carry out `order` (closing its channels, new settings)."""
         for lane in self.lanes:
             lane.tell(order)
-
-    def stamp(self, report: dict[str, Any]) -> dict[str, Any]:
-        """A lane's report, with the channels of the whole worker (the daemon keeps the
-        latest count it was sent)."""
-        report["stats"]["channels"] = sum(len(lane.direct.streams) for lane in self.lanes)
-        return report
 
     def stop(self) -> None:
         """Let each lane finish the run it is in, then end its thread."""
@@ -100,3 +118,10 @@ class Loops:
             lane.tell(None)
         for lane in self.lanes:
             lane.thread.join()
+
+    def _report(self, report: dict[str, Any]) -> None:
+        with self.lock:
+            report["stats"]["channels"] = sum(lane.load for lane in self.lanes)
+            # the daemon closed the channel: the worker is stopping
+            with contextlib.suppress(OSError):
+                self.send(report)

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from moltbotd.direct import Direct
+from moltbotd.direct import Batch, Direct, Poller, Result, Runner, Stream
 from moltbotd.lanes import Loops
 from moltbotd.malloc import keep_freed_memory
 from moltbotd.protocol import (
@@ -179,46 +179,70 @@ def warm_up(session: Any, signature: Signature) -> str | None:
     return None
 
 
-def serve(channel: Channel, handoff: socket.socket, session: Any, loops: Loops) -> None:
-    """Answer the daemon's requests and orders, and hand new direct channels to the lanes,
-    until the daemon's channel closes; what arrived together is answered in one write."""
-    direct = loops.main  # for its selector and polling: it holds no channel
-    direct.selector.register(channel.sock, selectors.EVENT_READ, channel)
-    direct.selector.register(handoff, selectors.EVENT_READ, handoff)
+def serve(channel: Channel, handoff: socket.socket, runner: Runner, loops: Loops,
+          direct: dict[str, Any]) -> None:  # fmt: skip
+    """Answer the daemon's requests and orders, and open new direct channels for the
+    lanes, until the daemon's channel closes; what arrived together is answered in one
+    write. `direct` is the channels' settings (the model, max_frame_bytes, scheduling)."""
+    poller = Poller()
+    poller.busy_poll = direct["scheduling"]["busy_poll_us"] / 1e6
+    poller.selector.register(channel.sock, selectors.EVENT_READ, channel)
+    poller.selector.register(handoff, selectors.EVENT_READ, handoff)
     while True:
-        for source in direct.wait(None):
+        # channels handed over first: an order to close channels must find them attached
+        for source in sorted(poller.wait(None), key=lambda source: source is not handoff):
             if source is handoff:
-                _, fds, _, _ = socket.recv_fds(handoff, 16, 1)
-                loops.attach([socket.socket(fileno=fd) for fd in fds])
+                take_handoff(poller, handoff, loops, direct["max_frame_bytes"])
             elif (messages := channel.receive_ready()) is None:
                 return
-            elif answers := [a for m in messages if (a := obey(session, loops, m))]:
+            elif answers := [a for m in messages if (a := obey(runner, loops, poller, m))]:
                 channel.send(*answers)
 
 
-def obey(session: Any, loops: Loops, message: dict[str, Any]) -> Any:
+def take_handoff(poller: Poller, handoff: socket.socket, loops: Loops, max_frame: int) -> None:
+    """Open a channel the daemon handed over (offer its region) and give it to a lane."""
+    data, fds, _, _ = socket.recv_fds(handoff, 16, 1)
+    if not data:  # the daemon is stopping us: its channel's EOF follows
+        poller.selector.unregister(handoff)
+    for fd in fds:
+        loops.attach(Stream(socket.socket(fileno=fd), max_frame))
+
+
+def obey(runner: Runner, loops: Loops, poller: Poller,
+         message: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
     """A message from the daemon: a batch to run (its answer returned), or an order for
-    the direct channels (and the main loop's polling)."""
+    the direct channels (and the main thread's polling)."""
     if "id" in message:
-        return answer(session, message)
+        return answer(runner, message)
     if "close_channels" in message:
         loops.tell_all(methodcaller("close_all", message["close_channels"], message["within"]))
     elif "scheduling" in message:
+        poller.busy_poll = message["scheduling"]["busy_poll_us"] / 1e6
         loops.tell_all(methodcaller("configure", message["scheduling"]))
     return None
 
 
-def answer(session: Any, request: dict[str, Any]) -> dict[str, Any]:
+def answer(runner: Runner, request: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
-    results = run_batch(session, request["batch"], request["concat"])
+    results = runner(request["batch"], request["concat"])
     return {"id": request["id"], "results": results,
             "run_ms": (time.perf_counter() - started) * 1e3}  # fmt: skip
 
 
-Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
+def taking_turns(runner: Runner, runs: int) -> Runner:
+    """The runner, at most `runs` at once in this process: the daemon's batches and the
+    lanes' runs share channel_threads permits, so a worker never runs more at once than
+    its settings say (its memory and CPU limits were sized for that)."""
+    permits = threading.BoundedSemaphore(runs)
+
+    def run(batch: Batch, concat: bool) -> list[Result]:
+        with permits:
+            return runner(batch, concat)
+
+    return run
 
 
-def run_batch(session: Any, batch: list[list[Any]], concat: bool) -> list[Result]:
+def run_batch(session: Any, batch: Batch, concat: bool) -> list[Result]:
     """Each request's result: run one by one, or concatenated and run once."""
     if concat and len(batch) > 1:
         # one request may be at fault: then each runs alone, so only it fails
@@ -234,7 +258,7 @@ def run_one(session: Any, inputs: dict[str, Any], outputs: list[str] | None) -> 
         return {"code": classify(exc), "message": str(exc)}
 
 
-def run_together(session: Any, batch: list[list[Any]]) -> list[Result]:
+def run_together(session: Any, batch: Batch) -> list[Result]:
     """Concatenate along the first dimension, run once, split every output back."""
     wanted = batch[0][1] or None
     names = wanted or [o.name for o in session.get_outputs()]
@@ -264,11 +288,11 @@ def main(argv: list[str]) -> int:
         channel.send({"failed": str(exc)})
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
-    directs = [Direct(spec["direct"], signature, functools.partial(run_batch, session))
-               for _ in range(1 + spec["channel_threads"])]  # fmt: skip
-    loops = Loops(directs[0], directs[1:], channel.send)
+    runner = taking_turns(functools.partial(run_batch, session), spec["channel_threads"])
+    directs = [Direct(spec["direct"], signature, runner) for _ in range(spec["channel_threads"])]
+    loops = Loops(directs, channel.send)
     try:
-        serve(channel, handoff, session, loops)
+        serve(channel, handoff, runner, loops, spec["direct"])
     finally:
         loops.stop()
     return 0

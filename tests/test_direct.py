@@ -395,6 +395,24 @@ def test_channel_threads_run_two_channels_at_once_in_one_worker(daemon_factory) 
         assert pool["session"]["channel_threads"] == 2
 
 
+def test_a_channel_opens_while_its_lane_runs_a_long_request(daemon) -> None:
+    """The main thread offers a new channel's region: with one lane busy for seconds, the
+    channel still opens at once, and its request is answered after the long run."""
+    with Client(daemon.socket, 60, direct=True) as client:
+        pid = worker_of(client.status("slow"), "slow")["pid"]
+        thread = threading.Thread(target=lambda: client.infer("slow", slow_inputs(n=SLOW_N * 50)))
+        thread.start()
+        idle = cpu_seconds(pid)
+        wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the long run under way")
+        late = RawChannel(daemon.socket, "slow")  # reads the region offer
+        assert late.region is not None
+        assert thread.is_alive()  # opened beside the long run, not after it
+        late.send(infer(1, "slow", slow_inputs(n=1, x=4.0)))
+        [answer] = late.receive()
+        assert answer["ok"], answer
+        thread.join(60)
+
+
 def test_a_switch_moves_the_clients_of_every_loop_without_losing_a_request(
     daemon_factory,
 ) -> None:

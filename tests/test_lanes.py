@@ -1,0 +1,88 @@
+"""The worker's lanes in process: where channels go, what a report says, a lane that
+fails. Real Directs and sockets; no model runs here (tests/test_direct.py runs them)."""
+
+import dataclasses
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from moltbotd.config import Scheduling
+from moltbotd.direct import Direct, Stream
+from moltbotd.lanes import EXIT_LANE_FAILED, Loops
+from moltbotd.protocol import FrameDecoder
+from moltbotd.signature import Signature
+from tests.conftest import wait_until
+
+SETTINGS = {"model": "m", "version": "v1", "max_frame_bytes": 1 << 20,
+            "scheduling": dataclasses.asdict(Scheduling())}  # fmt: skip
+
+
+def direct() -> Direct:
+    return Direct(SETTINGS, Signature((), ()), lambda batch, concat: [])
+
+
+def channel() -> tuple[Stream, socket.socket]:
+    ours, client = socket.socketpair()
+    return Stream(ours, SETTINGS["max_frame_bytes"]), client
+
+
+def test_new_channels_spread_over_the_lanes_even_before_they_take_them():
+    sent: list[dict] = []
+    loops = Loops([direct(), direct()], sent.append)
+    try:
+        pairs = [channel() for _ in range(4)]
+        for stream, _ in pairs:  # back to back: the lanes have not taken any yet
+            loops.attach(stream)
+        assert [lane.given for lane in loops.lanes] == [2, 2]
+        wait_until(lambda: [len(lane.direct.streams) for lane in loops.lanes] == [2, 2],
+                   what="each lane serving two channels")  # fmt: skip
+        # every report counts the whole worker's channels, whichever lane sends it
+        wait_until(lambda: sent, what="a report")
+        assert all(report["stats"]["channels"] == 4 for report in sent[-2:])
+    finally:
+        loops.stop()
+    assert not any(lane.thread.is_alive() for lane in loops.lanes)
+
+
+def test_orders_reach_every_lane_and_close_its_channels():
+    loops = Loops([direct(), direct()], lambda report: None)
+    try:
+        clients = []
+        for _ in range(2):
+            stream, client = channel()
+            loops.attach(stream)
+            clients.append(client)
+        wait_until(lambda: all(lane.direct.streams for lane in loops.lanes), what="attached")
+        loops.tell_all(lambda d: d.close_all("switching", 30))
+        for client in clients:
+            decoder = FrameDecoder()
+            client.settimeout(10)
+            got: list = []
+            while len(got) < 2:  # the region offer, then the closing notice
+                got += decoder.feed(client.recv(1 << 16))
+            assert got[1] == {"closing": "switching"}
+    finally:
+        loops.stop()
+
+
+def test_a_lane_that_fails_ends_the_worker_with_its_traceback():
+    """A dead lane would leave its channels unanswered in a worker that looks healthy:
+    the process exits instead, so its clients see EOF and the supervisor restarts it."""
+    script = textwrap.dedent("""
+        import threading, time
+        from tests.test_lanes import direct
+        from moltbotd.lanes import Loops
+
+        def broken(d):
+            raise RuntimeError("a bug in a lane")
+
+        loops = Loops([direct()], lambda report: None)
+        loops.tell_all(broken)
+        time.sleep(30)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == EXIT_LANE_FAILED
+    assert "RuntimeError: a bug in a lane" in done.stderr
