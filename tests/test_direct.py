@@ -175,31 +175,41 @@ def test_batching_on_a_channel_equals_unbatched_runs(daemon_factory, models_dir:
     assert batching["batch_sizes"] == {"6": 1} or batching["batch_sizes"] == {6: 1}
 
 
-def test_a_switch_moves_direct_clients_without_losing_a_request(daemon) -> None:
-    answers: list[float] = []
+def switch_while_clients_infer(daemon, clients: int) -> None:
+    """`clients` direct clients infer in a loop while demo switches from v2.0 (10x) to
+    v1.0 (2x): none fails, and each sees the old version's answers, then the new one's."""
+    answers: list[list[float]] = [[] for _ in range(clients)]
     errors: list[Exception] = []
     stop = threading.Event()
 
-    def loop() -> None:
+    def loop(mine: list[float]) -> None:
         with Client(daemon.socket, 60, direct=True) as client:
             while not stop.is_set():
                 try:
-                    answers.append(float(client.infer("demo", {"x": X})["y"][0, 1]))
+                    mine.append(float(client.infer("demo", {"x": X})["y"][0, 1]))
                 except Exception as exc:  # every failure counts against the switch
                     errors.append(exc)
 
-    thread = threading.Thread(target=loop)
-    thread.start()
-    wait_until(lambda: len(answers) > 50, what="direct requests")
+    threads = [threading.Thread(target=loop, args=(mine,)) for mine in answers]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: min(map(len, answers)) > 50, what="direct requests")
     result = run_moltctl("switch", "demo", "v1.0", socket=daemon.socket)
     assert result.returncode == 0, result.stderr
-    count = len(answers)
-    wait_until(lambda: len(answers) > count + 50, what="requests after the switch")
+    counts = list(map(len, answers))
+    wait_until(lambda: all(len(a) > c + 50 for a, c in zip(answers, counts, strict=True)),
+               what="requests after the switch")  # fmt: skip
     stop.set()
-    thread.join(10)
+    for thread in threads:
+        thread.join(10)
     assert errors == []
-    assert answers[0] == 10.0 and answers[-1] == 2.0
-    assert set(answers) == {2.0, 10.0}
+    for mine in answers:
+        assert mine[0] == 10.0 and mine[-1] == 2.0
+        assert set(mine) == {2.0, 10.0}
+
+
+def test_a_switch_moves_direct_clients_without_losing_a_request(daemon) -> None:
+    switch_while_clients_infer(daemon, 1)
     with Client(daemon.socket, direct=False) as client:
         pool = worker_of(client.status("demo"), "demo")
     assert pool["version"] == "v1.0"
@@ -413,38 +423,13 @@ def test_a_channel_opens_while_its_lane_runs_a_long_request(daemon) -> None:
         thread.join(60)
 
 
-def test_a_switch_moves_the_clients_of_every_loop_without_losing_a_request(
+def test_a_switch_moves_the_clients_of_every_lane_without_losing_a_request(
     daemon_factory,
 ) -> None:
     daemon = daemon_factory(LANES)
-    answers: list[list[float]] = [[], []]
-    errors: list[Exception] = []
-    stop = threading.Event()
-
-    def loop(mine: list[float]) -> None:
-        with Client(daemon.socket, 60, direct=True) as client:
-            while not stop.is_set():
-                try:
-                    mine.append(float(client.infer("demo", {"x": X})["y"][0, 1]))
-                except Exception as exc:  # every failure counts against the switch
-                    errors.append(exc)
-
-    threads = [threading.Thread(target=loop, args=(mine,)) for mine in answers]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: min(map(len, answers)) > 50, what="direct requests on both loops")
-    assert worker_of(Client(daemon.socket).status("demo"), "demo")["channels"] == 2
-    result = run_moltctl("switch", "demo", "v1.0", socket=daemon.socket)
-    assert result.returncode == 0, result.stderr
-    counts = list(map(len, answers))
-    wait_until(lambda: all(len(a) > c + 50 for a, c in zip(answers, counts, strict=True)),
-               what="requests after the switch on both")  # fmt: skip
-    stop.set()
-    for thread in threads:
-        thread.join(10)
-    assert errors == []
-    for mine in answers:
-        assert mine[0] == 10.0 and mine[-1] == 2.0
-        assert set(mine) == {2.0, 10.0}
+    switch_while_clients_infer(daemon, 2)
+    pool = worker_of(Client(daemon.socket).status("demo"), "demo")
+    assert (pool["version"], pool["channels"], pool["session"]["channel_threads"]) == ("v1.0", 2, 2)
     daemon.stop()
     assert "did not stop within" not in daemon.log()  # the lanes ended with their worker
+    assert "Traceback" not in daemon.log()
