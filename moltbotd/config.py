@@ -205,8 +205,8 @@ class SessionSettings:
         1,
         integer(1, 64),
         "threads in each worker serving its direct channels, each its own, all on the one"
-        " session: N channels compute on N cores with one copy of the weights; also the most"
-        " runs at once in a worker, moltbotd's socket included",
+        " session: N channels compute on N cores with one copy of the weights (moltbotd's"
+        " socket requests run beside them, on the worker's main thread)",
     )
     spinning: bool = setting(
         False,

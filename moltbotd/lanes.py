@@ -7,9 +7,8 @@ and opens each new channel (offers its region) before it gives it to the lane wi
 fewest, so a lane's long run delays that lane's requests, never a channel's opening.
 Every lane runs the worker's one onnxruntime session (its run is thread-safe and
 releases the GIL), so N clients keep N cores computing with one copy of the weights
-(docs/architecture.md has the measurements), taking turns with the daemon's batches for
-N permits (worker.taking_turns). The main thread speaks to a lane only through the
-lane's inbox.
+(docs/architecture.md has the measurements); the daemon's batches run on the main
+thread beside them. The main thread speaks to a lane only through the lane's inbox.
 """
 
 import contextlib
@@ -43,11 +42,14 @@ class Lane:
         self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         direct.poller.selector.register(self.wake, selectors.EVENT_READ, self)
         self.thread = threading.Thread(target=self._run, name=f"lane-{number}", daemon=True)
-        self.thread.start()
 
     @property
     def load(self) -> int:
-        return len(self.direct.streams) + self.given - self.taken
+        """Its channels, counting those on their way. Read from another thread: the
+        counters before the streams, so that a channel taken meanwhile is counted
+        twice rather than not at all."""
+        on_the_way = self.given - self.taken
+        return on_the_way + len(self.direct.streams)
 
     def give(self, stream: Stream) -> None:
         self.given += 1
@@ -66,8 +68,10 @@ class Lane:
         try:
             self._serve()
         except BaseException:
-            traceback.print_exc()
-            os._exit(EXIT_LANE_FAILED)
+            try:
+                traceback.print_exc()
+            finally:
+                os._exit(EXIT_LANE_FAILED)
 
     def _serve(self) -> None:
         direct = self.direct
@@ -92,7 +96,7 @@ class Lane:
         return True
 
 
-class Loops:
+class Lanes:
     """The lanes, seen from the main thread: where a new channel goes, orders for all,
     and the reports, each with the whole worker's channels."""
 
@@ -102,6 +106,8 @@ class Loops:
         self.lock = threading.Lock()
         self.lanes = [Lane(direct, self._report, number)
                       for number, direct in enumerate(directs, 1)]  # fmt: skip
+        for lane in self.lanes:  # once self.lanes is there: their reports read it
+            lane.thread.start()
 
     def attach(self, stream: Stream) -> None:
         """Give a new channel to the lane with the fewest, counting those on their way."""
@@ -113,7 +119,8 @@ class Loops:
             lane.tell(order)
 
     def stop(self) -> None:
-        """Let each lane finish the run it is in, then end its thread."""
+        """End each lane's thread once it has run what it holds (the supervisor's
+        SIGKILL after stop_timeout bounds that)."""
         for lane in self.lanes:
             lane.tell(None)
         for lane in self.lanes:

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from moltbotd.direct import Batch, Direct, Poller, Result, Runner, Stream
-from moltbotd.lanes import Loops
+from moltbotd.lanes import Lanes
 from moltbotd.malloc import keep_freed_memory
 from moltbotd.protocol import (
     RECV_BYTES,
@@ -179,46 +179,54 @@ def warm_up(session: Any, signature: Signature) -> str | None:
     return None
 
 
-def serve(channel: Channel, handoff: socket.socket, runner: Runner, loops: Loops,
-          direct: dict[str, Any]) -> None:  # fmt: skip
-    """Answer the daemon's requests and orders, and open new direct channels for the
-    lanes, until the daemon's channel closes; what arrived together is answered in one
-    write. `direct` is the channels' settings (the model, max_frame_bytes, scheduling)."""
+def serve(channel: Channel, handoff: socket.socket, runner: Runner, lanes: Lanes,
+          settings: dict[str, Any]) -> None:  # fmt: skip
+    """Answer the daemon's requests (run here, beside the lanes) and orders, and open new
+    direct channels for the lanes, until the daemon's channel closes; what arrived
+    together is answered in one write. `settings`: the channels' (max_frame_bytes,
+    scheduling)."""
     poller = Poller()
-    poller.busy_poll = direct["scheduling"]["busy_poll_us"] / 1e6
+    poller.busy_poll = settings["scheduling"]["busy_poll_us"] / 1e6
     poller.selector.register(channel.sock, selectors.EVENT_READ, channel)
     poller.selector.register(handoff, selectors.EVENT_READ, handoff)
+    handoff.setblocking(False)  # read until empty (recv_fds ignores MSG_DONTWAIT)
     while True:
         # channels handed over first: an order to close channels must find them attached
         for source in sorted(poller.wait(None), key=lambda source: source is not handoff):
             if source is handoff:
-                take_handoff(poller, handoff, loops, direct["max_frame_bytes"])
+                take_handoffs(poller, handoff, lanes, settings["max_frame_bytes"])
             elif (messages := channel.receive_ready()) is None:
                 return
-            elif answers := [a for m in messages if (a := obey(runner, loops, poller, m))]:
+            elif answers := [a for m in messages if (a := obey(runner, lanes, poller, m))]:
                 channel.send(*answers)
 
 
-def take_handoff(poller: Poller, handoff: socket.socket, loops: Loops, max_frame: int) -> None:
-    """Open a channel the daemon handed over (offer its region) and give it to a lane."""
-    data, fds, _, _ = socket.recv_fds(handoff, 16, 1)
-    if not data:  # the daemon is stopping us: its channel's EOF follows
-        poller.selector.unregister(handoff)
-    for fd in fds:
-        loops.attach(Stream(socket.socket(fileno=fd), max_frame))
+def take_handoffs(poller: Poller, handoff: socket.socket, lanes: Lanes, max_frame: int) -> None:
+    """Open every channel the daemon handed over (offer its region; one per datagram)
+    and give each to a lane. The handoff socket does not block."""
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(handoff, 16, 1)
+        except BlockingIOError:
+            return
+        for fd in fds:
+            lanes.attach(Stream(socket.socket(fileno=fd), max_frame))
+        if not data:  # the daemon is stopping us: its channel's EOF follows
+            poller.selector.unregister(handoff)
+            return
 
 
-def obey(runner: Runner, loops: Loops, poller: Poller,
+def obey(runner: Runner, lanes: Lanes, poller: Poller,
          message: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
     """A message from the daemon: a batch to run (its answer returned), or an order for
     the direct channels (and the main thread's polling)."""
     if "id" in message:
         return answer(runner, message)
     if "close_channels" in message:
-        loops.tell_all(methodcaller("close_all", message["close_channels"], message["within"]))
+        lanes.tell_all(methodcaller("close_all", message["close_channels"], message["within"]))
     elif "scheduling" in message:
         poller.busy_poll = message["scheduling"]["busy_poll_us"] / 1e6
-        loops.tell_all(methodcaller("configure", message["scheduling"]))
+        lanes.tell_all(methodcaller("configure", message["scheduling"]))
     return None
 
 
@@ -227,19 +235,6 @@ def answer(runner: Runner, request: dict[str, Any]) -> dict[str, Any]:
     results = runner(request["batch"], request["concat"])
     return {"id": request["id"], "results": results,
             "run_ms": (time.perf_counter() - started) * 1e3}  # fmt: skip
-
-
-def taking_turns(runner: Runner, runs: int) -> Runner:
-    """The runner, at most `runs` at once in this process: the daemon's batches and the
-    lanes' runs share channel_threads permits, so a worker never runs more at once than
-    its settings say (its memory and CPU limits were sized for that)."""
-    permits = threading.BoundedSemaphore(runs)
-
-    def run(batch: Batch, concat: bool) -> list[Result]:
-        with permits:
-            return runner(batch, concat)
-
-    return run
 
 
 def run_batch(session: Any, batch: Batch, concat: bool) -> list[Result]:
@@ -288,13 +283,13 @@ def main(argv: list[str]) -> int:
         channel.send({"failed": str(exc)})
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
-    runner = taking_turns(functools.partial(run_batch, session), spec["channel_threads"])
+    runner = functools.partial(run_batch, session)
     directs = [Direct(spec["direct"], signature, runner) for _ in range(spec["channel_threads"])]
-    loops = Loops(directs, channel.send)
+    lanes = Lanes(directs, channel.send)
     try:
-        serve(channel, handoff, runner, loops, spec["direct"])
+        serve(channel, handoff, runner, lanes, spec["direct"])
     finally:
-        loops.stop()
+        lanes.stop()
     return 0
 
 

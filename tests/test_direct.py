@@ -371,8 +371,9 @@ def test_a_busy_worker_does_not_hold_a_client_past_its_deadline(daemon) -> None:
     with Client(daemon.socket, direct=True) as client, pytest.raises(MoltError) as late:
         client.infer("slow", slow_inputs(n=1), timeout_ms=300)
     assert late.value.code is ErrorCode.DEADLINE_EXCEEDED
-    # answered while the worker still runs the slow request (seconds of work), not after
-    # it: the channel's opening did not wait for the worker
+    # answered at its deadline while the worker still runs the slow request (seconds of
+    # work), not after it: the channel's opening waits for the main thread, which runs
+    # the socket's request, but the client stops waiting for it at timeout_ms
     assert thread.is_alive()
 
 
@@ -381,7 +382,7 @@ LANES = "models:\n  slow:\n    channel_threads: 2\n  demo:\n    channel_threads:
 
 def test_channel_threads_run_two_channels_at_once_in_one_worker(daemon_factory) -> None:
     """Two channels to one worker: the second is answered while the first one's long run
-    is still under way (with one loop it would wait for it), and both loops' requests and
+    is still under way (with one lane it would wait for it), and both lanes' requests and
     channels are counted in status."""
     daemon = daemon_factory(LANES)
     with Client(daemon.socket, 60, direct=True) as first, \
@@ -399,21 +400,25 @@ def test_channel_threads_run_two_channels_at_once_in_one_worker(daemon_factory) 
         thread.join(60)
         assert long[0]["y"].tolist() == [2.0] * 4
         pool = wait_until(lambda: (p := worker_of(first.status("slow"), "slow"))["requests"] == 2
-                          and p, what="both loops' requests counted")  # fmt: skip
+                          and p, what="both lanes' requests counted")  # fmt: skip
         assert pool["channels"] == 2
         assert len(pool["instances"]) == 1
         assert pool["session"]["channel_threads"] == 2
 
 
 def test_a_channel_opens_while_its_lane_runs_a_long_request(daemon) -> None:
-    """The main thread offers a new channel's region: with one lane busy for seconds, the
-    channel still opens at once, and its request is answered after the long run."""
+    """The main thread answers the daemon and opens channels: with the one lane busy for
+    seconds, a request through the socket is answered and a new channel opens at once;
+    the new channel's request is answered after the long run."""
     with Client(daemon.socket, 60, direct=True) as client:
         pid = worker_of(client.status("slow"), "slow")["pid"]
         thread = threading.Thread(target=lambda: client.infer("slow", slow_inputs(n=SLOW_N * 50)))
         thread.start()
         idle = cpu_seconds(pid)
         wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the long run under way")
+        with Client(daemon.socket, 60) as socket_client:
+            answer = socket_client.infer("slow", slow_inputs(n=1, x=5.0))
+        assert answer["y"].tolist() == [5.0] * 4
         late = RawChannel(daemon.socket, "slow")  # reads the region offer
         assert late.region is not None
         assert thread.is_alive()  # opened beside the long run, not after it

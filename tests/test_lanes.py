@@ -2,6 +2,7 @@
 fails. Real Directs and sockets; no model runs here (tests/test_direct.py runs them)."""
 
 import dataclasses
+import selectors
 import socket
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import textwrap
 from pathlib import Path
 
 from moltbotd.config import Scheduling
-from moltbotd.direct import Direct, Stream
-from moltbotd.lanes import EXIT_LANE_FAILED, Loops
+from moltbotd.direct import Direct, Poller, Stream
+from moltbotd.lanes import EXIT_LANE_FAILED, Lanes
 from moltbotd.protocol import FrameDecoder
 from moltbotd.signature import Signature
+from moltbotd.worker import take_handoffs
 from tests.conftest import wait_until
 
 SETTINGS = {"model": "m", "version": "v1", "max_frame_bytes": 1 << 20,
@@ -30,32 +32,32 @@ def channel() -> tuple[Stream, socket.socket]:
 
 def test_new_channels_spread_over_the_lanes_even_before_they_take_them():
     sent: list[dict] = []
-    loops = Loops([direct(), direct()], sent.append)
+    group = Lanes([direct(), direct()], sent.append)
     try:
         pairs = [channel() for _ in range(4)]
         for stream, _ in pairs:  # back to back: the lanes have not taken any yet
-            loops.attach(stream)
-        assert [lane.given for lane in loops.lanes] == [2, 2]
-        wait_until(lambda: [len(lane.direct.streams) for lane in loops.lanes] == [2, 2],
+            group.attach(stream)
+        assert [lane.given for lane in group.lanes] == [2, 2]
+        wait_until(lambda: [len(lane.direct.streams) for lane in group.lanes] == [2, 2],
                    what="each lane serving two channels")  # fmt: skip
         # every report counts the whole worker's channels, whichever lane sends it
         wait_until(lambda: sent, what="a report")
         assert all(report["stats"]["channels"] == 4 for report in sent[-2:])
     finally:
-        loops.stop()
-    assert not any(lane.thread.is_alive() for lane in loops.lanes)
+        group.stop()
+    assert not any(lane.thread.is_alive() for lane in group.lanes)
 
 
 def test_orders_reach_every_lane_and_close_its_channels():
-    loops = Loops([direct(), direct()], lambda report: None)
+    group = Lanes([direct(), direct()], lambda report: None)
     try:
         clients = []
         for _ in range(2):
             stream, client = channel()
-            loops.attach(stream)
+            group.attach(stream)
             clients.append(client)
-        wait_until(lambda: all(lane.direct.streams for lane in loops.lanes), what="attached")
-        loops.tell_all(lambda d: d.close_all("switching", 30))
+        wait_until(lambda: all(lane.direct.streams for lane in group.lanes), what="attached")
+        group.tell_all(lambda d: d.close_all("switching", 30))
         for client in clients:
             decoder = FrameDecoder()
             client.settimeout(10)
@@ -64,7 +66,7 @@ def test_orders_reach_every_lane_and_close_its_channels():
                 got += decoder.feed(client.recv(1 << 16))
             assert got[1] == {"closing": "switching"}
     finally:
-        loops.stop()
+        group.stop()
 
 
 def test_a_lane_that_fails_ends_the_worker_with_its_traceback():
@@ -73,16 +75,40 @@ def test_a_lane_that_fails_ends_the_worker_with_its_traceback():
     script = textwrap.dedent("""
         import threading, time
         from tests.test_lanes import direct
-        from moltbotd.lanes import Loops
+        from moltbotd.lanes import Lanes
 
         def broken(d):
             raise RuntimeError("a bug in a lane")
 
-        loops = Loops([direct()], lambda report: None)
-        loops.tell_all(broken)
+        group = Lanes([direct()], lambda report: None)
+        group.tell_all(broken)
         time.sleep(30)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=Path(__file__).parent.parent, timeout=60, check=False)  # fmt: skip
     assert done.returncode == EXIT_LANE_FAILED
     assert "RuntimeError: a bug in a lane" in done.stderr
+
+
+def test_every_handoff_waiting_is_taken_before_the_orders_of_the_same_wake():
+    """Two channels handed over, then (in the same wake) an order to close channels:
+    both must be attached first, or the second client would never be told."""
+    group = Lanes([direct()], lambda report: None)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)  # as serve() sets it
+    poller = Poller()
+    poller.selector.register(ours, selectors.EVENT_READ, ours)
+    try:
+        clients = []
+        for _ in range(2):
+            stream_end, client = socket.socketpair()
+            socket.send_fds(theirs, [b"c"], [stream_end.fileno()])
+            stream_end.close()
+            clients.append(client)
+        take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
+        assert group.lanes[0].given == 2
+        theirs.close()  # the daemon stopping: EOF unregisters the handoff
+        take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
+        assert ours not in [key.fileobj for key in poller.selector.get_map().values()]
+    finally:
+        group.stop()

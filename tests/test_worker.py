@@ -1,15 +1,12 @@
-"""The worker's onnxruntime session: what the settings make of it, and how many runs
-share it at once."""
+"""The worker's onnxruntime session: what the settings make of it."""
 
 import dataclasses
-import threading
-import time
 
 import onnx
 import pytest
 
 from moltbotd.config import SessionSettings
-from moltbotd.worker import load_session, taking_turns
+from moltbotd.worker import load_session
 from tests.models import mlp_model
 
 
@@ -25,31 +22,3 @@ def test_session_settings_reach_onnxruntime(tmp_path, spinning):
     expected = "1" if spinning else "0"
     for pool in ("intra_op", "inter_op"):
         assert options.get_session_config_entry(f"session.{pool}.allow_spinning") == expected
-
-
-@pytest.mark.parametrize("runs", [1, 2])
-def test_runs_take_turns_for_channel_threads_permits(runs):
-    """The daemon's batches (main thread) and the lanes' runs never exceed
-    channel_threads at once: the worker's memory and CPU limits were sized for that."""
-    running, most = [0], [0]
-    lock = threading.Lock()
-    both_in = threading.Barrier(runs)
-
-    def runner(batch, concat):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        if runs > 1:
-            both_in.wait(10)  # with 2 permits, both are inside at once
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-        return [b"ok"] * len(batch)
-
-    run = taking_turns(runner, runs)
-    threads = [threading.Thread(target=run, args=([({}, None)], False)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert most[0] == runs
