@@ -4,7 +4,8 @@ Spawned as a fresh interpreter (never forked from the threaded daemon). It speak
 same frames as clients over the socketpair end FD: the supervisor sends one `load`
 message, the worker says it is `warming` once the model loaded, answers `ready` with the
 model's signature or `failed` with the loader's or a warm-up sample's error, then
-answers `infer` messages one at a time until the channel closes.
+answers `infer` messages one at a time until the channel closes, while its lanes
+(lanes.py) serve the direct channels it hands them.
 """
 
 import contextlib
