@@ -393,7 +393,7 @@ class RawConnection:
 def raw_throughput(socket_path: Path, model: str, case: Case, limits: Limits, seconds: float,
                    roles: Roles, channels: int = 0) -> Throughput:  # fmt: skip
     """Exactly CONCURRENCY requests outstanding, on moltbotd's socket (`channels` 0) or
-    spread over that many direct channels (one per loop that serves channels: a channel
+    spread over that many direct channels (one per lane of the model's workers: a channel
     goes to one): as responses arrive on one, as many requests go out again on it, in one
     send (a slice of CONCURRENCY frames built once)."""
     direct = channels > 0
@@ -508,8 +508,8 @@ class Daemon:
         with Client(self.socket) as client:
             return client.status(model)["models"][0]
 
-    def loops(self, model: str) -> int:
-        """The loops that serve the model's direct channels: its instances' threads."""
+    def lanes(self, model: str) -> int:
+        """The threads that serve the model's direct channels, over all its instances."""
         worker = self.status(model)["worker"]
         return len(worker["instances"]) * worker["session"]["channel_threads"]
 
@@ -637,7 +637,7 @@ def bench_entry(daemon: Daemon, model: str, case: Case, limits: Limits) -> dict[
     for client, direct in (("raw", False), ("direct", True)):
         with RawConnection(daemon.socket, model, case.inputs, direct) as conn:
             results[f"latency_{client}"] = measure_latency(conn.call, limits, roles)
-        channels = daemon.loops(model) if direct else 0
+        channels = daemon.lanes(model) if direct else 0
         raw_throughput(daemon.socket, model, case, limits, limits.warmup_seconds, roles, channels)
         before = batch_counts(daemon, model)
         run = raw_throughput(daemon.socket, model, case, limits, limits.seconds, roles, channels)

@@ -162,6 +162,10 @@ class Poller:
         self.selector = selectors.DefaultSelector()
         self.busy_poll = 0.0
 
+    def configure(self, scheduling: dict[str, Any]) -> None:
+        """busy_poll_us from the model's scheduling settings."""
+        self.busy_poll = scheduling["busy_poll_us"] / 1e6
+
     def wait(self, timeout: float | None) -> list[Any]:
         """The data of the sockets that became ready, blocking up to `timeout` at most
         once the poll found none."""
@@ -194,7 +198,7 @@ class Direct:
         """The model's scheduling settings, at start and after a reload."""
         self.priority: str = scheduling["priority"]
         self.batching = Batching(**scheduling["batching"])
-        self.poller.busy_poll = scheduling["busy_poll_us"] / 1e6
+        self.poller.configure(scheduling)
         self.queue.limit = scheduling["max_queue"]
 
     # --- channels -----------------------------------------------------------------------

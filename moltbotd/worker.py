@@ -187,7 +187,7 @@ def serve(channel: Channel, handoff: socket.socket, runner: Runner, lanes: Lanes
     together is answered in one write. `settings`: the channels' (max_frame_bytes,
     scheduling)."""
     poller = Poller()
-    poller.busy_poll = settings["scheduling"]["busy_poll_us"] / 1e6
+    poller.configure(settings["scheduling"])
     poller.selector.register(channel.sock, selectors.EVENT_READ, channel)
     poller.selector.register(handoff, selectors.EVENT_READ, handoff)
     handoff.setblocking(False)  # read until empty (recv_fds ignores MSG_DONTWAIT)
@@ -226,7 +226,7 @@ def obey(runner: Runner, lanes: Lanes, poller: Poller,
     if "close_channels" in message:
         lanes.tell_all(methodcaller("close_all", message["close_channels"], message["within"]))
     elif "scheduling" in message:
-        poller.busy_poll = message["scheduling"]["busy_poll_us"] / 1e6
+        poller.configure(message["scheduling"])
         lanes.tell_all(methodcaller("configure", message["scheduling"]))
     return None
 
