@@ -73,7 +73,7 @@ class Channel:
     def receive_all(self) -> list[dict[str, Any]] | None:
         """Every message that has arrived (waiting for one at least); None at EOF."""
         while not self.pending:
-            data = self.sock.recv(RECV_BYTES)
+            data = self._read()
             if not data:
                 return None
             self.pending.extend(self.decoder.feed(data))
@@ -86,11 +86,19 @@ class Channel:
     def receive_ready(self) -> list[dict[str, Any]] | None:
         """The whole messages one read brings (the socket is readable: it does not
         block), maybe none; None at EOF."""
-        data = self.sock.recv(RECV_BYTES)
+        data = self._read()
         if not data:
             return None
         self.pending.extend(self.decoder.feed(data))
         return self.receive_all() if self.pending else []
+
+    def _read(self) -> bytes:
+        """What arrived; b"" at EOF. A daemon that closes the channel while our reports
+        wait unread in it resets it: that is its EOF too, not a crash."""
+        try:
+            return self.sock.recv(RECV_BYTES)
+        except ConnectionResetError:
+            return b""
 
     def send(self, *messages: dict[str, Any]) -> None:
         """One write for all of them: a syscall costs more than the bytes. Lanes send

@@ -437,4 +437,4 @@ def test_a_switch_moves_the_clients_of_every_lane_without_losing_a_request(
     assert (pool["version"], pool["channels"], pool["session"]["channel_threads"]) == ("v1.0", 2, 2)
     daemon.stop()
     assert "did not stop within" not in daemon.log()  # the lanes ended with their worker
-    assert "Traceback" not in daemon.log()
+    assert "Traceback" not in daemon.log(), daemon.log()

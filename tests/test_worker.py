@@ -1,12 +1,13 @@
 """The worker's onnxruntime session: what the settings make of it."""
 
 import dataclasses
+import socket
 
 import onnx
 import pytest
 
 from moltbotd.config import SessionSettings
-from moltbotd.worker import load_session
+from moltbotd.worker import Channel, load_session
 from tests.models import mlp_model
 
 
@@ -22,3 +23,15 @@ def test_session_settings_reach_onnxruntime(tmp_path, spinning):
     expected = "1" if spinning else "0"
     for pool in ("intra_op", "inter_op"):
         assert options.get_session_config_entry(f"session.{pool}.allow_spinning") == expected
+
+
+def test_a_channel_closed_with_reports_unread_is_an_eof_not_a_crash():
+    """The daemon stopping a worker closes its end while the lanes' reports may still
+    wait unread there: the kernel then resets the channel, and the worker must stop as at
+    EOF (it died with a ConnectionResetError traceback in the journal)."""
+    ours, daemons = socket.socketpair()
+    channel = Channel(ours)
+    channel.send({"stats": {"requests": 1}})
+    daemons.close()  # unread: the worker's next read is reset
+    assert channel.receive_ready() is None
+    assert channel.receive_all() is None
