@@ -1,7 +1,6 @@
 """Shared fixtures: a model repository of real ONNX models, the real daemon, real moltctl."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moltbotd.demo import save, write_demo_repository
-from moltctl.client import Client
+from stress.daemon import Daemon
 from tests.models import multi_io_model, slow_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,85 +24,6 @@ def models_dir(tmp_path: Path) -> Path:
     save(slow_model(), repo, "slow", "v1")
     save(multi_io_model(), repo, "multi", "v1")
     return repo
-
-
-class Daemon:
-    """moltbotd as a subprocess in its own process group, logging to a file."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        models_dir: Path,
-        config: str | None = None,
-        args: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.dir = tmp_path
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
-        self.socket = tmp_path / "moltbotd.sock"
-        self.models_dir = models_dir
-        self.state_dir = tmp_path / "state"
-        self.log_path = tmp_path / "moltbotd.log"
-        self.config_path: Path | None = None
-        if config is not None:
-            self.config_path = tmp_path / "moltbotd.yaml"
-            self.config_path.write_text(config)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "moltbotd", "--socket", str(self.socket),
-                "--models-dir", str(self.models_dir), "--log-level", "debug",
-                "--state-dir", str(self.state_dir)]  # fmt: skip
-        if self.config_path:
-            argv += ["--config", str(self.config_path)]
-        return argv + list(self.args)
-
-    def start(self, wait: bool = True) -> "Daemon":
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=self.dir,
-                                         env=self.env)  # fmt: skip
-        if wait:
-            self.wait_for_log("ready: serving")
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, text: str, timeout: float = 60, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while self.log().count(text) < count:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"moltbotd exited ({self.proc.returncode}) before logging {text!r}:\n"
-                            f"{self.log()}")  # fmt: skip
-            if time.monotonic() > deadline:
-                pytest.fail(f"moltbotd did not log {text!r} within {timeout}s:\n{self.log()}")
-            time.sleep(0.02)
-
-    def client(self, timeout: float | None = 60) -> Client:
-        return Client(self.socket, timeout).connect()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def group_alive(self) -> bool:
-        """Is any process of the daemon's process group (the daemon, its workers) left?"""
-        assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def kill_group(self) -> None:
-        if self.proc and self.group_alive():
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 @pytest.fixture
