@@ -459,6 +459,9 @@ class Client(_Calls):
             error = MoltError(ErrorCode.DEADLINE_EXCEEDED, why, {"waited_ms": timeout})
             return error_response(req_id, error)  # its late answer is skipped by id
         except (OSError, ProtocolError) as exc:
+            if channel.sock.fileno() == -1:  # close() from another thread: not the worker's doing
+                raise ProtocolError(f"this client was closed while its request to"
+                                    f" {channel.label} waited") from None  # fmt: skip
             self._drop(params["model"])
             error = MoltError(ErrorCode.WORKER_FAILED, f"{channel.label} closed its direct"
                               f" channel before answering (it exited?): {exc}")  # fmt: skip

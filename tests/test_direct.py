@@ -32,6 +32,7 @@ from tests.test_daemon import direct
 from tests.test_scheduling import BAD_PARAMS, SLOW_N, pool_status, slow_inputs
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
+LONG_RUN = 300  # seconds a slow request may take on a slow or loaded machine
 
 
 class RawChannel:
@@ -409,10 +410,15 @@ def test_channel_threads_run_two_channels_at_once_in_one_worker(daemon_factory) 
 def test_a_channel_opens_while_its_lane_runs_a_long_request(daemon) -> None:
     """The main thread answers the daemon and opens channels: with the one lane busy for
     seconds, a request through the socket is answered and a new channel opens at once;
-    the new channel's request is answered after the long run."""
-    with Client(daemon.socket, 60, direct=True) as client:
+    the new channel's request is answered after the long run. Nothing here bounds how
+    long the run takes: it failed on slower CPUs, where the late answer, which waits for
+    the run, came after a fixed 30 s receive timeout."""
+    with Client(daemon.socket, LONG_RUN, direct=True) as client:
         pid = worker_of(client.status("slow"), "slow")["pid"]
-        thread = threading.Thread(target=lambda: client.infer("slow", slow_inputs(n=SLOW_N * 50)))
+        long: list = []
+        thread = threading.Thread(
+            target=lambda: long.append(client.infer("slow", slow_inputs(n=SLOW_N * 50)))
+        )
         thread.start()
         idle = cpu_seconds(pid)
         wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the long run under way")
@@ -423,9 +429,36 @@ def test_a_channel_opens_while_its_lane_runs_a_long_request(daemon) -> None:
         assert late.region is not None
         assert thread.is_alive()  # opened beside the long run, not after it
         late.send(infer(1, "slow", slow_inputs(n=1, x=4.0)))
+        thread.join(LONG_RUN)  # before the client closes: its socket is the thread's
+        assert long[0]["y"].tolist() == [1.0] * 4
         [answer] = late.receive()
         assert answer["ok"], answer
-        thread.join(60)
+
+
+def test_a_client_closed_under_a_direct_request_says_so_rather_than_blame_the_worker(
+    daemon,
+) -> None:
+    """Closing a Client from another thread while its direct request waits made the
+    request fail as WORKER_FAILED "closed its direct channel before answering (it
+    exited?): [Errno 9] Bad file descriptor", which sent a test failure's reader looking
+    for a descriptor bug in the worker's lanes: the closed descriptor was the client's."""
+    client = Client(daemon.socket, LONG_RUN, direct=True).connect()
+    pid = worker_of(client.status("slow"), "slow")["pid"]
+    failure: list[Exception] = []
+
+    def slow() -> None:
+        with pytest.raises(ProtocolError) as err:
+            client.infer("slow", slow_inputs(n=SLOW_N * 5))
+        failure.append(err.value)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    idle = cpu_seconds(pid)
+    wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the request running")
+    client.close()
+    thread.join(LONG_RUN)
+    assert "this client was closed while its request to the worker serving model slow v1" \
+        " waited" in str(failure[0])  # fmt: skip
 
 
 def test_a_switch_moves_the_clients_of_every_lane_without_losing_a_request(
