@@ -57,6 +57,19 @@ def run_moltctl(*args: str, socket: Path | None = None,
                           text=True, env=env, timeout=timeout, check=False)  # fmt: skip
 
 
+def start_moltctl(*args: str, socket: Path) -> subprocess.Popen[str]:
+    """moltctl in the background, to be stopped as Ctrl-C stops it (SIGINT).
+
+    A pytest started with SIGINT ignored (a background job of a non-interactive shell,
+    as some CI runners start it) passes that on, and moltctl rightly keeps it, as every
+    program keeps what a shell set for its background jobs; this moltctl stands for one
+    started from a terminal. env resets it at exec: a preexec_fn would run Python in a
+    forked copy of a process that may have threads."""
+    argv = [sys.executable, "-m", "moltctl", "--socket", str(socket), *args]
+    return subprocess.Popen(["env", "--default-signal=INT", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
 def wait_until(condition, timeout: float = 10.0, what: str = "the condition"):
     """Poll condition() until it returns something true; fail after timeout seconds."""
     deadline = time.monotonic() + timeout

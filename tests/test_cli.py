@@ -5,15 +5,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from moltctl.cli import EXIT_ERROR, EXIT_PROTOCOL, EXIT_UNAVAILABLE, EXIT_USAGE
-from tests.conftest import run_moltctl
+from tests.conftest import run_moltctl, start_moltctl
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -55,9 +53,7 @@ def test_status_interval_repeats(daemon):
 
 
 def test_status_interval_stops_quietly_on_ctrl_c(daemon):
-    proc = subprocess.Popen([sys.executable, "-m", "moltctl", "--socket", str(daemon.socket),
-                             "status", "--interval", "5"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_moltctl("status", "--interval", "5", socket=daemon.socket)
     assert "demo" in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=10)
@@ -170,14 +166,13 @@ def test_logs_filters(daemon):
 
 
 def test_logs_follow(daemon):
-    proc = subprocess.Popen([sys.executable, "-m", "moltctl", "--socket", str(daemon.socket),
-                             "logs", "-f", "--filter", "now serving"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_moltctl("logs", "-f", "--filter", "serving", socket=daemon.socket)
     try:
-        time.sleep(1.0)  # let it print the backlog (none) and start polling
+        # the backlog ("ready: serving") printed: what the switch logs can only come by -f
+        assert "serving" in proc.stdout.readline()
         ok(run_moltctl("switch", "v1.0", socket=daemon.socket))
-        line = proc.stdout.readline()
-        assert "model demo: now serving v1.0" in line
+        while "model demo: now serving v1.0" not in (line := proc.stdout.readline()):
+            assert line, "moltctl logs -f ended before the switch's entry"
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
