@@ -409,6 +409,26 @@ class CanarySettings:
 
 
 @dataclass(frozen=True)
+class UploadSettings:
+    """Bounds on what `moltctl deploy` may send: a full disk must not stop the daemon from
+    recording its state, nor one upload starve the others."""
+
+    max_file_bytes: int = setting(4 * 2**30, size, "largest file of a version being deployed")
+    max_version_bytes: int = setting(
+        8 * 2**30, size, "largest version being deployed, all its files together"
+    )
+    keep_free: int = setting(
+        512 * 2**20,
+        size,
+        "free space an upload must leave on models_dir's file system, checked before every"
+        " chunk (and before the first against the total the client announces, if it does)",
+    )
+    abandoned_after: float = setting(
+        3600.0, duration, "an upload that received nothing for this long is removed"
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A model's entry under `models:`: its active version, session settings and limits."""
 
@@ -447,6 +467,7 @@ class Config:
         600.0, duration, "a version loaded on demand is unloaded after this long unused"
     )
     canary: CanarySettings = section(CanarySettings, "automatic rollback of a canary")
+    uploads: UploadSettings = section(UploadSettings, "deploys on their way in: sizes, free space")
     scheduling: Scheduling = section(
         Scheduling, "queues, priorities, batching, instances (models.NAME overrides)"
     )
@@ -697,6 +718,8 @@ def _show(value: Any, convert: Converter) -> str:
         return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
     if convert is fraction:
         return f"{value * 100:g}%"
+    if convert is size and value % 2**30 == 0:
+        return f"{value // 2**30}GiB"
     if convert is size:
         return f"{value // 2**20}MiB" if value % 2**20 == 0 else str(value)
     if convert is file_mode:

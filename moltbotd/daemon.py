@@ -31,9 +31,12 @@ from moltbotd.rollout import Rollout
 from moltbotd.server import Reloader, Server, StartError
 from moltbotd.supervisor import Supervisor
 
+# Exit statuses. systemd's unit refuses to restart on 78 and 69 (RestartPreventExitStatus):
+# retrying cannot fix them. Anything else that stops a start (a full disk, a permission,
+# the socket) may be gone on the next try, so it exits 1 and Restart=on-failure retries.
 EXIT_FAILURE = 1
 EXIT_ISOLATION = 69  # EX_UNAVAILABLE: isolation: strict without cgroup v2 delegation
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd units can refuse to restart on it
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: the config or the repository's layout
 Loader = Callable[[], cfg.Config]
 
 log = get_logger("daemon")
@@ -126,9 +129,8 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if starting.done() and starting.exception():
-        log.error(f"cannot start: {starting.exception()}")
         await server.shutdown(0)
-        return EXIT_CONFIG
+        return start_failed(starting.exception())  # type: ignore[arg-type]
     if starting.done():
         health = supervisor.health()["models"]
         failed = sum(state != "ready" for state in health.values())
@@ -147,6 +149,16 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     await supervisor.stop()
     log.info("stopped")
     return 0
+
+
+def start_failed(exc: BaseException) -> int:
+    """The exit status for a start that raised: EX_CONFIG only for a config error; anything
+    else is logged with its traceback (it may be a bug) and may be retried."""
+    if isinstance(exc, cfg.ConfigError):
+        log.error(f"cannot start: {exc}")
+        return EXIT_CONFIG
+    log.error(f"cannot start: {exc}", exc_info=exc)
+    return EXIT_FAILURE
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

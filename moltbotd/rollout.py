@@ -10,10 +10,12 @@ leaves the old version serving, and the error says why.
 """
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from moltbotd.pool import Pool
 from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.repository import MODEL_FILE, RepoModel
 from moltbotd.signature import compare
-from moltbotd.state import Canary, fsync_dir
+from moltbotd.state import Canary, ModelState, fsync_dir, storage_error
 from moltbotd.states import WorkerState
 from moltbotd.supervisor import Model, Supervisor, exclusive, version_not_found
 from moltbotd.uploads import Uploads
@@ -94,9 +96,10 @@ class Rollout:
     ) -> dict[str, Any]:
         repo = self.sup.scan()
         name = name or self._only_model_with(repo, version)
-        model = self._model_or_new(name, repo)
+        if name not in repo:
+            self.sup.model(name)  # MODEL_NOT_FOUND, unless served (VERSION_NOT_FOUND below)
         what = f"canary {version}" if canary else f"switch to {version}"
-        async with exclusive(model, what):
+        async with self.sup.changing(name, what) as model:
             if model.canary:
                 raise _canary_in_progress(model)
             repo_model = repo.get(name)
@@ -110,9 +113,10 @@ class Rollout:
             phases = Phases(model, what, progress)
             found = await self._candidate(model, version, repo_model.version_dir(version),
                                           force, phases)  # fmt: skip
-            if canary:
-                return self._start_canary(model, found, canary, phases)
-            return await self._cut_over(model, found, phases)
+            async with self._or_retire(found):
+                if canary:
+                    return await self._start_canary(model, found, canary, phases)
+                return await self._cut_over(model, found, phases)
 
     async def restart(self, model: Model, version: str) -> None:
         """A new worker of the same version replaces the active one (a reload's session
@@ -121,7 +125,8 @@ class Rollout:
         # The same version: its signature cannot change, and zeros failed before too.
         found = await self._candidate(model, version, model.active.spec.path.parent,  # type: ignore[union-attr]
                                       True, phases)  # fmt: skip
-        await self._cut_over(model, found, phases)
+        async with self._or_retire(found):
+            await self._cut_over(model, found, phases)
 
     async def promote(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
         model = self.sup.model(name or self._only_model(lambda m: m.canary is not None, "promote"))
@@ -164,7 +169,8 @@ class Rollout:
             # It served before: its signature is the one clients knew, so no --force needed.
             found = await self._candidate(model, earlier[-1], repo_model.version_dir(earlier[-1]),
                                           True, phases)  # fmt: skip
-            return await self._cut_over(model, found, phases, rollback=True)
+            async with self._or_retire(found):
+                return await self._cut_over(model, found, phases, rollback=True)
 
     # --- the two steps -------------------------------------------------------------------
 
@@ -229,13 +235,8 @@ class Rollout:
         version, previous = new.spec.version, old and old.spec.version
         phases("switching", f"new requests go to {version}")
         pin = self.sup.config_pin(model.name)
-        try:
-            self.sup.save(
-                model.name, lambda s: (s.return_to if rollback else s.activate)(version, pin)
-            )
-        except MoltError as exc:
-            await self.sup.retire(new)
-            raise MoltError(exc.code, f"{exc.message}; {previous} keeps serving") from None
+        self._record(model, lambda s: (s.return_to if rollback else s.activate)(version, pin),
+                     f"{previous or 'nothing'} keeps serving")  # fmt: skip
         model.active, model.error = new, None  # from here on, new requests go to `new`
         self.sup.models[model.name] = model
         drained = True
@@ -248,14 +249,14 @@ class Rollout:
                 "drained": drained, "changes": found.changes, "checksum": found.checksum,
                 "seconds": phases.done()}  # fmt: skip
 
-    def _start_canary(
+    async def _start_canary(
         self, model: Model, found: Candidate, share: float, phases: Phases
     ) -> dict[str, Any]:
         version = found.pool.spec.version
         phases("switching", f"{share:.0%} of requests go to {version}")
         route = CanaryRoute(version, share, self.sup.config.canary)
         saved = Canary(version, share, route.started)
-        self.sup.save(model.name, lambda s: setattr(s, "canary", saved))
+        self._record(model, lambda s: setattr(s, "canary", saved), "no canary started")
         model.canary, model.canary_worker = route, found.pool
         if model.active:  # its requests must pass through moltbotd to be split
             model.active.close_channels("a canary started")
@@ -265,6 +266,24 @@ class Rollout:
         return {"model": model.name, "from": active, "to": version, "changed": True,
                 "canary": share, "changes": found.changes, "checksum": found.checksum,
                 "seconds": phases.done()}  # fmt: skip
+
+    def _record(self, model: Model, change: Callable[[ModelState], None], keeps: str) -> None:
+        """Make the change durable before any request sees it; if the state file cannot
+        be written (a full disk), nothing changes and the error says what keeps serving."""
+        try:
+            self.sup.save(model.name, change)
+        except MoltError as exc:
+            raise MoltError(exc.code, f"{exc.message}; the change was not applied: {keeps}",
+                            exc.details) from None  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def _or_retire(self, found: Candidate) -> AsyncIterator[None]:
+        """A proven candidate that then does not come to serve is stopped, its group too."""
+        try:
+            yield
+        except BaseException:
+            await self.sup.retire(found.pool)
+            raise
 
     # --- deploy --------------------------------------------------------------------------
 
@@ -282,52 +301,58 @@ class Rollout:
     ) -> dict[str, Any]:
         """Check what arrived, prove it like a switch would, publish it with one rename.
         A refused deploy leaves nothing behind: neither its upload nor a broken version."""
-        folder = self.sup.uploads.folder(upload)
-        model = self._model_or_new(name, self.sup.scan(), create=False)
         try:
-            async with exclusive(model, f"deploy {version}"):
+            for what, value in (("model", name), ("version", version)):
+                if not NAME_PATTERN.match(value):
+                    raise MoltError(ErrorCode.BAD_REQUEST,
+                                    f"{what} {value[:80]!r}: must be {NAME_RULE}")  # fmt: skip
+            folder = self.sup.uploads.folder(upload)
+            async with self.sup.changing(name, f"deploy {version}") as model:
                 phases = Phases(model, f"deploy {version}", progress)
-                return await self._deploy(model, upload, folder, version, files, activate,
-                                          force, source, peer, phases)  # fmt: skip
-        except MoltError:
+                try:
+                    return await self._deploy(model, upload, folder, version, files, activate,
+                                              force, source, peer, phases)  # fmt: skip
+                except MoltError:
+                    if not (self.sup.config.models_dir / name / version).exists():
+                        model.broken.pop(version, None)
+                    raise
+        finally:  # published (renamed away) or refused: the upload is over either way
             self.sup.uploads.discard(upload)
-            if not (self.sup.config.models_dir / name / version).exists():
-                model.broken.pop(version, None)
-            raise
 
     async def _deploy(self, model: Model, upload: str, folder: Path, version: str,
                       files: dict[str, str], activate: bool, force: bool, source: str,
                       peer: str, phases: Phases) -> dict[str, Any]:  # fmt: skip
         name = model.name
-        for what, value in (("model", name), ("version", version)):
-            if not NAME_PATTERN.match(value):
-                raise MoltError(ErrorCode.BAD_REQUEST, f"{what} {value!r}: must be {NAME_RULE}")
         target = self.sup.config.models_dir / name / version
         if target.exists():
-            raise MoltError(
-                ErrorCode.ALREADY_EXISTS,
-                f"model {name} already has a version {version} ({target}); a deployed version"
-                " never changes: deploy under a new version",
-                {"model": name, "version": version},
-            )
+            raise _already_exists(name, version, target)
         phases("receiving", f"sha256 of {len(files)} files")
         manifest = await self._received(folder, name, version, files, source, peer)
         found = await self._candidate(model, version, folder, force, phases, manifest)
         phases("publishing", f"{target}")
-        try:
-            await asyncio.to_thread(_publish, self.sup.uploads, upload, manifest, target)
-        except OSError as exc:
-            await self.sup.retire(found.pool)
-            raise MoltError(ErrorCode.INTERNAL, f"cannot publish {target}: {exc}") from None
-        found.pool.set_spec(dataclasses.replace(found.pool.spec, path=target / MODEL_FILE))
-        log.info(f"model {name} {version} deployed", model=name, version=version, peer=peer)
-        if activate:
-            result = await self._cut_over(model, found, phases)
-        else:
+        async with self._or_retire(found):
+            try:
+                await asyncio.to_thread(_publish, self.sup.uploads, upload, manifest, target)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot publish {target}") from None
+            found.pool.set_spec(dataclasses.replace(found.pool.spec, path=target / MODEL_FILE))
+            log.info(f"model {name} {version} deployed", model=name, version=version, peer=peer)
+            if activate:
+                result = await self._activate_deployed(model, found, phases, target)
+        if not activate:
             await self.sup.retire(found.pool)
             result = {"model": name, "to": version, "changed": False,
                       "changes": found.changes, "seconds": phases.done()}  # fmt: skip
         return {**result, "deployed": str(target), "sha256": manifest.model_sha256}
+
+    async def _activate_deployed(self, model: Model, found: Candidate, phases: Phases,
+                                 target: Path) -> dict[str, Any]:  # fmt: skip
+        try:
+            return await self._cut_over(model, found, phases)
+        except MoltError as exc:  # published all the same: say so, a retry needs a switch
+            raise MoltError(exc.code, f"{target} was deployed but not activated: {exc.message}"
+                            f" (moltctl switch {model.name} {found.pool.spec.version} once"
+                            " it can be recorded)", exc.details) from None  # fmt: skip
 
     @staticmethod
     async def _received(
@@ -351,14 +376,6 @@ class Rollout:
         return manifest
 
     # --- which model ---------------------------------------------------------------------
-
-    def _model_or_new(self, name: str, repo: dict[str, RepoModel], create: bool = True) -> Model:
-        """A served model; or one on disk that is not served yet (a switch starts it)."""
-        if name in self.sup.models:
-            return self.sup.models[name]
-        if name in repo or not create:
-            return Model(name)
-        return self.sup.model(name)  # raises MODEL_NOT_FOUND
 
     def _only_model_with(self, repo: dict[str, RepoModel], version: str) -> str:
         having = [n for n, m in repo.items() if version in m.versions and n in self.sup.models]
@@ -415,9 +432,23 @@ def _publish(uploads: Uploads, token: str, manifest: Manifest, target: Path) -> 
     write_manifest(folder, manifest)
     uploads.make_durable(token)
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(folder, target)  # fails if target appeared meanwhile: versions never change
+    try:
+        os.rename(folder, target)  # fails if target appeared meanwhile: versions never change
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise _already_exists(manifest.model, manifest.version, target) from None
+        raise
     fsync_dir(target.parent)
     fsync_dir(folder.parent)
+
+
+def _already_exists(name: str, version: str, target: Path) -> MoltError:
+    return MoltError(
+        ErrorCode.ALREADY_EXISTS,
+        f"model {name} already has a version {version} ({target}); a deployed version"
+        " never changes: deploy under a new version",
+        {"model": name, "version": version},
+    )
 
 
 def _canary_in_progress(model: Model) -> MoltError:

@@ -30,14 +30,14 @@ from moltbotd.protocol import ErrorCode, MoltError, Packed, pack_with
 from moltbotd.repository import MODEL_FILE, RepoModel, read_model_yaml, scan
 from moltbotd.scheduler import Pending, overloaded
 from moltbotd.signature import check_inputs, check_output_names
-from moltbotd.state import ModelState, State, StateStore
+from moltbotd.state import ModelState, State, StateStore, storage_error
 from moltbotd.states import WorkerState
 from moltbotd.uploads import Uploads
 
 log = get_logger("supervisor")
 # Settings a reload applies at once; any other change waits for a restart of the daemon.
 LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout", "canary",
-                           "on_demand_idle", "scheduling"})  # fmt: skip
+                           "on_demand_idle", "scheduling", "uploads"})  # fmt: skip
 REAP_EVERY = 30.0  # seconds between looks for idle on-demand versions and stale uploads
 
 
@@ -123,11 +123,14 @@ class Supervisor:
         self.config = config
         self.isolation = isolation
         self.models: dict[str, Model] = {}
+        # Models a switch or deploy is starting: not served yet, but one object per name,
+        # so that a second operation on the name meets the first one's lock.
+        self.starting: dict[str, Model] = {}
         self.pools: set[Pool] = set()  # every pool not yet retired, active or not
         self.started = time.time()
         self.store = StateStore(config.state_dir)
         self.state = State()
-        self.uploads = Uploads(config.models_dir)
+        self.uploads = Uploads(config.models_dir, config.uploads)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- start and stop ----------------------------------------------------------------
@@ -228,11 +231,21 @@ class Supervisor:
             log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
             return None
         pool = Pool(spec, self.config.workers, scheduling, cgroup=group)
-        pool.manual = self.state.model(model.name).instances
+        pool.manual = self._manual_instances(model.name, scheduling)
         pool.on_event = model.event
         self.pools.add(pool)
         pool.start()
         return pool
+
+    def _manual_instances(self, name: str, scheduling: Scheduling) -> int | None:
+        """The count `moltctl scale` saved, within the version's instances.max (a count
+        saved before the bound existed, or before a lower max, is cut down to it)."""
+        saved, most = self.state.model(name).instances, scheduling.instances.max
+        if saved is not None and saved > most:
+            log.warning(f"model {name}: {saved} instances set by hand, above instances.max;"
+                        f" running {most}", model=name)  # fmt: skip
+            return most
+        return saved
 
     def spec(self, name: str, version: str, version_dir: Path) -> tuple[WorkerSpec, Scheduling]:
         model_yaml = read_model_yaml(version_dir)
@@ -279,14 +292,25 @@ class Supervisor:
             self.store.save(self.state)
         except OSError as exc:
             self.state = before
-            raise MoltError(
-                ErrorCode.INTERNAL,
-                f"cannot record the change in {self.store.path}: {exc.strerror or exc};"
-                " nothing was changed",
-            ) from None
+            error = storage_error(exc, f"cannot record the change in {self.store.path}")
+            log.error(f"model {name}: {error.message}", model=name)
+            raise error from None
 
     def scan(self) -> dict[str, RepoModel]:
         return scan(self.config.models_dir).models
+
+    @contextlib.asynccontextmanager
+    async def changing(self, name: str, operation: str) -> AsyncIterator[Model]:
+        """Model `name` held for one state-changing operation (CONFLICT while another holds
+        it): the served one, or one a switch or deploy starts, which stays in `starting`
+        until it serves or the operation ends."""
+        model = self.models.get(name) or self.starting.setdefault(name, Model(name))
+        try:
+            async with exclusive(model, operation):
+                yield model
+        finally:
+            if self.starting.get(name) is model and not model.lock.locked():
+                del self.starting[name]
 
     # --- background ----------------------------------------------------------------------
 
@@ -496,6 +520,15 @@ class Supervisor:
         if model.active is None:
             raise MoltError(ErrorCode.MODEL_UNAVAILABLE, f"model {name} is not serving:"
                             f" {model.error}", {"model": name})  # fmt: skip
+        most = model.active.scheduling.instances.max
+        if instances is not None and instances > most:
+            raise MoltError(
+                ErrorCode.BAD_REQUEST,
+                f"model {name} may run at most {most} instances (instances.max); to allow"
+                f" more, raise models.{name}.instances.max in moltbotd.yaml and run"
+                " moltctl reload",
+                {"model": name, "max": most},
+            )
         self.save(name, lambda s: setattr(s, "instances", instances))
         model.active.scale(instances)
         how = f"{instances} by hand" if instances else "autoscaling"
@@ -522,6 +555,7 @@ class Supervisor:
         ]
         # Settings that need a restart keep their running values until then.
         self.config = dataclasses.replace(config, **{k: getattr(self.config, k) for k in later})
+        self.uploads.settings = self.config.uploads
         for model in self.models.values():
             if model.canary:
                 model.canary.settings = self.config.canary
@@ -562,6 +596,9 @@ class Supervisor:
             changes.append("limits updated" if pool.cgroup else "limits updated, not enforced")
         if scheduling != pool.scheduling:
             pool.set_scheduling(scheduling)
+            manual = self._manual_instances(model.name, scheduling)
+            if manual != pool.manual:  # instances.max went below the count set by hand
+                pool.scale(manual)
             log.info(f"model {model.name}: scheduling updated", model=model.name)
             changes.append("scheduling updated")
         return ", ".join(changes) or "unchanged"

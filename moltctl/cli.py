@@ -3,7 +3,8 @@
 One command per operation in moltbotd.operations.OPERATIONS (hello is implicit: every
 command checks the protocol version first). Exit codes:
   0 success, 1 the daemon reported an error (or is unhealthy), 2 usage error,
-  3 moltbotd cannot be reached, 4 the daemon's answer could not be read.
+  3 moltbotd cannot be reached, 4 the daemon's answer could not be read,
+  5 deploy refused for lack of room (disk space, upload limits: RESOURCE_EXHAUSTED).
 """
 
 import json
@@ -19,7 +20,7 @@ import numpy as np
 from moltbotd import __version__
 from moltbotd.config import PRIORITIES
 from moltbotd.logs import LEVELS, parse_level, render_text
-from moltbotd.protocol import MoltError
+from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.units import format_duration, format_size, parse_percent
 from moltctl.client import Client, ConnectError, ProtocolError
 from moltctl.deploying import DeployError, next_version, send_folder
@@ -32,6 +33,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_PROTOCOL = 4
+EXIT_NO_ROOM = 5  # a deploy the daemon has no room for: retrying as is cannot help
 FOLLOW_POLL_SECONDS = 0.5
 
 # moltctl commands and the operations each one uses ("hello" runs before each of them).
@@ -393,6 +395,10 @@ def deploy(session: _Session, path: Path | None, model_path: Path | None, model:
                              show_progress)  # fmt: skip
     except (DeployError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
+    except MoltError as exc:
+        if exc.code != ErrorCode.RESOURCE_EXHAUSTED:
+            raise
+        _fail(f"{exc.message} [{exc.code}]", EXIT_NO_ROOM)
     show_outcome(result, output)
 
 
