@@ -109,7 +109,8 @@ check "man pages in the package" bash -c \
 say "systemd-analyze security moltbotd"
 run systemd-analyze security moltbotd --no-pager
 systemd-analyze security moltbotd --no-pager | tail -1 > /tmp/score
-check "exposure rated OK or better" grep -q 'OK\|SAFE' /tmp/score
+# the level as a whole word after the score: a bare OK|SAFE also matched UNSAFE
+check "exposure rated OK or better" grep -qE ': [0-9.]+ (PERFECT|SAFE|OK) ' /tmp/score
 
 say "reload"
 pids_before=$(cat "$cg/supervisor/cgroup.procs")
