@@ -57,6 +57,20 @@ bench: venv
 bench-switch: venv
 	$(PY) bench/switch_memory.py
 
+# Issue 14's instruments (stress/), each against a daemon of its own on a temporary
+# socket: malformed frames (SEED picks them; a finding replays with
+# `$(PY) -m stress.fuzz --seed S --case I`), and pipelined load under chaos.
+# Short forms run in `make test` (tests/test_fuzz.py, tests/test_soak.py; -m stress).
+N ?= 100000
+MINUTES ?= 10
+SEED ?= 0
+.PHONY: fuzz soak
+fuzz: venv
+	$(PY) -m stress.fuzz --frames $(N) --seed $(SEED)
+
+soak: venv
+	$(PY) -m stress.soak --minutes $(MINUTES) --seed $(SEED)
+
 clean:
 	rm -rf $(VENV) $(RUN_DIR) build dist *.egg-info .pytest_cache .ruff_cache
 

@@ -7,6 +7,7 @@ on a throwaway folder (running_daemon).
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,9 +116,12 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def running_daemon(fill: Callable[[Path], None], config: str | None = None) -> Iterator[Daemon]:
+def running_daemon(
+    fill: Callable[[Path], None], config: str | None = None, keep_log: Path | None = None
+) -> Iterator[Daemon]:
     """A started daemon on a temporary folder whose model repository `fill` writes; the
-    whole process group is killed on the way out, whatever happened."""
+    whole process group is killed on the way out, whatever happened, and its log is
+    copied to keep_log."""
     with tempfile.TemporaryDirectory(prefix="moltbot-stress-") as tmp:
         models = Path(tmp) / "models"
         fill(models)
@@ -129,6 +133,8 @@ def running_daemon(fill: Callable[[Path], None], config: str | None = None) -> I
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     daemon.stop(timeout=30)
             daemon.kill_group()
+            if keep_log:
+                shutil.copyfile(daemon.log_path, keep_log)
 
 
 # --- /proc --------------------------------------------------------------------------------
@@ -174,7 +180,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def tracebacks(log: str, lines: int = 14) -> list[str]:
+def tracebacks(log: str, lines: int = 24) -> list[str]:
     """Each traceback in a daemon log, with the lines before it (the event that logged it)
     and up to `lines` after."""
     text = log.splitlines()
