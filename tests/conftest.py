@@ -1,11 +1,13 @@
 """Shared fixtures: a model repository of real ONNX models, the real daemon, real moltctl."""
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,6 +79,17 @@ def wait_until(condition, timeout: float = 10.0, what: str = "the condition"):
         if time.monotonic() > deadline:
             pytest.fail(f"{what} did not happen within {timeout:g}s")
         time.sleep(0.05)
+    return value
+
+
+async def wait_until_async(condition: Callable[[], Awaitable[Any]], timeout: float = 10.0,
+                           what: str = "the condition") -> Any:  # fmt: skip
+    """wait_until for asyncio tests: condition() is awaited at each poll."""
+    deadline = time.monotonic() + timeout
+    while not (value := await condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:g}s")
+        await asyncio.sleep(0.02)
     return value
 
 

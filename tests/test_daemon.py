@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import struct
-import time
 
 import msgpack
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from moltbotd.demo import iris_model, save, scale_model
 from moltbotd.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame, encode_tensor
 from moltctl.client import AsyncClient, ConnectError
+from tests.conftest import wait_until, wait_until_async
 from tests.models import mlp_model
 
 SLOW_N = 3_000_000  # Loop iterations: seconds of work for one request of the slow model
@@ -49,6 +49,17 @@ def raw_exchange(path, payload: bytes, expect: int = 1) -> list:
 
 def worker_pid(client, model: str) -> int:
     return client.status(model)["models"][0]["worker"]["pid"]
+
+
+async def dispatched(client: AsyncClient, model: str, count: int) -> dict:
+    """Wait until `count` of the model's requests were sent to its worker (in flight);
+    its pool's status then."""
+
+    async def pool() -> dict | None:
+        [entry] = [m for m in (await client.status(model))["models"] if m["name"] == model]
+        return entry["worker"] if entry["worker"]["inflight"] == count else None
+
+    return await wait_until_async(pool, what=f"{count} requests of {model} in its worker")
 
 
 # --- answers -----------------------------------------------------------------------------
@@ -87,7 +98,7 @@ def test_pipelined_requests_answer_out_of_order(daemon):
     async def scenario():
         async with AsyncClient(daemon.socket) as c:
             slow = asyncio.ensure_future(c.infer("slow", slow_inputs()))
-            await asyncio.sleep(0.2)  # the slow request is in its worker now
+            await dispatched(c, "slow", 1)
             xs = [np.full((1, 4), i, np.float32) for i in range(200)]
             fast = await asyncio.gather(*(c.infer("demo", {"x": x}) for x in xs))
             assert not slow.done(), "the demo answers overtook the slow request"
@@ -149,7 +160,7 @@ def test_killed_worker_fails_its_requests_and_comes_back(daemon):
             pid = (await c.status("slow"))["models"][0]["worker"]["pid"]
             # two: what a worker holds at once (pool.PIPELINE); more would wait in the queue
             inflight = [asyncio.ensure_future(c.infer("slow", slow_inputs())) for _ in range(2)]
-            await asyncio.sleep(0.3)
+            await dispatched(c, "slow", 2)
             os.kill(pid, signal.SIGKILL)
             results = await asyncio.gather(*inflight, return_exceptions=True)
             other = await c.infer("demo", {"x": np.ones((1, 4), np.float32)})
@@ -280,7 +291,7 @@ def test_sigterm_lets_requests_in_flight_finish(daemon):
     async def scenario():
         async with AsyncClient(daemon.socket) as c:
             inflight = asyncio.ensure_future(c.infer("slow", slow_inputs()))
-            await asyncio.sleep(0.3)
+            await dispatched(c, "slow", 1)
             daemon.proc.send_signal(signal.SIGTERM)
             return await inflight
 
@@ -294,10 +305,7 @@ def test_sigkilled_daemon_takes_its_workers_along(daemon):
     with daemon.client() as c:
         pids = [m["worker"]["pid"] for m in c.status()["models"]]
     daemon.stop(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while daemon.group_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not daemon.group_alive(), f"workers {pids} outlived their daemon"
+    wait_until(lambda: not daemon.group_alive(), what=f"workers {pids} ending with their daemon")
 
 
 def test_stale_socket_is_replaced_and_a_live_one_is_not(daemon_factory, tmp_path):
