@@ -273,8 +273,7 @@ class Rollout:
         try:
             self.sup.save(model.name, change)
         except MoltError as exc:
-            raise MoltError(exc.code, f"{exc.message}; the change was not applied: {keeps}",
-                            exc.details) from None  # fmt: skip
+            raise MoltError(exc.code, f"{exc.message}; {keeps}", exc.details) from None
 
     @contextlib.asynccontextmanager
     async def _or_retire(self, found: Candidate) -> AsyncIterator[None]:

@@ -293,6 +293,7 @@ class Supervisor:
         except OSError as exc:
             self.state = before
             error = storage_error(exc, f"cannot record the change in {self.store.path}")
+            error.message += "; the change was not applied"
             log.error(f"model {name}: {error.message}", model=name)
             raise error from None
 

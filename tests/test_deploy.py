@@ -1,6 +1,7 @@
 """`moltctl deploy` end to end against the real daemon, the daemon's own checks of an
 upload, `moltctl versions`, and moltctl.deploying's helpers."""
 
+import asyncio
 import hashlib
 import json
 import os
@@ -15,11 +16,13 @@ import pytest
 from moltbotd.demo import save, scale_model
 from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.uploads import INCOMING
-from moltctl.cli import EXIT_ERROR, EXIT_USAGE
+from moltctl.cli import EXIT_ERROR, EXIT_NO_ROOM, EXIT_USAGE
+from moltctl.client import AsyncClient
 from moltctl.deploying import DeployError, folder_files, next_version
 from tests.conftest import run_moltctl
 from tests.models import mlp_model
 from tests.test_cli import fails, ok
+from tests.test_rollout import slow_to_warm, while_warming
 
 X = np.array([[1, 2, 3, 4]], dtype=np.float32)
 
@@ -439,3 +442,77 @@ def test_folder_files_refusals(tmp_path):
     (folder / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(DeployError, match="dangling is not a regular file or folder"):
         folder_files(folder)
+
+
+# --- issue 14: concurrent deploys, long names, limits -----------------------------------------
+
+
+def test_two_deploys_of_one_new_model_and_version_meet_one_lock(daemon, tmp_path, models_dir):
+    """The second was INTERNAL 'Directory not empty' at the rename: each deploy of a model
+    not served took a Model (and lock) of its own. Now it gets CONFLICT at once."""
+    source = tmp_path / "src"
+    slow_to_warm(tmp_path, "src", "v1")
+    folder = source / "v1"
+    files = {name: sha256(folder / name) for name in ("model.onnx", "model.yaml")}
+
+    async def upload(client) -> str:
+        token = None
+        for name in files:
+            token = (await client.upload(name, 0, (folder / name).read_bytes(), token))["upload"]
+        return token
+
+    async def scenario():
+        async with AsyncClient(daemon.socket) as a, AsyncClient(daemon.socket) as b:
+            first, second = await upload(a), await upload(b)
+            return await while_warming(
+                lambda progress: a.deploy(first, "fresh", "v1", files, on_progress=progress),
+                lambda: b.deploy(second, "fresh", "v1", files),
+            )
+
+    deployed, error = asyncio.run(scenario())
+    assert deployed["deployed"] == str(models_dir / "fresh" / "v1")
+    assert error.code is ErrorCode.CONFLICT
+    assert (
+        error.message == "model fresh is busy with 'deploy v1: warming'; try again when it is done"
+    )
+    assert incoming(models_dir) == []  # the refused one's upload is gone too
+    assert sorted(p.name for p in (models_dir / "fresh" / "v1").iterdir()) == [
+        "manifest.json", "model.onnx", "model.yaml"
+    ]  # fmt: skip
+
+
+def test_long_names_are_refused_precisely_and_leave_nothing(daemon, models_dir):
+    """Names over 255 bytes were ENAMETOOLONG answered INTERNAL, with a folder left."""
+    with daemon.client() as client:
+        for path in ("x" * 256, "sub/" + "y" * 300 + "/model.onnx"):
+            with pytest.raises(MoltError) as info:
+                client.upload(path, 0, b"m")
+            assert info.value.code == ErrorCode.BAD_REQUEST
+            assert "at most 255 bytes per name" in info.value.message
+        token = client.upload("model.onnx", 0, b"m")["upload"]
+        for bad_token in ("a" * 256, token + "0"):
+            with pytest.raises(MoltError) as info:
+                client.upload("model.onnx", 1, b"m", bad_token)
+            assert info.value.code == ErrorCode.BAD_REQUEST
+            with pytest.raises(MoltError) as info:
+                client.deploy(bad_token, "demo", "v9", {})
+            assert info.value.code == ErrorCode.BAD_REQUEST
+        with pytest.raises(MoltError) as info:
+            client.deploy(token, "m" * 100, "v9", {})
+        assert info.value.code == ErrorCode.BAD_REQUEST
+        assert "must be 1-64 letters" in info.value.message
+    assert incoming(models_dir) == []
+    assert "internal error" not in daemon.log()
+
+
+def test_a_version_over_the_upload_limit_is_refused_with_its_own_exit_code(
+    daemon_factory, tmp_path, models_dir
+):
+    daemon = daemon_factory(config="uploads:\n  max_version_bytes: 64KiB\n")
+    source = model_folder(tmp_path, "src")
+    (source / "weights.bin").write_bytes(os.urandom(100 * 1024))
+    err = fails(run_moltctl("deploy", str(source), socket=daemon.socket), EXIT_NO_ROOM)
+    assert "over uploads.max_version_bytes (64.0KiB); raise it in moltbotd.yaml" in err
+    assert err.rstrip().endswith("[RESOURCE_EXHAUSTED]")
+    assert incoming(models_dir) == []
+    assert versions_on_disk(models_dir) == ["v1.0", "v2.0"]

@@ -518,3 +518,48 @@ def test_kill_9_during_switches_always_restarts_consistent(daemon_factory):
         assert {n: m["active"] for n, m in state["models"].items()} == actives
         outcomes.append((round(float(delay), 3), target, now, attempt.result is not None))
     print(f"\nkill -9 after (delay, target, serving, switch answered): {outcomes}")
+
+
+def slow_to_warm(models_dir: Path, name: str, version: str) -> Path:
+    """name/version: slow's model with a warm-up sample that takes a second or two."""
+    save(slow_model(), models_dir, name, version)
+    folder = models_dir / name / version
+    (folder / "model.yaml").write_text(f"samples:\n  - {{n: {SLOW_WARMUP_N}, x: [1, 1, 1, 1]}}\n")
+    return folder
+
+
+async def while_warming(start, then):
+    """Start one operation (given on_progress), then run `then` while it warms up."""
+    warming = asyncio.Event()
+    first = asyncio.ensure_future(
+        start(lambda p: warming.set() if p["phase"] == "warming" else None)
+    )
+    await asyncio.wait_for(warming.wait(), 60)
+    second = await refused_async(then())
+    return await first, second
+
+
+def test_two_switches_of_a_model_not_served_yet_meet_one_lock(daemon, models_dir):
+    """A model copied in after the start is not served: each switch took a Model object of
+    its own, so both cut over and the first one's worker leaked. Now the second one gets
+    CONFLICT and one worker serves."""
+    slow_to_warm(models_dir, "fresh", "v1")
+    before = children(daemon)
+
+    async def scenario():
+        async with AsyncClient(daemon.socket) as a, AsyncClient(daemon.socket) as b:
+            return await while_warming(
+                lambda progress: a.switch("v1", "fresh", on_progress=progress),
+                lambda: b.switch("v1", "fresh"),
+            )
+
+    switched, error = asyncio.run(scenario())
+    assert (switched["from"], switched["to"]) == (None, "v1")
+    assert error.code is ErrorCode.CONFLICT
+    assert error.message == (
+        "model fresh is busy with 'switch to v1: warming'; try again when it is done"
+    )
+    with daemon.client() as c:
+        assert model_status(c, "fresh")["active_version"] == "v1"
+        assert len(children(daemon) - before) == 1  # one new worker, none leaked
+        assert c.switch("v1", "fresh")["changed"] is False
