@@ -2,6 +2,7 @@
 test fills. The daemon must answer RESOURCE_EXHAUSTED naming the path and the errno,
 change nothing it could not record, leave no upload or worker behind, and serve on."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import onnx
 import pytest
 
 from moltbotd.demo import save, scale_model
+from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.uploads import INCOMING
 from moltctl.cli import EXIT_ERROR, EXIT_NO_ROOM
 from tests.conftest import run_moltctl, wait_until
@@ -119,3 +121,25 @@ def test_switch_canary_and_scale_on_a_full_disk_change_nothing(daemon, disk):
     ok(run_moltctl("switch", "demo", "v1.0", socket=daemon.socket))
     assert serving(daemon) == "v1.0"
     assert json.loads(state_file.read_text())["models"]["demo"]["active"] == "v1.0"
+
+
+def test_a_deploy_whose_manifest_does_not_fit_is_refused_and_leaves_nothing(
+    daemon, models_dir, disk
+):
+    """The upload fits (one page), its manifest.json does not: that was INTERNAL."""
+    data = scale_model(3.0).SerializeToString()
+    assert len(data) < 4096
+    filler = fill(disk, leave=4096)
+    with daemon.client() as client:
+        token = client.upload("model.onnx", 0, data)["upload"]
+        with pytest.raises(MoltError) as info:
+            client.deploy(token, "demo", "v3", {"model.onnx": hashlib.sha256(data).hexdigest()})
+    assert info.value.code == ErrorCode.RESOURCE_EXHAUSTED, info.value
+    assert info.value.message.startswith(
+        f"cannot publish {models_dir / 'demo' / 'v3'}: No space left on device (ENOSPC)"
+    )
+    assert incoming(models_dir) == []
+    assert sorted(p.name for p in (models_dir / "demo").iterdir()) == ["v1.0", "v2.0"]
+    wait_until(lambda: workers(daemon) == 1, what="the candidate's worker to stop")
+    assert serving(daemon) == "v2.0"
+    filler.unlink()
