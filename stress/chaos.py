@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from moltbotd.protocol import MoltError
 from moltctl.client import Client, ConnectError, ProtocolError
-from stress.daemon import Daemon
+from stress.daemon import SMALL_LOG_RING, Daemon
 from stress.load import Tally
 from stress.models import FACTORS
 
@@ -26,7 +26,7 @@ CONTROL_TIMEOUT = 120.0  # seconds for one control call (a switch loads a worker
 def config(max_queue: int) -> str:
     """The soak's config file; a reload changes max_queue (applied at once)."""
     return (
-        "scheduling:\n"
+        SMALL_LOG_RING + "scheduling:\n"
         f"  max_queue: {max_queue}\n"
         "  instances: {min: 1, max: 3, scale_down_after: 2s}\n"
     )
