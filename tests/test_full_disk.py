@@ -143,3 +143,18 @@ def test_a_deploy_whose_manifest_does_not_fit_is_refused_and_leaves_nothing(
     wait_until(lambda: workers(daemon) == 1, what="the candidate's worker to stop")
     assert serving(daemon) == "v2.0"
     filler.unlink()
+
+
+def test_a_promote_on_a_full_disk_keeps_its_canary(daemon, disk):
+    """The refused promote stopped the canary's worker but kept routing a share to it."""
+    ok(run_moltctl("switch", "demo", "v1.0", "--canary", "50%", socket=daemon.socket))
+    filler = fill(disk)
+    err = fails(run_moltctl("promote", "demo", socket=daemon.socket), EXIT_ERROR)
+    assert "No space left on device (ENOSPC); the change was not applied; v2.0 keeps" in err
+    with daemon.client() as client:
+        canary = client.status("demo")["models"][0]["canary"]
+        versions = {client.infer("demo", {"x": X}).version for _ in range(4)}
+    assert canary["worker"]["state"] == "ready" and versions == {"v1.0", "v2.0"}
+    filler.unlink()
+    ok(run_moltctl("promote", "demo", socket=daemon.socket))
+    assert serving(daemon) == "v1.0"

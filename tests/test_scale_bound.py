@@ -36,3 +36,14 @@ def test_a_saved_count_above_instances_max_is_cut_down_at_start(daemon_factory):
         pool = model_status(client)["worker"]
     assert len(pool["instances"]) == 1 and pool["scaling"]["manual"] == 1
     assert "model demo: 64 instances set by hand, above instances.max; running 1" in daemon.log()
+
+
+def test_a_reload_lowering_instances_max_cuts_a_count_set_by_hand(daemon_factory):
+    daemon = daemon_factory("models:\n  demo:\n    instances:\n      max: 2\n")
+    ok(run_moltctl("scale", "demo", "2", socket=daemon.socket))
+    daemon.config_path.write_text("models:\n  demo:\n    instances:\n      max: 1\n")
+    ok(run_moltctl("reload", socket=daemon.socket))
+    with daemon.client() as client:
+        pool = model_status(client)["worker"]
+    assert pool["scaling"]["manual"] == 1
+    assert [i["state"] for i in pool["instances"]].count("ready") == 1
