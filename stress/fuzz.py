@@ -161,6 +161,24 @@ class Sample:
         return cls(rss_kb(pid), sum(fds(pid).values()))
 
 
+@dataclass
+class Run:
+    """The daemon's side of a run: its samples, how it ended, what it logged."""
+
+    first: Sample
+    baseline: Sample | None = None  # after the warm-up
+    end: Sample | None = None
+    crashed: int | None = None  # its exit status, when it exited by itself
+    exit_status: int | None = None  # at the stop
+    logged: list[str] = field(default_factory=list)  # tracebacks
+    seconds: float = 0.0
+
+    def ending(self) -> str:
+        if self.crashed is not None:
+            return f"{self.crashed} (it exited by itself)"
+        return f"{self.exit_status} at the stop"
+
+
 @dataclass(frozen=True)
 class Settings:
     frames: int = 100_000
@@ -182,18 +200,20 @@ def fuzz(settings: Settings) -> Outcome:
         pace = Pace(stop, budget.until, interval=settings.interval_ms / 1000)
         checker = BlockingLoad(daemon.socket, ["demo"], good, pace, number=0, timeout=10.0)
         senders = [Sender(daemon, findings, budget) for _ in range(settings.connections)]
-        started = time.monotonic()
+        started, run = time.monotonic(), Run(Sample.of(daemon.pid))
         for thread in [checker, *senders]:
             thread.start()
-        baseline = watch(daemon, findings, senders, settings.warmup_frames())
+        run.baseline = watch(daemon, findings, senders, settings.warmup_frames())
         stop.set()
         checker.join(30)
-        seconds = time.monotonic() - started
-        crashed = daemon.proc.poll() if daemon.proc else None
-        end = Sample.of(daemon.pid) if crashed is None else None
-        exit_status = daemon.stop(timeout=60) if crashed is None else crashed
-        logged = tracebacks(daemon.log())
-    return report(findings, good, (baseline, end), crashed, exit_status, logged, seconds)
+        run.seconds = time.monotonic() - started
+        assert daemon.proc is not None
+        run.crashed = daemon.proc.poll()
+        if run.crashed is None:
+            run.end = Sample.of(daemon.pid)
+            run.exit_status = daemon.stop(timeout=60)
+        run.logged = tracebacks(daemon.log())
+    return report(findings, good, run)
 
 
 def watch(daemon: Daemon, findings: Findings, senders: list[Sender], warmup: int) -> Sample | None:
@@ -208,14 +228,13 @@ def watch(daemon: Daemon, findings: Findings, senders: list[Sender], warmup: int
     return baseline
 
 
-def report(findings: Findings, good: Tally, samples: tuple[Sample | None, Sample | None],
-           crashed: int | None, exit_status: int, logged: list[str],
-           seconds: float) -> Outcome:  # fmt: skip
-    baseline, end = samples
+def report(findings: Findings, good: Tally, run: Run) -> Outcome:
+    first, baseline, end, logged = run.first, run.baseline, run.end, run.logged
+    seconds = f"{run.seconds:.0f}s"
     figures = [
-        Figure("frames sent", f"{findings.frames} in {findings.cases} connections, {seconds:.0f}s"),
+        Figure("frames sent", f"{findings.frames} in {findings.cases} connections, {seconds}"),
         Figure("answers by code", ", ".join(f"{c} {n}" for c, n in findings.codes.most_common())),
-        at_most("daemon crashes", 0 if crashed is None else 1, 0),
+        at_most("daemon crashes", 0 if run.crashed is None else 1, 0),
         at_most("INTERNAL answers", len(findings.internal), 0),
         at_most("tracebacks in the daemon log", len(logged), 0),
         at_most("good requests unanswered", good.counts["unanswered"], 0),
@@ -223,13 +242,19 @@ def report(findings: Findings, good: Tally, samples: tuple[Sample | None, Sample
         Figure("good requests", ", ".join(f"{k} {v}" for k, v in good.counts.most_common())),
         at_most("fuzz frames unanswered", len(findings.unanswered), 0),
         at_most("connections kept open after EOF", len(findings.hanging), 0),
-        Figure("daemon exit status at stop", str(exit_status)),
+        Figure("daemon exit status", run.ending()),
     ]
     if baseline and end:
         figures += [
             below("daemon RSS growth", growth(baseline.rss_kb, end.rss_kb), RSS_GROWTH, "%"),
-            Figure("daemon RSS (kB)", f"{baseline.rss_kb} after warm-up, {end.rss_kb} at end"),
-            Figure("daemon fds", f"{baseline.fds} after warm-up, {end.fds} at end"),
+            Figure(
+                "daemon RSS (kB)",
+                f"{first.rss_kb} at start, {baseline.rss_kb} after warm-up, {end.rss_kb} at end",
+            ),
+            Figure(
+                "daemon fds",
+                f"{first.fds} at start, {baseline.fds} after warm-up, {end.fds} at end",
+            ),
         ]
     else:
         figures.append(Figure("daemon RSS growth", "not measured", "< 10%", met=False))
