@@ -235,8 +235,9 @@ class Rollout:
         version, previous = new.spec.version, old and old.spec.version
         phases("switching", f"new requests go to {version}")
         pin = self.sup.config_pin(model.name)
+        keeps = f"{previous} keeps serving" if previous else f"{model.name} is not served yet"
         self._record(model, lambda s: (s.return_to if rollback else s.activate)(version, pin),
-                     f"{previous or 'nothing'} keeps serving")  # fmt: skip
+                     keeps)  # fmt: skip
         model.active, model.error = new, None  # from here on, new requests go to `new`
         self.sup.models[model.name] = model
         drained = True

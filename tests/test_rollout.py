@@ -534,7 +534,11 @@ async def while_warming(start, then):
     first = asyncio.ensure_future(
         start(lambda p: warming.set() if p["phase"] == "warming" else None)
     )
-    await asyncio.wait_for(warming.wait(), 60)
+    warmed = asyncio.ensure_future(warming.wait())
+    await asyncio.wait({first, warmed}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if not warmed.done():
+        first.result()  # raises what ended it, if it failed
+        pytest.fail("the first operation did not reach warming")
     second = await refused_async(then())
     return await first, second
 
