@@ -339,6 +339,18 @@ class Scheduling:
         "after each request a worker polls its channels this long before it sleeps: lower"
         " latency for a CPU busy meanwhile (0: sleep at once)",
     )
+    max_channels: int = setting(
+        64,
+        integer(1, 100_000),
+        "direct channels one worker serves at once (each holds a socket and a shared region"
+        " of max_frame_bytes mapped in it); a client refused one uses the socket",
+    )
+    max_channels_per_uid: int = setting(
+        16,
+        integer(1, 100_000),
+        "direct channels of one user (uid, from SO_PEERCRED) one worker serves at once,"
+        " however many connections the user opened and closed since",
+    )
 
     def problems(self, model: str | None) -> list[str]:
         """Contradictions between settings, phrased for the config's reader (model None:

@@ -20,6 +20,8 @@ import mmap
 import os
 import selectors
 import socket
+import struct
+import sys
 import time
 import traceback
 from collections import Counter
@@ -49,6 +51,10 @@ SOCKET_BUFFER = 4 << 20  # a 600 KB tensor goes in one write, not in 200 KB slic
 RECV_BYTES = 1 << 20
 REPORT_EVERY = 0.25  # seconds between stats messages while requests come
 MAX_WAITS = 256  # queue times per stats message (a sample, for the percentiles)
+# The datagram that hands a worker a channel's socket: the uid of the client it is for
+# (SO_PEERCRED of the connection that asked), so the worker can bound channels per user.
+HANDOFF = struct.Struct("=i")
+REFUSALS_LOGGED_EVERY = 10.0  # seconds: a client asking again and again must not flood the log
 
 Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
 Batch = list[tuple[dict[str, Any], list[str] | None]]  # each request's inputs and outputs
@@ -59,10 +65,11 @@ class Stream:
     """One direct channel: a client's socket, its shared region, its partial frame and its
     unsent answers."""
 
-    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+    def __init__(self, sock: socket.socket, max_frame_bytes: int, uid: int = -1) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         self.sock = sock
+        self.uid = uid  # the client's, counted against max_channels_per_uid
         self.region, self.mapped = offer_region(sock, max_frame_bytes)
         sock.setblocking(False)
         self.decoder = FrameDecoder(max_frame_bytes)
@@ -120,6 +127,48 @@ class Stream:
     def finished(self, now: float) -> bool:
         done = self.ended and not self.pending and not self.out
         return done or (self.closing_at is not None and now >= self.closing_at)
+
+
+def channel_refusal(uid: int, held: Counter[int], scheduling: dict[str, Any]) -> str | None:
+    """Why one more channel for `uid` would pass the bounds of one worker (`held`: its
+    channels by uid), or None: the daemon checks before it grants one, the worker again."""
+    if (total := held.total()) >= scheduling["max_channels"]:
+        return f"the worker serves {total} direct channels, its limit (max_channels)"
+    if held[uid] >= scheduling["max_channels_per_uid"]:
+        return (f"uid {uid} holds {held[uid]} direct channels to the worker, the limit per"
+                " user (max_channels_per_uid)")  # fmt: skip
+    return None
+
+
+class Throttled:
+    """Refusals reported once per REFUSALS_LOGGED_EVERY, the first at once and then how
+    many more came: a client that asks in a loop must not flood the log."""
+
+    def __init__(self, report: Callable[[str, int], None]) -> None:
+        self.report = report  # (the latest reason, refusals since the last report)
+        self.due = 0.0
+        self.count = 0
+
+    def add(self, why: str) -> None:
+        self.count += 1
+        if (now := time.monotonic()) >= self.due:
+            self.report(why, self.count)
+            self.due, self.count = now + REFUSALS_LOGGED_EVERY, 0
+
+
+def refuse(sock: socket.socket, why: str, refusals: Throttled) -> None:
+    """Close a channel the worker will not serve, saying why in its first frame (where
+    the region offer would be): the client library then uses moltbotd's socket."""
+    error = MoltError(ErrorCode.RESOURCE_EXHAUSTED, f"direct channel refused: {why}")
+    with contextlib.suppress(OSError), sock:  # a client already gone: nothing to tell
+        sock.sendall(encode_frame(error_response(None, error)))
+    refusals.add(why)
+
+
+def print_refusals(why: str, count: int) -> None:
+    """The worker's refusals, on its stderr: the daemon's log, through the relay."""
+    print(f"refused {count} direct channel(s) since the last report: {why}", file=sys.stderr,
+          flush=True)  # fmt: skip
 
 
 def offer_region(sock: socket.socket, size: int) -> tuple[int | None, memoryview]:
@@ -340,9 +389,9 @@ class Direct:
                 message = f"{self.label}: {result['message']}"
                 item.answer(MoltError(ErrorCode(result["code"]), message))
 
-    def flush(self) -> None:
-        """Send the answers, and close the channels that are done."""
-        now = time.monotonic()
+    def flush(self) -> list[Stream]:
+        """Send the answers, and close the channels that are done; those closed."""
+        now, closed = time.monotonic(), []
         for fd, stream in list(self.streams.items()):
             if stream.out:
                 stream.flush()
@@ -353,7 +402,9 @@ class Direct:
             self._watch(stream)
             stream.close()
             del self.streams[fd]
+            closed.append(stream)
             self._counts.changed = True
+        return closed
 
     def report(self) -> dict[str, Any] | None:
         """The counts since the last report, when one is due: the daemon's status and

@@ -9,18 +9,29 @@ Every lane runs the worker's one onnxruntime session (its run is thread-safe and
 releases the GIL), so N clients keep N cores computing with one copy of the weights
 (docs/architecture.md has the measurements); the daemon's batches run on the main
 thread beside them. The main thread speaks to a lane only through the lane's inbox.
+The channels held, by uid, are counted under one lock: the main thread refuses a channel
+past max_channels or max_channels_per_uid (the daemon's bounds, checked here again).
 """
 
 import contextlib
 import os
 import selectors
+import socket
 import threading
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-from moltbotd.direct import Direct, Stream
+from moltbotd.direct import (
+    Counts,
+    Direct,
+    Stream,
+    Throttled,
+    channel_refusal,
+    print_refusals,
+    refuse,
+)
 
 # A lane that failed leaves channels nobody answers: the whole worker exits (EX_SOFTWARE),
 # so its clients see EOF and the supervisor restarts it, as when the main loop fails.
@@ -28,14 +39,16 @@ EXIT_LANE_FAILED = 70
 
 Order = Callable[[Direct], None]  # what a lane's thread does to its Direct
 Send = Callable[[dict[str, Any]], None]  # a message to the daemon
+Closed = Callable[[Stream], None]  # told of each channel a lane closed
 
 
 class Lane:
     """A thread serving the direct channels given to it, until told to stop."""
 
-    def __init__(self, direct: Direct, report: Send, number: int) -> None:
+    def __init__(self, direct: Direct, report: Send, closed: Closed, number: int) -> None:
         self.direct = direct
         self.report = report
+        self.closed = closed
         self.inbox: deque[Order | None] = deque()
         # channels given by the main thread and taken by the lane's: one writer each
         self.given = self.taken = 0
@@ -82,7 +95,8 @@ class Lane:
                 elif not self._obey():
                     return
             direct.run()
-            direct.flush()
+            for stream in direct.flush():
+                self.closed(stream)
             if report := direct.report():
                 self.report(report)
 
@@ -100,18 +114,38 @@ class Lanes:
     """The lanes, seen from the main thread: where a new channel goes, orders for all,
     and the reports, each with the whole worker's channels."""
 
-    def __init__(self, directs: list[Direct], send: Send) -> None:
+    def __init__(self, directs: list[Direct], send: Send, scheduling: dict[str, Any]) -> None:
         self.send = send
+        self.scheduling = scheduling
         # a count taken under the lock is sent under it: the daemon keeps the latest
         self.lock = threading.Lock()
-        self.lanes = [Lane(direct, self._report, number)
+        self.held: Counter[int] = Counter()  # channels by uid, counting those on their way
+        self.refusals = Throttled(print_refusals)
+        self.lanes = [Lane(direct, self._report, self._closed, number)
                       for number, direct in enumerate(directs, 1)]  # fmt: skip
         for lane in self.lanes:  # once self.lanes is there: their reports read it
             lane.thread.start()
 
+    def refused(self, sock: socket.socket, uid: int) -> bool:
+        """Refuse (and close) a new channel past the bounds; True if it was."""
+        with self.lock:
+            why = channel_refusal(uid, self.held, self.scheduling)
+        if why is None:
+            return False
+        refuse(sock, why, self.refusals)
+        self._report({"stats": Counts().to_wire()})  # the daemon counted it when it granted it
+        return True
+
     def attach(self, stream: Stream) -> None:
         """Give a new channel to the lane with the fewest, counting those on their way."""
+        with self.lock:
+            self.held[stream.uid] += 1
         min(self.lanes, key=lambda lane: lane.load).give(stream)
+
+    def configure(self, scheduling: dict[str, Any]) -> None:
+        """New scheduling settings (a reload): the bounds here, the rest in every lane."""
+        self.scheduling = scheduling
+        self.tell_all(lambda direct: direct.configure(scheduling))
 
     def tell_all(self, order: Order) -> None:
         """Have every lane carry out `order` (closing its channels, new settings)."""
@@ -126,9 +160,16 @@ class Lanes:
         for lane in self.lanes:
             lane.thread.join()
 
+    def _closed(self, stream: Stream) -> None:
+        with self.lock:
+            self.held[stream.uid] -= 1
+            if not self.held[stream.uid]:
+                del self.held[stream.uid]
+
     def _report(self, report: dict[str, Any]) -> None:
         with self.lock:
-            report["stats"]["channels"] = sum(lane.load for lane in self.lanes)
+            report["stats"]["channels"] = self.held.total()
+            report["stats"]["by_uid"] = dict(self.held)
             # the daemon closed the channel: the worker is stopping
             with contextlib.suppress(OSError):
                 self.send(report)

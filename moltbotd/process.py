@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from moltbotd.cgroups import Group
 from moltbotd.config import Limits, Scheduling, SessionSettings, WorkerSettings
+from moltbotd.direct import HANDOFF, Throttled, channel_refusal
 from moltbotd.limits import describe, memory_limit_text
 from moltbotd.logs import get_logger
 from moltbotd.protocol import (
@@ -94,6 +96,7 @@ class Worker:
     last_used: float = field(default_factory=time.monotonic)
     scheduling: Scheduling = field(default_factory=Scheduling)  # for its direct channels
     channels: int = 0  # direct channels open (as the worker last reported)
+    by_uid: Counter[int] = field(default_factory=Counter)  # the same, by the client's uid
     on_stats: Callable[[dict[str, Any]], None] | None = None  # its direct channels' counts
 
     def __post_init__(self) -> None:
@@ -108,6 +111,7 @@ class Worker:
         self._handoff: socket.socket | None = None  # direct channels' ends go to it this way
         self._no_channels = asyncio.Event()
         self._no_channels.set()
+        self._refusals = Throttled(self._log_refusals)
         self._proc: asyncio.subprocess.Process | None = None
         self._stop = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -321,12 +325,21 @@ class Worker:
 
     # --- direct channels ----------------------------------------------------------------
 
-    def attach(self, sock: socket.socket) -> None:
-        """Hand the worker its end of a direct channel (ours is closed by the caller)."""
+    def attach(self, sock: socket.socket, uid: int) -> None:
+        """Hand the worker its end of a direct channel for a client of `uid` (ours is
+        closed by the caller), within max_channels and max_channels_per_uid."""
         if self.state is not S.READY or self._handoff is None:
             raise self.unavailable()
-        socket.send_fds(self._handoff, [b"c"], [sock.fileno()])
+        if why := channel_refusal(uid, self.by_uid, asdict(self.scheduling)):
+            self._refusals.add(why)
+            raise MoltError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.label}: {why}; send its"
+                            " requests to this socket", {"reason": why})  # fmt: skip
+        socket.send_fds(self._handoff, [HANDOFF.pack(uid)], [sock.fileno()])
+        self.by_uid[uid] += 1
         self._set_channels(self.channels + 1)
+
+    def _log_refusals(self, why: str, count: int) -> None:
+        self.log.warning(f"refused {count} direct channel(s) since the last warning: {why}")
 
     def close_channels(self, why: str, within: float) -> None:
         """Ask the worker to send its channels' clients back to moltbotd's socket."""
@@ -345,6 +358,7 @@ class Worker:
         if count:
             self._no_channels.clear()
         else:
+            self.by_uid.clear()
             self._no_channels.set()
 
     def _stats(self, stats: dict[str, Any]) -> None:
@@ -354,6 +368,7 @@ class Worker:
         if stats["requests"]:
             self.last_used = time.monotonic()
         self._set_channels(stats["channels"])
+        self.by_uid = Counter(stats["by_uid"])
         if self.on_stats:
             self.on_stats(stats)
 

@@ -48,6 +48,7 @@ class Caller:
 
     peer: str
     progress: Progress
+    uid: int = -1  # SO_PEERCRED's, for bounds per user; -1: not a socket client
 
 
 Handler = Callable[[dict[str, Any], Caller], Awaitable[Any]]
@@ -115,12 +116,12 @@ def make_handlers(
         return supervisor.infer(p["model"], p["inputs"], p.get("version"), p.get("outputs"),
                                 priority, timeout)  # fmt: skip
 
-    async def channel(p: dict[str, Any], _: Caller) -> "Handover":
+    async def channel(p: dict[str, Any], c: Caller) -> "Handover":
         pool, worker = supervisor.channel(p["model"])
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             try:
-                worker.attach(theirs)
+                worker.attach(theirs, c.uid)
             except BaseException:
                 ours.close()
                 raise
@@ -225,7 +226,8 @@ class Server:
         os.chmod(path, self.config.socket_mode)
         log.info(f"listening on {path}", socket=str(path))
 
-    def begin(self, message: dict[str, Any], peer: str = "", emit: Emit | None = None) -> Answer:
+    def begin(self, message: dict[str, Any], peer: str = "", emit: Emit | None = None,
+              uid: int = -1) -> Answer:  # fmt: skip
         """Start one request; the future gives its response (and progress frames go
         through emit, when the request asks for them). Never raises."""
         req_id = request_id(message)
@@ -239,7 +241,7 @@ class Server:
             params = op.check_params(request.params)
             if op.mutating:  # an audit trail: who changed what, when
                 log.info(f"{op.name} requested", op=op.name, peer=peer, **params)
-            caller = self._caller(request.id, params, peer, emit)
+            caller = self._caller(request.id, params, peer, emit, uid)
             outcome = asyncio.ensure_future(self.handlers[op.name](params, caller))
         except Exception as exc:
             outcome = asyncio.get_running_loop().create_future()
@@ -264,14 +266,15 @@ class Server:
             return error_response(req_id, error)
 
     @staticmethod
-    def _caller(req_id: Any, params: dict[str, Any], peer: str, emit: Emit | None) -> Caller:
+    def _caller(req_id: Any, params: dict[str, Any], peer: str, emit: Emit | None,
+                uid: int) -> Caller:  # fmt: skip
         if not (params.get("progress") and emit):
-            return Caller(peer, no_progress)
+            return Caller(peer, no_progress, uid)
 
         def progress(phase: str, detail: str) -> None:
             emit({"id": req_id, "progress": {"phase": phase, "detail": detail}})
 
-        return Caller(peer, progress)
+        return Caller(peer, progress, uid)
 
     def request_done(self) -> None:
         if not any(c.pending for c in self.connections):
@@ -317,12 +320,12 @@ def _claim_socket_path(path: Path) -> None:
     raise StartError(f"another moltbotd is already serving at {path}")
 
 
-def _peer(sock: socket.socket | None) -> str:
-    """pid and uid of the client process, from the kernel (SO_PEERCRED)."""
+def _peer(sock: socket.socket | None) -> tuple[str, int]:
+    """pid and uid of the client process, from the kernel (SO_PEERCRED); and the uid."""
     if sock is None:
-        return "unknown"
+        return "unknown", -1
     pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return f"pid {pid} uid {uid}"
+    return f"pid {pid} uid {uid}", uid
 
 
 class Connection(asyncio.Protocol):
@@ -333,13 +336,14 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = "unknown"
+        self.uid = -1
         self.half_closed = False
         self.unsent: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
-        self.peer = _peer(transport.get_extra_info("socket"))
+        self.peer, self.uid = _peer(transport.get_extra_info("socket"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -367,7 +371,7 @@ class Connection(asyncio.Protocol):
 
     def _start(self, message: dict[str, Any]) -> None:
         self.pending += 1
-        answer = self.server.begin(message, self.peer, self._write)
+        answer = self.server.begin(message, self.peer, self._write, self.uid)
         answer[1].add_done_callback(lambda _: self._finished(answer))
         if self.pending >= self.server.config.max_inflight_per_connection and not self.paused:
             self.paused = True

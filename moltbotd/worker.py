@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from moltbotd.direct import Batch, Direct, Poller, Result, Runner, Stream
+from moltbotd.direct import HANDOFF, Batch, Direct, Poller, Result, Runner, Stream
 from moltbotd.lanes import Lanes
 from moltbotd.malloc import keep_freed_memory
 from moltbotd.protocol import (
@@ -211,15 +211,18 @@ def serve(channel: Channel, handoff: socket.socket, runner: Runner, lanes: Lanes
 
 
 def take_handoffs(poller: Poller, handoff: socket.socket, lanes: Lanes, max_frame: int) -> None:
-    """Open every channel the daemon handed over (offer its region; one per datagram)
-    and give each to a lane. The handoff socket does not block."""
+    """Open every channel the daemon handed over (offer its region; one per datagram,
+    with its client's uid) and give each to a lane, unless it is past the bounds. The
+    handoff socket does not block."""
     while True:
         try:
-            data, fds, _, _ = socket.recv_fds(handoff, 16, 1)
+            data, fds, _, _ = socket.recv_fds(handoff, HANDOFF.size, 1)
         except BlockingIOError:
             return
         for fd in fds:
-            lanes.attach(Stream(socket.socket(fileno=fd), max_frame))
+            sock, [uid] = socket.socket(fileno=fd), HANDOFF.unpack(data)
+            if not lanes.refused(sock, uid):
+                lanes.attach(Stream(sock, max_frame, uid))
         if not data:  # the daemon is stopping us: its channel's EOF follows
             poller.selector.unregister(handoff)
             return
@@ -235,7 +238,7 @@ def obey(runner: Runner, lanes: Lanes, poller: Poller,
         lanes.tell_all(methodcaller("close_all", message["close_channels"], message["within"]))
     elif "scheduling" in message:
         poller.configure(message["scheduling"])
-        lanes.tell_all(methodcaller("configure", message["scheduling"]))
+        lanes.configure(message["scheduling"])
     return None
 
 
@@ -294,7 +297,7 @@ def main(argv: list[str]) -> int:
     channel.send({"ready": ready})
     runner = functools.partial(run_batch, session)
     directs = [Direct(spec["direct"], signature, runner) for _ in range(spec["channel_threads"])]
-    lanes = Lanes(directs, channel.send)
+    lanes = Lanes(directs, channel.send, spec["direct"]["scheduling"])
     try:
         serve(channel, handoff, runner, lanes, spec["direct"])
     finally:

@@ -265,6 +265,9 @@ class Channel:
         a worker busy running for longer than `wait` seconds raises TimeoutError."""
         self.receiver.deadline = time.monotonic() + wait
         offer = self.receiver.receive(self.label, fds=True)
+        if "region" not in offer:  # refused: past the worker's bounds on channels
+            why = MoltError.from_wire(offer.get("error")).message
+            raise ProtocolError(f"{self.label} refused the channel: {why}")
         size = offer.get("region")
         if not self.receiver.fds:
             return None

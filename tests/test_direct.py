@@ -471,3 +471,36 @@ def test_a_switch_moves_the_clients_of_every_lane_without_losing_a_request(
     daemon.stop()
     assert "did not stop within" not in daemon.log()  # the lanes ended with their worker
     assert "Traceback" not in daemon.log(), daemon.log()
+
+
+@pytest.mark.parametrize(
+    ("bounds", "reason"),
+    [
+        ("max_channels_per_uid: 2", f"uid {os.getuid()} holds 2 direct channels to the worker,"
+                                    " the limit per user (max_channels_per_uid)"),
+        ("max_channels: 2", "the worker serves 2 direct channels, its limit (max_channels)"),
+    ],
+)  # fmt: skip
+def test_channels_past_the_bounds_are_refused_and_clients_use_the_socket(
+    daemon_factory, bounds: str, reason: str
+) -> None:
+    """Channels held by one user, even after closing the connections that asked for
+    them, count against max_channels_per_uid, and all of them against max_channels: past
+    either, moltbotd refuses a channel (logged once per interval, not once per client),
+    the client library sends its requests through the socket, and a channel closed
+    makes room again."""
+    daemon = daemon_factory(f"models:\n  demo:\n    {bounds}\n")
+    held = [RawChannel(daemon.socket, "demo") for _ in range(2)]  # their connections closed
+    assert all(channel.sock for channel in held)
+    refused = [RawChannel(daemon.socket, "demo").answer for _ in range(3)]
+    for answer in refused:
+        assert answer["error"]["code"] == "RESOURCE_EXHAUSTED"
+        assert f"model demo v2.0: {reason}; send its requests to this socket" in \
+            answer["error"]["message"]  # fmt: skip
+    with Client(daemon.socket, 60, direct=True) as client:
+        assert np.array_equal(client.infer("demo", {"x": X})["y"], 10 * X)
+        assert not isinstance(client._channels["demo"], Channel)  # through the socket
+    assert daemon.log().count("refused 1 direct channel(s) since the last warning") == 1
+    assert "refused 1 direct channel(s) since the last report" not in daemon.log()  # the worker
+    held[0].sock.close()  # its worker reports it closed: there is room again
+    wait_until(lambda: RawChannel(daemon.socket, "demo").sock, what="a channel granted again")

@@ -9,16 +9,20 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from moltbotd.config import Scheduling
-from moltbotd.direct import Direct, Poller, Stream
+from moltbotd.direct import HANDOFF, Direct, Poller, Stream
 from moltbotd.lanes import EXIT_LANE_FAILED, Lanes
 from moltbotd.protocol import FrameDecoder
 from moltbotd.signature import Signature
 from moltbotd.worker import take_handoffs
+from moltctl.client import Channel, ProtocolError
 from tests.conftest import wait_until
 
+SCHEDULING = dataclasses.asdict(Scheduling())
 SETTINGS = {"model": "m", "version": "v1", "max_frame_bytes": 1 << 20,
-            "scheduling": dataclasses.asdict(Scheduling())}  # fmt: skip
+            "scheduling": SCHEDULING}  # fmt: skip
 
 
 def direct() -> Direct:
@@ -32,7 +36,7 @@ def channel() -> tuple[Stream, socket.socket]:
 
 def test_new_channels_spread_over_the_lanes_even_before_they_take_them():
     sent: list[dict] = []
-    group = Lanes([direct(), direct()], sent.append)
+    group = Lanes([direct(), direct()], sent.append, SCHEDULING)
     try:
         pairs = [channel() for _ in range(4)]
         for stream, _ in pairs:  # back to back: the lanes have not taken any yet
@@ -49,7 +53,7 @@ def test_new_channels_spread_over_the_lanes_even_before_they_take_them():
 
 
 def test_orders_reach_every_lane_and_close_its_channels():
-    group = Lanes([direct(), direct()], lambda report: None)
+    group = Lanes([direct(), direct()], lambda report: None, SCHEDULING)
     try:
         clients = []
         for _ in range(2):
@@ -74,13 +78,13 @@ def test_a_lane_that_fails_ends_the_worker_with_its_traceback():
     the process exits instead, so its clients see EOF and the supervisor restarts it."""
     script = textwrap.dedent("""
         import threading, time
-        from tests.test_lanes import direct
+        from tests.test_lanes import SCHEDULING, direct
         from moltbotd.lanes import Lanes
 
         def broken(d):
             raise RuntimeError("a bug in a lane")
 
-        group = Lanes([direct()], lambda report: None)
+        group = Lanes([direct()], lambda report: None, SCHEDULING)
         group.tell_all(broken)
         time.sleep(30)
     """)
@@ -93,7 +97,7 @@ def test_a_lane_that_fails_ends_the_worker_with_its_traceback():
 def test_every_handoff_waiting_is_taken_before_the_orders_of_the_same_wake():
     """Two channels handed over, then (in the same wake) an order to close channels:
     both must be attached first, or the second client would never be told."""
-    group = Lanes([direct()], lambda report: None)
+    group = Lanes([direct()], lambda report: None, SCHEDULING)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)  # as serve() sets it
     poller = Poller()
@@ -102,7 +106,7 @@ def test_every_handoff_waiting_is_taken_before_the_orders_of_the_same_wake():
         clients = []
         for _ in range(2):
             stream_end, client = socket.socketpair()
-            socket.send_fds(theirs, [b"c"], [stream_end.fileno()])
+            socket.send_fds(theirs, [HANDOFF.pack(1000)], [stream_end.fileno()])
             stream_end.close()
             clients.append(client)
         take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
@@ -110,5 +114,46 @@ def test_every_handoff_waiting_is_taken_before_the_orders_of_the_same_wake():
         theirs.close()  # the daemon stopping: EOF unregisters the handoff
         take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
         assert ours not in [key.fileobj for key in poller.selector.get_map().values()]
+    finally:
+        group.stop()
+
+
+def hand_over(theirs: socket.socket, uid: int) -> socket.socket:
+    """A channel handed over as the daemon does it; the client's end."""
+    worker_end, client = socket.socketpair()
+    socket.send_fds(theirs, [HANDOFF.pack(uid)], [worker_end.fileno()])
+    worker_end.close()
+    return client
+
+
+def test_the_worker_refuses_channels_past_its_bounds_and_counts_them_by_uid():
+    """The backstop of the daemon's bounds: past max_channels_per_uid, or max_channels,
+    a channel's first frame says why and the client library gives up on it (and uses the
+    socket); a channel closed frees its place, and every report counts them by uid."""
+    bounds = {**SCHEDULING, "max_channels": 3, "max_channels_per_uid": 2}
+    sent: list[dict] = []
+    group = Lanes([direct(), direct()], sent.append, bounds)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    poller = Poller()
+    try:
+        clients = [hand_over(theirs, uid) for uid in (1000, 1000, 1000, 1001, 1002)]
+        take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
+        info = {"model": "m", "version": "v1"}
+        for refused, reason in ((clients[2], "uid 1000 holds 2 direct channels to the worker,"
+                                 " the limit per user (max_channels_per_uid)"),
+                                (clients[4], "the worker serves 3 direct channels, its limit"
+                                 " (max_channels)")):  # fmt: skip
+            with pytest.raises(ProtocolError) as err:
+                Channel(refused, info, 0, 10)
+            assert f"refused the channel: direct channel refused: {reason}" in str(err.value)
+        assert group.held == {1000: 2, 1001: 1}
+        wait_until(lambda: sent and sent[-1]["stats"]["by_uid"] == {1000: 2, 1001: 1},
+                   what="the channels reported by uid")  # fmt: skip
+        clients[0].close()  # its lane closes the channel: uid 1000 may open one again
+        wait_until(lambda: group.held == {1000: 1, 1001: 1}, what="the closed channel released")
+        again = hand_over(theirs, 1000)
+        take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
+        assert Channel(again, info, 0, 10).region is not None
     finally:
         group.stop()
