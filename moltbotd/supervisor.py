@@ -341,7 +341,7 @@ class Supervisor:
     async def reap(self) -> None:
         """Unload versions loaded on demand and idle too long; drop abandoned uploads."""
         idle_since = time.monotonic() - self.config.on_demand_idle
-        for model in self.models.values():
+        for model in list(self.models.values()):  # a switch may add a model meanwhile
             for version, worker in list(model.on_demand.items()):
                 # Loading is not idling: requests wait for a worker that is starting.
                 used = max(worker.last_used, worker.started_at or 0.0)
@@ -561,7 +561,7 @@ class Supervisor:
             if model.canary:
                 model.canary.settings = self.config.canary
         outcome = {}
-        for model in self.models.values():
+        for model in list(self.models.values()):  # a switch may add a model meanwhile
             outcome[model.name] = await self._reload_model(model, restart)
         log.info("configuration reloaded", restart_needed=",".join(later) or None)
         return {"models": outcome, "restart_needed": later}
