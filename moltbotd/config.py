@@ -410,6 +410,73 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class ClientLimits:
+    """What one client, or all of them together, may hold of the daemon: no client can
+    exhaust its memory, descriptors or event loop (issue 14)."""
+
+    max_connections: int = setting(
+        1024,
+        integer(1, 1_000_000),
+        "connections open at once; more are refused with RESOURCE_EXHAUSTED",
+    )
+    max_connections_per_uid: int = setting(
+        512, integer(1, 1_000_000), "connections one user (uid, from SO_PEERCRED) may have open"
+    )
+    reserved_fds: int = setting(
+        256,
+        integer(16, 1_000_000),
+        "file descriptors kept for workers and direct channels:"
+        " a connection that would leave fewer free is refused",
+    )
+    refusal_log_interval: float = setting(
+        10.0, duration, "refused connections are logged once per interval, with their count"
+    )
+    unsent_pause_bytes: int = setting(
+        2**20,
+        size,
+        "a connection holding this much of answers its client has not read is"
+        " not read from until they are",
+    )
+    max_unsent_bytes: int = setting(
+        64 * 2**20, size, "a connection holding more than this of unread answers is closed (logged)"
+    )
+    max_partial_bytes: int = setting(
+        256 * 2**20,
+        size,
+        "frames not yet whole, all connections together; a connection"
+        " that would pass it gets RESOURCE_EXHAUSTED and is closed",
+    )
+    frame_timeout: float = setting(
+        30.0,
+        duration,
+        "a frame must arrive whole this long after its first byte; else"
+        " BAD_FRAME and the connection is closed",
+    )
+    max_name_chars: int = setting(
+        256,
+        integer(16, 1_000_000),
+        "longest request id, operation or name parameter (model, version, upload token, log level)",
+    )
+    max_text_chars: int = setting(
+        4096,
+        integer(16, 100_000_000),
+        "longest other string parameter (upload's path,"
+        " deploy's source, logs' contains, hello's client)",
+    )
+    max_items: int = setting(
+        10_000,
+        integer(1, 100_000_000),
+        "most entries in a list or map parameter (inputs, outputs, files)",
+    )
+    log_field_chars: int = setting(
+        2048,
+        integer(80, 100_000_000),
+        "longer log fields are cut, in the ring and on"
+        " stderr (a traceback keeps 4 times as much, its end)",
+    )
+
+
+@dataclass(frozen=True)
 class CanarySettings:
     max_error_rate: float = setting(
         0.2, fraction, "a canary failing more of its requests than this is rolled back"
@@ -466,6 +533,9 @@ class Config:
     max_frame_bytes: int = setting(64 * 2**20, size, "largest request frame accepted")
     max_inflight_per_connection: int = setting(
         1024, integer(1, 1_000_000), "pipelined requests one connection may have open"
+    )
+    clients: ClientLimits = section(
+        ClientLimits, "bounds on connections, their buffers and request sizes"
     )
     drain_timeout: float = setting(
         30.0, duration, "time in-flight requests get to finish at stop or version switch"

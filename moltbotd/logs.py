@@ -7,6 +7,7 @@ journald takes stderr under systemd; the ring serves `moltctl logs`.
 
 import collections
 import datetime
+import itertools
 import json
 import logging
 import sys
@@ -17,7 +18,13 @@ from typing import Any, TextIO
 
 import structlog
 
+from moltbotd.protocol import clip, echo
+
 LEVELS = ("debug", "info", "warning", "error", "critical")
+# Longest log field kept, unless configured (clients.log_field_chars); a traceback keeps
+# TRACEBACK_SHARE times as much.
+FIELD_CHARS = 2048
+TRACEBACK_SHARE = 4
 LEVEL_ALIASES = {"warn": "warning", "err": "error", "crit": "critical", "fatal": "critical"}
 
 
@@ -52,11 +59,13 @@ class Entry:
 
 
 class Ring:
-    """The newest N log entries, queried by `moltctl logs`."""
+    """The newest N log entries, queried by `moltctl logs`. Fields longer than
+    `field_chars` are cut before an entry is kept (and before the line is written)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, field_chars: int = FIELD_CHARS) -> None:
         self.entries: collections.deque[Entry] = collections.deque(maxlen=size)
         self.seq = 0
+        self.field_chars = field_chars
 
     def add(self, event: dict[str, Any]) -> None:
         self.seq += 1
@@ -72,6 +81,15 @@ class Ring:
             )
         )
 
+    def snapshot(self, after: int = 0) -> list[Entry]:
+        """The entries after sequence number `after`, as a list no later add() changes: for
+        a query off the event loop. Sequence numbers have no gaps, so only those entries
+        are copied (a follow's poll copies what is new, not the ring)."""
+        count = self.seq - after
+        if count >= len(self.entries):
+            return list(self.entries)
+        return list(itertools.islice(reversed(self.entries), max(count, 0)))[::-1]
+
     def query(
         self,
         min_level: str = "debug",
@@ -83,21 +101,51 @@ class Ring:
         after: int = 0,
         limit: int | None = None,
     ) -> list[Entry]:
-        low, high = LEVELS.index(min_level), LEVELS.index(max_level)
-        found = [
-            e
-            for e in self.entries
-            if e.seq > after
-            and low <= LEVELS.index(e.level) <= high
-            and (since is None or e.time >= since)
-            and (until is None or e.time <= until)
-            and (model is None or e.fields.get("model") == model)
-            and (contains is None or contains in e.text())
-        ]
-        return found if limit is None else found[max(len(found) - limit, 0) :]
+        return select(
+            self.snapshot(after), min_level, max_level, since, until, model, contains, limit
+        )
+
+
+def select(
+    entries: list[Entry],
+    min_level: str = "debug",
+    max_level: str = "critical",
+    since: float | None = None,
+    until: float | None = None,
+    model: str | None = None,
+    contains: str | None = None,
+    limit: int | None = None,
+) -> list[Entry]:
+    """The entries that pass the filters, the newest `limit` of them. A pure function of
+    a snapshot: it may run in a thread while the loop logs on."""
+    low, high = LEVELS.index(min_level), LEVELS.index(max_level)
+    found = [
+        e
+        for e in entries
+        if low <= LEVELS.index(e.level) <= high
+        and (since is None or e.time >= since)
+        and (until is None or e.time <= until)
+        and (model is None or e.fields.get("model") == model)
+        and (contains is None or contains in e.text())
+    ]
+    return found if limit is None else found[max(len(found) - limit, 0) :]
 
 
 _RESERVED = {"time", "level", "component", "event"}
+
+
+def bound_fields(event: dict[str, Any], chars: int) -> dict[str, Any]:
+    """The event with every field at most `chars` characters long (a traceback
+    TRACEBACK_SHARE times as much, its end); containers shown by a bounded repr, so that
+    no client value makes a line or a ring entry large, or recurses."""
+    for key, value in event.items():
+        if key == "exception" and isinstance(value, str):
+            event[key] = clip(value, chars * TRACEBACK_SHARE, keep_end=True)
+        elif isinstance(value, list | tuple | dict | set):
+            event[key] = echo(value, chars)
+        elif isinstance(value, str):
+            event[key] = clip(value, chars)
+    return event
 
 
 def _plain_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +185,8 @@ def _render_text(_: Any, __: str, event: dict[str, Any]) -> str:
 
 
 def configure(log_format: str, level: str, ring_size: int, stream: TextIO = sys.stderr) -> Ring:
-    """Set up structlog for the daemon; returns the ring that `moltctl logs` reads."""
+    """Set up structlog for the daemon; returns the ring that `moltctl logs` reads (its
+    field_chars bounds the fields of every line)."""
     ring = Ring(ring_size)
 
     def stamp(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +197,7 @@ def configure(log_format: str, level: str, ring_size: int, stream: TextIO = sys.
         return event
 
     def keep(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-        ring.add(event)
+        ring.add(bound_fields(event, ring.field_chars))
         return event
 
     processors: Iterable[Any] = (

@@ -6,10 +6,19 @@ before any handler runs, and moltctl has one command per operation. docs/protoco
 documents this table.
 """
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
-from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.config import ClientLimits
+from moltbotd.protocol import ErrorCode, MoltError, describe, echo
+
+DEFAULT_LIMITS = ClientLimits()
+# The ClientLimits field that bounds a parameter's len(): a declared name, never one
+# from the wire.
+NAME, TEXT, ITEMS = "max_name_chars", "max_text_chars", "max_items"
+_UNITS = {NAME: "characters", TEXT: "characters", ITEMS: "entries"}
+_SHOWN_UNKNOWN = 5  # unknown parameter names an error lists
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,9 +27,27 @@ class Param:
     types: tuple[type, ...]
     required: bool = False
     help: str = ""
+    # NAME, TEXT or ITEMS: how long the value may be (default: NAME for a string, ITEMS
+    # for a list or map, unbounded otherwise: numbers, and bytes bounded by the frame).
+    size: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is None:
+            default = (
+                NAME if str in self.types else ITEMS if {list, dict} & set(self.types) else None
+            )
+            object.__setattr__(self, "size", default)
 
     def describe_type(self) -> str:
         return " or ".join(_TYPE_NAMES[t] for t in self.types)
+
+    def bound(self, limits: ClientLimits) -> int | None:
+        return None if self.size is None else getattr(limits, self.size)
+
+    def too_long(self, value: Any, limits: ClientLimits) -> bool:
+        """Is a value of the right type longer than its bound?"""
+        bound = self.bound(limits)
+        return bound is not None and isinstance(value, str | list | dict) and len(value) > bound
 
 
 _TYPE_NAMES = {
@@ -41,42 +68,40 @@ class Operation:
     params: tuple[Param, ...] = ()
     # State-changing operations on one model are serialised; a second one gets CONFLICT.
     mutating: bool = False
-    _types: dict[str, tuple[type, ...]] = field(init=False, repr=False, compare=False)
+    _params: dict[str, Param] = field(init=False, repr=False, compare=False)
     _required: list[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_types", {p.name: p.types for p in self.params})
+        object.__setattr__(self, "_params", {p.name: p for p in self.params})
         object.__setattr__(self, "_required", [p.name for p in self.params if p.required])
 
-    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The parameters, checked against the declaration; a null counts as not given."""
+    def check_params(
+        self, params: dict[str, Any], limits: ClientLimits = DEFAULT_LIMITS
+    ) -> dict[str, Any]:
+        """The parameters, checked against the declaration (types, then sizes, before
+        anything is formatted); a null counts as not given."""
         given = {}
         for key, value in params.items():  # one pass: this runs for every request
             if not isinstance(key, str):
-                raise self._refuse(params)
+                raise self._refuse(params, limits)
             if value is not None:
-                types = self._types.get(key)
-                if types is None or not _is_instance(value, types):
-                    raise self._refuse(params)
+                p = self._params.get(key)
+                if p is None or not _is_instance(value, p.types) or p.too_long(value, limits):
+                    raise self._refuse(params, limits)
                 given[key] = value
         if not all(name in given for name in self._required):
-            raise self._refuse(params)
+            raise self._refuse(params, limits)
         return given
 
-    def _refuse(self, params: dict[str, Any]) -> MoltError:
-        """What is wrong with parameters that failed the check."""
+    def _refuse(self, params: dict[str, Any], limits: ClientLimits) -> MoltError:
+        """What is wrong with parameters that failed the check. Every value shown goes
+        through echo(), and nothing here costs more than a pass over the map."""
         if not all(isinstance(key, str) for key in params):
             return MoltError(ErrorCode.BAD_REQUEST, f"operation '{self.name}': parameter names"
                              " must be strings")  # fmt: skip
-        params = {key: value for key, value in params.items() if value is not None}
-        known = [p.name for p in self.params]
-        unknown = sorted(set(params) - set(known))
+        unknown = [k for k, v in params.items() if v is not None and k not in self._params]
         if unknown:
-            return MoltError(
-                ErrorCode.BAD_REQUEST,
-                f"operation '{self.name}' takes no parameter {', '.join(map(repr, unknown))}"
-                f" (it takes: {', '.join(known) or 'none'})",
-            )
+            return self._unknown(unknown)
         for p in self.params:
             value = params.get(p.name)
             if value is None and p.required:
@@ -88,9 +113,27 @@ class Operation:
                 return MoltError(
                     ErrorCode.BAD_REQUEST,
                     f"operation '{self.name}': parameter '{p.name}' must be {p.describe_type()},"
-                    f" got {type(value).__name__} {value!r}"[:300],
+                    f" got {describe(value)}",
                 )
-        raise AssertionError(f"parameters {sorted(params)} were refused for no reason")
+            if value is not None and p.too_long(value, limits):
+                return MoltError(
+                    ErrorCode.BAD_REQUEST,
+                    f"operation '{self.name}': parameter '{p.name}' may have at most"
+                    f" {p.bound(limits)} {_UNITS[p.size or '']} (clients.{p.size}),"
+                    f" got {describe(value)}",
+                )
+        raise AssertionError(f"{len(params)} parameters were refused for no reason")
+
+    def _unknown(self, unknown: list[str]) -> MoltError:
+        shown = ", ".join(echo(name) for name in heapq.nsmallest(_SHOWN_UNKNOWN, unknown))
+        more = len(unknown) - _SHOWN_UNKNOWN
+        known = ", ".join(self._params) or "none"
+        return MoltError(
+            ErrorCode.BAD_REQUEST,
+            f"operation '{self.name}' takes no parameter {shown}"
+            + (f" (and {more} more)" if more > 0 else "")
+            + f" (it takes: {known})",
+        )
 
 
 def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
@@ -116,7 +159,7 @@ OPERATIONS: dict[str, Operation] = {
             "Agree on the protocol version; returns the server's version and operations.",
             (
                 Param("protocol", (int,), help="the client's protocol version"),
-                Param("client", (str,), help="client name and version, for the log"),
+                Param("client", (str,), help="client name and version, for the log", size=TEXT),
             ),
         ),
         Operation("health", "Is every served model ready? Returns ok or degraded, per model."),
@@ -195,7 +238,7 @@ OPERATIONS: dict[str, Operation] = {
             " (no upload) opens the upload and returns its token.",
             (
                 Param("upload", (str,), help="the token an earlier chunk returned"),
-                Param("path", (str,), required=True, help="file path inside the folder"),
+                Param("path", (str,), required=True, help="file path inside the folder", size=TEXT),
                 Param("offset", (int,), required=True, help="bytes of the file sent before"),
                 Param("data", (bytes,), required=True, help="the chunk"),
             ),
@@ -211,7 +254,9 @@ OPERATIONS: dict[str, Operation] = {
                 Param("files", (dict,), required=True, help="path -> sha256 as the client read it"),
                 Param("activate", (bool,), help="switch to it once deployed"),
                 _FORCE,
-                Param("source", (str,), help="where the folder came from, for the manifest"),
+                Param(
+                    "source", (str,), help="where the folder came from, for the manifest", size=TEXT
+                ),
                 _PROGRESS,
             ),
             mutating=True,
@@ -230,7 +275,7 @@ OPERATIONS: dict[str, Operation] = {
                 Param("since", (float,), help="UNIX time of the oldest entry"),
                 Param("until", (float,), help="UNIX time of the newest entry"),
                 Param("model", (str,), help="only entries about this model"),
-                Param("contains", (str,), help="only entries whose text contains this"),
+                Param("contains", (str,), help="only entries whose text contains this", size=TEXT),
                 Param("after", (int,), help="only entries after this sequence number (follow)"),
                 Param("limit", (int,), help="at most this many of the newest entries"),
             ),
@@ -245,5 +290,5 @@ def lookup(name: str) -> Operation:
     except KeyError:
         raise MoltError(
             ErrorCode.UNKNOWN_OPERATION,
-            f"unknown operation {name!r} (known: {', '.join(OPERATIONS)})",
+            f"unknown operation {echo(name)} (known: {', '.join(OPERATIONS)})",
         ) from None

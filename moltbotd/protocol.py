@@ -5,7 +5,11 @@ daemon, the worker channel and the client share one implementation and the tests
 feed it bytes. docs/protocol.md is the reference for what travels.
 """
 
+import builtins
 import enum
+import functools
+import itertools
+import reprlib
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +23,10 @@ DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 # Bytes asked of one blocking recv(): glibc serves buffers over 128 KiB with mmap, which
 # costs an mmap/munmap pair on every call (measured: 17 us per 1 MiB recv vs 3 us).
 RECV_BYTES = 64 * 1024
+# Longest string id or operation name taken, unless the caller passes its own limit.
+DEFAULT_MAX_NAME_CHARS = 256
+# What an error message shows of a value a client sent (echo()), at most.
+ECHO_CHARS = 80
 
 RequestId = int | str
 
@@ -66,7 +74,7 @@ class MoltError(Exception):
     @classmethod
     def from_wire(cls, obj: Any) -> "MoltError":
         if not isinstance(obj, dict) or not isinstance(obj.get("message"), str):
-            return cls(ErrorCode.INTERNAL, f"malformed error envelope: {obj!r}")
+            return cls(ErrorCode.INTERNAL, f"malformed error envelope: {echo(obj)}")
         try:
             code = ErrorCode(obj.get("code"))
         except ValueError:
@@ -122,45 +130,88 @@ def _frame(body: bytes) -> bytes:
 
 
 class FrameDecoder:
-    """Turns a byte stream into messages: feed() whatever arrived, get whole frames back.
+    """Turns a byte stream into messages (h11's model): receive() whatever arrived, then
+    take whole frames with next_frame(), or do both with feed().
 
     A frame whose body is not a msgpack map yields a MoltError in its place (the frame
-    boundary is intact, so the stream goes on); a length over the limit raises
-    FrameTooLarge as soon as the header is seen, before any of the body is buffered.
+    boundary is intact, so the stream goes on). A length over the limit raises
+    FrameTooLarge when next_frame() reaches its header, after every whole frame before it
+    was taken, and before any of its body is kept; from then on the decoder is failed:
+    it keeps nothing more and raises again. It holds only bytes that arrived (never the
+    length a header announces), and frames not yet taken.
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
+        self._pos = 0  # where the next frame starts in _buf
+        self.error: FrameTooLarge | None = None
+
+    def receive(self, data: bytes) -> None:
+        if self.error is None:
+            self._buf += data
+
+    def next_frame(self) -> dict[str, Any] | MoltError | None:
+        """The next whole frame, or None until more bytes arrive."""
+        if self.error is not None:
+            raise self.error
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER.size:
+            self._compact()
+            return None
+        (size,) = HEADER.unpack_from(buf, pos)
+        if size > self.max_frame_bytes:
+            self.error = FrameTooLarge(size, self.max_frame_bytes)
+            self.discard()
+            raise self.error
+        end = pos + HEADER.size + size
+        if len(buf) < end:
+            self._compact()
+            return None
+        with memoryview(buf) as view:
+            frame = _decode_body(view[pos + HEADER.size : end])
+        self._pos = end
+        return frame
 
     def feed(self, data: bytes) -> list[dict[str, Any] | MoltError]:
-        buf = self._buf
-        buf += data
+        """receive(data), then every whole frame. Frames before a header over the limit
+        are returned, and the next call raises FrameTooLarge; with no frame before it, this
+        one raises."""
+        self.receive(data)
         out: list[dict[str, Any] | MoltError] = []
-        pos = 0
-        with memoryview(buf) as view:
-            while len(buf) - pos >= HEADER.size:
-                (size,) = HEADER.unpack_from(buf, pos)
-                if size > self.max_frame_bytes:
-                    raise FrameTooLarge(size, self.max_frame_bytes)
-                end = pos + HEADER.size + size
-                if len(buf) < end:
-                    break
-                out.append(_decode_body(view[pos + HEADER.size : end]))
-                pos = end
-        if pos:
-            del buf[:pos]
+        try:
+            while (frame := self.next_frame()) is not None:
+                out.append(frame)
+        except FrameTooLarge:
+            if not out:
+                raise
         return out
+
+    def discard(self) -> None:
+        """Drop what is held (a connection being closed)."""
+        self._buf = bytearray()
+        self._pos = 0
+
+    def _compact(self) -> None:
+        # Taken frames are dropped only now, once per read: one memmove, not one per frame.
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
 
     @property
     def buffered(self) -> int:
-        """Bytes of an incomplete frame held back (a peer closing here cut a frame)."""
-        return len(self._buf)
+        """Bytes held back: frames not yet taken, and the start of an incomplete one (a peer
+        closing here cut a frame)."""
+        return len(self._buf) - self._pos
 
 
 def _decode_body(body: memoryview) -> dict[str, Any] | MoltError:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except msgpack.StackError:
+        return MoltError(
+            ErrorCode.BAD_FRAME, "frame body nests values deeper than msgpack's 1024 levels"
+        )
     except (ValueError, TypeError, msgpack.UnpackException) as exc:  # TypeError: {[1]: 2}
         return MoltError(ErrorCode.BAD_FRAME, f"frame body is not valid msgpack: {exc}")
     if not isinstance(message, dict):
@@ -189,33 +240,47 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def request_id(message: dict[str, Any]) -> RequestId | None:
-    """The request's id when it is a valid one (an integer or a string), else None."""
+def request_id(
+    message: dict[str, Any], max_chars: int = DEFAULT_MAX_NAME_CHARS
+) -> RequestId | None:
+    """The request's id when it is a valid one (an integer, or a string of at most
+    max_chars characters), else None: an answer never echoes an oversized id."""
     req_id = message.get("id")
-    valid = isinstance(req_id, int | str) and not isinstance(req_id, bool)
-    return req_id if valid else None
+    if isinstance(req_id, str):
+        return req_id if len(req_id) <= max_chars else None
+    return req_id if isinstance(req_id, int) and not isinstance(req_id, bool) else None
 
 
-def parse_request(message: dict[str, Any]) -> Request:
-    """Check a request's envelope; the RequestError raised carries the id when it is known."""
-    req_id = request_id(message)
+def parse_request(message: dict[str, Any], max_name_chars: int = DEFAULT_MAX_NAME_CHARS) -> Request:
+    """Check a request's envelope; the RequestError raised carries the id when it is known.
+    Sizes are checked before anything is formatted, and messages show values by echo()."""
+    req_id = request_id(message, max_name_chars)
     if req_id is None:
+        got = message.get("id")
         raise RequestError(
             None,
             ErrorCode.BAD_REQUEST,
-            f"request 'id' must be an integer or a string, got {_describe(message.get('id'))}",
+            f"request 'id' must be an integer or a string{_at_most(got, max_name_chars)},"
+            f" got {describe(got)}",
         )
     op = message.get("op")
-    if not isinstance(op, str):
+    if not isinstance(op, str) or len(op) > max_name_chars:
         raise RequestError(
-            req_id, ErrorCode.BAD_REQUEST, f"'op' must be a string, got {_describe(op)}"
+            req_id,
+            ErrorCode.BAD_REQUEST,
+            f"'op' must be a string{_at_most(op, max_name_chars)}, got {describe(op)}",
         )
     params = message.get("params", {})
     if not isinstance(params, dict):
         raise RequestError(
-            req_id, ErrorCode.BAD_REQUEST, f"'params' must be a map, got {_describe(params)}"
+            req_id, ErrorCode.BAD_REQUEST, f"'params' must be a map, got {describe(params)}"
         )
     return Request(req_id, op, params)
+
+
+def _at_most(value: Any, chars: int) -> str:
+    """The length limit, for a message about a string that is too long."""
+    return f" of at most {chars} characters" if isinstance(value, str) else ""
 
 
 def request(req_id: RequestId, op: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -237,10 +302,73 @@ def response_result(message: dict[str, Any]) -> Any:
     raise MoltError.from_wire(message.get("error"))
 
 
-def _describe(value: Any) -> str:
+class _Echo(reprlib.Repr):
+    """A repr that cannot recurse past a few levels, never copies a long string or bytes
+    whole, and never sorts a map (reprlib's default would, costing O(n log n))."""
+
+    def __init__(self, chars: int) -> None:
+        super().__init__()
+        self.maxlevel = 3 if chars <= ECHO_CHARS else 6
+        self.maxstring = self.maxother = chars
+        self.maxlist = self.maxtuple = self.maxset = self.maxdict = max(4, chars // 40)
+
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        return f"<{len(value)} bytes>"
+
+    def repr_dict(self, value: dict, level: int) -> str:
+        if not value:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        items = [
+            f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
+            for k, v in itertools.islice(value.items(), self.maxdict)
+        ]
+        more = ", ..." if len(value) > self.maxdict else ""
+        return "{" + ", ".join(items) + more + "}"
+
+    def repr_instance(self, value: Any, level: int) -> str:
+        if isinstance(value, int | float | complex | type(None)):
+            return builtins.repr(value)
+        return f"<{type(value).__name__}>"  # an object's repr could be anything
+
+
+@functools.lru_cache(maxsize=8)
+def _echo_for(chars: int) -> _Echo:
+    return _Echo(chars)
+
+
+def echo(value: Any, chars: int = ECHO_CHARS) -> str:
+    """What a message or a log line may show of a value from a client: a repr of at
+    most `chars` characters, in time bounded by `chars` (never a RecursionError)."""
+    text = _echo_for(chars).repr(value)
+    return text if len(text) <= chars else f"{text[: chars - 3]}..."
+
+
+def clip(text: str, chars: int, keep_end: bool = False) -> str:
+    """`text` cut to `chars` characters and a note of how many were cut; `keep_end`
+    keeps its end (a traceback's last lines say what failed)."""
+    if len(text) <= chars:
+        return text
+    cut = len(text) - chars
+    return (
+        f"({cut} characters cut) ...{text[-chars:]}"
+        if keep_end
+        else f"{text[:chars]}... ({cut} characters cut)"
+    )
+
+
+def describe(value: Any) -> str:
+    """A value's type and echo, for "expected X, got Y" messages."""
     if value is None:
         return "nothing"
-    return f"{type(value).__name__} {value!r}"[:80]
+    unit = _UNITS.get(type(value))
+    if unit and len(value) > ECHO_CHARS:
+        return f"{type(value).__name__} of {len(value)} {unit} {echo(value)}"
+    return f"{type(value).__name__} {echo(value)}"
+
+
+_UNITS = {str: "characters", list: "items", dict: "entries"}
 
 
 # --- values: tensors and the non-tensor outputs onnxruntime can return ---------------

@@ -3,13 +3,22 @@
 Each connection decodes frames and starts every request at once; a handler is either a
 coroutine (run as its own task) or returns a future (an inference: queued in its model's
 pool, no task at all, which is most of the per-request cost saved). Responses go out in
-completion order, each tagged with its id, and reading pauses when a client has too
-many requests open. Operations are dispatched from operations.OPERATIONS only.
+completion order, each tagged with its id. Operations are dispatched from
+operations.OPERATIONS only.
+
+No client can exhaust the daemon (config.ClientLimits): connections are counted in total
+and per uid, with descriptors kept for the workers; a connection is not read from while
+it has max_inflight_per_connection requests open or its client leaves its answers unread,
+and is closed when those pass a cap; unfinished frames are bounded in bytes, across
+connections, and in time.
 """
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import os
+import resource
 import socket
 import stat
 import struct
@@ -20,8 +29,8 @@ from typing import Any
 
 from moltbotd import __version__
 from moltbotd.catalog import Catalog
-from moltbotd.config import Config
-from moltbotd.logs import LEVELS, Ring, get_logger, parse_level
+from moltbotd.config import ClientLimits, Config
+from moltbotd.logs import LEVELS, Entry, Ring, get_logger, parse_level, select
 from moltbotd.operations import OPERATIONS, lookup
 from moltbotd.protocol import (
     PROTOCOL_VERSION,
@@ -38,6 +47,7 @@ from moltbotd.protocol import (
 )
 from moltbotd.rollout import Progress, Rollout, no_progress
 from moltbotd.scheduler import request_options
+from moltbotd.units import format_size
 
 log = get_logger("server")
 
@@ -73,7 +83,7 @@ Reloader = Callable[[], Awaitable[dict[str, Any]]]
 
 
 def make_handlers(
-    rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader
+    rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader, clients: "Clients"
 ) -> dict[str, Handler]:
     """The daemon's half of every operation in OPERATIONS (the server checks it is complete)."""
     supervisor = rollout.sup
@@ -105,6 +115,7 @@ def make_handlers(
             "server": f"moltbotd {__version__}",
             "pid": os.getpid(),
             "socket": str(config.socket),
+            "clients": clients.usage(),
             **supervisor.status(p.get("model")),
         }
 
@@ -165,23 +176,7 @@ def make_handlers(
     async def reload(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return await reload_config()
 
-    async def logs(p: dict[str, Any], _: Caller) -> dict[str, Any]:
-        try:
-            low = parse_level(p.get("min_level", LEVELS[0]))
-            high = parse_level(p.get("max_level", LEVELS[-1]))
-        except ValueError as exc:
-            raise MoltError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        entries = ring.query(
-            low,
-            high,
-            p.get("since"),
-            p.get("until"),
-            p.get("model"),
-            p.get("contains"),
-            p.get("after", 0),
-            p.get("limit"),
-        )
-        return {"entries": [e.to_wire() for e in entries], "last_seq": ring.seq}
+    logs = LogQueries(ring)
 
     return {
         "hello": hello,
@@ -202,17 +197,97 @@ def make_handlers(
     }
 
 
+class LogQueries:
+    """The `logs` operation, off the event loop: one query at a time, in one thread, on a
+    snapshot of the ring. Filtering a large ring (rendering each entry's text for
+    `contains`) never stalls other requests, and queries queued behind it hold no
+    snapshot yet."""
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="logs")
+        self.turn = asyncio.Lock()
+
+    async def __call__(self, p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        try:
+            low = parse_level(p.get("min_level", LEVELS[0]))
+            high = parse_level(p.get("max_level", LEVELS[-1]))
+        except ValueError as exc:
+            raise MoltError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        limit = p.get("limit")
+        if limit is not None and limit < 0:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"limit must be 0 or more, got {limit}")
+        filters = (low, high, p.get("since"), p.get("until"), p.get("model"),
+                   p.get("contains"), limit)  # fmt: skip
+        async with self.turn:
+            last_seq, snapshot = self.ring.seq, self.ring.snapshot(p.get("after", 0))
+            entries = await asyncio.get_running_loop().run_in_executor(
+                self.thread, _wire_entries, snapshot, filters
+            )
+        return {"entries": entries, "last_seq": last_seq}
+
+
+def _wire_entries(snapshot: list[Entry], filters: tuple[Any, ...]) -> list[dict[str, Any]]:
+    return [entry.to_wire() for entry in select(snapshot, *filters)]
+
+
+class Clients:
+    """What all connections hold together: their count in total and per uid, the bytes of
+    their unfinished frames, and the descriptors left; refusals are logged here."""
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self.limits = limits
+        self.connections: set[Connection] = set()
+        self.per_uid: collections.Counter[int] = collections.Counter()
+        self.partial_bytes = 0  # held by every connection's decoder together
+        self.fd_ceiling = 0  # a connection on this descriptor or above is refused
+        self.refusals = Refusals(limits.refusal_log_interval)
+
+    def admit(self, connection: "Connection", fd: int) -> str | None:
+        """Count a new connection in, or say why it is refused."""
+        limits, uid = self.limits, connection.uid
+        if len(self.connections) >= limits.max_connections:
+            return (f"moltbotd has {len(self.connections)} connections open, its limit"
+                    f" (clients.max_connections)")  # fmt: skip
+        if self.per_uid[uid] >= limits.max_connections_per_uid:
+            return (f"uid {uid} has {self.per_uid[uid]} connections open, the limit per user"
+                    f" (clients.max_connections_per_uid)")  # fmt: skip
+        if fd >= self.fd_ceiling:
+            return (f"moltbotd keeps its last {limits.reserved_fds} file descriptors for its"
+                    f" workers (clients.reserved_fds)")  # fmt: skip
+        self.connections.add(connection)
+        self.per_uid[uid] += 1
+        return None
+
+    def release(self, connection: "Connection") -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self.per_uid[connection.uid] -= 1
+            if not self.per_uid[connection.uid]:
+                del self.per_uid[connection.uid]
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "connections": len(self.connections),
+            "users": len(self.per_uid),
+            "partial_bytes": self.partial_bytes,
+            "unsent_bytes": sum(c.waiting() for c in self.connections),
+        }
+
+
 class Server:
     def __init__(
         self, config: Config, rollout: Rollout, ring: Ring, reload_config: Reloader
     ) -> None:
         self.config = config
-        self.handlers = make_handlers(rollout, ring, config, reload_config)
+        self.limits = config.clients
+        ring.field_chars = self.limits.log_field_chars
+        self.clients = Clients(self.limits)
+        self.handlers = make_handlers(rollout, ring, config, reload_config, self.clients)
         if self.handlers.keys() != OPERATIONS.keys():
             raise RuntimeError(
                 f"handlers {sorted(self.handlers)} != operations {sorted(OPERATIONS)}"
             )
-        self.connections: set[Connection] = set()
         self.accepting = True
         self._server: asyncio.Server | None = None
         self._idle = asyncio.Event()
@@ -220,6 +295,7 @@ class Server:
     async def listen(self) -> None:
         path = self.config.socket
         _claim_socket_path(path)
+        self.clients.fd_ceiling = _descriptor_ceiling(self.limits)
         self._server = await asyncio.get_running_loop().create_unix_server(
             lambda: Connection(self), path=str(path)
         )
@@ -230,20 +306,25 @@ class Server:
               uid: int = -1) -> Answer:  # fmt: skip
         """Start one request; the future gives its response (and progress frames go
         through emit, when the request asks for them). Never raises."""
-        req_id = request_id(message)
+        names = self.limits.max_name_chars
+        req_id = request_id(message, names)
         try:
-            request = parse_request(message)
+            request = parse_request(message, names)
             op = lookup(request.op)
             if not self.accepting:
                 raise MoltError(
                     ErrorCode.SHUTTING_DOWN, "moltbotd is shutting down; retry once it is back"
                 )
-            params = op.check_params(request.params)
+            params = op.check_params(request.params, self.limits)
             if op.mutating:  # an audit trail: who changed what, when
                 log.info(f"{op.name} requested", op=op.name, peer=peer, **params)
             caller = self._caller(request.id, params, peer, emit, uid)
             outcome = asyncio.ensure_future(self.handlers[op.name](params, caller))
         except Exception as exc:
+            if isinstance(exc, MoltError):
+                # Its traceback holds this frame, and so the request (a 10 MB parameter)
+                # in a cycle with `outcome` that only the garbage collector would break.
+                exc.__traceback__ = None
             outcome = asyncio.get_running_loop().create_future()
             outcome.set_exception(exc)
         return req_id, outcome
@@ -277,7 +358,7 @@ class Server:
         return Caller(peer, progress, uid)
 
     def request_done(self) -> None:
-        if not any(c.pending for c in self.connections):
+        if not any(c.pending for c in self.clients.connections):
             self._idle.set()
 
     async def shutdown(self, timeout: float) -> None:
@@ -285,14 +366,14 @@ class Server:
         self.accepting = False
         if self._server:
             self._server.close()
-        if any(c.pending for c in self.connections):
+        if any(c.pending for c in self.clients.connections):
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
-        unfinished = sum(c.pending for c in self.connections)
+        unfinished = sum(c.pending for c in self.clients.connections)
         if unfinished:
             log.warning(f"{unfinished} requests still running after {timeout:g}s; closing anyway")
-        for connection in list(self.connections):
+        for connection in list(self.clients.connections):
             connection.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()
@@ -320,33 +401,104 @@ def _claim_socket_path(path: Path) -> None:
     raise StartError(f"another moltbotd is already serving at {path}")
 
 
-def _peer(sock: socket.socket | None) -> tuple[str, int]:
-    """pid and uid of the client process, from the kernel (SO_PEERCRED); and the uid."""
+def _credentials(sock: socket.socket | None) -> tuple[int, int]:
+    """pid and uid of the client process, from the kernel (SO_PEERCRED); -1 unknown."""
     if sock is None:
-        return "unknown", -1
+        return -1, -1
     pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return f"pid {pid} uid {uid}", uid
+    return pid, uid
+
+
+def _descriptor_ceiling(limits: ClientLimits) -> int:
+    """The first descriptor a connection may not take: the soft RLIMIT_NOFILE (raised, as
+    far as the hard limit allows, to fit max_connections) less reserved_fds. Descriptors
+    are given lowest first, so a connection at or above it means fewer than reserved_fds
+    are free: workers, direct channels and good clients keep working."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = limits.max_connections + limits.reserved_fds
+    if soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < wanted:
+        log.warning(f"the descriptor limit {soft} (LimitNOFILE) allows fewer connections than"
+                    f" clients.max_connections {limits.max_connections}: about"
+                    f" {soft - limits.reserved_fds} will be served")  # fmt: skip
+    return soft - limits.reserved_fds
+
+
+class Refusals:
+    """Refused and closed connections, logged once per interval with their count: a flood
+    of them must not flood the log."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, why: str, peer: str) -> None:
+        if self.timer is None:
+            log.warning(f"refused a connection: {why}", peer=peer)
+            self.timer = asyncio.get_running_loop().call_later(self.interval, self._report)
+        else:
+            self.counts[why] += 1
+
+    def _report(self) -> None:
+        self.timer = None
+        if not self.counts:
+            return  # quiet for a whole interval: the next refusal is logged at once
+        total = sum(self.counts.values())
+        reasons = "; ".join(f"{n}x {why}" for why, n in self.counts.most_common(5))
+        log.warning(f"refused {total} more connections in the last {self.interval:g}s",
+                    reasons=reasons)  # fmt: skip
+        self.counts.clear()
+        self.timer = asyncio.get_running_loop().call_later(self.interval, self._report)
 
 
 class Connection(asyncio.Protocol):
+    """One client. Reading stops while it may not start requests (max_inflight requests
+    open, its answers unread, or it is ending); the decoder keeps what it read meanwhile,
+    and those frames are started as soon as it may again."""
+
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.clients = server.clients
+        self.limits = server.limits
         self.decoder = FrameDecoder(server.config.max_frame_bytes)
         self.pending = 0
-        self.paused = False
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.pid, self.uid = -1, -1
         self.peer = "unknown"
-        self.uid = -1
         self.half_closed = False
         self.unsent: list[bytes] = []
+        self.unsent_bytes = 0  # in self.unsent
+        self.write_paused = False  # the transport holds unsent_pause_bytes of answers
+        self.allowance = 0  # the largest answer written while the client kept up
+        self.reading = True
+        self.held = 0  # decoder bytes counted in server.partial_bytes
+        self.frame_timer: asyncio.TimerHandle | None = None
+        self.ending: MoltError | None = None  # sent once the requests open are answered
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server.connections.add(self)
-        self.peer, self.uid = _peer(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        self.pid, self.uid = _credentials(sock)
+        self.peer = f"pid {self.pid} uid {self.uid}"
+        why = self.clients.admit(self, sock.fileno() if sock is not None else -1)
+        if why is not None:
+            self.clients.refusals.add(why, self.peer)
+            error = MoltError(ErrorCode.RESOURCE_EXHAUSTED, f"connection refused: {why}")
+            self.transport.write(encode_frame(error_response(None, error)))
+            self.transport.close()
+            return
+        self.transport.set_write_buffer_limits(high=self.limits.unsent_pause_bytes)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.clients.release(self)
+        self.decoder.discard()
+        self._count_held()
+        self._stop_frame_timer()
 
     def eof_received(self) -> bool:
         """A client that half-closes after its requests still gets every answer."""
@@ -354,41 +506,152 @@ class Connection(asyncio.Protocol):
         return bool(self.pending)  # True keeps the transport open until they are written
 
     def data_received(self, data: bytes) -> None:
-        try:
-            messages = self.decoder.feed(data)
-        except FrameTooLarge as exc:
-            log.warning(
-                "closing a connection that sent a frame over the limit", size=exc.details["size"]
-            )
-            self._write(error_response(None, exc))
-            self.close()
-            return
-        for message in messages:
+        if self.ending is None and not self.transport.is_closing():  # else: discarded
+            self.decoder.receive(data)
+            self._pump()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._set_reading(False)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.allowance = 0
+        self._pump()
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _may_start(self) -> bool:
+        return (
+            self.pending < self.server.config.max_inflight_per_connection
+            and not self.write_paused
+            and self.ending is None
+        )
+
+    def _pump(self) -> None:
+        """Start every whole frame the decoder holds, while this connection may; then read
+        on only if it still may, and bound what the decoder holds."""
+        taken = False
+        while self._may_start():
+            try:
+                message = self.decoder.next_frame()
+            except FrameTooLarge as exc:
+                log.warning("closing a connection that sent a frame over the limit",
+                            size=exc.details["size"], peer=self.peer)  # fmt: skip
+                self._end(exc)
+                break
+            if message is None:
+                break
+            taken = True
             if isinstance(message, MoltError):
                 self._write(error_response(None, message))
             else:
                 self._start(message)
+        if not self.transport.is_closing():
+            self._set_reading(self._may_start())
+            self._bound_partial()
+            self._time_frame(taken)
+
+    def _set_reading(self, wanted: bool) -> None:
+        if wanted != self.reading and not (self.transport.is_closing() or self.half_closed):
+            self.reading = wanted
+            (self.transport.resume_reading if wanted else self.transport.pause_reading)()
+
+    def _count_held(self) -> None:
+        self.clients.partial_bytes += self.decoder.buffered - self.held
+        self.held = self.decoder.buffered
+
+    def _bound_partial(self) -> None:
+        """Frames not yet whole of all connections together stay within max_partial_bytes:
+        the connection that would pass it is refused."""
+        grown = self.decoder.buffered - self.held
+        budget = self.limits.max_partial_bytes
+        if grown > 0 and self.clients.partial_bytes + grown > budget:
+            why = (f"frames not yet whole hold {format_size(self.clients.partial_bytes)} of"
+                   f" {format_size(budget)} (clients.max_partial_bytes); retry later")  # fmt: skip
+            self.clients.refusals.add(why, self.peer)
+            self._end(MoltError(ErrorCode.RESOURCE_EXHAUSTED, why))
+        self._count_held()
+
+    def _time_frame(self, taken: bool) -> None:
+        """A frame begun must be whole within frame_timeout (slowloris); the clock starts
+        again with each frame."""
+        if not (self.decoder.buffered and self._may_start()):
+            self._stop_frame_timer()  # nothing begun, or the wait is ours, not the client's
+        elif self.frame_timer is None or taken:
+            self._stop_frame_timer()
+            self.frame_timer = asyncio.get_running_loop().call_later(
+                self.limits.frame_timeout, self._frame_expired
+            )
+
+    def _stop_frame_timer(self) -> None:
+        if self.frame_timer is not None:
+            self.frame_timer.cancel()
+            self.frame_timer = None
+
+    def _frame_expired(self) -> None:
+        self.frame_timer = None
+        timeout, came = self.limits.frame_timeout, self.decoder.buffered
+        log.warning("closing a connection whose frame did not arrive whole in time",
+                    peer=self.peer, received=came, frame_timeout=timeout)  # fmt: skip
+        why = (f"a frame was not whole {timeout:g}s after its first byte"
+               f" (clients.frame_timeout): {came} bytes came")  # fmt: skip
+        self._end(MoltError(ErrorCode.BAD_FRAME, why))
+
+    def _end(self, error: MoltError) -> None:
+        """Read nothing more; answer the requests open, then `error`, then close."""
+        self.ending = error
+        self.decoder.discard()
+        self._count_held()
+        self._stop_frame_timer()
+        self._set_reading(False)
+        if not self.pending:
+            self._say_goodbye()
+
+    def _say_goodbye(self) -> None:
+        """Send the ending error, half-close, and read (discarding) until the client closes,
+        for at most frame_timeout: closing with its bytes unread would reset the
+        connection, and the client might never read why."""
+        assert self.ending is not None
+        self._write(error_response(None, self.ending))
+        self._flush()
+        if self.transport.is_closing():
+            return
+        self.transport.write_eof()
+        self._set_reading(True)
+        self.frame_timer = asyncio.get_running_loop().call_later(
+            self.limits.frame_timeout, self.abort
+        )
+
+    # --- requests and answers ------------------------------------------------------------
 
     def _start(self, message: dict[str, Any]) -> None:
         self.pending += 1
         answer = self.server.begin(message, self.peer, self._write, self.uid)
         answer[1].add_done_callback(lambda _: self._finished(answer))
-        if self.pending >= self.server.config.max_inflight_per_connection and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
 
     def _finished(self, answer: Answer) -> None:
         self.pending -= 1
         self._write(self.server.respond(answer))
-        if self.paused and not self.transport.is_closing():
-            self.paused = False
-            self.transport.resume_reading()
         if not self.pending:
             self.server.request_done()
-            if self.half_closed:
-                self.close()
+            if self.ending is not None:
+                self._say_goodbye()
+                return
+        if not self.transport.is_closing():
+            self._pump()  # frames read meanwhile may start now
+        if self.half_closed and not self.pending:
+            self.close()
 
     def _write(self, response: dict[str, Any]) -> None:
+        result = response.get("result")
+        try:
+            self._send(response)
+        finally:
+            if isinstance(result, Handover):
+                result.sock.close()  # sent with the frame, or not at all: ours to close
+
+    def _send(self, response: dict[str, Any]) -> None:
         if self.transport.is_closing():
             return
         try:
@@ -397,6 +660,8 @@ class Connection(asyncio.Protocol):
             log.exception("cannot encode a response", id=response.get("id"))
             error = MoltError(ErrorCode.INTERNAL, "moltbotd could not encode its answer")
             frame = encode_frame(error_response(response.get("id"), error))
+        if not self._room_for(len(frame)):
+            return
         if isinstance(response.get("result"), Handover):
             self._hand_over(frame, response)
             return
@@ -406,19 +671,39 @@ class Connection(asyncio.Protocol):
         if not self.unsent:  # responses finished in one turn of the loop go in one write
             asyncio.get_running_loop().call_soon(self._flush)
         self.unsent.append(frame)
+        self.unsent_bytes += len(frame)
+
+    def _room_for(self, size: int) -> bool:
+        """May an answer of `size` bytes wait for this client? One that goes out while the
+        client keeps up always may (however large); past that, the answers waiting stay
+        within max_unsent_bytes, or the connection is closed: its client does not read."""
+        waiting = self.waiting()
+        if waiting <= self.limits.unsent_pause_bytes:
+            self.allowance = max(self.allowance, size)
+            return True
+        if waiting + size <= self.limits.max_unsent_bytes + self.allowance:
+            return True
+        log.warning("closing a connection that does not read its answers", peer=self.peer,
+                    unsent=waiting, max_unsent_bytes=self.limits.max_unsent_bytes)  # fmt: skip
+        self.abort()
+        return False
+
+    def waiting(self) -> int:
+        """Bytes of answers written but not yet taken by the client."""
+        return self.transport.get_write_buffer_size() + self.unsent_bytes
 
     def _hand_over(self, frame: bytes, response: dict[str, Any]) -> None:
         """Send the frame with the socket attached, after every answer written before it
         (the descriptor rides on the frame's first byte, so the bytes must be in order)."""
-        with response["result"].sock as channel:
-            self._flush()
-            if not self.transport.get_write_buffer_size():
-                ours = os.dup(self.transport.get_extra_info("socket").fileno())
-                with contextlib.suppress(BlockingIOError), socket.socket(fileno=ours) as sock:
-                    sent = socket.send_fds(sock, [frame], [channel.fileno()])
-                    if sent < len(frame):
-                        self.transport.write(frame[sent:])
-                    return
+        channel = response["result"].sock
+        self._flush()
+        if not self.transport.get_write_buffer_size():
+            ours = os.dup(self.transport.get_extra_info("socket").fileno())
+            with contextlib.suppress(BlockingIOError), socket.socket(fileno=ours) as sock:
+                sent = socket.send_fds(sock, [frame], [channel.fileno()])
+                if sent < len(frame):
+                    self.transport.write(frame[sent:])
+                return
         error = MoltError(ErrorCode.CONFLICT, "this connection's earlier answers are not read"
                           " yet; ask for the channel again")  # fmt: skip
         self.transport.write(encode_frame(error_response(response.get("id"), error)))
@@ -428,7 +713,15 @@ class Connection(asyncio.Protocol):
         self._flush()
         self.transport.close()
 
+    def abort(self) -> None:
+        """Close at once, dropping what is not sent (its client does not read it)."""
+        self.unsent, self.unsent_bytes = [], 0
+        self.decoder.discard()
+        self._count_held()
+        self._stop_frame_timer()
+        self.transport.abort()
+
     def _flush(self) -> None:
-        frames, self.unsent = self.unsent, []
-        if not self.transport.is_closing():
+        frames, self.unsent, self.unsent_bytes = self.unsent, [], 0
+        if frames and not self.transport.is_closing():
             self.transport.write(b"".join(frames))

@@ -141,11 +141,12 @@ def test_every_operation_name_matches_its_key():
 
 ROLLOUT = types.SimpleNamespace(sup=object())
 CALLER = server.Caller("test", no_progress)
+CLIENTS = server.Clients(Config().clients)
 
 
 def handlers() -> dict:
     # make_handlers only closes over its arguments: stand-ins are enough.
-    return server.make_handlers(ROLLOUT, Ring(100), Config(), object())  # type: ignore[arg-type]
+    return server.make_handlers(ROLLOUT, Ring(100), Config(), object(), CLIENTS)  # type: ignore[arg-type]
 
 
 def test_every_operation_has_a_server_handler():
@@ -178,7 +179,7 @@ def test_logs_handler_queries_the_ring():
     ring = Ring(100)
     ring.add({"time": 1.0, "level": "info", "event": "one", "component": "t"})
     ring.add({"time": 2.0, "level": "error", "event": "two", "component": "t"})
-    logs = server.make_handlers(ROLLOUT, ring, Config(), object())["logs"]  # type: ignore[arg-type]
+    logs = server.make_handlers(ROLLOUT, ring, Config(), object(), CLIENTS)["logs"]  # type: ignore[arg-type]
     result = asyncio.run(logs({"min_level": "warn"}, CALLER))
     assert [e["event"] for e in result["entries"]] == ["two"]
     assert result["last_seq"] == 2

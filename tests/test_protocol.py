@@ -1,10 +1,16 @@
 """The sans-IO wire protocol: frames, request envelopes, tensors and values, errors."""
 
+import contextlib
+
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from moltbotd.operations import OPERATIONS
 from moltbotd.protocol import (
+    ECHO_CHARS,
     HEADER,
     STRING_DTYPE,
     VIEW_BYTES,
@@ -18,6 +24,8 @@ from moltbotd.protocol import (
     RequestError,
     decode_tensor,
     decode_value,
+    describe,
+    echo,
     encode_frame,
     encode_tensor,
     encode_value,
@@ -468,3 +476,160 @@ def test_encode_tensor_gives_a_view_of_a_large_array_that_packs_as_bytes() -> No
     assert wire["data"] == large.tobytes()
     assert isinstance(encode_tensor(large[:10], view=True)["data"], bytes)
     assert isinstance(encode_tensor(large)["data"], bytes)  # a copy unless asked
+
+
+# --- bounds: what a hostile peer can make the decoder hold or a message echo (issue 14) --
+
+
+def nested(depth: int, leaf: object = 1) -> object:
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_frames_before_an_oversized_header_are_returned_then_it_raises():
+    decoder = FrameDecoder(max_frame_bytes=100)
+    good = encode_frame({"id": 1, "op": "health"})
+    assert decoder.feed(good + HEADER.pack(101)) == [{"id": 1, "op": "health"}]
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(b"")  # the bad header stays: the stream cannot go on
+
+
+def test_next_frame_takes_frames_one_at_a_time_up_to_a_bad_header():
+    decoder = FrameDecoder(max_frame_bytes=100)
+    decoder.receive(encode_frame({"a": 1}) + encode_frame({"b": 2}) + HEADER.pack(101) + b"x")
+    assert decoder.next_frame() == {"a": 1}
+    assert decoder.buffered > 0  # the rest waits until it is asked for
+    assert decoder.next_frame() == {"b": 2}
+    with pytest.raises(FrameTooLarge):
+        decoder.next_frame()
+    assert decoder.buffered == 0  # a failed decoder holds nothing...
+    decoder.receive(b"more bytes")
+    assert decoder.buffered == 0  # ...and keeps nothing that comes later
+    with pytest.raises(FrameTooLarge):
+        decoder.next_frame()
+
+
+def test_a_header_announcing_a_large_frame_holds_only_what_arrived():
+    decoder = FrameDecoder()
+    assert decoder.feed(HEADER.pack(60 * 2**20) + b"0123456789") == []
+    assert decoder.buffered == HEADER.size + 10
+
+
+def test_nesting_deeper_than_msgpack_allows_is_bad_frame():
+    body = b"\x81\xa2id" + b"\x91" * 3000 + b"\x01"
+    [err] = FrameDecoder().feed(raw_frame(body))
+    assert isinstance(err, MoltError)
+    assert err.code == ErrorCode.BAD_FRAME
+    assert "1024 levels" in err.message
+
+
+def test_a_deeply_nested_id_is_refused_without_recursion():
+    message = msgpack.unpackb(msgpack.packb({"id": nested(1000), "op": "health"}))
+    with pytest.raises(RequestError) as info:
+        parse_request(message)
+    assert info.value.req_id is None
+    assert "got list [[[[...]]]]" in info.value.message
+
+
+def test_a_long_string_id_is_refused_and_not_echoed_whole():
+    with pytest.raises(RequestError) as info:
+        parse_request({"id": "i" * 10_000_000, "op": "health"})
+    assert info.value.req_id is None  # the answer does not carry it back either
+    assert "a string of at most 256 characters" in info.value.message
+    assert "str of 10000000 characters" in info.value.message
+    assert len(info.value.message) < 300
+
+
+def test_a_long_operation_name_is_refused_with_the_id():
+    with pytest.raises(RequestError) as info:
+        parse_request({"id": 3, "op": "o" * 300}, max_name_chars=100)
+    assert info.value.req_id == 3
+    assert "'op' must be a string of at most 100 characters, got str of 300" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        nested(1000),
+        "x" * 10_000_000,
+        b"\x00" * 10_000_000,
+        {str(i): nested(50) for i in range(100_000)},
+        [{"a": [b"b" * 1000] * 1000}] * 1000,
+        msgpack.ExtType(5, b"x" * 1000),
+        2**64 - 1,
+    ],
+    ids=["deep", "long-str", "long-bytes", "big-map", "wide", "ext", "big-int"],
+)
+def test_echo_and_describe_are_short_whatever_the_value(value):
+    assert len(echo(value)) <= ECHO_CHARS
+    assert len(describe(value)) < 3 * ECHO_CHARS
+
+
+def test_from_wire_of_a_deep_envelope_does_not_recurse():
+    err = MoltError.from_wire(nested(1000))
+    assert err.code == ErrorCode.INTERNAL
+    assert len(err.message) < 200
+
+
+# --- properties (hypothesis) -------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+messages = st.dictionaries(st.text(max_size=8), values, max_size=5)
+
+
+@given(st.lists(messages, min_size=1, max_size=5), st.data())
+def test_any_split_of_valid_frames_decodes_the_same(batch, data):
+    stream = b"".join(encode_frame(m) for m in batch)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    decoder, got = FrameDecoder(), []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        got += decoder.feed(stream[start:end])
+    assert got == batch
+    assert decoder.buffered == 0
+
+
+@given(messages)
+def test_encode_then_decode_round_trips(message):
+    decoder = FrameDecoder()
+    decoder.receive(encode_frame(message))
+    assert decoder.next_frame() == message
+    assert decoder.next_frame() is None
+
+
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_arbitrary_bytes_raise_only_the_protocols_errors(chunks):
+    decoder = FrameDecoder(max_frame_bytes=48)
+    try:
+        for chunk in chunks:
+            for item in decoder.feed(chunk):
+                assert isinstance(item, dict | MoltError)
+    except FrameTooLarge:
+        assert decoder.buffered == 0
+
+
+@given(values, values, values)
+def test_any_envelope_and_params_raise_only_molt_errors(req_id, op, params):
+    message = {"id": req_id, "op": op, "params": params}
+    try:
+        request = parse_request(message)
+    except RequestError:
+        return
+    for operation in OPERATIONS.values():
+        with contextlib.suppress(MoltError):
+            operation.check_params(request.params)
