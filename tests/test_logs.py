@@ -289,3 +289,44 @@ def test_render_text_quotes_empty_and_special_values():
     ts = datetime.datetime(2026, 11, 21, 14, 30, 22).timestamp()
     line = render_text(ts, "info", "c", "ev", {"a": "", "b": 'say "hi"', "c": "k=v", "d": 1})
     assert line == '[2026-11-21 14:30:22] [INFO] [c] ev a="" b="say \\"hi\\"" c="k=v" d=1'
+
+
+# --- bounds (issue 14) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_long_and_deep_fields_are_cut_in_the_ring_and_the_line(log_format):
+    stream = io.StringIO()
+    ring = configure(log_format, "debug", 100, stream)
+    ring.field_chars = 100
+    deep: object = 1
+    for _ in range(1000):
+        deep = [deep]
+    get_logger("t").info("x" * 5000, version="v" * 10_000_000, files=deep)
+    (entry,) = ring.entries
+    assert len(entry.event) < 200
+    assert entry.fields["version"].endswith("(9999900 characters cut)")
+    assert entry.fields["files"] == "[[[[[[[...]]]]]]]"
+    assert len(stream.getvalue()) < 1000
+
+
+def test_a_traceback_keeps_its_end():
+    ring = configure("text", "debug", 100, io.StringIO())
+    ring.field_chars = 100
+    try:
+        raise ValueError("the cause " + "y" * 5000 + " the end")
+    except ValueError:
+        get_logger("t").exception("failed")
+    text = ring.entries[-1].fields["exception"]
+    assert text.endswith(" the end")
+    assert len(text) < 500
+
+
+def test_snapshot_after_copies_only_the_newer_entries():
+    ring = Ring(10)
+    for n in range(25):
+        ring.add({"time": float(n), "level": "info", "event": f"e{n}"})
+    assert [e.seq for e in ring.snapshot(22)] == [23, 24, 25]
+    assert [e.seq for e in ring.snapshot()] == list(range(16, 26))  # only what the ring holds
+    assert ring.snapshot(25) == []
+    assert ring.snapshot(99) == []

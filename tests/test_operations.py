@@ -1,6 +1,7 @@
 """The operation registry: parameter checks, lookup, and that server and moltctl cover it."""
 
 import asyncio
+import dataclasses
 import types
 
 import click
@@ -203,3 +204,48 @@ def test_moltctl_commands_map_onto_real_operations():
     used = {op for ops in moltctl_cli.COMMANDS.values() for op in ops}
     assert "hello" not in used
     assert used <= set(OPERATIONS)
+
+
+# --- sizes (issue 14) -------------------------------------------------------------------
+
+
+def test_a_name_over_its_bound_is_refused_naming_the_setting_and_echoing_little():
+    err = bad_request("switch", {"version": "v" * 10_000_000})
+    assert "parameter 'version' may have at most 256 characters (clients.max_name_chars)" in (
+        err.message
+    )
+    assert "got str of 10000000 characters" in err.message
+    assert len(err.message) < 400
+
+
+def test_text_and_items_have_their_own_bounds():
+    limits = Config().clients
+    text = "c" * (limits.max_text_chars + 1)
+    assert "clients.max_text_chars" in bad_request("logs", {"contains": text}).message
+    assert OPERATIONS["logs"].check_params({"contains": "c" * 1000}) == {"contains": "c" * 1000}
+    many = {f"x{i}": [1.0] for i in range(limits.max_items + 1)}
+    err = bad_request("infer", {"model": "demo", "inputs": many})
+    assert "may have at most 10000 entries (clients.max_items)" in err.message
+
+
+def test_limits_passed_in_are_the_ones_checked():
+    limits = dataclasses.replace(Config().clients, max_name_chars=16)
+    with pytest.raises(MoltError) as info:
+        OPERATIONS["status"].check_params({"model": "m" * 17}, limits)
+    assert "at most 16 characters" in info.value.message
+
+
+def test_a_flood_of_unknown_parameters_names_five_and_counts_the_rest():
+    err = bad_request("health", {f"p{i:06}": 1 for i in range(100_000)})
+    assert "takes no parameter 'p000000', 'p000001', 'p000002', 'p000003', 'p000004'" in (
+        err.message
+    )
+    assert "(and 99995 more)" in err.message
+
+
+def test_a_deeply_nested_parameter_is_refused_without_recursion():
+    deep: object = 1
+    for _ in range(1000):
+        deep = [deep]
+    err = bad_request("status", {"model": deep})
+    assert "parameter 'model' must be a string, got list [[[[...]]]]" in err.message
