@@ -163,6 +163,17 @@ def fds(pid: int) -> dict[str, int]:
     return kinds
 
 
+def quiet_fds(pid: int, within: float = 3.0) -> dict[str, int]:
+    """The daemon's fds once the connections just closed are gone: the fewest seen
+    within a few seconds (it closes its end when its loop gets to it)."""
+    deadline, fewest = time.monotonic() + within, fds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = fds(pid)
+        fewest = min(fewest, now, key=lambda kinds: sum(kinds.values()))
+    return fewest
+
+
 def children(pid: int) -> list[int]:
     """Live (not zombie) processes whose parent is pid."""
     found = []

@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from moltbotd.protocol import FrameDecoder, MoltError
-from stress.daemon import SMALL_LOG_RING, Daemon, fds, rss_kb, running_daemon, tracebacks
+from stress.daemon import (
+    SMALL_LOG_RING,
+    Daemon,
+    fds,
+    quiet_fds,
+    rss_kb,
+    running_daemon,
+    tracebacks,
+)
 from stress.frames import Case, make_case
 from stress.load import BlockingLoad, Pace, Tally, describe
 from stress.models import write_fuzz_repository
@@ -160,6 +168,11 @@ class Sample:
     def of(cls, pid: int) -> "Sample":
         return cls(rss_kb(pid), sum(fds(pid).values()))
 
+    @classmethod
+    def quiet(cls, pid: int) -> "Sample":
+        """Once the connections the run closed are closed in the daemon too."""
+        return cls(rss_kb(pid), sum(quiet_fds(pid).values()))
+
 
 @dataclass
 class Run:
@@ -210,7 +223,7 @@ def fuzz(settings: Settings) -> Outcome:
         assert daemon.proc is not None
         run.crashed = daemon.proc.poll()
         if run.crashed is None:
-            run.end = Sample.of(daemon.pid)
+            run.end = Sample.quiet(daemon.pid)
             run.exit_status = daemon.stop(timeout=60)
         run.logged = tracebacks(daemon.log())
     return report(findings, good, run)

@@ -32,7 +32,7 @@ from pathlib import Path
 from moltbotd.protocol import MoltError
 from moltctl.client import Client
 from stress.chaos import CONTROL_TIMEOUT, Chaos, config
-from stress.daemon import Daemon, alive, fds, rss_kb, running_daemon, tracebacks
+from stress.daemon import Daemon, alive, fds, quiet_fds, rss_kb, running_daemon, tracebacks
 from stress.load import AsyncLoad, BlockingLoad, Pace, RawLoad, Tally
 from stress.models import FACTORS, write_soak_repository
 from stress.report import Figure, Outcome, at_most, below, examples, figures_table, growth, table
@@ -151,17 +151,6 @@ def restore(daemon: Daemon, initial: dict[str, str]) -> bool:
                 return True
             time.sleep(0.2)
     return False
-
-
-def quiet_fds(pid: int, within: float = 3.0) -> dict[str, int]:
-    """The daemon's fds once the connections just closed are gone: the fewest seen
-    within a few seconds (it closes its end when its loop gets to it)."""
-    deadline, fewest = time.monotonic() + within, fds(pid)
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = fds(pid)
-        fewest = min(fewest, now, key=lambda kinds: sum(kinds.values()))
-    return fewest
 
 
 def settled(control: Client, initial: dict[str, str]) -> bool:
