@@ -614,6 +614,9 @@ class Connection(asyncio.Protocol):
         connection, and the client might never read why."""
         assert self.ending is not None
         self._write(error_response(None, self.ending))
+        if self.half_closed:  # nothing more will come
+            self.close()
+            return
         self._flush()
         if self.transport.is_closing():
             return

@@ -2,13 +2,16 @@
 is read from the daemon's /proc/PID/status, and states are polled, never timed."""
 
 import contextlib
+import dataclasses
 import os
 import socket
 
 import msgpack
 import numpy as np
 
+from moltbotd.config import Config
 from moltbotd.protocol import HEADER, ErrorCode, FrameDecoder, encode_frame, encode_tensor
+from moltbotd.server import Clients
 from tests.conftest import Daemon, wait_until
 
 MiB = 2**20
@@ -233,3 +236,21 @@ def test_a_heavy_logs_query_does_not_stall_other_requests(daemon_factory):
         order = [f["id"] for f in read_frames(sock, 21)]
     answered_before_logs = order.index("logs")
     assert answered_before_logs > 0, "every health answer waited for the logs query"
+
+
+class Caller:  # what Clients reads of a connection
+    uid = 1000
+
+    def waiting(self) -> int:
+        return 0
+
+
+def test_a_connection_on_a_reserved_descriptor_is_refused():
+    limits = dataclasses.replace(Config().clients, reserved_fds=100)
+    clients = Clients(limits)
+    clients.fd_ceiling = 900  # a soft limit of 1000, less the reserve
+    caller = Caller()
+    assert clients.admit(caller, 899) is None  # type: ignore[arg-type]
+    why = clients.admit(caller, 900)  # type: ignore[arg-type]
+    assert why is not None and "clients.reserved_fds" in why
+    assert clients.usage()["connections"] == 1
