@@ -474,7 +474,7 @@ class Connection(asyncio.Protocol):
         self.write_paused = False  # the transport holds unsent_pause_bytes of answers
         self.allowance = 0  # the largest answer written while the client kept up
         self.reading = True
-        self.held = 0  # decoder bytes counted in server.partial_bytes
+        self.held = 0  # decoder bytes counted in clients.partial_bytes
         self.frame_timer: asyncio.TimerHandle | None = None
         self.ending: MoltError | None = None  # sent once the requests open are answered
 
@@ -512,12 +512,14 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self._set_reading(False)
+        if self.ending is None:  # an ending connection reads on, to drop what comes
+            self._set_reading(False)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self.allowance = 0
-        self._pump()
+        if self.ending is None:
+            self._pump()
 
     # --- reading -------------------------------------------------------------------------
 
@@ -547,10 +549,10 @@ class Connection(asyncio.Protocol):
                 self._write(error_response(None, message))
             else:
                 self._start(message)
-        if not self.transport.is_closing():
+        if self.ending is None and not self.transport.is_closing():
             self._set_reading(self._may_start())
-            self._bound_partial()
             self._time_frame(taken)
+            self._bound_partial()  # last: it may end the connection
 
     def _set_reading(self, wanted: bool) -> None:
         if wanted != self.reading and not (self.transport.is_closing() or self.half_closed):
