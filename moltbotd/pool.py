@@ -85,6 +85,7 @@ class Pool:
         self._idle = asyncio.Event()
         self._idle.set()
         self._scaler: asyncio.Task[None] | None = None
+        self._retiring: set[Worker] = set()  # a STARTING one being retired stays STARTING
 
     # --- what rollout and status read, as of a single worker ----------------------------
 
@@ -253,7 +254,7 @@ class Pool:
         return max(1, min(BUNDLE_MAX, int(BUNDLE_SECONDS / self._run_seconds)))
 
     def _least_loaded(self) -> Worker | None:
-        ready = [w for w in self.workers if w.state is S.READY and w.inflight < PIPELINE]
+        ready = [w for w in self.workers if w.serving and w.inflight < PIPELINE]
         return min(ready, key=lambda w: w.inflight, default=None)
 
     def _wake_at(self, when: float | None) -> None:
@@ -301,7 +302,7 @@ class Pool:
 
     def channel(self) -> Worker:
         """The instance a new direct channel goes to: the serving one with the fewest."""
-        ready = [w for w in self.workers if w.state is S.READY]
+        ready = [w for w in self.workers if w.serving]
         if not ready:
             raise self.unavailable()
         return min(ready, key=lambda w: w.channels)
@@ -347,7 +348,7 @@ class Pool:
 
     def rescale(self, now: float) -> None:
         # A FATAL instance keeps its place: replacing it would restart what cannot start.
-        live = [w for w in self.workers if w.state not in LEAVING]
+        live = [w for w in self.workers if w.state not in LEAVING and w not in self._retiring]
         target = self.manual if self.manual is not None else self._autoscale(live, now)
         while len(live) < target:
             live.append(self._add_instance())
@@ -356,6 +357,7 @@ class Pool:
         while len(live) > target and idle:
             worker = idle.pop()
             live.remove(worker)
+            self._retiring.add(worker)  # before the task runs: the next look must skip it
             asyncio.get_running_loop().create_task(self._retire(worker))
             self._event("scale-down", f"{self.label}: {len(live)} instances ({self._why()})")
 
@@ -381,9 +383,13 @@ class Pool:
                f"{self.scheduling.instances.max}"  # fmt: skip
 
     async def _retire(self, worker: Worker) -> None:
-        await worker.drain(self.settings.stop_timeout)
-        await worker.stop()
-        self.workers.remove(worker)
+        try:
+            await worker.drain(self.settings.stop_timeout)
+            await worker.stop()
+        finally:
+            self._retiring.discard(worker)
+            if worker in self.workers:  # pool.stop may have stopped and kept it meanwhile
+                self.workers.remove(worker)
 
     def _event(self, kind: str, message: str) -> None:
         self.log.info(message, instances=len(self.workers))

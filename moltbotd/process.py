@@ -73,6 +73,10 @@ class _Channel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # nothing may be written to a closed transport (uvloop raises): send() checks this
+        self.transport = None
+
     def data_received(self, data: bytes) -> None:
         for message in self.decoder.feed(data):
             self.worker.on_message(message)
@@ -126,10 +130,34 @@ class Worker:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def serving(self) -> bool:
+        """READY with its channel open: a worker that just died is READY until it is reaped,
+        but its channel closed first."""
+        return self.state is S.READY and self.serving_channel()
+
+    def serving_channel(self) -> bool:
+        channel = self._channel
+        return bool(channel and channel.transport and not channel.transport.is_closing())
+
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise())
+        self._task.add_done_callback(self._supervision_ended)
+
+    def _supervision_ended(self, task: "asyncio.Task[None]") -> None:
+        """A bug in supervising must be seen, and must not leave a worker shown serving."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.log.error(f"{self.label}: supervising the worker failed", exc_info=task.exception())
+        self.error = f"supervising the worker failed: {task.exception()!r}"
+        if self._proc and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+        self.state = S.FATAL  # the transition table has no arc for a bug; say it cannot serve
+        if self.on_state:
+            self.on_state(self)
 
     async def _supervise(self) -> None:
         failures = 0
@@ -267,10 +295,15 @@ class Worker:
         code = await self._proc.wait()
         self._set_channels(0)  # the kernel closed its ends: the clients see EOF
         reason, error_code = self._exit_reason(code)
+        died = self.state in (S.READY, S.DRAINING) and not self._stop.is_set()
+        if died and self.state is S.READY:
+            # leave READY before failing what was in flight: those answers pump the queue,
+            # which must not pick this worker again
+            await self._set(S.BACKOFF)
         self._fail_inflight(
             f"{self.label}: worker pid {self.pid} {reason} while running this request", error_code
         )
-        if self.state in (S.READY, S.DRAINING) and not self._stop.is_set():
+        if died:
             self.error = f"worker pid {self.pid} {reason}"
             self.log.error(
                 f"{self.label} worker died",
@@ -279,8 +312,6 @@ class Worker:
             )
             if self.state is S.DRAINING:
                 self._stop.set()
-                return
-            await self._set(S.BACKOFF)
 
     def _was_stable(self) -> bool:
         up = self.started_at is not None and time.monotonic() - self.started_at
@@ -343,13 +374,13 @@ class Worker:
 
     def close_channels(self, why: str, within: float) -> None:
         """Ask the worker to send its channels' clients back to moltbotd's socket."""
-        if self.channels and self._channel and self._channel.transport:
+        if self.channels and self.serving_channel():
             message = {"close_channels": why, "within": within}
             self._channel.transport.write(encode_frame(message))
 
     def set_scheduling(self, scheduling: Scheduling) -> None:
         self.scheduling = scheduling
-        if self.state is S.READY and self._channel and self._channel.transport:
+        if self.state is S.READY and self.serving_channel():
             message = {"scheduling": asdict(scheduling)}
             self._channel.transport.write(encode_frame(message))
 
@@ -433,7 +464,7 @@ class Worker:
     ) -> None:
         """Run requests (concatenated into one run with concat, else one by one) and call
         done(reply) with the worker's reply, or with a MoltError if the process dies first."""
-        if self.state is not S.READY or self._channel is None or self._channel.transport is None:
+        if not self.serving:
             raise self.unavailable()
         req_id = next(self._ids)
         self.last_used = time.monotonic()
@@ -479,7 +510,10 @@ class Worker:
         details = {"model": self.spec.model, "version": self.spec.version}
         for done in inflight.values():
             self.counters.errors += 1
-            done(MoltError(code, why, details))
+            try:
+                done(MoltError(code, why, details))
+            except Exception:  # one answer's failure must not lose the others' or kill us
+                self.log.exception(f"{self.label}: answering a failed request raised")
 
     async def _relay_output(self, proc: asyncio.subprocess.Process) -> None:
         """onnxruntime and Python write to the worker's stdout/stderr: log it, tagged."""

@@ -1,0 +1,117 @@
+"""Worker faults under load: a death at any moment fails exactly its own requests once,
+and the model recovers; a hung worker is noticed by its heartbeat and killed."""
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from moltbotd.protocol import ErrorCode, MoltError
+from moltctl.client import AsyncClient
+from tests.conftest import wait_until
+from tests.test_daemon import slow_inputs
+
+X = {"x": np.ones((1, 4), np.float32)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _keep_busy(client: AsyncClient, stop: asyncio.Event, depth: int) -> list[object]:
+    """Keep `depth` requests in flight on one connection until stop; every outcome."""
+    outcomes: list[object] = []
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                outcomes.append(await client.infer("demo", X))
+            except MoltError as exc:
+                outcomes.append(exc)
+
+    await asyncio.gather(*(one() for _ in range(depth)))
+    return outcomes
+
+
+def _serving_pid(status: dict) -> int | None:
+    worker = status["models"][0]["worker"]
+    return worker["pid"] if worker["state"] == "ready" else None
+
+
+# five deaths in a row: more than the default max_failures, which would make it FATAL
+RESTARTS = "workers:\n  restart:\n    backoff: 50ms\n    max_failures: 10\n"
+
+
+def test_workers_killed_under_pipelined_load_never_wedge_the_model(daemon_factory) -> None:
+    """Kill the worker 5 times while two connections keep 4 requests each in flight: every
+    request is answered (ok or WORKER_FAILED), and the model serves again each time."""
+    daemon = daemon_factory(RESTARTS)
+
+    async def scenario() -> tuple[list[object], list[int]]:
+        async with AsyncClient(daemon.socket) as a, AsyncClient(daemon.socket) as b:
+            stop = asyncio.Event()
+            load = asyncio.gather(_keep_busy(a, stop, 4), _keep_busy(b, stop, 4))
+            killed: list[int] = []
+            for _ in range(5):
+                pid = None
+                while pid is None or pid in killed:  # the restarted worker serves
+                    await asyncio.sleep(0.05)
+                    pid = _serving_pid(await a.status("demo"))
+                await asyncio.sleep(0.1)  # requests flow to it
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            stop.set()
+            first, second = await asyncio.wait_for(load, 120)
+            return first + second, killed
+
+    outcomes, killed = asyncio.run(scenario())
+    errors = [o for o in outcomes if isinstance(o, MoltError)]
+    assert {e.code for e in errors} <= {ErrorCode.WORKER_FAILED}, errors[:3]
+    assert len(outcomes) - len(errors) > 0
+    with daemon.client() as c:
+        status = c.status("demo")["models"][0]["worker"]
+        assert c.infer("demo", X)["y"][0, 0] == 10.0
+    assert status["state"] == "ready" and status["pid"] not in killed
+    assert _pid_alive(status["pid"])
+    assert daemon.log().count("model demo v2.0 worker died") == 5
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_dead_worker_is_never_shown_ready(daemon) -> None:
+    with daemon.client() as c:
+        pid = c.status("slow")["models"][0]["worker"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        worker = wait_until(
+            lambda: (w := c.status("slow")["models"][0]["worker"])["pid"] != pid and w,
+            what="the restart",
+        )
+        assert worker["state"] in ("backoff", "starting", "ready")
+        out = c.infer("slow", slow_inputs(10))
+    np.testing.assert_array_equal(out["y"], np.ones(4))
+
+
+@pytest.mark.parametrize("depth", [1, 6])
+def test_requests_queued_for_a_dead_worker_wait_for_its_restart(daemon, depth) -> None:
+    """What waited in the queue (never sent to the dead worker) runs on the restarted one."""
+
+    async def scenario() -> list[object]:
+        async with AsyncClient(daemon.socket) as c:
+            pid = (await c.status("slow"))["models"][0]["worker"]["pid"]
+            running = [asyncio.ensure_future(c.infer("slow", slow_inputs())) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            queued = [asyncio.ensure_future(c.infer("slow", slow_inputs(10))) for _ in range(depth)]
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            return await asyncio.gather(*running, *queued, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, MoltError) for o in outcomes[:2])
+    for out in outcomes[2:]:
+        assert not isinstance(out, BaseException), out
+        np.testing.assert_array_equal(out["y"], np.ones(4))
