@@ -100,9 +100,9 @@ class Pool:
     @property
     def state(self) -> WorkerState:
         """READY while any instance serves; else the first instance's state."""
-        if any(w.state is S.READY for w in self.workers):
+        if any(w.serving for w in self.workers):
             return S.READY
-        return self.primary.state
+        return self.primary.shown_state
 
     @property
     def signature(self) -> Signature | None:

@@ -136,6 +136,13 @@ class Worker:
         but its channel closed first."""
         return self.state is S.READY and self.serving_channel()
 
+    @property
+    def shown_state(self) -> WorkerState:
+        """What status says: a READY worker whose channel closed has died, not yet reaped."""
+        if self.state is S.READY and not self.serving_channel():
+            return S.BACKOFF
+        return self.state
+
     def serving_channel(self) -> bool:
         channel = self._channel
         return bool(channel and channel.transport and not channel.transport.is_closing())
@@ -527,7 +534,7 @@ class Worker:
         up = time.monotonic() - self.started_at if self.started_at else None
         return {
             "version": self.spec.version,
-            "state": self.state.value,
+            "state": self.shown_state.value,
             "pid": self.pid,
             "error": self.error,
             "providers": self.providers,

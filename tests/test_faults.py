@@ -75,9 +75,10 @@ def test_workers_killed_under_pipelined_load_never_wedge_the_model(daemon_factor
     assert {e.code for e in errors} <= {ErrorCode.WORKER_FAILED}, errors[:3]
     assert len(outcomes) - len(errors) > 0
     with daemon.client() as c:
-        status = c.status("demo")["models"][0]["worker"]
+        pid = wait_until(lambda: _serving_pid(c.status("demo")), what="the last restart")
         assert c.infer("demo", X)["y"][0, 0] == 10.0
-    assert status["state"] == "ready" and status["pid"] not in killed
+        status = c.status("demo")["models"][0]["worker"]
+    assert status["state"] == "ready" and status["pid"] == pid and pid not in killed
     assert _pid_alive(status["pid"])
     assert daemon.log().count("model demo v2.0 worker died") == 5
     assert "Traceback" not in daemon.log()
