@@ -704,11 +704,17 @@ class Connection(asyncio.Protocol):
         self._flush()
         if not self.transport.get_write_buffer_size():
             ours = os.dup(self.transport.get_extra_info("socket").fileno())
-            with contextlib.suppress(BlockingIOError), socket.socket(fileno=ours) as sock:
-                sent = socket.send_fds(sock, [frame], [channel.fileno()])
-                if sent < len(frame):
-                    self.transport.write(frame[sent:])
-                return
+            with socket.socket(fileno=ours) as sock:
+                try:
+                    sent = socket.send_fds(sock, [frame], [channel.fileno()])
+                except BlockingIOError:
+                    sent = 0  # a full socket buffer: the refusal below goes through the loop
+                except OSError:  # the client went away while asking: nobody to answer
+                    return
+                if sent:
+                    if sent < len(frame):
+                        self.transport.write(frame[sent:])
+                    return
         error = MoltError(ErrorCode.CONFLICT, "this connection's earlier answers are not read"
                           " yet; ask for the channel again")  # fmt: skip
         self.transport.write(encode_frame(error_response(response.get("id"), error)))

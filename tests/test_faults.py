@@ -4,11 +4,12 @@ and the model recovers; a hung worker is noticed by its heartbeat and killed."""
 import asyncio
 import os
 import signal
+import socket
 
 import numpy as np
 import pytest
 
-from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.protocol import ErrorCode, MoltError, encode_frame
 from moltctl.client import AsyncClient
 from tests.conftest import wait_until
 from tests.test_daemon import slow_inputs
@@ -116,3 +117,15 @@ def test_requests_queued_for_a_dead_worker_wait_for_its_restart(daemon, depth) -
     for out in outcomes[2:]:
         assert not isinstance(out, BaseException), out
         np.testing.assert_array_equal(out["y"], np.ones(4))
+
+
+def test_a_client_that_asks_for_a_channel_and_leaves_costs_no_traceback(daemon) -> None:
+    for _ in range(20):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(daemon.socket))
+            sock.sendall(encode_frame({"id": 1, "op": "channel", "params": {"model": "demo"}}))
+    # a request on a fresh connection is answered after all 20 were handled in order
+    with daemon.client() as c:
+        wait_until(lambda: c.status()["clients"]["connections"] <= 2, what="the 20 to close")
+        assert c.infer("demo", X)["y"][0, 0] == 10.0
+    assert "Traceback" not in daemon.log()
