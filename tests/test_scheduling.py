@@ -458,7 +458,8 @@ models:
 
 def test_moltctl_scale_sets_instances_and_it_survives_a_restart(daemon_factory, models_dir):
     save(slow_model(), models_dir, "slow", "v1")
-    config = "models:\n  slow:\n    instances:\n      scale_down_after: 300ms\n"
+    # instances.max 2: `scale` may ask for no more than the version allows
+    config = "models:\n  slow:\n    instances:\n      max: 2\n      scale_down_after: 300ms\n"
     daemon = daemon_factory(config)
 
     def both_ready(d) -> list[dict]:
