@@ -503,7 +503,10 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """A client that half-closes after its requests still gets every answer."""
         self.half_closed = True
-        return bool(self.pending)  # True keeps the transport open until they are written
+        if self.pending:
+            return True  # keeps the transport open until they are written
+        self._flush()  # answers of this loop turn wait for its end: they go out before the close
+        return False
 
     def data_received(self, data: bytes) -> None:
         if self.ending is None and not self.transport.is_closing():  # else: discarded

@@ -9,7 +9,7 @@ import socket
 import numpy as np
 import pytest
 
-from moltbotd.protocol import ErrorCode, MoltError, encode_frame
+from moltbotd.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame
 from moltctl.client import AsyncClient
 from tests.conftest import wait_until
 from tests.test_daemon import slow_inputs
@@ -129,3 +129,17 @@ def test_a_client_that_asks_for_a_channel_and_leaves_costs_no_traceback(daemon) 
         wait_until(lambda: c.status()["clients"]["connections"] <= 2, what="the 20 to close")
         assert c.infer("demo", X)["y"][0, 0] == 10.0
     assert "Traceback" not in daemon.log()
+
+
+def test_requests_refused_together_before_a_half_close_are_all_answered(daemon) -> None:
+    """Answers finished in one loop turn wait for its end: the close must not drop them."""
+    bad = [{"id": i, "op": "hello", "params": {"client": 5}} for i in (1, 2)]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(daemon.socket))
+        sock.sendall(b"".join(map(encode_frame, bad)))
+        sock.shutdown(socket.SHUT_WR)
+        decoder, frames = FrameDecoder(), []
+        while data := sock.recv(65536):
+            frames += decoder.feed(data)
+    assert [f["id"] for f in frames] == [1, 2]
+    assert all(f["error"]["code"] == "BAD_REQUEST" for f in frames)
