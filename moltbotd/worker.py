@@ -290,6 +290,13 @@ def main(argv: list[str]) -> int:
     if spec is None:
         return 0
     try:
+        return load_and_serve(channel, handoff, spec)
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # the daemon closed our channel (it stopped us while loading): not a crash
+
+
+def load_and_serve(channel: Channel, handoff: socket.socket, spec: dict[str, Any]) -> int:
+    try:
         session, signature, ready = load_and_warm(channel, spec)
     except LoadFailed as exc:
         channel.send({"failed": str(exc)})

@@ -2,11 +2,15 @@
 
 import dataclasses
 import socket
+import subprocess
+import sys
 
 import onnx
 import pytest
 
-from moltbotd.config import SessionSettings
+from moltbotd.config import Scheduling, SessionSettings
+from moltbotd.demo import save, scale_model
+from moltbotd.protocol import encode_frame
 from moltbotd.worker import Channel, load_session
 from tests.models import mlp_model
 
@@ -35,3 +39,28 @@ def test_a_channel_closed_with_reports_unread_is_an_eof_not_a_crash():
     daemons.close()  # unread: the worker's next read is reset
     assert channel.receive_ready() is None
     assert channel.receive_all() is None
+
+
+def test_a_worker_whose_daemon_closes_its_channel_while_loading_exits_quietly(tmp_path):
+    """A stop during the load (a switch or scale-down under chaos) closes the channel before
+    the worker says `warming`: that is the daemon's EOF, not a crash with a traceback."""
+    save(scale_model(2.0), tmp_path, "demo", "v1")
+    ours, theirs = socket.socketpair()
+    handoff, their_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    model = tmp_path / "demo" / "v1" / "model.onnx"
+    spec = {"path": str(model), **dataclasses.asdict(SessionSettings()),
+            "intra_op_threads": 1, "samples": [], "batched": False,
+            "direct": {"model": "demo", "version": "v1", "max_frame_bytes": 1 << 20,
+                       "scheduling": dataclasses.asdict(Scheduling())}}  # fmt: skip
+    with theirs, their_handoff:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moltbotd.worker", str(theirs.fileno()),
+             str(their_handoff.fileno())],
+            pass_fds=(theirs.fileno(), their_handoff.fileno()), stderr=subprocess.PIPE,
+        )  # fmt: skip
+    ours.sendall(encode_frame(spec))
+    ours.close()  # before the worker can answer: its `warming` finds the channel closed
+    handoff.close()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr
