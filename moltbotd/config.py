@@ -339,6 +339,12 @@ class Scheduling:
         "after each request a worker polls its channels this long before it sleeps: lower"
         " latency for a CPU busy meanwhile (0: sleep at once)",
     )
+    run_timeout: float = setting(
+        60.0,
+        duration,
+        "a run (one request or batch) longer than this is hung: its worker"
+        " is killed and restarted, its requests get WORKER_HUNG",
+    )
     max_channels: int = setting(
         64,
         integer(1, 100_000),
@@ -405,6 +411,14 @@ class WorkerSettings:
     )
     stop_timeout: float = setting(
         10.0, duration, "time a stopping worker has to exit before it is killed"
+    )
+    heartbeat: float = setting(
+        1.0,
+        duration,
+        "how often a serving worker tells the daemon it is alive, and how long its runs have taken",
+    )
+    hung_after: float = setting(
+        10.0, duration, "a worker silent this long (stopped, deadlocked) is killed as hung"
     )
     restart: RestartSettings = section(RestartSettings, "restart policy for dead workers")
 

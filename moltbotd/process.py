@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from moltbotd.cgroups import Group
 from moltbotd.config import Limits, Scheduling, SessionSettings, WorkerSettings
 from moltbotd.direct import HANDOFF, Throttled, channel_refusal
@@ -121,6 +123,9 @@ class Worker:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._relay: asyncio.Task[None] | None = None
+        self._hung: str | None = None  # why the current process was killed as hung
+        self._beat_at = 0.0  # monotonic time of its latest heartbeat
+        self._oldest_run: float | None = None  # its oldest run's age at that beat
 
     @property
     def label(self) -> str:
@@ -196,8 +201,7 @@ class Worker:
 
     async def _spawn_and_load(self) -> bool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self._handoff:
-            self._handoff.close()
+        self._close_handoff()
         # one message per descriptor handed over: a datagram cannot merge two of them
         self._handoff, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         loop = asyncio.get_running_loop()
@@ -228,6 +232,7 @@ class Worker:
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session),
                 "samples": list(self.spec.samples), "batched": self.spec.batched,
+                "heartbeat": self.settings.heartbeat,
                 "direct": {"model": self.spec.model, "version": self.spec.version,
                            "max_frame_bytes": self.spec.max_frame_bytes,
                            "scheduling": asdict(self.scheduling)}}  # fmt: skip
@@ -298,8 +303,7 @@ class Worker:
 
     async def _proc_exit(self) -> None:
         """Wait for the READY process to end (a stop, or a death), then account for it."""
-        assert self._proc is not None
-        code = await self._proc.wait()
+        code = await self._watch()
         self._set_channels(0)  # the kernel closed its ends: the clients see EOF
         reason, error_code = self._exit_reason(code)
         died = self.state in (S.READY, S.DRAINING) and not self._stop.is_set()
@@ -319,6 +323,62 @@ class Worker:
             )
             if self.state is S.DRAINING:
                 self._stop.set()
+
+    # --- liveness ---------------------------------------------------------------------------
+
+    async def _watch(self) -> int:
+        """Wait for the READY process to exit, killing it if it hangs; its exit code."""
+        assert self._proc is not None
+        self._hung = None
+        self._beat_at, self._oldest_run = time.monotonic(), None
+        if self._handoff:
+            asyncio.get_running_loop().add_reader(self._handoff.fileno(), self._read_beats)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(self._proc.wait(), self.settings.heartbeat)
+            if not self._hung and (why := self._why_hung()):
+                self._hang(why)
+
+    def _read_beats(self) -> None:
+        """Take every heartbeat waiting (the latest counts); EOF ends the watch on it."""
+        while self._handoff:
+            try:
+                data = self._handoff.recv(64, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_handoff()
+                return
+            self._beat_at, self._oldest_run = time.monotonic(), msgpack.unpackb(data)["beat"]
+
+    def _why_hung(self) -> str | None:
+        self._read_beats()  # beats our own busy loop did not read yet are not silence
+        silent = time.monotonic() - self._beat_at
+        if self._stop.is_set() or self.state is not S.READY:
+            return None  # stopping or draining: stop_timeout and drain_timeout decide
+        if silent > self.settings.hung_after:
+            return f"no heartbeat for {silent:.1f}s: stopped or deadlocked"
+        run = (self._oldest_run or 0.0) + silent
+        if self._oldest_run is not None and run > self.scheduling.run_timeout:
+            return f"a run took {run:.1f}s, over run_timeout {self.scheduling.run_timeout:g}s"
+        return None
+
+    def _hang(self, why: str) -> None:
+        """Kill a hung worker (SIGKILL reaches a stopped process too); _watch reaps it."""
+        self._hung = why
+        self.log.error(f"{self.label} worker hung; killing it", pid=self.pid, why=why)
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGKILL)
+
+    def _close_handoff(self) -> None:
+        if self._handoff:
+            with contextlib.suppress(ValueError, OSError):  # never registered, or closed
+                asyncio.get_running_loop().remove_reader(self._handoff.fileno())
+            self._handoff.close()
+            self._handoff = None
 
     def _was_stable(self) -> bool:
         up = self.started_at is not None and time.monotonic() - self.started_at
@@ -413,9 +473,7 @@ class Worker:
     async def _kill_and_reap(self, grace: float = 0.0) -> None:
         if self._channel and self._channel.transport:
             self._channel.transport.close()  # EOF: a healthy worker exits on its own
-        if self._handoff:
-            self._handoff.close()
-            self._handoff = None
+        self._close_handoff()
         self._set_channels(0)  # the process closes them as it ends
         proc = self._proc
         if proc is None or proc.returncode is not None:
@@ -506,6 +564,8 @@ class Worker:
 
     def _exit_reason(self, code: int) -> tuple[str, ErrorCode]:
         """How the process ended; a kill by the kernel's OOM killer in its group says so."""
+        if self._hung:
+            return f"was killed as hung ({self._hung})", ErrorCode.WORKER_HUNG
         if code == -signal.SIGKILL and self.cgroup and self.cgroup.oom_kills() > self._oom_kills:
             limit = memory_limit_text(self.spec.limits)
             return f"was killed by its memory limit {limit}", ErrorCode.RESOURCE_EXHAUSTED

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from moltbotd import heartbeat
 from moltbotd.direct import HANDOFF, Batch, Direct, Poller, Result, Runner, Stream
 from moltbotd.lanes import Lanes
 from moltbotd.malloc import keep_freed_memory
@@ -302,7 +303,9 @@ def load_and_serve(channel: Channel, handoff: socket.socket, spec: dict[str, Any
         channel.send({"failed": str(exc)})
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
-    runner = functools.partial(run_batch, session)
+    runs = heartbeat.Runs()
+    runner = runs.track(functools.partial(run_batch, session))
+    heartbeat.start(handoff, runs, spec["heartbeat"])
     directs = [Direct(spec["direct"], signature, runner) for _ in range(spec["channel_threads"])]
     lanes = Lanes(directs, channel.send, spec["direct"]["scheduling"])
     try:

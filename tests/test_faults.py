@@ -143,3 +143,71 @@ def test_requests_refused_together_before_a_half_close_are_all_answered(daemon) 
             frames += decoder.feed(data)
     assert [f["id"] for f in frames] == [1, 2]
     assert all(f["error"]["code"] == "BAD_REQUEST" for f in frames)
+
+
+# --- liveness ---------------------------------------------------------------------------
+
+LIVENESS = """workers:
+  heartbeat: 100ms
+  hung_after: 1s
+  restart:
+    backoff: 50ms
+models:
+  slow:
+    run_timeout: 2s
+"""
+
+
+def _hung_request(daemon, harm) -> tuple[int, MoltError]:
+    """Send a long run to slow, do harm(pid) once it runs; the pid and the request's error."""
+    with daemon.client() as c:
+        pid = c.status("slow")["models"][0]["worker"]["pid"]
+
+    async def scenario() -> MoltError:
+        async with AsyncClient(daemon.socket) as c:
+            request = asyncio.ensure_future(c.infer("slow", slow_inputs(10**12)))
+            while not (await c.status("slow"))["models"][0]["worker"]["inflight"]:
+                await asyncio.sleep(0.02)
+            harm(pid)
+            with pytest.raises(MoltError) as err:
+                await asyncio.wait_for(request, 120)
+            return err.value
+
+    return pid, asyncio.run(scenario())
+
+
+def _serves_again(daemon, old_pid: int) -> None:
+    with daemon.client() as c:
+        wait_until(lambda: _serving_pid(c.status("slow")) not in (None, old_pid), 60, "restart")
+        np.testing.assert_array_equal(c.infer("slow", slow_inputs(10))["y"], np.ones(4))
+
+
+def test_a_stopped_worker_is_killed_as_hung_and_restarted(daemon_factory) -> None:
+    daemon = daemon_factory(LIVENESS)
+    pid, error = _hung_request(daemon, lambda pid: os.kill(pid, signal.SIGSTOP))
+    assert error.code is ErrorCode.WORKER_HUNG
+    assert f"worker pid {pid} was killed as hung (no heartbeat for" in error.message
+    _serves_again(daemon, pid)
+    assert "model slow v1 worker hung; killing it" in daemon.log()
+
+
+def test_a_run_over_run_timeout_is_killed_as_hung_and_restarted(daemon_factory) -> None:
+    daemon = daemon_factory(LIVENESS)
+    pid, error = _hung_request(daemon, lambda pid: None)
+    assert error.code is ErrorCode.WORKER_HUNG
+    assert "over run_timeout 2s" in error.message
+    _serves_again(daemon, pid)
+    with daemon.client() as c:  # the others were never touched
+        assert c.infer("demo", X)["y"][0, 0] == 10.0
+
+
+def test_a_busy_worker_that_beats_is_not_hung(daemon_factory) -> None:
+    """A run within run_timeout, several heartbeats long, is left alone."""
+    daemon = daemon_factory(LIVENESS.replace("run_timeout: 2s", "run_timeout: 1h"))
+    with daemon.client() as c:
+        pid = c.status("slow")["models"][0]["worker"]["pid"]
+        before = daemon.log().count("heartbeat") + daemon.log().count("hung")
+        out = c.infer("slow", slow_inputs(3 * 10**6))  # seconds here: many beats
+        np.testing.assert_array_equal(out["y"], np.ones(4))
+        assert c.status("slow")["models"][0]["worker"]["pid"] == pid
+    assert daemon.log().count("hung") == before
