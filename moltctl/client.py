@@ -171,9 +171,11 @@ class _Calls:
     def versions(self, model: str | None = None) -> Any:
         return self._call("versions", {"model": model})
 
-    def upload(self, path: str, offset: int, data: bytes, upload: str | None = None) -> Any:
+    def upload(self, path: str, offset: int, data: bytes, upload: str | None = None,
+               total: int | None = None) -> Any:  # fmt: skip
+        """One chunk; the first (no upload token) opens the upload, announcing `total`."""
         return self._call("upload", {"upload": upload, "path": path, "offset": offset,
-                                     "data": data})  # fmt: skip
+                                     "data": data, "total": total})  # fmt: skip
 
     def deploy(self, upload: str, model: str, version: str, files: dict[str, str],
                activate: bool = False, force: bool = False, source: str | None = None,
@@ -489,6 +491,7 @@ class AsyncClient(_Calls):
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._progress: dict[int, OnProgress] = {}
         self._ids = itertools.count(1)
+        self._connecting = asyncio.Lock()  # the first calls of many tasks share one connect
 
     async def connect(self) -> "AsyncClient":
         try:
@@ -517,7 +520,9 @@ class AsyncClient(_Calls):
     async def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same,
                     on_progress: OnProgress | None = None) -> Any:  # fmt: skip
         if self._writer is None:
-            await self.connect()
+            async with self._connecting:
+                if self._writer is None:
+                    await self.connect()
         assert self._writer is not None
         if self._reader_task is not None and self._reader_task.done():
             raise ProtocolError("the connection to moltbotd is closed")

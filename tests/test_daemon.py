@@ -110,6 +110,23 @@ def test_pipelined_requests_answer_out_of_order(daemon):
         np.testing.assert_array_equal(out["y"], x * 10)
 
 
+def test_concurrent_first_calls_share_one_connection(daemon):
+    """Tasks calling a new AsyncClient at once, without connect(): one connection opens,
+    every call is answered (each used to open its own and lose the others' answers)."""
+
+    async def scenario():
+        c = AsyncClient(daemon.socket)
+        try:
+            xs = [np.full((1, 4), i, np.float32) for i in range(16)]
+            return xs, await asyncio.gather(*(c.infer("demo", {"x": x}) for x in xs))
+        finally:
+            await c.close()
+
+    xs, outs = asyncio.run(scenario())
+    for out, x in zip(outs, xs, strict=True):
+        np.testing.assert_array_equal(out["y"], x * 10)
+
+
 def test_switch_changes_the_answers(daemon):
     x = np.ones((1, 4), np.float32)
     with daemon.client() as c:
