@@ -241,6 +241,12 @@ OPERATIONS: dict[str, Operation] = {
                 Param("path", (str,), required=True, help="file path inside the folder", size=TEXT),
                 Param("offset", (int,), required=True, help="bytes of the file sent before"),
                 Param("data", (bytes,), required=True, help="the chunk"),
+                Param(
+                    "total",
+                    (int,),
+                    help="with the first chunk: bytes of all the files, checked against"
+                    " uploads.max_version_bytes and free space before any is written",
+                ),
             ),
         ),
         Operation(

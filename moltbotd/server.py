@@ -166,7 +166,8 @@ def make_handlers(
         return await catalog.versions(p.get("model"))
 
     async def upload(p: dict[str, Any], _: Caller) -> dict[str, Any]:
-        return supervisor.uploads.write(p.get("upload"), p["path"], p["offset"], p["data"])
+        return await supervisor.uploads.receive(p.get("upload"), p["path"], p["offset"],
+                                                p["data"], p.get("total"))  # fmt: skip
 
     async def deploy(p: dict[str, Any], c: Caller) -> dict[str, Any]:
         return await rollout.deploy(p["upload"], p["model"], p["version"], p["files"],

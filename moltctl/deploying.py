@@ -66,11 +66,13 @@ def send_folder(client: Client, folder: Path, model: str, version: str, options:
     size = max(1, min(CHUNK_BYTES, max_frame - FRAME_OVERHEAD))
     token: str | None = None
     hashes = {}
+    total = sum(path.stat().st_size for path in files.values())  # refused before a byte if big
     for relative, path in files.items():
         on_file(relative, path.stat().st_size)
         offset = 0
         for chunk in chunks(path, size):
-            token = client.upload(relative, offset, chunk, token)["upload"]
+            announced = total if token is None else None
+            token = client.upload(relative, offset, chunk, token, announced)["upload"]
             offset += len(chunk)
         hashes[relative] = sha256_file(path)
     assert token is not None

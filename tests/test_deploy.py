@@ -512,6 +512,8 @@ def test_a_version_over_the_upload_limit_is_refused_with_its_own_exit_code(
     source = model_folder(tmp_path, "src")
     (source / "weights.bin").write_bytes(os.urandom(100 * 1024))
     err = fails(run_moltctl("deploy", str(source), socket=daemon.socket), EXIT_NO_ROOM)
+    # refused at the first chunk, for the total it announced, before a byte was written
+    assert "the upload would reach 10" in err
     assert "over uploads.max_version_bytes (64.0KiB); raise it in moltbotd.yaml" in err
     assert err.rstrip().endswith("[RESOURCE_EXHAUSTED]")
     assert incoming(models_dir) == []
