@@ -317,7 +317,7 @@ class Rollout:
                         model.broken.pop(version, None)
                     raise
         finally:  # published (renamed away) or refused: the upload is over either way
-            self.sup.uploads.discard(upload)
+            await asyncio.to_thread(self.sup.uploads.discard, upload)
 
     async def _deploy(self, model: Model, upload: str, folder: Path, version: str,
                       files: dict[str, str], activate: bool, force: bool, source: str,

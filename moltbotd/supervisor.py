@@ -350,7 +350,7 @@ class Supervisor:
                     del model.on_demand[version]
                     log.info(f"model {model.name} {version}: unloading, unused", model=model.name)
                     await self.retire(worker)
-        for token in self.uploads.sweep():
+        for token in await asyncio.to_thread(self.uploads.sweep):
             log.warning(f"removed upload {token}: abandoned")
 
     # --- requests ------------------------------------------------------------------------

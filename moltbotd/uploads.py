@@ -11,14 +11,22 @@ versions, often the state file), so an upload is bounded (`uploads:` settings) a
 must leave `keep_free` bytes free: checked against the total a client announces before
 the first byte, and again before every chunk. A chunk is written whole or not at all,
 and an upload refused for lack of space is removed at once, giving its space back.
+
+Chunks are written and fsynced in one thread of their own (`receive`), and folders
+removed in threads, so a deploy never stalls the event loop that serves requests; a
+lock keeps the records of open uploads consistent between those threads.
 """
 
+import asyncio
 import errno
+import functools
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -52,11 +60,24 @@ class Uploads:
         self.root = models_dir / INCOMING
         self.settings = settings or UploadSettings()
         self._open: dict[str, _Received] = {}
+        self._lock = threading.RLock()  # write inside discard, when a first chunk fails
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="uploads")
+
+    async def receive(self, token: str | None, path: str, offset: int, data: bytes,
+                      total: int | None = None) -> dict[str, object]:  # fmt: skip
+        """`write`, in the uploads thread: chunks are written one at a time, off the loop."""
+        call = functools.partial(self.write, token, path, offset, data, total)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, call)
 
     def write(self, token: str | None, path: str, offset: int, data: bytes,
               total: int | None = None) -> dict[str, object]:  # fmt: skip
         """Append one chunk; the first call (no token) opens a new upload, announcing the
         total bytes of all its files when the client knows it."""
+        with self._lock:
+            return self._write(token, path, offset, data, total)
+
+    def _write(self, token: str | None, path: str, offset: int, data: bytes,
+               total: int | None) -> dict[str, object]:  # fmt: skip
         relative = _relative(path)  # before a new upload's folder exists: none is left over
         if token is not None:
             return self._append(token, relative, offset, data)
@@ -94,8 +115,9 @@ class Uploads:
     def discard(self, token: str) -> None:
         """Remove an upload (also one already published: then only its record goes)."""
         if _TOKEN.fullmatch(token):
-            self._open.pop(token, None)
-            shutil.rmtree(self.root / token, ignore_errors=True)
+            with self._lock:
+                self._open.pop(token, None)
+                shutil.rmtree(self.root / token, ignore_errors=True)
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Remove abandoned uploads; returns their tokens."""
@@ -109,8 +131,9 @@ class Uploads:
             except FileNotFoundError:  # published or discarded meanwhile (in a thread)
                 continue
             if now - mtime > self.settings.abandoned_after:
-                self._open.pop(folder.name, None)
-                shutil.rmtree(folder, ignore_errors=True)
+                with self._lock:
+                    self._open.pop(folder.name, None)
+                    shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
         return removed
 
