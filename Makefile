@@ -28,9 +28,9 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The quick loop: lint, then unit and integration tests (no VM).
+# The quick loop: lint, then unit and integration tests (no VM, no fuzz or soak).
 check: lint
-	$(VENV)/bin/pytest -q -m 'not vm' $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m 'not vm and not stress' $(PYTEST_ARGS)
 
 # Everything, the VM scenarios (tests/e2e) included.
 test: lint e2e-deps

@@ -90,20 +90,9 @@ class Ring:
             return list(self.entries)
         return list(itertools.islice(reversed(self.entries), max(count, 0)))[::-1]
 
-    def query(
-        self,
-        min_level: str = "debug",
-        max_level: str = "critical",
-        since: float | None = None,
-        until: float | None = None,
-        model: str | None = None,
-        contains: str | None = None,
-        after: int = 0,
-        limit: int | None = None,
-    ) -> list[Entry]:
-        return select(
-            self.snapshot(after), min_level, max_level, since, until, model, contains, limit
-        )
+    def query(self, after: int = 0, **filters: Any) -> list[Entry]:
+        """select(filters) over the entries after sequence number `after`."""
+        return select(self.snapshot(after), **filters)
 
 
 def select(
