@@ -12,7 +12,9 @@ import random
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
+from moltbotd.cgroups import GROUP_PREFIX
 from moltbotd.protocol import MoltError
 from moltctl.client import Client, ConnectError, ProtocolError
 from stress.daemon import SMALL_LOG_RING, Daemon
@@ -23,10 +25,16 @@ FROZEN_SECONDS = (0.2, 3.0)  # how long a SIGSTOPped worker stays stopped
 CONTROL_TIMEOUT = 120.0  # seconds for one control call (a switch loads a worker)
 
 
-def config(max_queue: int) -> str:
+CGROUPS = Path("/sys/fs/cgroup")
+# With --cgroups: every worker under a memory limit it stays far below, so that only
+# the chaos (memory.max lowered for a moment) OOM-kills one.
+LIMITED = "isolation: strict\nlimits:\n  memory: {limit: 512MiB}\n"
+
+
+def config(max_queue: int, cgroups: bool = False) -> str:
     """The soak's config file; a reload changes max_queue (applied at once)."""
     return (
-        SMALL_LOG_RING + "scheduling:\n"
+        SMALL_LOG_RING + (LIMITED if cgroups else "") + "scheduling:\n"
         f"  max_queue: {max_queue}\n"
         "  instances: {min: 1, max: 3, scale_down_after: 2s}\n"
     )
@@ -34,9 +42,10 @@ def config(max_queue: int) -> str:
 
 class Chaos(threading.Thread):
     def __init__(self, daemon: Daemon, seed: int, tally: Tally, stop: threading.Event,
-                 period: float) -> None:  # fmt: skip
+                 period: float, cgroups: bool = False) -> None:  # fmt: skip
         super().__init__(name="chaos", daemon=True)
         self.daemon, self.tally, self.stop, self.period = daemon, tally, stop, period
+        self.cgroups = cgroups
         self.rng = random.Random(seed)
         self.control = Client(daemon.socket, CONTROL_TIMEOUT)
         self.seen: set[int] = set()  # every worker pid met
@@ -52,6 +61,8 @@ class Chaos(threading.Thread):
             "scale": self.scale,
             "reload (SIGHUP)": self.reload,
         }
+        if cgroups:
+            self.actions["OOM-kill a worker's cgroup"] = self.oom_kill
 
     def run(self) -> None:
         with self.control:
@@ -126,6 +137,32 @@ class Chaos(threading.Thread):
 
     def reload(self) -> str:
         assert self.daemon.config_path is not None
-        self.daemon.config_path.write_text(config(self.rng.choice([500, 1000, 2000])))
+        self.daemon.config_path.write_text(config(self.rng.choice([500, 1000, 2000]), self.cgroups))
         os.kill(self.daemon.pid, signal.SIGHUP)
         return "done"
+
+    def oom_kill(self) -> str:
+        """Lower a worker's memory.max to 0 for a moment: the kernel OOM-kills what its
+        group holds (the write returns once it has), then the daemon's limit is back."""
+        pid = self.pick_worker()
+        if pid is None:
+            return "no worker"
+        try:
+            group = CGROUPS / worker_group(pid)
+            if not group.name.startswith(GROUP_PREFIX):  # never the daemon's own group
+                return "no model group"
+            limit = (group / "memory.max").read_text()
+            (group / "memory.max").write_text("0")
+        except (OSError, ValueError):  # it died meanwhile, or has no group
+            return "no worker"
+        with contextlib.suppress(OSError):  # the daemon removed the group meanwhile
+            (group / "memory.max").write_text(limit)
+        return "done"
+
+
+def worker_group(pid: int) -> str:
+    """A process's cgroup v2 path, relative to the hierarchy's root."""
+    line = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[0]
+    if not line.startswith("0::/"):
+        raise ValueError(f"pid {pid} is not in a cgroup v2 group: {line}")
+    return line[4:]

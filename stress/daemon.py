@@ -41,9 +41,11 @@ class Daemon:
         config: str | None = None,
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.dir = tmp_path
         self.args = args
+        self.wrapper = wrapper  # a command that execs the daemon's (systemd-run --scope)
         self.env = {**os.environ, **(env or {})}
         self.socket = tmp_path / "moltbotd.sock"
         self.models_dir = models_dir
@@ -61,7 +63,7 @@ class Daemon:
                 "--state-dir", str(self.state_dir)]  # fmt: skip
         if self.config_path:
             argv += ["--config", str(self.config_path)]
-        return argv + list(self.args)
+        return [*self.wrapper, *argv, *self.args]
 
     def start(self, wait: bool = True) -> "Daemon":
         with self.log_path.open("ab") as log:
@@ -121,7 +123,10 @@ class Daemon:
 
 @contextlib.contextmanager
 def running_daemon(
-    fill: Callable[[Path], None], config: str | None = None, keep_log: Path | None = None
+    fill: Callable[[Path], None],
+    config: str | None = None,
+    keep_log: Path | None = None,
+    wrapper: tuple[str, ...] = (),
 ) -> Iterator[Daemon]:
     """A started daemon on a temporary folder whose model repository `fill` writes; the
     whole process group is killed on the way out, whatever happened, and its log is
@@ -129,7 +134,7 @@ def running_daemon(
     with tempfile.TemporaryDirectory(prefix="moltbot-stress-") as tmp:
         models = Path(tmp) / "models"
         fill(models)
-        daemon = Daemon(Path(tmp), models, config)
+        daemon = Daemon(Path(tmp), models, config, wrapper=wrapper)
         try:
             yield daemon.start()
         finally:

@@ -8,7 +8,9 @@ sending pipelined infer frames matched by id, an AsyncClient shared by several t
 and blocking Client(direct=True) clients (direct channels to the workers). Every
 request carries its own tag in x and its answer is checked against the version that
 answered. Meanwhile stress.chaos SIGKILLs and SIGSTOPs workers, switches, starts
-canaries, promotes, rolls back, scales and reloads (SIGHUP).
+canaries, promotes, rolls back, scales and reloads (SIGHUP). With --cgroups (systemd as
+PID 1, as in the VM scenarios) the daemon runs in a delegated scope with isolation:
+strict, and the chaos also OOM-kills workers through their cgroup's memory.max.
 
 At the end the clients stop sending and wait --drain seconds for what is owed; the
 soak puts the models back as they started (rollback of a canary, the first versions,
@@ -16,9 +18,10 @@ autoscaling) and waits for one worker each before it measures again.
 
 Targets (exit status 1 when one is missed): no request never answered, duplicated or
 answered wrongly (per client kind; control calls too), no traceback in the daemon log,
-no worker alive after the daemon stopped, no more daemon fds at the end than at the
-start (both without clients and with one worker per model), daemon RSS growth under 5 %
-from after the warm-up (--warmup, 10 % of the run by default) to the end.
+no worker alive after the daemon stopped, no model cgroup left without a worker once the
+models settled (--cgroups), no more daemon fds at the end than at the start (both
+without clients and with one worker per model), daemon RSS growth under 5 % from after
+the warm-up (--warmup, 10 % of the run by default) to the end.
 """
 
 import argparse
@@ -29,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from moltbotd.cgroups import GROUP_PREFIX
 from moltbotd.protocol import MoltError
 from moltctl.client import Client
 from stress.chaos import CONTROL_TIMEOUT, Chaos, config
@@ -41,6 +45,9 @@ RSS_GROWTH = 5.0  # percent
 SETTLE = 60.0  # seconds for the models to be back to one ready worker each
 KINDS = ("raw socket", "AsyncClient", "Client(direct=True)")
 CONTROL = "control calls"
+# The daemon in a transient scope of its own, with its cgroup delegated (as Delegate=yes
+# in moltbotd.service); systemd-run execs it, so the pid is the daemon's.
+SCOPE = ("systemd-run", "--scope", "--quiet", "--property=Delegate=yes", "--")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Settings:
     warmup: float | None = None  # seconds before the RSS baseline; None: a tenth of the run
     drain: float = 30.0  # seconds the clients wait at the end for answers owed
     log: Path | None = None  # keep the daemon's log here
+    cgroups: bool = False  # in a delegated systemd scope; OOM kills through cgroups
 
     def warmup_seconds(self) -> float:
         return self.warmup if self.warmup is not None else max(5.0, self.seconds / 10)
@@ -70,18 +78,22 @@ class Measures:
     crashed: int | None = None
     exit_status: int | None = None
     leaked: tuple[int, ...] = ()
+    leaked_groups: tuple[str, ...] | None = None  # None: no cgroups in use
     logged: tuple[str, ...] = ()
 
 
 def soak(settings: Settings) -> Outcome:
-    with running_daemon(write_soak_repository, config(1000), settings.log) as daemon:
+    wrapper = SCOPE if settings.cgroups else ()
+    repository, first = write_soak_repository, config(1000, settings.cgroups)
+    with running_daemon(repository, first, settings.log, wrapper) as daemon:
         measures = Measures(fds(daemon.pid))
         with daemon.client(CONTROL_TIMEOUT) as control:
             initial = {m["name"]: m["active_version"] for m in control.status()["models"]}
         tallies = {kind: Tally() for kind in (*KINDS, CONTROL)}
         stop = threading.Event()
         pace = Pace(stop, time.monotonic() + settings.seconds, interval=1 / settings.rate)
-        chaos = Chaos(daemon, settings.seed, tallies[CONTROL], stop, settings.chaos_period)
+        chaos = Chaos(daemon, settings.seed, tallies[CONTROL], stop, settings.chaos_period,
+                      settings.cgroups)  # fmt: skip
         loads = clients(daemon, settings, tallies, pace)
         for thread in [*loads, chaos]:
             thread.start()
@@ -124,6 +136,7 @@ def finish(daemon: Daemon, initial: dict[str, str], seen: set[int], measures: Me
     measures.crashed = daemon.proc.poll()
     if measures.crashed is None:
         measures.settled = restore(daemon, initial)
+        measures.leaked_groups = empty_groups(daemon)
         measures.rss_end, measures.fds_end = rss_kb(daemon.pid), quiet_fds(daemon.pid)
         seen.update(daemon.workers())
         with contextlib.suppress(Exception):
@@ -151,6 +164,17 @@ def restore(daemon: Daemon, initial: dict[str, str]) -> bool:
                 return True
             time.sleep(0.2)
     return False
+
+
+def empty_groups(daemon: Daemon) -> tuple[str, ...] | None:
+    """Model groups without a process: left behind by a version that stopped. None
+    where the daemon enforces no limits."""
+    with daemon.client(CONTROL_TIMEOUT) as control:
+        subtree = control.status()["isolation"]["cgroup"]
+    if subtree is None:
+        return None
+    groups = Path(subtree).glob(GROUP_PREFIX + "*")
+    return tuple(sorted(g.name for g in groups if not (g / "cgroup.procs").read_text().split()))
 
 
 def settled(control: Client, initial: dict[str, str]) -> bool:
@@ -208,6 +232,9 @@ def daemon_figures(m: Measures) -> list[Figure]:
         ),
         Figure("daemon exit status at stop", str(m.exit_status)),
     ]
+    if m.leaked_groups is not None:
+        leaked = ", ".join(m.leaked_groups) or "none"
+        figures.append(Figure("model cgroups left empty", leaked, "none", not m.leaked_groups))
     if m.fds_end is not None:
         start, end = sum(m.fds_start.values()), sum(m.fds_end.values())
         figures += [
@@ -240,10 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, help="seconds (default: a tenth of the run)")
     parser.add_argument("--drain", type=float, default=defaults.drain)
     parser.add_argument("--log", type=Path, help="keep the daemon's log here")
+    parser.add_argument("--cgroups", action="store_true",
+                        help="run the daemon in a delegated systemd scope (systemd as PID 1)"
+                        " and OOM-kill workers through their cgroup")  # fmt: skip
     args = parser.parse_args(argv)
     settings = Settings(seconds=args.minutes * 60, seed=args.seed, rate=args.rate,
                         chaos_period=args.chaos_period, warmup=args.warmup,
-                        drain=args.drain, log=args.log)  # fmt: skip
+                        drain=args.drain, log=args.log, cgroups=args.cgroups)  # fmt: skip
     outcome = soak(settings)
     print(outcome.text)
     return 0 if outcome.ok else 1

@@ -124,10 +124,21 @@ def cgroup_layout() -> None:
     check("status-shows-limits-enforced", headline.endswith(": limits enforced"), headline)
 
 
+PINNED = "\n  demo:\n    version: v1.0\n"  # the package's config (packaging/deb/build)
+SCALABLE = PINNED + "    instances: {max: 2, scale_down_after: 2s}\n"
+
+
 def instances_in_one_group() -> None:
     """moltctl scale: two worker processes of one version, both in the version's group."""
     group = UNIT_CGROUP / "model-demo-v2.0"
-    out = sh("moltctl scale demo 2")
+    # instances.max bounds `moltctl scale`; raise it as the refusal says: config, then reload
+    shipped = CONFIG.read_text()
+    if PINNED not in shipped:
+        raise RuntimeError(f"{CONFIG} has no entry{PINNED!r} to add instances to:\n{shipped}")
+    CONFIG.write_text(shipped.replace(PINNED, SCALABLE, 1))
+    sh("systemctl reload moltbotd")
+    scaled = wait_until(lambda: run("moltctl", "scale", "demo", "2").returncode == 0, 30)
+    out = sh("moltctl status demo | head -3")
     with Client(SOCKET) as c:
         ready = wait_until(
             lambda: [i["state"] for i in worker(c, "demo")["instances"]] == ["ready"] * 2, 60
@@ -136,7 +147,7 @@ def instances_in_one_group() -> None:
         answers = [c.infer("demo", {"x": [[1, 2, 3, 4]]})["y"][0, 0] for _ in range(20)]
     procs = (group / "cgroup.procs").read_text().split()
     check("scale-2-instances-in-the-model-group",
-          ready and len(set(pids)) == 2 and all(str(p) in procs for p in pids)
+          scaled and ready and len(set(pids)) == 2 and all(str(p) in procs for p in pids)
           and answers == [10.0] * 20, f"{out}; pids {pids}; {group}: {procs}")  # fmt: skip
     sh("moltctl scale demo auto")
     with Client(SOCKET) as c:
@@ -144,6 +155,8 @@ def instances_in_one_group() -> None:
     gone = wait_until(lambda: str(pids[-1]) not in (group / "cgroup.procs").read_text().split(), 30)
     check("scale-auto-returns-to-one-instance", back and gone,
           f"{(group / 'cgroup.procs').read_text().split()}")  # fmt: skip
+    CONFIG.write_text(shipped)
+    sh("systemctl reload moltbotd")
 
 
 # --- versions: state across kill -9, deploy through the sandbox, rollback ---------------------
@@ -285,6 +298,27 @@ def oom_kill_contained() -> None:
     check("unit-survives-oom", sh("systemctl is-active moltbotd") == "active")
 
 
+# --- the chaos soak under systemd ------------------------------------------------------------
+
+SOAK_LOG = Path("/tmp/soak-daemon.log")
+
+
+def soak_with_oom_kills() -> None:
+    """stress.soak's short form with its daemon in a delegated scope (isolation: strict),
+    the chaos also OOM-killing workers through their group's memory.max. Slower load
+    and chaos than on a host: this VM is emulated."""
+    done = run(sys.executable, "-m", "stress.soak", "--minutes", "1", "--seed", "14",
+               "--rate", "10", "--chaos-period", "1.5", "--warmup", "15", "--drain", "30",
+               "--cgroups", "--log", str(SOAK_LOG), timeout=900)  # fmt: skip
+    check("soak-under-systemd-meets-every-target", done.returncode == 0,
+          done.stdout[-4000:] + done.stderr[-2000:])  # fmt: skip
+    kills = re.search(r"OOM-kill a worker's cgroup: done +(\d+)", done.stdout)
+    log = SOAK_LOG.read_text(errors="replace") if SOAK_LOG.exists() else ""
+    check("soak-oom-kills-reported-as-memory-limit",
+          bool(kills) and "was killed by its memory limit 512.0MiB" in log,
+          f"chaos: {kills[0] if kills else 'no OOM kill'}")  # fmt: skip
+
+
 class Stream(threading.Thread):
     """A steady stream of requests to the demo model, counting failures."""
 
@@ -313,7 +347,7 @@ def main() -> int:
                            ("versions", versions_under_systemd),
                            ("test-models", install_test_models), ("cpu", cpu_quota),
                            ("io", io_limits), ("reload", live_reload),
-                           ("oom", oom_kill_contained)]:  # fmt: skip
+                           ("oom", oom_kill_contained), ("soak", soak_with_oom_kills)]:  # fmt: skip
         print(f"INFO scenario {name} at {time.monotonic():.0f}s", flush=True)
         attempt(name, scenario)
     (HOST / "results.json").write_text(json.dumps(results, indent=1))

@@ -69,6 +69,11 @@ def vm(built: Path, tmp_path_factory) -> dict:
     save(memory_hog_model(), share / "models", "hog", "v1")
     for name in ("guest.sh", "guest.py"):
         shutil.copy(HERE / name, share / name)
+    # the soak's package and the test models it imports, for the package's own Python
+    shutil.copytree(ROOT / "stress", share / "stress", ignore=shutil.ignore_patterns("__pycache__"))
+    (share / "tests").mkdir()
+    for name in ("__init__.py", "models.py"):
+        shutil.copy(ROOT / "tests" / name, share / "tests" / name)
     done = boot(share, "guest.sh")
     results = share / "results.json"
     assert results.exists(), f"the VM run left no results (exit {done.returncode})"
@@ -127,6 +132,10 @@ def test_io_max_on_the_right_device(vm):
 
 def test_live_reload_changes_limits_without_restart(vm):
     passed(vm, "reload-changes-cpu.max-same-pid")
+
+
+def test_chaos_soak_with_oom_kills_through_cgroups(vm):
+    passed(vm, "soak-under-systemd-meets-every-target", "soak-oom-kills-reported-as-memory-limit")
 
 
 def test_oom_kill_is_contained(vm):
