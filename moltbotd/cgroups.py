@@ -24,8 +24,9 @@ class CgroupError(Exception):
     """The cgroup hierarchy cannot be used as needed; the message says what to do."""
 
 
-def own_group(proc: Path = Path("/proc")) -> Path:
-    """The directory of this process's cgroup v2 group (from mountinfo and /proc/self/cgroup)."""
+def own_group(proc: Path = Path("/proc"), pid: int | str = "self") -> Path:
+    """The directory of this process's cgroup v2 group, or pid's (from mountinfo and
+    /proc/PID/cgroup)."""
     mount = None
     for line in (proc / "self" / "mountinfo").read_text().splitlines():
         fields = line.split(" - ", 1)
@@ -34,10 +35,10 @@ def own_group(proc: Path = Path("/proc")) -> Path:
             break
     if mount is None:
         raise CgroupError("no cgroup v2 hierarchy is mounted (this needs a unified cgroup v2 host)")
-    for line in (proc / "self" / "cgroup").read_text().splitlines():
+    for line in (proc / str(pid) / "cgroup").read_text().splitlines():
         if line.startswith("0::"):
             return mount / line[3:].lstrip("/")
-    raise CgroupError(f"{proc}/self/cgroup has no cgroup v2 entry (0::)")
+    raise CgroupError(f"{proc}/{pid}/cgroup has no cgroup v2 entry (0::)")
 
 
 def problems(group: Path, needed: tuple[str, ...] = CONTROLLERS) -> list[str]:

@@ -60,7 +60,7 @@ class Uploads:
         self.root = models_dir / INCOMING
         self.settings = settings or UploadSettings()
         self._open: dict[str, _Received] = {}
-        self._lock = threading.RLock()  # write inside discard, when a first chunk fails
+        self._lock = threading.RLock()  # write calls discard when a first chunk fails
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="uploads")
 
     async def receive(self, token: str | None, path: str, offset: int, data: bytes,

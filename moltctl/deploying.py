@@ -66,9 +66,10 @@ def send_folder(client: Client, folder: Path, model: str, version: str, options:
     size = max(1, min(CHUNK_BYTES, max_frame - FRAME_OVERHEAD))
     token: str | None = None
     hashes = {}
-    total = sum(path.stat().st_size for path in files.values())  # refused before a byte if big
+    sizes = {relative: path.stat().st_size for relative, path in files.items()}
+    total = sum(sizes.values())  # announced: a folder too big is refused before a byte
     for relative, path in files.items():
-        on_file(relative, path.stat().st_size)
+        on_file(relative, sizes[relative])
         offset = 0
         for chunk in chunks(path, size):
             announced = total if token is None else None

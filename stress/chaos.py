@@ -12,9 +12,8 @@ import random
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
-from moltbotd.cgroups import GROUP_PREFIX
+from moltbotd.cgroups import GROUP_PREFIX, CgroupError, own_group
 from moltbotd.protocol import MoltError
 from moltctl.client import Client, ConnectError, ProtocolError
 from stress.daemon import SMALL_LOG_RING, Daemon
@@ -25,7 +24,6 @@ FROZEN_SECONDS = (0.2, 3.0)  # how long a SIGSTOPped worker stays stopped
 CONTROL_TIMEOUT = 120.0  # seconds for one control call (a switch loads a worker)
 
 
-CGROUPS = Path("/sys/fs/cgroup")
 # With --cgroups: every worker under a memory limit it stays far below, so that only
 # the chaos (memory.max lowered for a moment) OOM-kills one.
 LIMITED = "isolation: strict\nlimits:\n  memory: {limit: 512MiB}\n"
@@ -148,21 +146,13 @@ class Chaos(threading.Thread):
         if pid is None:
             return "no worker"
         try:
-            group = CGROUPS / worker_group(pid)
+            group = own_group(pid=pid)
             if not group.name.startswith(GROUP_PREFIX):  # never the daemon's own group
                 return "no model group"
             limit = (group / "memory.max").read_text()
             (group / "memory.max").write_text("0")
-        except (OSError, ValueError):  # it died meanwhile, or has no group
+        except (OSError, CgroupError):  # it died meanwhile, or has no group
             return "no worker"
         with contextlib.suppress(OSError):  # the daemon removed the group meanwhile
             (group / "memory.max").write_text(limit)
         return "done"
-
-
-def worker_group(pid: int) -> str:
-    """A process's cgroup v2 path, relative to the hierarchy's root."""
-    line = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[0]
-    if not line.startswith("0::/"):
-        raise ValueError(f"pid {pid} is not in a cgroup v2 group: {line}")
-    return line[4:]

@@ -51,6 +51,18 @@ def test_own_group_joins_the_cgroup2_mount_and_the_0_line(tmp_path):
     assert own_group(proc) == mount / "system.slice" / "moltbotd.service"
 
 
+def test_own_group_of_another_process_reads_its_cgroup_file(tmp_path):
+    mount = tmp_path / "cgroupfs"
+    proc = fake_proc(tmp_path, mount)
+    (proc / "4242").mkdir()
+    (proc / "4242" / "cgroup").write_text(f"0::/{SERVICE}/model-demo-v1\n")
+    assert own_group(proc, pid=4242) == mount / SERVICE / "model-demo-v1"
+    (proc / "4243").mkdir()
+    (proc / "4243" / "cgroup").write_text("1:name=systemd:/\n")
+    with pytest.raises(CgroupError, match=r"/4243/cgroup has no cgroup v2 entry"):
+        own_group(proc, pid=4243)
+
+
 def test_own_group_in_the_root_group_is_the_mount_point(tmp_path):
     mount = tmp_path / "cgroupfs"
     proc = fake_proc(tmp_path, mount, cgroup_line="0::/")
