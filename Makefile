@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-RUN_DIR := $(CURDIR)/run
+RUN_DIR ?= $(CURDIR)/run
 SOCKET := $(RUN_DIR)/moltbotd.sock
 PYTEST_ARGS ?=
 
@@ -22,7 +22,8 @@ demo: venv
 # Serve the demo repository in the foreground; in another terminal:
 #   export MOLTBOT_SOCKET=$(SOCKET); .venv/bin/moltctl status
 run: demo
-	$(VENV)/bin/moltbotd --socket $(SOCKET) --models-dir $(RUN_DIR)/models --state-dir $(RUN_DIR)/state
+	$(VENV)/bin/moltbotd --config etc/demo.yaml --socket $(SOCKET) --models-dir $(RUN_DIR)/models \
+	  --state-dir $(RUN_DIR)/state
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -98,6 +98,19 @@ def unlimited_or(convert: Converter, doc: str) -> Converter:
     return wrapped
 
 
+AUTO = "auto"  # a memory limit derived from the host's memory (moltbotd.limits.resolve)
+
+
+def auto_or(convert: Converter) -> Converter:
+    """'auto' stays 'auto' (resolved when a worker's limits are computed), else `convert`."""
+
+    def wrapped(value: Any) -> Any:
+        return AUTO if value == AUTO else convert(value)
+
+    wrapped.__doc__ = f"{convert.__doc__}, or auto"
+    return wrapped
+
+
 def cpu_share(value: Any) -> float:
     """'150%' or 1.5 -> 1.5 CPUs."""
     expected = "a CPU share such as 150% or 1.5 (CPUs), from 1% to 100000%"
@@ -231,13 +244,16 @@ class CpuLimits:
 
 @dataclass(frozen=True)
 class MemoryLimits:
-    limit: int | None = setting(
-        None,
-        unlimited_or(size, "size"),
-        "hard limit: the worker is OOM-killed above it (memory.max)",
+    limit: int | str | None = setting(
+        AUTO,
+        auto_or(unlimited_or(size, "size")),
+        "hard limit: the worker is OOM-killed above it (memory.max); auto: 80% of the host's"
+        " memory shared equally by the models served",
     )
-    high: int | None = setting(
-        None, unlimited_or(size, "size"), "throttled and reclaimed above it (memory.high)"
+    high: int | str | None = setting(
+        AUTO,
+        auto_or(unlimited_or(size, "size")),
+        "throttled and reclaimed above it (memory.high); auto: 90% of the limit",
     )
     swap: int | None = setting(
         None, unlimited_or(size, "size"), "swap it may use (memory.swap.max)"

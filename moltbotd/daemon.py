@@ -30,6 +30,7 @@ from moltbotd.repository import scan
 from moltbotd.rollout import Rollout
 from moltbotd.server import Reloader, Server, StartError
 from moltbotd.supervisor import Supervisor
+from moltbotd.units import plural
 
 # Exit statuses. systemd's unit refuses to restart on 78 and 69 (RestartPreventExitStatus):
 # retrying cannot fix them. Anything else that stops a start (a full disk, a permission,
@@ -134,7 +135,7 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     if starting.done():
         health = supervisor.health()["models"]
         failed = sum(state != "ready" for state in health.values())
-        summary = f"serving {len(health) - failed} models, {failed} failed"
+        summary = f"serving {plural(len(health) - failed, 'model')}, {failed} failed"
         notifier.notify(f"READY=1\nSTATUS={summary}")
         log.info(f"moltbotd {__version__} ready: {summary}", socket=str(config.socket))
         watchdog = loop.create_task(keep_watchdog_fed(notifier))

@@ -4,6 +4,7 @@ Pure functions (the disk lookup reads /sys, a parameter in tests): what a given 
 writes is decided here and tested without a kernel.
 """
 
+import dataclasses
 import math
 import os
 import stat
@@ -11,13 +12,50 @@ from pathlib import Path
 from typing import Any
 
 from moltbotd.cgroups import Group
-from moltbotd.config import Limits
-from moltbotd.units import format_size
+from moltbotd.config import AUTO, Limits
+from moltbotd.units import format_size, plural
+
+MODELS_SHARE = 0.8  # of the host's memory, for the models together: the rest is the system's
+HIGH_OF_LIMIT = 0.9  # memory.high below memory.max: reclaimed and slowed before an OOM kill
+MiB = 2**20
+
+
+def host_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The host's physical memory (MemTotal) in bytes."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"{meminfo} has no MemTotal line")
+
+
+def resolve(limits: Limits, host_bytes: int, models: int) -> tuple[Limits, str | None]:
+    """Limits with `auto` memory settings made numbers, and how (None: nothing derived).
+
+    auto gives each of `models` served models an equal share of MODELS_SHARE of the
+    host's memory, so that no model can take the memory the others and the system need.
+    """
+    mem = limits.memory
+    if AUTO not in (mem.limit, mem.high):
+        return limits, None
+    how = None
+    limit = mem.limit
+    if limit == AUTO:
+        limit = round(host_bytes * MODELS_SHARE / max(1, models)) // MiB * MiB
+        how = (f"auto: {MODELS_SHARE:.0%} of the host's {format_size(host_bytes)}"
+               f" over {plural(models, 'model')}")  # fmt: skip
+    high = mem.high
+    if high == AUTO:
+        high = None if limit is None else round(limit * HIGH_OF_LIMIT) // MiB * MiB
+        how = how or (None if limit is None else f"high auto: {HIGH_OF_LIMIT:.0%} of the limit")
+    memory = dataclasses.replace(mem, limit=limit, high=high)
+    return dataclasses.replace(limits, memory=memory), how
 
 
 def files_for(limits: Limits, io_device: str | None) -> dict[str, str]:
     """The cgroup files and values that put `limits` in force; unset limits write 'max'."""
     cpu, mem, io = limits.cpu, limits.memory, limits.io
+    if AUTO in (mem.limit, mem.high):
+        raise ValueError("memory limits still say auto: resolve() them first")
     period_us = round(cpu.period * 1e6)
     quota = "max" if cpu.quota is None else str(round(cpu.quota * period_us))
     files = {
@@ -69,10 +107,11 @@ def disk_of(path: Path, sys_root: Path = Path("/sys")) -> str:
     return number
 
 
-def describe(limits: Limits) -> dict[str, Any]:
-    """The limits in force, as status shows them (None: unlimited)."""
+def describe(limits: Limits, memory_how: str | None = None) -> dict[str, Any]:
+    """The limits in force, as status shows them (None: unlimited); memory_how: resolve's."""
     cpu, mem, io = limits.cpu, limits.memory, limits.io
     return {
+        "memory_auto": memory_how,
         "cpu_quota_percent": None if cpu.quota is None else round(cpu.quota * 100, 1),
         "cpu_period_ms": cpu.period * 1e3,
         "cpu_weight": cpu.weight,

@@ -22,6 +22,7 @@ from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.scheduler import Pending, Queue, deadline_exceeded
 from moltbotd.signature import Signature
 from moltbotd.states import WorkerState
+from moltbotd.units import plural
 
 log = get_logger("pool")
 S = WorkerState
@@ -352,14 +353,18 @@ class Pool:
         target = self.manual if self.manual is not None else self._autoscale(live, now)
         while len(live) < target:
             live.append(self._add_instance())
-            self._event("scale-up", f"{self.label}: {len(live)} instances ({self._why()})")
+            self._event(
+                "scale-up", f"{self.label}: {plural(len(live), 'instance')} ({self._why()})"
+            )
         idle = [w for w in live[1:] if not w.inflight]
         while len(live) > target and idle:
             worker = idle.pop()
             live.remove(worker)
             self._retiring.add(worker)  # before the task runs: the next look must skip it
             asyncio.get_running_loop().create_task(self._retire(worker))
-            self._event("scale-down", f"{self.label}: {len(live)} instances ({self._why()})")
+            self._event(
+                "scale-down", f"{self.label}: {plural(len(live), 'instance')} ({self._why()})"
+            )
 
     def _autoscale(self, live: list[Worker], now: float) -> int:
         """The seeds' policy within one host: up by one when the queue stays above

@@ -58,6 +58,7 @@ class WorkerSpec:
     samples: tuple[Mapping[str, Any], ...] = ()  # model.yaml's warm-up inputs
     batched: bool = False  # requests may come concatenated: the model must allow it
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES  # for requests on direct channels
+    memory_auto: str | None = None  # how an `auto` memory limit was derived
 
     @property
     def label(self) -> str:
@@ -155,6 +156,7 @@ class Worker:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self._enter(S.STARTING)  # now, not when the task first runs: status shows it at once
         self._task = asyncio.get_running_loop().create_task(self._supervise())
         self._task.add_done_callback(self._supervision_ended)
 
@@ -174,7 +176,8 @@ class Worker:
     async def _supervise(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            await self._set(S.STARTING)
+            if self.state is not S.STARTING:  # start() entered it for the first spawn
+                await self._set(S.STARTING)
             try:
                 ready = await self._spawn_and_load()
             except OSError as exc:  # fork/exec, socketpair or cgroup placement refused
@@ -491,12 +494,15 @@ class Worker:
             await proc.wait()
 
     async def _set(self, new: WorkerState) -> None:
+        self._enter(new)
+        await self._notify()
+
+    def _enter(self, new: WorkerState) -> None:
         check_transition(self.state, new)
         old, self.state = self.state, new
         self.log.debug(f"{self.label} {old} -> {new}")
         if self.on_state:
             self.on_state(self)
-        await self._notify()
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait while the worker starts or backs off; raise if it cannot serve."""
@@ -606,7 +612,7 @@ class Worker:
             "restarts": self.counters.restarts,
             "signature": self.signature.to_wire() if self.signature else None,
             "session": asdict(self.spec.session),
-            "limits": describe(self.spec.limits),
+            "limits": describe(self.spec.limits, self.spec.memory_auto),
         }
 
 

@@ -38,6 +38,7 @@ from moltbotd.signature import compare
 from moltbotd.state import Canary, ModelState, fsync_dir, storage_error
 from moltbotd.states import WorkerState
 from moltbotd.supervisor import Model, Supervisor, exclusive, version_not_found
+from moltbotd.units import plural
 from moltbotd.uploads import Uploads
 
 log = get_logger("rollout")
@@ -186,7 +187,10 @@ class Rollout:
         """A ready worker of `version`, proven fit to replace the active one."""
         old = model.active
         keeps = f"; {old.spec.version} keeps serving" if old else ""
-        phases("validating", f"sha256 of {MODEL_FILE} against {MANIFEST_FILE}")
+        if manifest or (version_dir / MANIFEST_FILE).exists():
+            phases("validating", f"sha256 of {version}'s files against its {MANIFEST_FILE}")
+        else:
+            phases("validating", f"{version}'s files: not checked, it has no {MANIFEST_FILE}")
         checksum = "verified" if manifest else await _checksum(version_dir, keeps)
         phases("loading", f"{version} in a new worker")
         worker = self.sup.spawn(model, version, version_dir)
@@ -242,7 +246,7 @@ class Rollout:
         self.sup.models[model.name] = model
         drained = True
         if old:
-            phases("draining", f"{old.inflight} requests in flight on {previous}")
+            phases("draining", f"{plural(old.inflight, 'request')} in flight on {previous}")
             drained = await self.sup.retire(old, drain=True)
         log.info(f"model {model.name}: now serving {version}", model=model.name,
                  version=version, previous=previous)  # fmt: skip
@@ -326,7 +330,7 @@ class Rollout:
         target = self.sup.config.models_dir / name / version
         if target.exists():
             raise _already_exists(name, version, target)
-        phases("receiving", f"sha256 of {len(files)} files")
+        phases("receiving", f"sha256 of {plural(len(files), 'file')}")
         manifest = await self._received(folder, name, version, files, source, peer)
         found = await self._candidate(model, version, folder, force, phases, manifest)
         phases("publishing", f"{target}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from moltbotd.config import PRIORITIES, Batching
 from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.units import plural
 
 Reply = Callable[[Any], None]  # called once: the packed result (bytes) or a MoltError
 BatchKey = tuple[Any, ...] | None  # None: this request is never batched with another
@@ -102,7 +103,7 @@ def deadline_exceeded(label: str, item: Pending, now: float, queued: bool) -> Mo
 def overloaded(label: str, depth: int, limit: int) -> MoltError:
     return MoltError(
         ErrorCode.OVERLOADED,
-        f"{label} is overloaded: {depth} requests are waiting (max_queue {limit});"
+        f"{label} is overloaded: {plural(depth, 'request')} waiting (max_queue {limit});"
         " retry later, or raise max_queue or instances.max",
         {"queue_depth": depth, "max_queue": limit},
     )

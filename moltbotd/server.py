@@ -47,7 +47,7 @@ from moltbotd.protocol import (
 )
 from moltbotd.rollout import Progress, Rollout, no_progress
 from moltbotd.scheduler import request_options
-from moltbotd.units import format_size
+from moltbotd.units import format_size, plural
 
 log = get_logger("server")
 
@@ -373,7 +373,9 @@ class Server:
                 await asyncio.wait_for(self._idle.wait(), timeout)
         unfinished = sum(c.pending for c in self.clients.connections)
         if unfinished:
-            log.warning(f"{unfinished} requests still running after {timeout:g}s; closing anyway")
+            log.warning(
+                f"{plural(unfinished, 'request')} still running after {timeout:g}s; closing anyway"
+            )
         for connection in list(self.clients.connections):
             connection.close()
         with contextlib.suppress(FileNotFoundError):

@@ -22,7 +22,7 @@ from moltbotd.canary import CanaryRoute
 from moltbotd.cgroups import CgroupError
 from moltbotd.config import Config, ConfigError, Overrides, Scheduling
 from moltbotd.isolation import Isolation
-from moltbotd.limits import intra_op_threads
+from moltbotd.limits import host_memory, intra_op_threads, resolve
 from moltbotd.logs import get_logger
 from moltbotd.pool import Pool
 from moltbotd.process import Worker, WorkerSpec
@@ -32,6 +32,7 @@ from moltbotd.scheduler import Pending, overloaded
 from moltbotd.signature import check_inputs, check_output_names
 from moltbotd.state import ModelState, State, StateStore, storage_error
 from moltbotd.states import WorkerState
+from moltbotd.units import plural
 from moltbotd.uploads import Uploads
 
 log = get_logger("supervisor")
@@ -149,8 +150,10 @@ class Supervisor:
                 " has no version with a model.onnx",
                 model=name,
             )
+        for name in repo:  # all known before the first spawn: auto memory limits count them
+            self.models[name] = Model(name)
         for name, repo_model in repo.items():
-            self.start_model(Model(name), repo_model)
+            self.start_model(self.models[name], repo_model)
         await asyncio.gather(
             *(p.wait_ready(self.config.workers.start_timeout) for p in list(self.pools)),
             return_exceptions=True,
@@ -242,14 +245,16 @@ class Supervisor:
         saved before the bound existed, or before a lower max, is cut down to it)."""
         saved, most = self.state.model(name).instances, scheduling.instances.max
         if saved is not None and saved > most:
-            log.warning(f"model {name}: {saved} instances set by hand, above instances.max;"
-                        f" running {most}", model=name)  # fmt: skip
+            log.warning(f"model {name}: {plural(saved, 'instance')} set by hand, above"
+                        f" instances.max; running {most}", model=name)  # fmt: skip
             return most
         return saved
 
     def spec(self, name: str, version: str, version_dir: Path) -> tuple[WorkerSpec, Scheduling]:
         model_yaml = read_model_yaml(version_dir)
-        limits = self.config.limits_for(name, model_yaml)
+        served = len(self.models.keys() | self.starting.keys() | {name})
+        limits, memory_how = resolve(self.config.limits_for(name, model_yaml), host_memory(),
+                                     served)  # fmt: skip
         session = self.config.session_settings(name, model_yaml)
         threads = intra_op_threads(session.intra_op_threads, limits)
         session = dataclasses.replace(session, intra_op_threads=threads)
@@ -257,7 +262,7 @@ class Supervisor:
         batched = scheduling.batching.max_batch_size > 1
         path = version_dir / MODEL_FILE
         spec = WorkerSpec(name, version, path, session, limits, model_yaml.samples, batched,
-                          self.config.max_frame_bytes)  # fmt: skip
+                          self.config.max_frame_bytes, memory_how)  # fmt: skip
         return spec, scheduling
 
     async def retire(self, pool: Pool, drain: bool = False) -> bool:
@@ -525,7 +530,7 @@ class Supervisor:
         if instances is not None and instances > most:
             raise MoltError(
                 ErrorCode.BAD_REQUEST,
-                f"model {name} may run at most {most} instances (instances.max); to allow"
+                f"model {name} may run at most {plural(most, 'instance')} (instances.max); to allow"
                 f" more, raise models.{name}.instances.max in moltbotd.yaml and run"
                 " moltctl reload",
                 {"model": name, "max": most},
@@ -610,6 +615,7 @@ class Supervisor:
         models = [self.model(name)] if name else list(self.models.values())
         return {
             "uptime": time.time() - self.started,
+            "served": len(self.models),  # all of them, whichever `models` shows
             "models_dir": str(self.config.models_dir),
             "state_file": str(self.store.path),
             "isolation": self.isolation.status(),

@@ -92,3 +92,8 @@ def format_size(size: float) -> str:
             return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
         size /= 1024
     return f"{size:.1f}TiB"
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 model', '2 models'; many: the irregular plural ('entries')."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"

@@ -7,10 +7,11 @@ command checks the protocol version first). Exit codes:
   5 deploy refused for lack of room (disk space, upload limits: RESOURCE_EXHAUSTED).
 """
 
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from moltbotd import __version__
 from moltbotd.config import PRIORITIES
 from moltbotd.logs import LEVELS, parse_level, render_text
 from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.units import format_duration, format_size, parse_percent
+from moltbotd.units import format_duration, format_size, parse_percent, plural
 from moltctl.client import Client, ConnectError, ProtocolError
-from moltctl.deploying import DeployError, next_version, send_folder
+from moltctl.deploying import DeployError, folder_files, next_version, send_folder
 from moltctl.render import preview, table, to_json
 from moltctl.status_view import status_table
 from moltctl.when import parse_when
@@ -35,6 +36,7 @@ EXIT_UNAVAILABLE = 3
 EXIT_PROTOCOL = 4
 EXIT_NO_ROOM = 5  # a deploy the daemon has no room for: retrying as is cannot help
 FOLLOW_POLL_SECONDS = 0.5
+NPY_MAGIC = b"\x93NUMPY"
 
 # moltctl commands and the operations each one uses ("hello" runs before each of them).
 COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
@@ -94,6 +96,16 @@ class _Session:
         return self.client
 
 
+@contextlib.contextmanager
+def until_ctrl_c() -> Iterator[None]:
+    """Ctrl-C is how a repeating command (--interval, -f) is meant to end: exit 0, as
+    journalctl -f does; Ctrl-C anywhere else exits 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.exit(EXIT_OK)
+
+
 def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
         "-o",
@@ -119,15 +131,17 @@ def status(session: _Session, model: str | None, interval: float | None, count: 
     """Daemon and per-model state (optionally every --interval seconds)."""
     client = session()
     shown = 0
-    while True:
-        report = client.status(model)
-        click.echo(to_json(report) if output == "json" else status_table(report, not no_legend))
-        shown += 1
-        if interval is None or (count is not None and shown >= count):
-            return
-        time.sleep(interval)
-        if output == "table":
-            click.echo()
+    with until_ctrl_c():
+        while True:
+            report = client.status(model)
+            legend = not no_legend
+            click.echo(to_json(report) if output == "json" else status_table(report, legend))
+            shown += 1
+            if interval is None or (count is not None and shown >= count):
+                return
+            time.sleep(interval)
+            if output == "table":
+                click.echo()
 
 
 @cli.command()
@@ -171,7 +185,7 @@ def parse_input(text: str) -> tuple[str, Any]:
         file = Path(value[1:])
         try:
             if file.suffix == ".npy":
-                return name, np.load(file, allow_pickle=False)
+                return name, _load_npy(file)
             return name, json.loads(file.read_text())
         except (OSError, ValueError) as exc:
             raise click.BadParameter(f"input {name}: cannot read {file}: {exc}") from None
@@ -179,6 +193,33 @@ def parse_input(text: str) -> tuple[str, Any]:
         return name, json.loads(value)
     except ValueError as exc:
         raise click.BadParameter(f"input {name}: {value!r} is not JSON ({exc})") from None
+
+
+def _load_npy(file: Path) -> np.ndarray:
+    with file.open("rb") as stream:
+        if stream.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise ValueError("not a .npy file (numpy's format, as np.save writes it)")
+    try:
+        return np.load(file, allow_pickle=False)
+    except ValueError as exc:  # an array of Python objects, pickled by np.save
+        raise ValueError(f"a .npy file of Python objects cannot be sent ({exc})") from None
+
+
+def like_the_model(client: Client, model: str, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Arrays cast to the dtype the model's inputs take, where numpy calls the cast
+    same-kind (float64 to float32, int64 to int32; never float to int), as a JSON
+    number is converted: np.save writes float64 unless told otherwise."""
+    arrays = [n for n, v in feeds.items() if isinstance(v, np.ndarray) and v.dtype != object]
+    if not arrays:
+        return feeds
+    worker = client.status(model)["models"][0]["worker"] or {}
+    wanted = {i["name"]: i["dtype"] for i in (worker.get("signature") or {}).get("inputs", [])}
+    for name in arrays:
+        dtype = wanted.get(name)
+        have = feeds[name].dtype
+        if dtype and dtype != have.name and np.can_cast(have, dtype, "same_kind"):
+            feeds[name] = feeds[name].astype(dtype)
+    return feeds
 
 
 @cli.command()
@@ -190,7 +231,9 @@ def parse_input(text: str) -> tuple[str, Any]:
     multiple=True,
     required=True,
     metavar="NAME=@FILE|JSON",
-    help="an input: NAME=@file.npy, NAME=@file.json or NAME='[[1, 2]]'; repeatable",
+    help="an input: NAME=@file.npy, NAME=@file.json or NAME='[[1, 2]]'; repeatable. Numbers"
+    " become the model's dtype: a float64 .npy (np.save's default) is sent as float32 to a"
+    " float32 input; a cast numpy does not call same-kind (float to int) is refused",
 )
 @click.option("--version", "version", help="answer from this version (default: the active one)")
 @click.option("--output-name", "output_names", multiple=True, help="only these outputs")
@@ -205,7 +248,7 @@ def infer(session: _Session, model: str, inputs: tuple[str, ...], version: str |
           output_names: tuple[str, ...], priority: str | None, timeout_ms: float | None,
           direct: bool, output: str, no_legend: bool) -> None:  # fmt: skip
     """Run MODEL on the given inputs and show its outputs."""
-    feeds = dict(parse_input(text) for text in inputs)
+    feeds = like_the_model(session(), model, dict(parse_input(text) for text in inputs))
     session.client.direct = session.client.strict_direct = direct
     result = session().infer(model, feeds, version, list(output_names) or None, priority,
                              timeout_ms)  # fmt: skip
@@ -365,7 +408,8 @@ def _when_deployed(version: dict[str, Any]) -> str:
     type=click.Path(path_type=Path, file_okay=False),
     help="the model folder (same as PATH): model.onnx, optional model.yaml",
 )
-@click.option("--model", "model", help="model name (default: the only served model)")
+@click.option("--model", "model", help="model name (default: the folder's name if a model has"
+              " it, else the only served model)")  # fmt: skip
 @click.option("--version", "version", help="new version name (default: the newest plus one)")
 @click.option("--activate", is_flag=True, help="switch to it once deployed")
 @force_option
@@ -377,23 +421,28 @@ def deploy(session: _Session, path: Path | None, model_path: Path | None, model:
     """Copy a model folder into the repository as a new version, checked and validated.
 
     `moltctl deploy ./resnet --model resnet --version v3 --activate`, or
-    `moltctl deploy --model-path DIR`. A version that exists is never overwritten.
+    `moltctl deploy --model-path DIR`: the model DIR is named after (or the only served
+    one), as the version after its newest. A version that exists is never overwritten.
     """
     if (path is None) == (model_path is None):
         raise click.UsageError("give the model folder once: PATH or --model-path DIR")
     folder = path or model_path
     assert folder is not None
+    try:
+        files = folder_files(folder)  # before asking the daemon anything
+    except DeployError as exc:
+        raise click.UsageError(str(exc)) from None
     client = session()
-    model, version = _deploy_names(client, model, version)
+    model, version = _deploy_names(client, folder, model, version)
     click.echo(f"deploying {folder} as {model} {version}", err=True)
     try:
-        result = send_folder(client, folder, model, version,
+        result = send_folder(client, folder, files, model, version,
                              {"activate": activate, "force": force},
                              session.server["max_frame_bytes"],  # type: ignore[index]
                              lambda name, size: click.echo(f"  sending     {name}"
                                                            f" ({format_size(size)})", err=True),
                              show_progress)  # fmt: skip
-    except (DeployError, OSError) as exc:
+    except OSError as exc:  # a file changed or vanished while it was read
         raise click.UsageError(str(exc)) from None
     except MoltError as exc:
         if exc.code != ErrorCode.RESOURCE_EXHAUSTED:
@@ -402,14 +451,11 @@ def deploy(session: _Session, path: Path | None, model_path: Path | None, model:
     show_outcome(result, output)
 
 
-def _deploy_names(client: Client, model: str | None, version: str | None) -> tuple[str, str]:
+def _deploy_names(client: Client, folder: Path, model: str | None,
+                  version: str | None) -> tuple[str, str]:  # fmt: skip
     repo = client.models()["models"]
     if model is None:
-        served = [m["name"] for m in repo if m["served"]]
-        if len(served) != 1:
-            raise click.UsageError(f"{len(served)} models are served ({', '.join(served)}):"
-                                   " name one with --model")  # fmt: skip
-        model = served[0]
+        model = _model_of(folder, repo)
     versions = next((m["versions"] for m in repo if m["name"] == model), [])
     if version is None:
         try:
@@ -420,6 +466,19 @@ def _deploy_names(client: Client, model: str | None, version: str | None) -> tup
         raise click.UsageError(f"model {model} already has a version {version}; a deployed"
                                " version never changes: choose a new --version")  # fmt: skip
     return model, version
+
+
+def _model_of(folder: Path, repo: list[dict[str, Any]]) -> str:
+    """Without --model: the model the folder is named after, else the only served one."""
+    named = folder.resolve().name
+    if any(m["name"] == named for m in repo):
+        return named
+    served = [m["name"] for m in repo if m["served"]]
+    if len(served) != 1:
+        raise click.UsageError(f"{plural(len(served), 'model')} served ({', '.join(served)})"
+                               f" and none is named {named!r} like the folder:"
+                               " name the model with --model")  # fmt: skip
+    return served[0]
 
 
 @cli.command()
@@ -452,7 +511,9 @@ def scale(session: _Session, model: str, instances: str, output: str, no_legend:
         return
     pool = result["worker"]
     how = "set by hand" if pool["scaling"]["manual"] else "autoscaling"
-    click.echo(f"model {model} {pool['version']}: {len(pool['instances'])} instances ({how})")
+    click.echo(
+        f"model {model} {pool['version']}: {plural(len(pool['instances']), 'instance')} ({how})"
+    )
     columns = [("PID", "pid"), ("STATE", "state"), ("INFLIGHT", "inflight"),
                ("REQUESTS", "requests")]  # fmt: skip
     click.echo(table(pool["instances"], columns, not no_legend))
@@ -535,16 +596,21 @@ def logs(session: _Session, priority: str | None, filter_text: str | None, since
              "until": _when(until, now), "model": model, "contains": contains,
              "limit": lines or (10 if follow else None)}  # fmt: skip
     client = session()
-    while True:
-        result = client.logs(**query)
-        for entry in result["entries"]:
-            click.echo(json.dumps(entry) if output == "json" else
-                       render_text(entry["time"], entry["level"], entry["logger"],
-                                   entry["event"], entry["fields"]))  # fmt: skip
-        if not follow:
-            return
-        query.update(after=result["last_seq"], limit=None)
-        time.sleep(FOLLOW_POLL_SECONDS)
+    result = client.logs(**query)
+    if not result["entries"]:  # on stderr: stdout stays the entries, none here
+        click.echo(f"-- no entries match{' yet; following (Ctrl-C stops)' if follow else ''} --",
+                   err=True)  # fmt: skip
+    with until_ctrl_c():
+        while True:
+            for entry in result["entries"]:
+                click.echo(json.dumps(entry) if output == "json" else
+                           render_text(entry["time"], entry["level"], entry["logger"],
+                                       entry["event"], entry["fields"]))  # fmt: skip
+            if not follow:
+                return
+            query.update(after=result["last_seq"], limit=None)
+            time.sleep(FOLLOW_POLL_SECONDS)
+            result = client.logs(**query)
 
 
 def main() -> None:

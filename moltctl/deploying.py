@@ -25,6 +25,10 @@ class DeployError(Exception):
 
 def folder_files(folder: Path) -> dict[str, Path]:
     """Every regular file under folder by its relative path; links and the like refused."""
+    if not folder.exists():
+        raise DeployError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise DeployError(f"{folder} is not a folder: give the folder holding {MODEL_FILE}")
     if not (folder / MODEL_FILE).is_file():
         raise DeployError(f"{folder} has no {MODEL_FILE}")
     files = {}
@@ -58,11 +62,10 @@ def chunks(path: Path, size: int) -> Iterator[bytes]:
             yield chunk
 
 
-def send_folder(client: Client, folder: Path, model: str, version: str, options: dict[str, Any],
-                max_frame: int, on_file: Callable[[str, int], None],
+def send_folder(client: Client, folder: Path, files: dict[str, Path], model: str, version: str,
+                options: dict[str, Any], max_frame: int, on_file: Callable[[str, int], None],
                 on_progress: OnProgress | None) -> Any:  # fmt: skip
-    """Upload every file of folder, then deploy it; options: activate, force."""
-    files = folder_files(folder)
+    """Upload files (folder_files of folder), then deploy them; options: activate, force."""
     size = max(1, min(CHUNK_BYTES, max_frame - FRAME_OVERHEAD))
     token: str | None = None
     hashes = {}

@@ -3,7 +3,7 @@
 import time
 from typing import Any
 
-from moltbotd.units import format_duration, format_size
+from moltbotd.units import format_duration, format_size, plural
 from moltctl.render import table
 
 COLUMNS = [("MODEL", "model"), ("VERSION", "version"), ("STATE", "state"), ("PID", "pid"),
@@ -48,7 +48,7 @@ def _headline(report: dict[str, Any]) -> str:
     iso = report["isolation"]
     enforced = "limits enforced" if iso["enforced"] else "no limits enforced"
     return (f"{report['server']} (pid {report['pid']}), up {format_duration(report['uptime'])},"
-            f" {len(report['models'])} models, socket {report['socket']},"
+            f" {plural(report['served'], 'model')} served, socket {report['socket']},"
             f" isolation {iso['mode']}: {enforced}")  # fmt: skip
 
 
@@ -73,18 +73,7 @@ def _row(m: dict[str, Any], role: str | None = None) -> dict[str, Any]:
 def model_detail(worker: dict[str, Any]) -> list[str]:
     """Limits in force and the kernel's counters, for `moltctl status MODEL`."""
     lim, use = worker["limits"], worker.get("usage")
-    quota = lim["cpu_quota_percent"]
-    lines = [
-        "",
-        *scheduling_detail(worker),
-        f"limits   cpu {'max' if quota is None else f'{quota:g}%'} per"
-        f" {lim['cpu_period_ms']:g}ms, weight {lim['cpu_weight'] or 100}"
-        f" | memory max {_size(lim['memory_max'])}, high {_size(lim['memory_high'])},"
-        f" swap {_size(lim['memory_swap_max'])}"
-        f" | io read {_io(lim['io_read_bps'], lim['io_read_iops'])},"
-        f" write {_io(lim['io_write_bps'], lim['io_write_iops'])}"
-        f" | pids {lim['pids_max'] or 'max'}",
-    ]
+    lines = ["", *scheduling_detail(worker), f"limits   {limits_text(lim)}"]
     if not use:
         return [*lines, "usage    not measured: no cgroup (see isolation above)"]
     cpu = use["cpu_percent"]
@@ -110,9 +99,9 @@ def scheduling_detail(pool: dict[str, Any]) -> list[str]:
              f" priority {pool['priority']}; fallback {pool['fallback'] or 'none'}"]  # fmt: skip
     if batching["max_batch_size"] > 1:
         sizes = " ".join(f"{k}x{n}" for k, n in batching["batch_sizes"].items()) or "none yet"
-        mean = batching["mean_batch"]
+        mean, batches = batching["mean_batch"], plural(batching["batches"], "batch", "batches")
         lines.append(f"batching up to {batching['max_batch_size']} within"
-                     f" {batching['timeout_ms']:g}ms: {batching['batches']} batches"
+                     f" {batching['timeout_ms']:g}ms: {batches}"
                      f"{'' if mean is None else f', {mean:.1f} requests on average'};"
                      f" sizes {sizes}")  # fmt: skip
     how = (f"{scaling['manual']} set by hand" if scaling["manual"]
@@ -122,10 +111,28 @@ def scheduling_detail(pool: dict[str, Any]) -> list[str]:
     return [*lines, f"instances {len(pool['instances'])} ({how}): {each}"]
 
 
+def limits_text(lim: dict[str, Any]) -> str:
+    """One line: cpu | memory | io | pids, each 'unlimited' where nothing is set."""
+    quota = lim["cpu_quota_percent"]
+    cpu = "unlimited" if quota is None else f"{quota:g}% per {lim['cpu_period_ms']:g}ms"
+    memory = "unlimited" if lim["memory_max"] is None else (
+        f"{_size(lim['memory_max'])}, high {_size(lim['memory_high'])},"
+        f" swap {_size(lim['memory_swap_max'])}")  # fmt: skip
+    if lim.get("memory_auto"):
+        memory += f" ({lim['memory_auto']})"
+    read = _io(lim["io_read_bps"], lim["io_read_iops"])
+    write = _io(lim["io_write_bps"], lim["io_write_iops"])
+    io = "unlimited" if read == write == "unlimited" else f"read {read}, write {write}"
+    return (f"cpu {cpu}, weight {lim['cpu_weight'] or 100} | memory {memory} | io {io}"
+            f" | pids {lim['pids_max'] or 'unlimited'}")  # fmt: skip
+
+
 def _size(value: int | None) -> str:
-    return "max" if value is None else format_size(value)
+    return "unlimited" if value is None else format_size(value)
 
 
 def _io(bps: int | None, iops: int | None) -> str:
-    rate = "max" if bps is None else f"{format_size(bps)}/s"
-    return rate if iops is None else f"{rate} and {iops} IO/s"
+    if bps is None and iops is None:
+        return "unlimited"
+    rate = [f"{format_size(bps)}/s"] if bps is not None else []
+    return " and ".join(rate + ([f"{iops} IO/s"] if iops is not None else []))

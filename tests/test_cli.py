@@ -57,7 +57,7 @@ def test_status_interval_stops_quietly_on_ctrl_c(daemon):
     assert "demo" in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 130
+    assert proc.returncode == 0  # Ctrl-C is how it is meant to end, as journalctl -f's
     assert "Traceback" not in err
 
 
@@ -70,7 +70,10 @@ def test_switch_as_documented(daemon):
         r" switching \S+, draining \S+\)\n",
         out,
     ), out
-    assert "checksum not checked: " in out and "has no manifest.json" in out
+    assert "checksum" not in out  # the demo's versions carry their manifests
+    assert result.stderr.splitlines()[0] == (
+        "  validating  sha256 of v1.0's files against its manifest.json"
+    )
     phases = [line.split()[0] for line in result.stderr.splitlines()]
     assert phases == ["validating", "loading", "warming", "validating", "switching", "draining"]
     assert ok(run_moltctl("switch", "demo", "v1.0", socket=daemon.socket)) == (
@@ -81,6 +84,47 @@ def test_switch_as_documented(daemon):
                                        socket=daemon.socket)))  # fmt: skip
     assert result["version"] == "v2.0"
     assert result["outputs"]["y"]["data"] == [[10.0, 20.0, 30.0, 40.0]]
+
+
+def test_a_version_without_a_manifest_is_switched_to_and_says_so(daemon, models_dir):
+    copied = models_dir / "demo" / "v3.0"
+    copied.mkdir()
+    (copied / "model.onnx").write_bytes((models_dir / "demo" / "v1.0" / "model.onnx").read_bytes())
+    result = run_moltctl("switch", "demo", "v3.0", socket=daemon.socket)
+    assert result.stderr.splitlines()[0] == (
+        "  validating  v3.0's files: not checked, it has no manifest.json"
+    )
+    assert ok(result).splitlines()[1] == (
+        f"  checksum not checked: {copied} has no manifest.json (it was not deployed with moltctl)"
+    )
+
+
+def test_scale_shows_new_instances_starting_and_counts_in_words(daemon_factory):
+    daemon = daemon_factory("models:\n  demo:\n    instances: {max: 3}\n")
+    out = ok(run_moltctl("scale", "demo", "1", socket=daemon.socket))
+    assert out.splitlines()[0] == "model demo v2.0: 1 instance (set by hand)"
+    rows = [
+        line.split()
+        for line in ok(run_moltctl("scale", "demo", "3", socket=daemon.socket)).splitlines()[2:]
+    ]
+    assert [row[:2] for row in rows[1:]] == [["-", "starting"], ["-", "starting"]]  # no pid yet
+    assert rows[0][1] == "ready"
+    err = fails(run_moltctl("scale", "demo", "4", socket=daemon.socket), EXIT_ERROR)
+    assert "model demo may run at most 3 instances (instances.max)" in err
+
+
+def test_status_model_says_unlimited_and_how_auto_memory_was_derived(daemon_factory):
+    daemon = daemon_factory("models:\n  iris:\n    limits: {memory: {limit: max}}\n")
+    lines = ok(run_moltctl("status", "demo", socket=daemon.socket)).splitlines()
+    assert ", 4 models served, " in lines[0]  # the daemon's, though one is shown
+    (limits,) = [line for line in lines if line.startswith("limits ")]
+    assert re.fullmatch(
+        r"limits   cpu unlimited, weight 100 \| memory \S+iB, high \S+iB, swap unlimited"
+        r" \(auto: 80% of the host's \S+iB over 4 models\) \| io unlimited \| pids unlimited",
+        limits,
+    ), limits
+    iris = ok(run_moltctl("status", "iris", socket=daemon.socket))
+    assert "| memory unlimited | io unlimited |" in iris
 
 
 def test_switch_errors(daemon):
@@ -103,6 +147,30 @@ def test_infer_from_npy_file_and_json(daemon, tmp_path):
     assert iris["outputs"]["label"]["data"] == [0]
     assert iris["outputs"]["probabilities"]["dtype"] == "sequence"
     assert set(iris["outputs"]["probabilities"]["data"][0]) == {"0", "1", "2"}
+
+
+def test_infer_casts_a_npy_to_the_models_dtype_where_numpy_calls_it_same_kind(daemon, tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((2, 4)))  # float64: np.save's default
+    out = ok(run_moltctl("infer", "demo", "-i", f"x=@{tmp_path / 'x.npy'}", "-o", "json",
+                         socket=daemon.socket))  # fmt: skip
+    assert json.loads(out)["outputs"]["y"]["data"] == [[10.0] * 4] * 2
+    np.save(tmp_path / "i.npy", np.ones((1, 4), np.int64))  # int to float: same kind too
+    ok(run_moltctl("infer", "demo", "-i", f"x=@{tmp_path / 'i.npy'}", socket=daemon.socket))
+    np.save(tmp_path / "u.npy", np.full((1, 4), "a"))  # text to float: not the same kind
+    err = fails(run_moltctl("infer", "demo", "-i", f"x=@{tmp_path / 'u.npy'}",
+                            socket=daemon.socket), EXIT_ERROR)  # fmt: skip
+    assert "expected float32 with shape [N, 4], got dtype string [INVALID_INPUT]" in err
+
+
+def test_infer_refuses_a_file_that_is_not_npy_by_name(daemon, tmp_path):
+    (tmp_path / "x.npy").write_text("[[1, 2, 3, 4]]\n")
+    err = fails(run_moltctl("infer", "demo", "-i", f"x=@{tmp_path / 'x.npy'}",
+                            socket=daemon.socket), EXIT_USAGE)  # fmt: skip
+    assert f"cannot read {tmp_path / 'x.npy'}: not a .npy file (numpy's format" in err
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    err = fails(run_moltctl("infer", "demo", "-i", f"x=@{tmp_path / 'o.npy'}",
+                            socket=daemon.socket), EXIT_USAGE)  # fmt: skip
+    assert "a .npy file of Python objects cannot be sent" in err
 
 
 def test_infer_errors(daemon, tmp_path):
@@ -163,6 +231,16 @@ def test_logs_filters(daemon):
     assert "unknown log level 'loud'" in err
     err = fails(run_moltctl("logs", "--since", "last tuesday", socket=daemon.socket), EXIT_USAGE)
     assert "cannot read 'last tuesday' as a time" in err
+
+
+def test_logs_say_on_stderr_when_nothing_matches(daemon):
+    result = run_moltctl("logs", "--filter", "no such words", socket=daemon.socket)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "-- no entries match --\n")
+    proc = start_moltctl("logs", "-f", "--filter", "no such words", socket=daemon.socket)
+    assert proc.stderr.readline() == "-- no entries match yet; following (Ctrl-C stops) --\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert (proc.returncode, out, err) == (0, "", "")
 
 
 def test_logs_follow(daemon):

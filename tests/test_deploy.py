@@ -113,6 +113,21 @@ def test_deploy_model_path_as_documented(daemon, tmp_path, models_dir):
     assert report["sha256"] == sha256(again / "model.onnx")
 
 
+def test_deploy_without_model_takes_the_folders_name_among_several(daemon_factory, tmp_path,
+                                                                  models_dir):  # fmt: skip
+    save(scale_model(5.0), models_dir, "other", "v1")
+    daemon = daemon_factory()
+    named = model_folder(tmp_path / "build", "other", scale_model(6.0))
+    result = run_moltctl("deploy", "--model-path", str(named), socket=daemon.socket)
+    assert ok(result) == "other: v2 is ready\n"
+    assert f"deploying {named} as other v2" in result.stderr
+    src = model_folder(tmp_path, "src")
+    err = fails(run_moltctl("deploy", str(src), socket=daemon.socket), EXIT_USAGE)
+    assert ("2 models served (demo, other) and none is named 'src' like the folder: name the"
+            " model with --model") in err  # fmt: skip
+    assert versions_on_disk(models_dir) == ["v1.0", "v2.0"]
+
+
 def test_deploy_and_activate(daemon, tmp_path, models_dir):
     source = model_folder(tmp_path, "src")
     out = ok(run_moltctl("deploy", str(source), "--model", "demo", "--version", "v3",
@@ -160,7 +175,10 @@ def test_deploy_folder_without_model(daemon, tmp_path, models_dir):
     assert f"{empty} has no model.onnx" in err
     missing = tmp_path / "missing"
     err = fails(run_moltctl("deploy", str(missing), socket=daemon.socket), EXIT_USAGE)
-    assert f"{missing} has no model.onnx" in err
+    assert f"{missing}: no such folder" in err
+    (tmp_path / "file").write_bytes(b"x")
+    err = fails(run_moltctl("deploy", str(tmp_path / "file"), socket=daemon.socket), EXIT_USAGE)
+    assert f"Directory '{tmp_path / 'file'}' is a file" in err
     err = fails(run_moltctl("deploy", socket=daemon.socket), EXIT_USAGE)
     assert "give the model folder once" in err
     err = fails(run_moltctl("deploy", str(empty), "--model-path", str(empty),
@@ -423,6 +441,12 @@ def test_folder_files(tmp_path):
 
 def test_folder_files_refusals(tmp_path):
     folder = tmp_path / "src"
+    with pytest.raises(DeployError, match=r"src: no such folder$"):
+        folder_files(folder)
+    folder.write_bytes(b"x")
+    with pytest.raises(DeployError, match=r"src is not a folder: give the folder holding model"):
+        folder_files(folder)
+    folder.unlink()
     folder.mkdir()
     with pytest.raises(DeployError, match=r"has no model\.onnx"):
         folder_files(folder)

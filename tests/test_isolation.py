@@ -12,12 +12,19 @@ from moltbotd import isolation as isolation_module
 from moltbotd.cgroups import CgroupError, Group
 from moltbotd.config import CpuLimits, IoLimits, Limits, MemoryLimits
 from moltbotd.isolation import Isolation, release
-from moltbotd.limits import files_for
+from moltbotd.limits import files_for, resolve
 from moltbotd.logs import configure
 
 ADVICE = "run moltbotd under systemd with Delegate=yes (the shipped unit does)"
 SERVICE = "system.slice/moltbotd.service"
-IO_LIMITS = Limits(io=IoLimits(read_bps=10_000_000, write_iops=100, device="auto"))
+
+
+def resolved(**sections: object) -> Limits:
+    """Limits as the supervisor hands them on: auto memory made bytes (4 GiB, 2 models)."""
+    return resolve(Limits(**sections), 4 * 2**30, 2)[0]  # type: ignore[arg-type]
+
+
+IO_LIMITS = resolved(io=IoLimits(read_bps=10_000_000, write_iops=100, device="auto"))
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +117,7 @@ def test_off_never_reads_proc(tmp_path, logs):
 
 def test_off_places_nothing(tmp_path):
     isolation = Isolation.establish("off", tmp_path, proc=tmp_path / "no-proc")
-    assert isolation.place("demo", "v1.0", Limits(cpu=CpuLimits(quota=1.5))) is None
+    assert isolation.place("demo", "v1.0", resolved(cpu=CpuLimits(quota=1.5))) is None
 
 
 def test_best_effort_without_controllers_warns_once(partial_host, logs):
@@ -134,7 +141,7 @@ def test_best_effort_without_controllers_warns_once(partial_host, logs):
     # nothing was touched
     assert not (partial_host.group / "supervisor").exists()
     assert (partial_host.group / "cgroup.subtree_control").read_text() == ""
-    assert isolation.place("demo", "v1.0", Limits()) is None
+    assert isolation.place("demo", "v1.0", resolved()) is None
 
 
 def test_best_effort_joins_several_problems(partial_host, logs):
@@ -244,7 +251,7 @@ def test_strict_when_taking_over_fails(host):
 
 def test_place_writes_the_limits(host):
     isolation = host.establish("strict")
-    limits = Limits(cpu=CpuLimits(quota=1.5), memory=MemoryLimits(limit=512 * 2**20))
+    limits = resolved(cpu=CpuLimits(quota=1.5), memory=MemoryLimits(limit=512 * 2**20))
     group = isolation.place("demo", "v1.0", limits)
     assert group == Group(host.group / "model-demo-v1.0")
     assert group.path.is_dir()
@@ -257,7 +264,7 @@ def test_place_writes_the_limits(host):
 
 def test_place_sanitizes_the_name(host):
     isolation = host.establish("strict")
-    group = isolation.place("a/b", "v1", Limits())
+    group = isolation.place("a/b", "v1", resolved())
     assert group is not None
     assert group.path == host.group / "model-a_b-v1"
     assert (group.path / "cpu.max").read_text() == "max 100000"
@@ -265,9 +272,9 @@ def test_place_sanitizes_the_name(host):
 
 def test_apply_rewrites_the_limits(host):
     isolation = host.establish("strict")
-    group = isolation.place("demo", "v1.0", Limits(cpu=CpuLimits(quota=1.5)))
+    group = isolation.place("demo", "v1.0", resolved(cpu=CpuLimits(quota=1.5)))
     assert group is not None
-    isolation.apply(group, Limits(cpu=CpuLimits(quota=0.2)))
+    isolation.apply(group, resolved(cpu=CpuLimits(quota=0.2)))
     assert (group.path / "cpu.max").read_text() == "20000 100000"
 
 
@@ -308,14 +315,14 @@ def test_io_limits_off_a_block_device_in_strict(host):
 
 def test_io_limits_on_a_missing_device_in_strict(host):
     isolation = host.establish("strict")
-    limits = Limits(io=IoLimits(read_bps=1, device=str(host.models_dir / "no-such-device")))
+    limits = resolved(io=IoLimits(read_bps=1, device=str(host.models_dir / "no-such-device")))
     with pytest.raises(CgroupError, match=r"^cannot apply io limits: .*No such file"):
         isolation.place("demo", "v1.0", limits)
 
 
 def test_no_io_limits_need_no_disk(host, logs):
     isolation = host.establish("strict")
-    group = isolation.place("demo", "v1.0", Limits(io=IoLimits(device="/dev/nowhere")))
+    group = isolation.place("demo", "v1.0", resolved(io=IoLimits(device="/dev/nowhere")))
     assert group is not None
     assert not (group.path / "io.max").exists()
     assert levels(logs, "WARNING") == []
@@ -326,7 +333,7 @@ def test_no_io_limits_need_no_disk(host, logs):
 
 def test_usage_measures_cpu_between_calls(host, monkeypatch):
     isolation = host.establish("strict")
-    group = isolation.place("demo", "v1.0", Limits())
+    group = isolation.place("demo", "v1.0", resolved())
     assert group is not None
     (group.path / "cpu.stat").write_text("usage_usec 1000000\nnr_throttled 2\n")
     (group.path / "memory.current").write_text("4096\n")

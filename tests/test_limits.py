@@ -24,13 +24,17 @@ from moltbotd.limits import (
     disk_of,
     files_for,
     has_io_limits,
+    host_memory,
     intra_op_threads,
     memory_limit_text,
+    resolve,
 )
+from moltbotd.units import plural
 
 MiB = 2**20
 GiB = 2**30
 
+UNLIMITED = Limits(memory=MemoryLimits(limit=None, high=None))  # max everywhere
 FULL = Limits(
     cpu=CpuLimits(quota=1.5, period=0.1, weight=200),
     memory=MemoryLimits(limit=512 * MiB, high=400 * MiB, swap=0),
@@ -42,8 +46,8 @@ FULL = Limits(
 # --- files_for() ------------------------------------------------------------------------------
 
 
-def test_files_for_defaults_write_max_everywhere():
-    assert files_for(Limits(), None) == {
+def test_files_for_unlimited_writes_max_everywhere():
+    assert files_for(UNLIMITED, None) == {
         "cpu.max": "max 100000",
         "cpu.weight": "100",
         "memory.max": "max",
@@ -55,7 +59,9 @@ def test_files_for_defaults_write_max_everywhere():
 
 
 def test_files_for_defaults_with_a_device_writes_unlimited_io():
-    assert files_for(Limits(), "254:0")["io.max"] == ("254:0 rbps=max wbps=max riops=max wiops=max")
+    assert files_for(UNLIMITED, "254:0")["io.max"] == (
+        "254:0 rbps=max wbps=max riops=max wiops=max"
+    )
 
 
 def test_files_for_a_full_config():
@@ -86,7 +92,7 @@ def test_files_for_without_a_device_has_no_io_max():
     ],
 )
 def test_cpu_max(quota, period, expected):
-    limits = Limits(cpu=CpuLimits(quota=quota, period=period))
+    limits = Limits(cpu=CpuLimits(quota=quota, period=period), memory=UNLIMITED.memory)
     assert files_for(limits, None)["cpu.max"] == expected
 
 
@@ -122,8 +128,9 @@ def test_intra_op_threads(configured, quota, expected):
 # --- describe(), memory_limit_text() ----------------------------------------------------------
 
 
-def test_describe_defaults():
-    assert describe(Limits()) == {
+def test_describe_unlimited():
+    assert describe(UNLIMITED) == {
+        "memory_auto": None,
         "cpu_quota_percent": None,
         "cpu_period_ms": 100.0,
         "cpu_weight": None,
@@ -145,7 +152,8 @@ def test_describe_full():
         io=FULL.io,
         pids=FULL.pids,
     )
-    assert describe(limits) == {
+    assert describe(limits, "auto: how") == {
+        "memory_auto": "auto: how",
         "cpu_quota_percent": 150.0,
         "cpu_period_ms": 50.0,
         "cpu_weight": 200,
@@ -164,8 +172,51 @@ def test_describe_rounds_the_quota_percent():
     assert describe(Limits(cpu=CpuLimits(quota=1 / 3)))["cpu_quota_percent"] == 33.3
 
 
+def test_auto_memory_is_an_equal_share_of_80_percent_of_the_host():
+    limits, how = resolve(Limits(), 10 * GiB, 4)
+    assert limits.memory == MemoryLimits(limit=2 * GiB, high=1843 * MiB, swap=None)
+    assert how == "auto: 80% of the host's 10.0GiB over 4 models"
+    assert files_for(limits, None)["memory.max"] == str(2 * GiB)
+    assert resolve(Limits(), 10 * GiB, 0)[0].memory.limit == 8 * GiB  # one model at least
+    assert resolve(Limits(), 3 * GiB + 12345, 1)[0].memory.limit % MiB == 0  # whole MiB
+
+
+def test_auto_high_follows_an_explicit_limit_and_max_stays_unlimited():
+    limits, how = resolve(Limits(memory=MemoryLimits(limit=1 * GiB)), 64 * GiB, 2)
+    assert (limits.memory.limit, limits.memory.high) == (1 * GiB, 921 * MiB)
+    assert how == "high auto: 90% of the limit"
+    assert resolve(UNLIMITED, 64 * GiB, 2) == (UNLIMITED, None)
+    limits, how = resolve(Limits(memory=MemoryLimits(limit=None)), 64 * GiB, 2)
+    assert (limits.memory.limit, limits.memory.high, how) == (None, None, None)  # no limit
+
+
+def test_files_for_refuses_limits_left_auto():
+    with pytest.raises(ValueError, match="resolve"):
+        files_for(Limits(), None)
+
+
+def test_memory_auto_max_or_a_size_load(tmp_path):
+    text = "limits:\n  memory: {limit: max, high: 1GiB}\nmodels:\n  a:\n    limits:\n" \
+           "      memory: {limit: auto}\n"  # fmt: skip
+    config = load(write_config(tmp_path, text))
+    assert (config.limits.memory.limit, config.limits.memory.high) == (None, GiB)
+    assert config.limits_for("a", Overrides()).memory.limit == "auto"
+    with pytest.raises(ConfigError, match=r"limits.memory.limit: expected a size"):
+        load(write_config(tmp_path, "limits:\n  memory: {limit: lots}\n"))
+
+
+def test_host_memory_reads_memtotal(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        2030580 kB\nMemFree:  1 kB\n")
+    assert host_memory(meminfo) == 2030580 * 1024
+    meminfo.write_text("MemFree:  1 kB\n")
+    with pytest.raises(ValueError, match="has no MemTotal line"):
+        host_memory(meminfo)
+    assert host_memory() > 0  # this machine's
+
+
 def test_memory_limit_text():
-    assert memory_limit_text(Limits()) == "max"
+    assert memory_limit_text(UNLIMITED) == "max"
     assert memory_limit_text(FULL) == "512.0MiB"
     assert memory_limit_text(Limits(memory=MemoryLimits(limit=4 * GiB))) == "4.0GiB"
 
@@ -524,3 +575,9 @@ def test_limits_for_model_entry_can_lift_a_limit(tmp_path):
         write_config(tmp_path, PRECEDENCE_YAML + "  big:\n    limits: {memory: {limit: max}}\n")
     )
     assert config.limits_for("big", Overrides()).memory.limit is None
+
+
+def test_plural():
+    assert [plural(n, "model") for n in (0, 1, 2)] == ["0 models", "1 model", "2 models"]
+    assert plural(1, "entry", "entries") == "1 entry"
+    assert plural(3, "entry", "entries") == "3 entries"

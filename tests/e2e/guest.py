@@ -97,7 +97,8 @@ def installed_service() -> None:
     check("socket-0660-group-moltbot", (mode, group) == (0o660, "moltbot"), f"{mode:o} {group}")
     status = run("moltctl", "status")
     check("moltctl-status", status.returncode == 0 and "demo" in status.stdout, status.stdout)
-    check("moltctl-switch-v2.0", "demo: v1.0 -> v2.0" in (out := sh("moltctl switch v2.0")), out)
+    out = sh("moltctl switch v2.0 2>&1")
+    check("moltctl-switch-v2.0", "demo: v1.0 -> v2.0" in out and "not checked" not in out, out)
     out = sh("moltctl infer demo --input x='[[1, 2, 3, 4]]' -o json")
     check("infer-after-switch", json.loads(out)["outputs"]["y"]["data"] == [[10, 20, 30, 40]], out)
     before = main_pid()
@@ -122,6 +123,18 @@ def cgroup_layout() -> None:
           f"pid {w['pid']} in {group}")  # fmt: skip
     headline = sh("moltctl status | head -1")
     check("status-shows-limits-enforced", headline.endswith(": limits enforced"), headline)
+    # the shipped config's memory auto: an equal share of 80% of MemTotal per served model
+    with Client(SOCKET) as c:
+        served = c.status()["served"]
+    total = int(sh("awk '/^MemTotal:/ {print $2}' /proc/meminfo")) * 1024
+    share = round(total * 0.8 / served) // 2**20 * 2**20
+    files = [(group / f).read_text().strip() for f in ("memory.max", "memory.high")]
+    check("shipped-memory-auto-in-the-group",
+          files == [str(share), str(round(share * 0.9) // 2**20 * 2**20)],
+          f"{files}, expected a share of {share} ({served} models, MemTotal {total})")  # fmt: skip
+    detail = sh("moltctl status demo")
+    check("status-says-how-auto-memory-was-derived",
+          f"over {served} models) | io unlimited" in detail, detail)  # fmt: skip
 
 
 PINNED = "\n  demo:\n    version: v1.0\n"  # the package's config (packaging/deb/build)

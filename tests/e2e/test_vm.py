@@ -115,7 +115,9 @@ def test_systemd_reload_and_security(vm):
 
 
 def test_cgroup_layout(vm):
-    passed(vm, "daemon-in-supervisor-leaf", "worker-in-model-group", "status-shows-limits-enforced")
+    passed(vm, "daemon-in-supervisor-leaf", "worker-in-model-group",
+           "status-shows-limits-enforced", "shipped-memory-auto-in-the-group",
+           "status-says-how-auto-memory-was-derived")  # fmt: skip
 
 
 def test_instances_share_the_version_group(vm):
