@@ -103,7 +103,8 @@ def deadline_exceeded(label: str, item: Pending, now: float, queued: bool) -> Mo
 def overloaded(label: str, depth: int, limit: int) -> MoltError:
     return MoltError(
         ErrorCode.OVERLOADED,
-        f"{label} is overloaded: {plural(depth, 'request')} waiting (max_queue {limit});"
+        f"{label} is overloaded: {plural(depth, 'request')} {'is' if depth == 1 else 'are'}"
+        f" waiting (max_queue {limit});"
         " retry later, or raise max_queue or instances.max",
         {"queue_depth": depth, "max_queue": limit},
     )

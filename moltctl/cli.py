@@ -596,11 +596,11 @@ def logs(session: _Session, priority: str | None, filter_text: str | None, since
              "until": _when(until, now), "model": model, "contains": contains,
              "limit": lines or (10 if follow else None)}  # fmt: skip
     client = session()
-    result = client.logs(**query)
-    if not result["entries"]:  # on stderr: stdout stays the entries, none here
-        click.echo(f"-- no entries match{' yet; following (Ctrl-C stops)' if follow else ''} --",
-                   err=True)  # fmt: skip
     with until_ctrl_c():
+        result = client.logs(**query)
+        if not result["entries"]:  # on stderr: stdout stays the entries, none here
+            notice = " yet; following (Ctrl-C stops)" if follow else ""
+            click.echo(f"-- no entries match{notice} --", err=True)
         while True:
             for entry in result["entries"]:
                 click.echo(json.dumps(entry) if output == "json" else

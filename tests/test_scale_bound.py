@@ -16,7 +16,7 @@ def test_scale_above_instances_max_is_refused_naming_the_max(daemon_factory):
         " models.demo.instances.max in moltbotd.yaml and run moltctl reload [BAD_REQUEST]\n"
     )
     err = fails(run_moltctl("scale", "iris", "2", socket=daemon.socket), EXIT_ERROR)
-    assert "model iris may run at most 1 instances" in err
+    assert "model iris may run at most 1 instance (" in err
     saved = json.loads((daemon.state_dir / "state.json").read_text())["models"]
     assert saved["demo"]["instances"] is None and saved["iris"]["instances"] is None
     assert "demo v2.0: 2 instances (set by hand)" in ok(
