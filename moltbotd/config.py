@@ -250,10 +250,11 @@ class MemoryLimits:
         "hard limit: the worker is OOM-killed above it (memory.max); auto: 80% of the host's"
         " memory shared equally by the models served",
     )
-    high: int | str | None = setting(
-        AUTO,
-        auto_or(unlimited_or(size, "size")),
-        "throttled and reclaimed above it (memory.high); auto: 90% of the limit",
+    high: int | None = setting(
+        None,
+        unlimited_or(size, "size"),
+        "throttled and reclaimed above it (memory.high); unset, a model over its limit is"
+        " OOM-killed and restarted rather than slowed to a crawl",
     )
     swap: int | None = setting(
         None, unlimited_or(size, "size"), "swap it may use (memory.swap.max)"

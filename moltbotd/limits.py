@@ -16,7 +16,6 @@ from moltbotd.config import AUTO, Limits
 from moltbotd.units import format_size, plural
 
 MODELS_SHARE = 0.8  # of the host's memory, for the models together: the rest is the system's
-HIGH_OF_LIMIT = 0.9  # memory.high below memory.max: reclaimed and slowed before an OOM kill
 MiB = 2**20
 
 
@@ -29,33 +28,25 @@ def host_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
 
 
 def resolve(limits: Limits, host_bytes: int, models: int) -> tuple[Limits, str | None]:
-    """Limits with `auto` memory settings made numbers, and how (None: nothing derived).
+    """Limits with an `auto` memory limit made a number, and how (None: it was not auto).
 
     auto gives each of `models` served models an equal share of MODELS_SHARE of the
     host's memory, so that no model can take the memory the others and the system need.
     """
-    mem = limits.memory
-    if AUTO not in (mem.limit, mem.high):
+    if limits.memory.limit != AUTO:
         return limits, None
-    how = None
-    limit = mem.limit
-    if limit == AUTO:
-        limit = round(host_bytes * MODELS_SHARE / max(1, models)) // MiB * MiB
-        how = (f"auto: {MODELS_SHARE:.0%} of the host's {format_size(host_bytes)}"
-               f" over {plural(models, 'model')}")  # fmt: skip
-    high = mem.high
-    if high == AUTO:
-        high = None if limit is None else round(limit * HIGH_OF_LIMIT) // MiB * MiB
-        how = how or (None if limit is None else f"high auto: {HIGH_OF_LIMIT:.0%} of the limit")
-    memory = dataclasses.replace(mem, limit=limit, high=high)
+    limit = round(host_bytes * MODELS_SHARE / max(1, models)) // MiB * MiB
+    how = (f"auto: {MODELS_SHARE:.0%} of the host's {format_size(host_bytes)}"
+           f" over {plural(models, 'model')}")  # fmt: skip
+    memory = dataclasses.replace(limits.memory, limit=limit)
     return dataclasses.replace(limits, memory=memory), how
 
 
 def files_for(limits: Limits, io_device: str | None) -> dict[str, str]:
     """The cgroup files and values that put `limits` in force; unset limits write 'max'."""
     cpu, mem, io = limits.cpu, limits.memory, limits.io
-    if AUTO in (mem.limit, mem.high):
-        raise ValueError("memory limits still say auto: resolve() them first")
+    if mem.limit == AUTO:
+        raise ValueError("the memory limit still says auto: resolve() it first")
     period_us = round(cpu.period * 1e6)
     quota = "max" if cpu.quota is None else str(round(cpu.quota * period_us))
     files = {

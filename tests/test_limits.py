@@ -174,20 +174,17 @@ def test_describe_rounds_the_quota_percent():
 
 def test_auto_memory_is_an_equal_share_of_80_percent_of_the_host():
     limits, how = resolve(Limits(), 10 * GiB, 4)
-    assert limits.memory == MemoryLimits(limit=2 * GiB, high=1843 * MiB, swap=None)
+    assert limits.memory == MemoryLimits(limit=2 * GiB, high=None, swap=None)
     assert how == "auto: 80% of the host's 10.0GiB over 4 models"
     assert files_for(limits, None)["memory.max"] == str(2 * GiB)
     assert resolve(Limits(), 10 * GiB, 0)[0].memory.limit == 8 * GiB  # one model at least
     assert resolve(Limits(), 3 * GiB + 12345, 1)[0].memory.limit % MiB == 0  # whole MiB
 
 
-def test_auto_high_follows_an_explicit_limit_and_max_stays_unlimited():
-    limits, how = resolve(Limits(memory=MemoryLimits(limit=1 * GiB)), 64 * GiB, 2)
-    assert (limits.memory.limit, limits.memory.high) == (1 * GiB, 921 * MiB)
-    assert how == "high auto: 90% of the limit"
+def test_an_explicit_or_unlimited_memory_limit_is_left_as_it_is():
+    explicit = Limits(memory=MemoryLimits(limit=1 * GiB, high=900 * MiB))
+    assert resolve(explicit, 64 * GiB, 2) == (explicit, None)
     assert resolve(UNLIMITED, 64 * GiB, 2) == (UNLIMITED, None)
-    limits, how = resolve(Limits(memory=MemoryLimits(limit=None)), 64 * GiB, 2)
-    assert (limits.memory.limit, limits.memory.high, how) == (None, None, None)  # no limit
 
 
 def test_files_for_refuses_limits_left_auto():
@@ -200,6 +197,7 @@ def test_memory_auto_max_or_a_size_load(tmp_path):
            "      memory: {limit: auto}\n"  # fmt: skip
     config = load(write_config(tmp_path, text))
     assert (config.limits.memory.limit, config.limits.memory.high) == (None, GiB)
+    assert Limits().memory.high is None  # memory.high unset: killed at the limit, not slowed
     assert config.limits_for("a", Overrides()).memory.limit == "auto"
     with pytest.raises(ConfigError, match=r"limits.memory.limit: expected a size"):
         load(write_config(tmp_path, "limits:\n  memory: {limit: lots}\n"))

@@ -129,8 +129,7 @@ def cgroup_layout() -> None:
     total = int(sh("awk '/^MemTotal:/ {print $2}' /proc/meminfo")) * 1024
     share = round(total * 0.8 / served) // 2**20 * 2**20
     files = [(group / f).read_text().strip() for f in ("memory.max", "memory.high")]
-    check("shipped-memory-auto-in-the-group",
-          files == [str(share), str(round(share * 0.9) // 2**20 * 2**20)],
+    check("shipped-memory-auto-in-the-group", files == [str(share), "max"],
           f"{files}, expected a share of {share} ({served} models, MemTotal {total})")  # fmt: skip
     detail = sh("moltctl status demo")
     check("status-says-how-auto-memory-was-derived",
