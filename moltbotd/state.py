@@ -161,3 +161,30 @@ class StateStore:
     def save(self, state: State) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, state.to_json())
+
+    def save_even_if_full(self, state: State) -> None:
+        """save, or on a full disk overwrite the file in place when the new state is no
+        larger: that needs no free block. For a change that must not be lost (a canary
+        rolled back must not come back at the next start), at the price of a torn file
+        if the host crashes within that one write, which load sets aside."""
+        try:
+            self.save(state)
+        except OSError as exc:
+            data = state.to_json()
+            if exc.errno not in SPACE_ERRORS or len(data) > _size(self.path):
+                raise
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, data)
+                os.ftruncate(fd, len(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            log.warning(f"{self.path}: the disk is full; state rewritten in place")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1

@@ -127,6 +127,7 @@ class Supervisor:
         # Models a switch or deploy is starting: not served yet, but one object per name,
         # so that a second operation on the name meets the first one's lock.
         self.starting: dict[str, Model] = {}
+        self._unsaved = False  # a state write failed: the reaper retries it
         self.pools: set[Pool] = set()  # every pool not yet retired, active or not
         self.started = time.time()
         self.store = StateStore(config.state_dir)
@@ -326,14 +327,27 @@ class Supervisor:
         if route is None:
             return
         model.canary, model.canary_worker = None, None
-        with contextlib.suppress(MoltError):  # logged by save; routing has changed already
-            self.save(model.name, lambda s: setattr(s, "canary", None))
+        self.state.model(model.name).canary = None  # routing has changed already: keep it
+        self._save_or_retry(f"the end of model {model.name}'s canary")
         serving = model.active.spec.version if model.active else "nothing"
         message = f"canary {route.version} rolled back: {why}; {serving} serves every request"
         log.error(f"model {model.name}: {message}", model=model.name, version=route.version)
         model.event("canary-rollback", message, version=route.version)
         if worker:
             self.spawn_task(self.retire(worker, drain=True))
+
+    def _save_or_retry(self, what: str) -> None:
+        """Make the state durable; if even an in-place write fails, retry at every reap."""
+        try:
+            self.store.save_even_if_full(self.state)
+        except OSError as exc:
+            self._unsaved = True
+            log.error(f"cannot record {what} in {self.store.path}: {exc}; retrying every"
+                      f" {REAP_EVERY:g}s")  # fmt: skip
+        else:
+            if self._unsaved:
+                log.info(f"{self.store.path} is up to date again")
+            self._unsaved = False
 
     async def _reap_forever(self) -> None:
         while True:
@@ -345,6 +359,8 @@ class Supervisor:
 
     async def reap(self) -> None:
         """Unload versions loaded on demand and idle too long; drop abandoned uploads."""
+        if self._unsaved:
+            self._save_or_retry("the state")
         idle_since = time.monotonic() - self.config.on_demand_idle
         for model in list(self.models.values()):  # a switch may add a model meanwhile
             for version, worker in list(model.on_demand.items()):

@@ -1,6 +1,7 @@
 """Canaries: CanaryRoute's bookkeeping (a fake clock), and the real daemon routing,
 rolling back, promoting and remembering a canary through moltctl."""
 
+import contextlib
 import json
 import math
 import re
@@ -16,6 +17,7 @@ from moltbotd.demo import finish, save
 from moltbotd.protocol import ErrorCode, MoltError
 from moltctl.cli import EXIT_ERROR, EXIT_USAGE
 from tests.conftest import run_moltctl, wait_until
+from tests.disks import fill, small_disk
 from tests.test_cli import fails, ok
 
 X = np.array([[1, 2, 3, 4]], dtype=np.float32)
@@ -292,3 +294,37 @@ def test_canary_share_usage_errors(daemon):
                                 socket=daemon.socket), EXIT_USAGE)  # fmt: skip
         assert "--canary" in err and "above 0%, below 100%" in err, err
     assert model_status(daemon)["canary"] is None
+
+
+def _until_rolled_back(daemon) -> None:
+    with daemon.client() as client:
+        deadline = time.monotonic() + 60
+        while client.status("demo")["models"][0]["canary"] is not None:
+            assert time.monotonic() < deadline
+            with contextlib.suppress(MoltError):
+                client.infer("demo", {"x": X})
+
+
+def test_a_canary_rolled_back_on_a_full_disk_stays_rolled_back_after_a_restart(
+    daemon_factory, tmp_path
+):
+    """The state file lives on a small real disk that is full when the canary fails: the
+    rollback is still recorded (in place: the state only shrank), and a restart does not
+    bring the failing canary back."""
+    config = "canary:\n  min_requests: 5\n  max_error_rate: 20%\n  window: 1m\n"
+    with small_disk(tmp_path / "state", "1m") as disk:
+        daemon = daemon_factory(config=config)
+        save(failing_model(), daemon.models_dir, "demo", "v3.0")
+        ok(run_moltctl("switch", "demo", "v3.0", "--canary", "25%", "--force",
+                       socket=daemon.socket))  # fmt: skip
+        fill(disk)
+        _until_rolled_back(daemon)
+        state = json.loads((disk / "state.json").read_text())
+        assert state["models"]["demo"]["canary"] is None
+        assert "the disk is full; state rewritten in place" in daemon.log()
+        assert daemon.stop() == 0
+        daemon = daemon_factory(config=config, wait=False)
+        daemon.wait_for_log("ready: serving", count=2)
+        assert model_status(daemon)["canary"] is None
+        assert "resuming the canary" not in daemon.log()
+        daemon.stop()

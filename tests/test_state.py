@@ -1,5 +1,6 @@
 """State that survives restarts: atomic writes, the JSON form, activation history, the store."""
 
+import errno
 import json
 import os
 import time
@@ -18,6 +19,7 @@ from moltbotd.state import (
     atomic_write,
     fsync_dir,
 )
+from tests.disks import fill, small_disk
 
 
 def names(folder: Path) -> list[str]:
@@ -298,3 +300,21 @@ def test_return_to_trims_the_history_at_the_version():
     saved = ModelState("v4", ["v1", "v2", "v3"], None, Canary("v5", 0.1, 1.0))
     saved.return_to("v2", "v9")
     assert saved == ModelState("v2", ["v1"], "v9", None)
+
+
+def test_save_even_if_full_rewrites_a_smaller_state_in_place(tmp_path):
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        store = StateStore(disk)
+        state = State()
+        state.model("demo").activate("v1.0", None)
+        state.model("demo").canary = Canary("v2.0", 0.1, 1.0)
+        store.save(state)
+        fill(disk)
+        state.model("other").activate("v1", None)  # grows: no room, refused
+        with pytest.raises(OSError, match="No space left on device") as refused:
+            store.save_even_if_full(state)
+        assert refused.value.errno == errno.ENOSPC
+        del state.models["other"]
+        state.model("demo").canary = None  # shrinks: written over the old bytes
+        store.save_even_if_full(state)
+        assert store.load() == state
