@@ -97,12 +97,14 @@ class _Session:
 
 
 @contextlib.contextmanager
-def until_ctrl_c() -> Iterator[None]:
+def until_ctrl_c(repeating: bool) -> Iterator[None]:
     """Ctrl-C is how a repeating command (--interval, -f) is meant to end: exit 0, as
-    journalctl -f does; Ctrl-C anywhere else exits 130."""
+    journalctl -f does; Ctrl-C anywhere else exits 130 (Cli.invoke)."""
     try:
         yield
     except KeyboardInterrupt:
+        if not repeating:
+            raise
         sys.exit(EXIT_OK)
 
 
@@ -130,11 +132,10 @@ def status(session: _Session, model: str | None, interval: float | None, count: 
            output: str, no_legend: bool) -> None:  # fmt: skip
     """Daemon and per-model state (optionally every --interval seconds)."""
     client = session()
-    shown = 0
-    with until_ctrl_c():
+    shown, legend = 0, not no_legend
+    with until_ctrl_c(repeating=interval is not None):
         while True:
             report = client.status(model)
-            legend = not no_legend
             click.echo(to_json(report) if output == "json" else status_table(report, legend))
             shown += 1
             if interval is None or (count is not None and shown >= count):
@@ -596,7 +597,7 @@ def logs(session: _Session, priority: str | None, filter_text: str | None, since
              "until": _when(until, now), "model": model, "contains": contains,
              "limit": lines or (10 if follow else None)}  # fmt: skip
     client = session()
-    with until_ctrl_c():
+    with until_ctrl_c(repeating=follow):
         result = client.logs(**query)
         if not result["entries"]:  # on stderr: stdout stays the entries, none here
             notice = " yet; following (Ctrl-C stops)" if follow else ""

@@ -81,7 +81,8 @@ def model_detail(worker: dict[str, Any]) -> list[str]:
             f"usage    cpu {'-' if cpu is None else f'{cpu:g}%'}"
             f" (throttled {use['cpu_throttled_count']} times,"
             f" {use['cpu_throttled_seconds']:.2f}s)"
-            f" | memory {_size(use['memory_current'])} (peak {_size(use['memory_peak'])}),"
+            f" | memory {_measured(use['memory_current'])}"
+            f" (peak {_measured(use['memory_peak'])}),"
             f" {use['oom_kills']} OOM kills"
             f" | io read {format_size(use['io_read_bytes'])},"
             f" written {format_size(use['io_write_bytes'])}"
@@ -115,9 +116,9 @@ def limits_text(lim: dict[str, Any]) -> str:
     """One line: cpu | memory | io | pids, each 'unlimited' where nothing is set."""
     quota = lim["cpu_quota_percent"]
     cpu = "unlimited" if quota is None else f"{quota:g}% per {lim['cpu_period_ms']:g}ms"
-    memory = "unlimited" if lim["memory_max"] is None else (
-        f"{_size(lim['memory_max'])}, high {_size(lim['memory_high'])},"
-        f" swap {_size(lim['memory_swap_max'])}")  # fmt: skip
+    sizes = (lim["memory_max"], lim["memory_high"], lim["memory_swap_max"])
+    memory = "unlimited" if sizes == (None, None, None) else (
+        f"{_size(sizes[0])}, high {_size(sizes[1])}, swap {_size(sizes[2])}")  # fmt: skip
     if lim.get("memory_auto"):
         memory += f" ({lim['memory_auto']})"
     read = _io(lim["io_read_bps"], lim["io_read_iops"])
@@ -129,6 +130,10 @@ def limits_text(lim: dict[str, Any]) -> str:
 
 def _size(value: int | None) -> str:
     return "unlimited" if value is None else format_size(value)
+
+
+def _measured(value: int | None) -> str:
+    return "-" if value is None else format_size(value)  # None: the kernel has no such file
 
 
 def _io(bps: int | None, iops: int | None) -> str:

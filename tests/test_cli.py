@@ -294,3 +294,25 @@ def test_unreadable_answer_exit_code(tmp_path):
 @pytest.mark.parametrize("args", [["nope"], ["status", "--interval", "0"], ["logs", "-n", "0"]])
 def test_usage_errors_exit_2(args, tmp_path):
     fails(run_moltctl(*args, socket=tmp_path / "unused.sock"), EXIT_USAGE)
+
+
+def test_limits_text_shows_a_memory_high_without_a_max_and_unmeasured_usage_as_dash():
+    from moltbotd.config import Limits, MemoryLimits
+    from moltbotd.limits import describe
+    from moltctl.status_view import limits_text, model_detail
+
+    high_only = describe(Limits(memory=MemoryLimits(limit=None, high=2**30)))
+    assert "| memory unlimited, high 1.0GiB, swap unlimited |" in limits_text(high_only)
+    nothing = describe(Limits(memory=MemoryLimits(limit=None)))
+    assert "| memory unlimited | io unlimited | pids unlimited" in limits_text(nothing)
+    worker = {"limits": nothing, "cgroup": "/sys/fs/cgroup/x",
+              "queue": {"depth": 0, "max": 1, "by_priority": {}},
+              "batching": {"max_batch_size": 1, "queue_ms": {"p50": None}},
+              "scaling": {"manual": None, "min": 1, "max": 1}, "instances": [],
+              "priority": "normal", "fallback": None,
+              "usage": {"cpu_percent": None, "cpu_throttled_count": 0,
+                        "cpu_throttled_seconds": 0.0, "memory_current": 2**20,
+                        "memory_peak": None, "oom_kills": 0, "io_read_bytes": 0,
+                        "io_write_bytes": 0, "pids_current": 3}}  # fmt: skip
+    (usage,) = [line for line in model_detail(worker) if line.startswith("usage ")]
+    assert "| memory 1.0MiB (peak -), 0 OOM kills |" in usage
