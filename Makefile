@@ -28,6 +28,7 @@ run: demo
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # The quick loop: lint, then unit and integration tests (no VM, no fuzz or soak).
 check: lint

@@ -67,8 +67,8 @@ import onnxruntime as ort
 import yaml
 
 from moltbotd.demo import save, scale_model
-from moltbotd.protocol import FrameDecoder, MoltError, encode_frame, request
-from moltctl.client import AsyncClient, Channel, Client, encode_inputs
+from moltbotd.wire.protocol import FrameDecoder, MoltError, encode_frame, request
+from moltctl.client import AsyncClient, Client, DirectChannel, encode_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.models import cnn_model, mlp_model
@@ -326,7 +326,7 @@ async def library_throughput(
 
 class RawConnection:
     """One blocking Unix socket sending a request frame encoded once; every response is
-    decoded (moltbotd.protocol.FrameDecoder) and must be `ok`. Ids are all the same: the
+    decoded (moltbotd.wire.protocol.FrameDecoder) and must be `ok`. Ids are all the same: the
     responses are counted, not matched. With `direct`, the socket is a direct channel to
     the model's worker (asked for with the `channel` operation), polled for BUSY_POLL_US
     before each blocking read, and inputs of SHARE_BYTES or more travel in the channel's
@@ -349,14 +349,14 @@ class RawConnection:
             self.sock, self.poll = channel.sock, BUSY_POLL_US / 1e6
         self.frame = encode_frame(request(1, "infer", params))
 
-    def _channel(self, model: str) -> Channel:
+    def _channel(self, model: str) -> DirectChannel:
         with self.sock:
             self.sock.sendall(encode_frame(request(1, "channel", {"model": model})))
             data, fds, _, _ = socket.recv_fds(self.sock, RECV_BYTES, 1)
         [answer] = self.decoder.feed(data)
         if not fds:
             raise RuntimeError(f"moltbotd granted no direct channel: {answer!r}"[:500])
-        return Channel(socket.socket(fileno=fds[0]), answer["result"], 0.0, START_TIMEOUT)
+        return DirectChannel(socket.socket(fileno=fds[0]), answer["result"], 0.0, START_TIMEOUT)
 
     def __enter__(self) -> "RawConnection":
         return self

@@ -1,3 +1,3 @@
-from moltbotd.daemon import main
+from moltbotd.control.daemon import main
 
 main()

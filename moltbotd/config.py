@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
-from moltbotd.units import parse_duration, parse_percent, parse_size
+from moltbotd.wire.operations import DEFAULT_LIMITS
+from moltbotd.wire.protocol import PRIORITIES
+from moltbotd.wire.units import parse_duration, parse_percent, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/moltbot/moltbotd.yaml")
 DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
@@ -98,7 +100,7 @@ def unlimited_or(convert: Converter, doc: str) -> Converter:
     return wrapped
 
 
-AUTO = "auto"  # a memory limit derived from the host's memory (moltbotd.limits.resolve)
+AUTO = "auto"  # a memory limit derived from the host's memory (moltbotd.isolation.limits.resolve)
 
 
 def auto_or(convert: Converter) -> Converter:
@@ -297,9 +299,6 @@ class Limits:
     pids: PidsLimits = section(PidsLimits, "processes")
 
 
-PRIORITIES = ("high", "normal", "low")
-
-
 @dataclass(frozen=True)
 class Batching:
     max_batch_size: int = setting(
@@ -484,18 +483,18 @@ class ClientLimits:
         " BAD_FRAME and the connection is closed",
     )
     max_name_chars: int = setting(
-        256,
+        DEFAULT_LIMITS.max_name_chars,
         integer(16, 1_000_000),
         "longest request id, operation or name parameter (model, version, upload token, log level)",
     )
     max_text_chars: int = setting(
-        4096,
+        DEFAULT_LIMITS.max_text_chars,
         integer(16, 100_000_000),
         "longest other string parameter (upload's path,"
         " deploy's source, logs' contains, hello's client)",
     )
     max_items: int = setting(
-        10_000,
+        DEFAULT_LIMITS.max_items,
         integer(1, 100_000_000),
         "most entries in a list or map parameter (inputs, outputs, files)",
     )

@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from moltbotd.manifest import build_manifest, write_manifest
-from moltbotd.repository import MODEL_FILE
-from moltbotd.state import fsync_dir
+from moltbotd.durable import fsync_dir
+from moltbotd.versions.manifest import build_manifest, write_manifest
+from moltbotd.wire.files import MODEL_FILE
 
 OPSET = 17
 ML_OPSET = 3

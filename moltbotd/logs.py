@@ -18,21 +18,13 @@ from typing import Any, TextIO
 
 import structlog
 
-from moltbotd.protocol import clip, echo
+from moltbotd.wire.loglines import LEVELS, render_text
+from moltbotd.wire.protocol import clip, echo
 
-LEVELS = ("debug", "info", "warning", "error", "critical")
 # Longest log field kept, unless configured (clients.log_field_chars); a traceback keeps
 # TRACEBACK_SHARE times as much.
 FIELD_CHARS = 2048
 TRACEBACK_SHARE = 4
-LEVEL_ALIASES = {"warn": "warning", "err": "error", "crit": "critical", "fatal": "critical"}
-
-
-def parse_level(text: str) -> str:
-    level = LEVEL_ALIASES.get(text.lower(), text.lower())
-    if level not in LEVELS:
-        raise ValueError(f"unknown log level {text!r} (known: {', '.join(LEVELS)})")
-    return level
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,19 +135,6 @@ def _plain_fields(fields: dict[str, Any]) -> dict[str, Any]:
         k: v if isinstance(v, str | int | float | bool | type(None)) else str(v)
         for k, v in fields.items()
     }
-
-
-def render_text(ts: float, level: str, logger: str, event: str, fields: dict[str, Any]) -> str:
-    stamp = datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-    exception = fields.get("exception")
-    pairs = " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if k != "exception")
-    line = f"[{stamp}] [{level.upper()}] [{logger}] {event}" + (f" {pairs}" if pairs else "")
-    return f"{line}\n{exception}" if exception else line
-
-
-def _quote(value: Any) -> str:
-    text = str(value)
-    return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
 
 
 def _render_json(_: Any, __: str, event: dict[str, Any]) -> str:

@@ -11,9 +11,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from moltbotd.config import PRIORITIES, Batching
-from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.units import plural
+from moltbotd.config import Batching
+from moltbotd.wire.protocol import PRIORITIES, ErrorCode, MoltError
+from moltbotd.wire.units import plural
 
 Reply = Callable[[Any], None]  # called once: the packed result (bytes) or a MoltError
 BatchKey = tuple[Any, ...] | None  # None: this request is never batched with another

@@ -1,6 +1,6 @@
 """moltctl: the command line and the Python client for moltbotd."""
 
-from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.wire.protocol import ErrorCode, MoltError
 from moltctl.client import AsyncClient, Client, ConnectError, Outputs, ProtocolError
 
 __all__ = [

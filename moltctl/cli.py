@@ -1,6 +1,6 @@
 """moltctl: the operator's command line over moltbotd's socket.
 
-One command per operation in moltbotd.operations.OPERATIONS (hello is implicit: every
+One command per operation in moltbotd.wire.operations.OPERATIONS (hello is implicit: every
 command checks the protocol version first). Exit codes:
   0 success, 1 the daemon reported an error (or is unhealthy), 2 usage error,
   3 moltbotd cannot be reached, 4 the daemon's answer could not be read,
@@ -19,10 +19,9 @@ import click
 import numpy as np
 
 from moltbotd import __version__
-from moltbotd.config import PRIORITIES
-from moltbotd.logs import LEVELS, parse_level, render_text
-from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.units import format_duration, format_size, parse_percent, plural
+from moltbotd.wire.loglines import LEVELS, parse_level, render_text
+from moltbotd.wire.protocol import PRIORITIES, ErrorCode, MoltError
+from moltbotd.wire.units import format_duration, format_size, parse_percent, plural
 from moltctl.client import Client, ConnectError, ProtocolError
 from moltctl.deploying import DeployError, folder_files, next_version, send_folder
 from moltctl.render import preview, table, to_json

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from moltbotd.operations import lookup
-from moltbotd.protocol import (
+from moltbotd.wire.operations import lookup
+from moltbotd.wire.protocol import (
     PROTOCOL_VERSION,
     RECV_BYTES,
     ErrorCode,
@@ -250,7 +250,7 @@ class Receiver:
         return True
 
 
-class Channel:
+class DirectChannel:
     """A direct channel to the worker serving one model's active version."""
 
     def __init__(self, sock: socket.socket, info: dict[str, Any], busy_poll: float,
@@ -352,7 +352,7 @@ class Client(_Calls):
         self._sock: socket.socket | None = None
         self._receiver: Receiver | None = None
         self._ids = itertools.count(1)
-        self._channels: dict[str, Channel | float] = {}  # model -> channel, or when to ask
+        self._channels: dict[str, DirectChannel | float] = {}  # model -> channel, or when to ask
 
     def connect(self) -> "Client":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -371,7 +371,7 @@ class Client(_Calls):
             self._sock.close()
             self._sock = None
         for channel in self._channels.values():
-            if isinstance(channel, Channel):
+            if isinstance(channel, DirectChannel):
                 channel.close()
         self._channels.clear()
 
@@ -412,14 +412,14 @@ class Client(_Calls):
             raise ProtocolError(f"answer for request {reply.get('id')!r}, expected {req_id}")
         return decode(response_result(reply))
 
-    def _channel(self, params: dict[str, Any]) -> Channel | None:
+    def _channel(self, params: dict[str, Any]) -> DirectChannel | None:
         """The model's direct channel: asked for on its first request, and again a while
         after moltbotd refused one or sent us back; None: go through moltbotd."""
         model = params["model"]
         if not self.direct or params.get("version"):
             return None
         known = self._channels.get(model)
-        if isinstance(known, Channel):
+        if isinstance(known, DirectChannel):
             if known.usable():
                 return known
             known.close()
@@ -438,7 +438,7 @@ class Client(_Calls):
         timeout = params.get("timeout_ms")
         wait = min(CHANNEL_SETUP, self.timeout or CHANNEL_SETUP, (timeout or 1e9) / 1000)
         try:
-            channel = Channel(sock, info, self.busy_poll, wait)
+            channel = DirectChannel(sock, info, self.busy_poll, wait)
         except (OSError, ProtocolError, TimeoutError) as exc:  # the worker is gone or busy
             sock.close()
             if self.strict_direct:
@@ -450,7 +450,7 @@ class Client(_Calls):
         self._channels[model] = channel
         return channel
 
-    def _call_direct(self, channel: Channel, message: bytes, req_id: int,
+    def _call_direct(self, channel: DirectChannel, message: bytes, req_id: int,
                      params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
         timeout = params.get("timeout_ms")
         local = timeout is not None and timeout > 0  # else the worker says BAD_REQUEST
@@ -477,7 +477,7 @@ class Client(_Calls):
 
     def _drop(self, model: str) -> None:
         channel = self._channels.pop(model, None)
-        if isinstance(channel, Channel):
+        if isinstance(channel, DirectChannel):
             channel.close()
 
 

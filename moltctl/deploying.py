@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from moltbotd.manifest import MANIFEST_FILE, sha256_file
-from moltbotd.repository import MODEL_FILE, version_key
+from moltbotd.wire.files import MANIFEST_FILE, MODEL_FILE, sha256_file, version_key
 from moltctl.client import Client, OnProgress
 
 CHUNK_BYTES = 4 * 2**20

@@ -3,7 +3,7 @@
 import time
 from typing import Any
 
-from moltbotd.units import format_duration, format_size, plural
+from moltbotd.wire.units import format_duration, format_size, plural
 from moltctl.render import table
 
 COLUMNS = [("MODEL", "model"), ("VERSION", "version"), ("STATE", "state"), ("PID", "pid"),

@@ -3,7 +3,7 @@
 import datetime
 import re
 
-from moltbotd.units import parse_duration
+from moltbotd.wire.units import parse_duration
 
 _RELATIVE = re.compile(r"^-?\s*(?P<amount>\d+(?:\.\d+)?\s*[a-z]+)(?:\s+ago)?$")
 _DAYS = {"today": 0, "yesterday": 1}

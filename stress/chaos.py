@@ -13,8 +13,8 @@ import signal
 import threading
 from collections.abc import Callable
 
-from moltbotd.cgroups import GROUP_PREFIX, CgroupError, own_group
-from moltbotd.protocol import MoltError
+from moltbotd.isolation.cgroups import GROUP_PREFIX, CgroupError, own_group
+from moltbotd.wire.protocol import MoltError
 from moltctl.client import Client, ConnectError, ProtocolError
 from stress.daemon import SMALL_LOG_RING, Daemon
 from stress.load import Tally

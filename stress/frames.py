@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from moltbotd.operations import OPERATIONS, Param
+from moltbotd.wire.operations import OPERATIONS, Param
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 << 20  # the daemon's default max_frame_bytes (docs/protocol.md)

@@ -30,7 +30,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from moltbotd.protocol import FrameDecoder, MoltError
+from moltbotd.wire.protocol import FrameDecoder, MoltError
 from stress.daemon import (
     SMALL_LOG_RING,
     Daemon,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from moltbotd.protocol import FrameDecoder, MoltError, encode_frame, request, response_result
+from moltbotd.wire.protocol import FrameDecoder, MoltError, encode_frame, request, response_result
 from moltctl.client import (
     MAX_RESPONSE_BYTES,
     AsyncClient,

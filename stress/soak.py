@@ -32,8 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moltbotd.cgroups import GROUP_PREFIX
-from moltbotd.protocol import MoltError
+from moltbotd.isolation.cgroups import GROUP_PREFIX
+from moltbotd.wire.protocol import MoltError
 from moltctl.client import Client
 from stress.chaos import CONTROL_TIMEOUT, Chaos, config
 from stress.daemon import Daemon, alive, fds, quiet_fds, rss_kb, running_daemon, tracebacks

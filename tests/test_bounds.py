@@ -10,8 +10,8 @@ import msgpack
 import numpy as np
 
 from moltbotd.config import Config
-from moltbotd.protocol import HEADER, ErrorCode, FrameDecoder, encode_frame, encode_tensor
-from moltbotd.server import Clients
+from moltbotd.control.server import Clients
+from moltbotd.wire.protocol import HEADER, ErrorCode, FrameDecoder, encode_frame, encode_tensor
 from tests.conftest import Daemon, wait_until
 
 MiB = 2**20

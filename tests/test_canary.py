@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from moltbotd.canary import CanaryRoute
 from moltbotd.config import CanarySettings
+from moltbotd.control.canary import CanaryRoute
 from moltbotd.demo import finish, save
-from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.wire.protocol import ErrorCode, MoltError
 from moltctl.cli import EXIT_ERROR, EXIT_USAGE
 from tests.conftest import run_moltctl, wait_until
 from tests.disks import fill, small_disk

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from moltbotd import cgroups
-from moltbotd.cgroups import CgroupError, Group, Subtree, group_name, own_group, problems
+from moltbotd.isolation import cgroups
+from moltbotd.isolation.cgroups import CgroupError, Group, Subtree, group_name, own_group, problems
 
 ADVICE = "run moltbotd under systemd with Delegate=yes (the shipped unit does)"
 SERVICE = "system.slice/moltbotd.service"

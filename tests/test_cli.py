@@ -298,7 +298,7 @@ def test_usage_errors_exit_2(args, tmp_path):
 
 def test_limits_text_shows_a_memory_high_without_a_max_and_unmeasured_usage_as_dash():
     from moltbotd.config import Limits, MemoryLimits
-    from moltbotd.limits import describe
+    from moltbotd.isolation.limits import describe
     from moltctl.status_view import limits_text, model_detail
 
     high_only = describe(Limits(memory=MemoryLimits(limit=None, high=2**30)))

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from moltbotd.demo import iris_model, save, scale_model
-from moltbotd.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame, encode_tensor
+from moltbotd.wire.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame, encode_tensor
 from moltctl.client import AsyncClient, ConnectError
 from tests.conftest import wait_until, wait_until_async
 from tests.models import mlp_model
@@ -431,7 +431,7 @@ def test_a_client_timeout_does_not_desynchronise_the_next_call(daemon, direct, p
 
 
 def test_a_missing_models_dir_stops_the_start_with_a_message(daemon_factory, tmp_path):
-    from moltbotd.daemon import EXIT_CONFIG
+    from moltbotd.control.daemon import EXIT_CONFIG
 
     daemon = daemon_factory(wait=False, args=("--models-dir", str(tmp_path / "nowhere")))
     assert daemon.proc.wait(60) == EXIT_CONFIG

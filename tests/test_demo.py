@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from moltbotd.demo import DEMO, write_demo_repository
-from moltbotd.manifest import read_manifest, verify
+from moltbotd.versions.manifest import read_manifest, verify
 
 
 def test_every_demo_version_carries_a_manifest_that_verifies(tmp_path):

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from moltbotd.demo import save, scale_model
-from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.uploads import INCOMING
+from moltbotd.versions.uploads import INCOMING
+from moltbotd.wire.protocol import ErrorCode, MoltError
 from moltctl.cli import EXIT_ERROR, EXIT_NO_ROOM, EXIT_USAGE
 from moltctl.client import AsyncClient
 from moltctl.deploying import DeployError, folder_files, next_version

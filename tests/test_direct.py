@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moltbotd.protocol import (
+from moltbotd.wire.protocol import (
     HEADER,
     ErrorCode,
     FrameDecoder,
@@ -25,7 +25,7 @@ from moltbotd.protocol import (
     encode_tensor,
     request,
 )
-from moltctl.client import Channel, Client, ProtocolError
+from moltctl.client import Client, DirectChannel, ProtocolError
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model
 from tests.test_daemon import direct
@@ -296,7 +296,7 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
     with Client(daemon.socket, direct=True) as client:
         got = client.infer("mlp", {"x": x})["y"]
         channel = client._channels["mlp"]
-        assert isinstance(channel, Channel) and channel.region is not None
+        assert isinstance(channel, DirectChannel) and channel.region is not None
         assert bytes(channel.region[: x.nbytes]) == x.tobytes()  # it went through the region
     assert got.tolist() == direct(model, {"x": x})[0].tolist()
 
@@ -337,7 +337,7 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
 
 
 def test_a_region_read_is_a_copy_and_unwritten_pages_are_refused() -> None:
-    from moltbotd.direct import Stream
+    from moltbotd.worker.direct import Stream
 
     worker_end, client_end = socket.socketpair()
     stream = Stream(worker_end, 1 << 20)
@@ -499,7 +499,7 @@ def test_channels_past_the_bounds_are_refused_and_clients_use_the_socket(
             answer["error"]["message"]  # fmt: skip
     with Client(daemon.socket, 60, direct=True) as client:
         assert np.array_equal(client.infer("demo", {"x": X})["y"], 10 * X)
-        assert not isinstance(client._channels["demo"], Channel)  # through the socket
+        assert not isinstance(client._channels["demo"], DirectChannel)  # through the socket
     assert daemon.log().count("refused 1 direct channel(s) since the last warning") == 1
     assert "refused 1 direct channel(s) since the last report" not in daemon.log()  # the worker
     held[0].sock.close()  # its worker reports it closed: there is room again

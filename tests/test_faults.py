@@ -9,7 +9,7 @@ import socket
 import numpy as np
 import pytest
 
-from moltbotd.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame
+from moltbotd.wire.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame
 from moltctl.client import AsyncClient
 from tests.conftest import wait_until
 from tests.test_daemon import slow_inputs

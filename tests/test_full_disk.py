@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 from moltbotd.demo import save, scale_model
-from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.uploads import INCOMING
+from moltbotd.versions.uploads import INCOMING
+from moltbotd.wire.protocol import ErrorCode, MoltError
 from moltctl.cli import EXIT_ERROR, EXIT_NO_ROOM
 from tests.conftest import run_moltctl, wait_until
 from tests.disks import fill, small_disk

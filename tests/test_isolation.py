@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from moltbotd import isolation as isolation_module
-from moltbotd.cgroups import CgroupError, Group
 from moltbotd.config import CpuLimits, IoLimits, Limits, MemoryLimits
-from moltbotd.isolation import Isolation, release
-from moltbotd.limits import files_for, resolve
+from moltbotd.isolation import policy as isolation_module
+from moltbotd.isolation.cgroups import CgroupError, Group
+from moltbotd.isolation.limits import files_for, resolve
+from moltbotd.isolation.policy import Isolation, release
 from moltbotd.logs import configure
 
 ADVICE = "run moltbotd under systemd with Delegate=yes (the shipped unit does)"

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from moltbotd.config import Scheduling
-from moltbotd.direct import HANDOFF, Direct, Poller, Stream
-from moltbotd.lanes import EXIT_LANE_FAILED, Lanes
-from moltbotd.protocol import FrameDecoder
-from moltbotd.signature import Signature
-from moltbotd.worker import take_handoffs
-from moltctl.client import Channel, ProtocolError
+from moltbotd.wire.handoff import HANDOFF
+from moltbotd.wire.protocol import FrameDecoder
+from moltbotd.wire.signature import Signature
+from moltbotd.worker.direct import Direct, Poller, Stream
+from moltbotd.worker.lanes import EXIT_LANE_FAILED, Lanes
+from moltbotd.worker.main import take_handoffs
+from moltctl.client import DirectChannel, ProtocolError
 from tests.conftest import wait_until
 
 SCHEDULING = dataclasses.asdict(Scheduling())
@@ -79,7 +80,7 @@ def test_a_lane_that_fails_ends_the_worker_with_its_traceback():
     script = textwrap.dedent("""
         import threading, time
         from tests.test_lanes import SCHEDULING, direct
-        from moltbotd.lanes import Lanes
+        from moltbotd.worker.lanes import Lanes
 
         def broken(d):
             raise RuntimeError("a bug in a lane")
@@ -145,7 +146,7 @@ def test_the_worker_refuses_channels_past_its_bounds_and_counts_them_by_uid():
                                 (clients[4], "the worker serves 3 direct channels, its limit"
                                  " (max_channels)")):  # fmt: skip
             with pytest.raises(ProtocolError) as err:
-                Channel(refused, info, 0, 10)
+                DirectChannel(refused, info, 0, 10)
             assert f"refused the channel: direct channel refused: {reason}" in str(err.value)
         assert group.held == {1000: 2, 1001: 1}
         wait_until(lambda: sent and sent[-1]["stats"]["by_uid"] == {1000: 2, 1001: 1},
@@ -154,6 +155,6 @@ def test_the_worker_refuses_channels_past_its_bounds_and_counts_them_by_uid():
         wait_until(lambda: group.held == {1000: 1, 1001: 1}, what="the closed channel released")
         again = hand_over(theirs, 1000)
         take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
-        assert Channel(again, info, 0, 10).region is not None
+        assert DirectChannel(again, info, 0, 10).region is not None
     finally:
         group.stop()

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from moltbotd.cgroups import Group
 from moltbotd.config import (
     ConfigError,
     CpuLimits,
@@ -18,7 +17,8 @@ from moltbotd.config import (
     parse_model_yaml,
     parse_overrides,
 )
-from moltbotd.limits import (
+from moltbotd.isolation.cgroups import Group
+from moltbotd.isolation.limits import (
     Usage,
     describe,
     disk_of,
@@ -29,7 +29,7 @@ from moltbotd.limits import (
     memory_limit_text,
     resolve,
 )
-from moltbotd.units import plural
+from moltbotd.wire.units import plural
 
 MiB = 2**20
 GiB = 2**30

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from moltbotd.logs import LEVELS, Entry, Ring, configure, get_logger, parse_level, render_text
+from moltbotd.logs import Entry, Ring, configure, get_logger
+from moltbotd.wire.loglines import LEVELS, parse_level, render_text
 
 TEXT_LINE = re.compile(
     r"^\[(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})\] \[([A-Z]+)\] \[([^\]]+)\] (.*)$"

@@ -8,20 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from moltbotd.manifest import (
-    MANIFEST_FILE,
+from moltbotd.versions.manifest import (
     FileEntry,
     Manifest,
     ManifestError,
     build_manifest,
     copy_tree,
     read_manifest,
-    sha256_file,
     tree_size,
     verify,
     write_manifest,
 )
-from moltbotd.repository import MODEL_FILE
+from moltbotd.wire.files import MANIFEST_FILE, MODEL_FILE, sha256_file
 
 MODEL_BYTES = bytes(range(256)) * 5000  # > 1 MiB: hashing crosses a block boundary
 YAML_BYTES = b"batch: 4\n"
@@ -287,7 +285,7 @@ def test_verify_size_checked_before_hashing(version, monkeypatch):
         hashed.append(path.name)
         return real(path)
 
-    monkeypatch.setattr("moltbotd.manifest.sha256_file", spy)
+    monkeypatch.setattr("moltbotd.versions.manifest.sha256_file", spy)
     assert verify(version, manifest) == [
         f"model.onnx: size 10 bytes, manifest says {len(MODEL_BYTES)}"
     ]

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from moltbotd.daemon import EXIT_CONFIG
+from moltbotd.control.daemon import EXIT_CONFIG
 
 ROOT_CONFIG = "etc/moltbot/moltbotd.yaml"
 

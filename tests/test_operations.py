@@ -7,12 +7,12 @@ import types
 import click
 import pytest
 
-from moltbotd import server
 from moltbotd.config import Config
+from moltbotd.control import server
+from moltbotd.control.rollout import no_progress
 from moltbotd.logs import Ring
-from moltbotd.operations import OPERATIONS, Operation, Param, lookup
-from moltbotd.protocol import PROTOCOL_VERSION, ErrorCode, MoltError
-from moltbotd.rollout import no_progress
+from moltbotd.wire.operations import OPERATIONS, Operation, Param, lookup
+from moltbotd.wire.protocol import PROTOCOL_VERSION, ErrorCode, MoltError
 from moltctl import cli as moltctl_cli
 
 

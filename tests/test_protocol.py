@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moltbotd.operations import OPERATIONS
-from moltbotd.protocol import (
+from moltbotd.wire.operations import OPERATIONS
+from moltbotd.wire.protocol import (
     ECHO_CHARS,
     HEADER,
     STRING_DTYPE,

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from moltbotd.daemon import EXIT_ISOLATION
-from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.control.daemon import EXIT_ISOLATION
+from moltbotd.wire.protocol import ErrorCode, MoltError
 from tests.conftest import run_moltctl
 
 

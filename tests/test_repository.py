@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 
 from moltbotd.config import NAME_RULE, ConfigError, Overrides
-from moltbotd.repository import (
-    MODEL_FILE,
-    RepoModel,
-    Scan,
-    scan,
-    sort_versions,
-    version_key,
-)
+from moltbotd.versions.repository import RepoModel, Scan, scan
+from moltbotd.wire.files import MODEL_FILE, sort_versions, version_key
 
 
 def add_version(models_dir: Path, model: str, version: str) -> Path:

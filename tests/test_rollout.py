@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from moltbotd.demo import save, scale_model
-from moltbotd.manifest import build_manifest, write_manifest
-from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.versions.manifest import build_manifest, write_manifest
+from moltbotd.wire.protocol import ErrorCode, MoltError
 from moltctl.client import AsyncClient, Client, ConnectError, ProtocolError
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model, reshape_model, slow_model

@@ -19,8 +19,8 @@ from moltbotd.config import (
     parse_model_yaml,
     parse_overrides,
 )
-from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.scheduler import Pending, Queue, batch_key, overloaded
+from moltbotd.wire.protocol import ErrorCode, MoltError
 
 T0 = 1000.0  # a monotonic clock value: every request arrives at or after it
 

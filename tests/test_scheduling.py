@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from moltbotd.demo import finish, save
-from moltbotd.protocol import ErrorCode, MoltError
+from moltbotd.wire.protocol import ErrorCode, MoltError
 from moltctl.client import AsyncClient, Client
 from tests.conftest import run_moltctl, wait_until, wait_until_async
 from tests.models import busy_loop_body, mlp_model, slow_model

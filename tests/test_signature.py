@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from moltbotd.protocol import ErrorCode, MoltError, decode_tensor, encode_tensor
-from moltbotd.signature import (
+from moltbotd.wire.protocol import ErrorCode, MoltError, decode_tensor, encode_tensor
+from moltbotd.wire.signature import (
     Signature,
     TensorSpec,
     check_inputs,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moltbotd.daemon import EXIT_FAILURE
+from moltbotd.control.daemon import EXIT_FAILURE
 from moltbotd.demo import write_demo_repository
 from stress.daemon import Daemon
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moltbotd.state import (
+from moltbotd.control.state import (
     HISTORY,
     SCHEMA,
     STATE_FILE,
@@ -16,9 +16,8 @@ from moltbotd.state import (
     ModelState,
     State,
     StateStore,
-    atomic_write,
-    fsync_dir,
 )
+from moltbotd.durable import atomic_write, fsync_dir
 from tests.disks import fill, small_disk
 
 

@@ -5,7 +5,7 @@ from collections import deque
 
 import pytest
 
-from moltbotd.states import TRANSITIONS, IllegalTransition, WorkerState, check_transition
+from moltbotd.serving.states import TRANSITIONS, IllegalTransition, WorkerState, check_transition
 
 S = WorkerState
 ARCS = [(old, new) for old, targets in TRANSITIONS.items() for new in sorted(targets)]

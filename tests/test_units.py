@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from moltbotd.units import format_duration, format_size, parse_duration, parse_size
+from moltbotd.wire.units import format_duration, format_size, parse_duration, parse_size
 from moltctl.when import parse_when
 
 DURATION_HINT = "expected a duration such as 30s, 500ms, 2m or 1h"

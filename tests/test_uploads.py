@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from moltbotd import uploads as uploads_module
 from moltbotd.config import UploadSettings
-from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.uploads import INCOMING, MAX_DEPTH, Uploads
+from moltbotd.versions import uploads as uploads_module
+from moltbotd.versions.uploads import INCOMING, MAX_DEPTH, Uploads
+from moltbotd.wire.protocol import ErrorCode, MoltError
 from tests.disks import fill, free_bytes, small_disk
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from moltbotd.config import Scheduling, SessionSettings
 from moltbotd.demo import save, scale_model
-from moltbotd.protocol import encode_frame
-from moltbotd.worker import Channel, load_session
+from moltbotd.wire.protocol import encode_frame
+from moltbotd.worker.main import DaemonLink, load_session
 from tests.models import mlp_model
 
 
@@ -34,7 +34,7 @@ def test_a_channel_closed_with_reports_unread_is_an_eof_not_a_crash():
     wait unread there: the kernel then resets the channel, and the worker must stop as at
     EOF (it died with a ConnectionResetError traceback in the journal)."""
     ours, daemons = socket.socketpair()
-    channel = Channel(ours)
+    channel = DaemonLink(ours)
     channel.send({"stats": {"requests": 1}})
     daemons.close()  # unread: the worker's next read is reset
     assert channel.receive_ready() is None

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from moltbotd.protocol import MoltError
+from moltbotd.wire.protocol import MoltError
 from moltctl.client import Client
 
 HOST = Path("/host")

@@ -21,16 +21,16 @@ import uvloop
 
 from moltbotd import __version__
 from moltbotd import config as cfg
-from moltbotd.cgroups import CgroupError
-from moltbotd.isolation import Isolation
+from moltbotd.control.rollout import Rollout
+from moltbotd.control.server import Reloader, Server, StartError
+from moltbotd.control.supervisor import Supervisor
+from moltbotd.isolation.cgroups import CgroupError
+from moltbotd.isolation.policy import Isolation
 from moltbotd.logs import Ring, configure, get_logger
 from moltbotd.malloc import keep_freed_memory
-from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.repository import scan
-from moltbotd.rollout import Rollout
-from moltbotd.server import Reloader, Server, StartError
-from moltbotd.supervisor import Supervisor
-from moltbotd.units import plural
+from moltbotd.versions.repository import scan
+from moltbotd.wire.protocol import ErrorCode, MoltError
+from moltbotd.wire.units import plural
 
 # Exit statuses. systemd's unit refuses to restart on 78 and 69 (RestartPreventExitStatus):
 # retrying cannot fix them. Anything else that stops a start (a full disk, a permission,

@@ -7,7 +7,6 @@ leaves either the old state or the new one on disk, never a mix.
 """
 
 import contextlib
-import errno
 import json
 import os
 import time
@@ -15,50 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moltbotd.durable import SPACE_ERRORS, atomic_write
 from moltbotd.logs import get_logger
-from moltbotd.protocol import ErrorCode, MoltError
 
 log = get_logger("state")
 STATE_FILE = "state.json"
 SCHEMA = 1
 HISTORY = 20  # previously active versions kept per model, for rollback
-# A full disk or quota: the operator frees space and the same request then succeeds.
-SPACE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-def storage_error(exc: OSError, doing: str) -> MoltError:
-    """A write of the daemon's own files that failed, phrased for the client: what it was
-    doing (naming the path) and the errno. No space is RESOURCE_EXHAUSTED; anything else
-    (EACCES, EROFS, EIO) is the host's problem, INTERNAL, but still named."""
-    name = errno.errorcode.get(exc.errno or 0, "unknown errno")
-    code = ErrorCode.RESOURCE_EXHAUSTED if exc.errno in SPACE_ERRORS else ErrorCode.INTERNAL
-    return MoltError(code, f"{doing}: {exc.strerror or exc} ({name})", {"errno": name})
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Replace path with data so that a crash leaves the old or the new content."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in path durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moltbotd.protocol import STRING_DTYPE, WIRE_DTYPES, ErrorCode, MoltError
+from moltbotd.wire.protocol import STRING_DTYPE, WIRE_DTYPES, ErrorCode, MoltError
 
 Dim = int | str | None  # a fixed size, a named dynamic dimension, or an unnamed one
 

@@ -8,13 +8,33 @@ documents this table.
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from moltbotd.config import ClientLimits
-from moltbotd.protocol import ErrorCode, MoltError, describe, echo
+from moltbotd.wire.protocol import DEFAULT_MAX_NAME_CHARS, ErrorCode, MoltError, describe, echo
 
-DEFAULT_LIMITS = ClientLimits()
-# The ClientLimits field that bounds a parameter's len(): a declared name, never one
+
+class Bounds(Protocol):
+    """How long a parameter may be: the daemon passes its `clients:` settings."""
+
+    @property
+    def max_name_chars(self) -> int: ...
+    @property
+    def max_text_chars(self) -> int: ...
+    @property
+    def max_items(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultBounds:
+    """The bounds of a daemon configured with none (config.ClientLimits' defaults)."""
+
+    max_name_chars: int = DEFAULT_MAX_NAME_CHARS
+    max_text_chars: int = 4096
+    max_items: int = 10_000
+
+
+DEFAULT_LIMITS = DefaultBounds()
+# The Bounds field that bounds a parameter's len(): a declared name, never one
 # from the wire.
 NAME, TEXT, ITEMS = "max_name_chars", "max_text_chars", "max_items"
 _UNITS = {NAME: "characters", TEXT: "characters", ITEMS: "entries"}
@@ -41,10 +61,10 @@ class Param:
     def describe_type(self) -> str:
         return " or ".join(_TYPE_NAMES[t] for t in self.types)
 
-    def bound(self, limits: ClientLimits) -> int | None:
+    def bound(self, limits: Bounds) -> int | None:
         return None if self.size is None else getattr(limits, self.size)
 
-    def too_long(self, value: Any, limits: ClientLimits) -> bool:
+    def too_long(self, value: Any, limits: Bounds) -> bool:
         """Is a value of the right type longer than its bound?"""
         bound = self.bound(limits)
         return bound is not None and isinstance(value, str | list | dict) and len(value) > bound
@@ -76,7 +96,7 @@ class Operation:
         object.__setattr__(self, "_required", [p.name for p in self.params if p.required])
 
     def check_params(
-        self, params: dict[str, Any], limits: ClientLimits = DEFAULT_LIMITS
+        self, params: dict[str, Any], limits: Bounds = DEFAULT_LIMITS
     ) -> dict[str, Any]:
         """The parameters, checked against the declaration (types, then sizes, before
         anything is formatted); a null counts as not given."""
@@ -93,7 +113,7 @@ class Operation:
             raise self._refuse(params, limits)
         return given
 
-    def _refuse(self, params: dict[str, Any], limits: ClientLimits) -> MoltError:
+    def _refuse(self, params: dict[str, Any], limits: Bounds) -> MoltError:
         """What is wrong with parameters that failed the check. Every value shown goes
         through echo(), and nothing here costs more than a pass over the map."""
         if not all(isinstance(key, str) for key in params):

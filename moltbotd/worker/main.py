@@ -1,4 +1,4 @@
-"""The worker process: `python -m moltbotd.worker FD` owns one onnxruntime session.
+"""The worker process: `python -m moltbotd.worker.main FD` owns one onnxruntime session.
 
 Spawned as a fresh interpreter (never forked from the threaded daemon). It speaks the
 same frames as clients over the socketpair end FD: the supervisor sends one `load`
@@ -14,7 +14,6 @@ import functools
 import selectors
 import signal
 import socket
-import sys
 import threading
 import time
 from operator import methodcaller
@@ -25,11 +24,9 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from moltbotd import heartbeat
-from moltbotd.direct import HANDOFF, Batch, Direct, Poller, Result, Runner, Stream
-from moltbotd.lanes import Lanes
 from moltbotd.malloc import keep_freed_memory
-from moltbotd.protocol import (
+from moltbotd.wire.handoff import HANDOFF
+from moltbotd.wire.protocol import (
     RECV_BYTES,
     STRING_DTYPE,
     WIRE_DTYPES,
@@ -42,7 +39,10 @@ from moltbotd.protocol import (
     join_tensors,
     split_tensor,
 )
-from moltbotd.signature import Signature, check_inputs, spec_from_ort
+from moltbotd.wire.signature import Signature, check_inputs, spec_from_ort
+from moltbotd.worker import heartbeat
+from moltbotd.worker.direct import Batch, Direct, Poller, Result, Runner, Stream
+from moltbotd.worker.lanes import Lanes
 
 EXIT_LOAD_FAILED = 3  # gunicorn's idea: a model that cannot load is not a crash to retry
 _PR_SET_PDEATHSIG = 1
@@ -54,7 +54,7 @@ _OPT_LEVELS = {
 }
 
 
-class Channel:
+class DaemonLink:
     """Blocking frame I/O over the socketpair end."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -189,7 +189,7 @@ def warm_up(session: Any, signature: Signature) -> str | None:
     return None
 
 
-def serve(channel: Channel, handoff: socket.socket, runner: Runner, lanes: Lanes,
+def serve(channel: DaemonLink, handoff: socket.socket, runner: Runner, lanes: Lanes,
           settings: dict[str, Any]) -> None:  # fmt: skip
     """Answer the daemon's requests (run here, beside the lanes) and orders, and open new
     direct channels for the lanes, until the daemon's channel closes; what arrived
@@ -285,7 +285,7 @@ def main(argv: list[str]) -> int:
     keep_freed_memory()
     # Ctrl-C in a terminal reaches the whole process group: the daemon decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    channel = Channel(socket.socket(fileno=int(argv[1])))
+    channel = DaemonLink(socket.socket(fileno=int(argv[1])))
     handoff = socket.socket(fileno=int(argv[2]))
     spec = channel.receive()
     if spec is None:
@@ -296,7 +296,7 @@ def main(argv: list[str]) -> int:
         return 0  # the daemon closed our channel (it stopped us while loading): not a crash
 
 
-def load_and_serve(channel: Channel, handoff: socket.socket, spec: dict[str, Any]) -> int:
+def load_and_serve(channel: DaemonLink, handoff: socket.socket, spec: dict[str, Any]) -> int:
     try:
         session, signature, ready = load_and_warm(channel, spec)
     except LoadFailed as exc:
@@ -315,7 +315,9 @@ def load_and_serve(channel: Channel, handoff: socket.socket, spec: dict[str, Any
     return 0
 
 
-def load_and_warm(channel: Channel, spec: dict[str, Any]) -> tuple[Any, Signature, dict[str, Any]]:
+def load_and_warm(
+    channel: DaemonLink, spec: dict[str, Any]
+) -> tuple[Any, Signature, dict[str, Any]]:
     started = time.monotonic()
     try:
         session, providers = load_session(spec)
@@ -339,7 +341,3 @@ def load_and_warm(channel: Channel, spec: dict[str, Any]) -> tuple[Any, Signatur
              "samples": len(spec["samples"]),
              "warmup_seconds": time.monotonic() - loaded}  # fmt: skip
     return session, signature, ready
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -11,7 +11,6 @@ refused wherever a tree is hashed or copied, since a link's target can change af
 the manifest was written.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from moltbotd.repository import MODEL_FILE
-from moltbotd.state import atomic_write, fsync_dir
+from moltbotd.durable import atomic_write, fsync_dir
+from moltbotd.wire.files import BLOCK, MANIFEST_FILE, MODEL_FILE, hash_file, sha256_file
 
-MANIFEST_FILE = "manifest.json"  # in the version folder, next to model.onnx
 SCHEMA = 1
-BLOCK = 1 << 20  # models can be gigabytes: hash and copy them 1 MiB at a time
 FILE_MODE = 0o644  # less the umask: whatever reads the repository can read a deploy
 DIR_MODE = 0o755
 _HEX = frozenset("0123456789abcdef")
@@ -35,21 +32,6 @@ _HEX = frozenset("0123456789abcdef")
 
 class ManifestError(Exception):
     """A manifest that cannot be read, or a tree that cannot be hashed or copied."""
-
-
-def sha256_file(path: Path) -> str:
-    """The hex SHA-256 of a file's content, read in 1 MiB blocks."""
-    return _hash(path).sha256
-
-
-def _hash(path: Path) -> "FileEntry":
-    """Hash and size from one read, so they agree even if the file changes meanwhile."""
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as file:
-        while block := file.read(BLOCK):
-            digest.update(block)
-            size += len(block)
-    return FileEntry(digest.hexdigest(), size)
 
 
 @dataclass(frozen=True)
@@ -179,7 +161,7 @@ def build_manifest(
     for path in _regular_files(directory):
         rel = path.relative_to(directory).as_posix()
         if rel != MANIFEST_FILE:
-            files[rel] = _hash(path)
+            files[rel] = FileEntry(*hash_file(path))
     return Manifest(model, version, dict(sorted(files.items())), time.time(), deployed_by, source)
 
 

@@ -14,15 +14,15 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-from moltbotd.cgroups import Group
 from moltbotd.config import Scheduling, WorkerSettings
+from moltbotd.isolation.cgroups import Group
 from moltbotd.logs import get_logger
-from moltbotd.process import Worker, WorkerSpec
-from moltbotd.protocol import ErrorCode, MoltError
 from moltbotd.scheduler import Pending, Queue, deadline_exceeded
-from moltbotd.signature import Signature
-from moltbotd.states import WorkerState
-from moltbotd.units import plural
+from moltbotd.serving.process import WorkerProcess, WorkerSpec
+from moltbotd.serving.states import WorkerState
+from moltbotd.wire.protocol import ErrorCode, MoltError
+from moltbotd.wire.signature import Signature
+from moltbotd.wire.units import plural
 
 log = get_logger("pool")
 S = WorkerState
@@ -69,7 +69,7 @@ class Pool:
         self.settings = settings
         self.scheduling = scheduling
         self.cgroup = cgroup
-        self.workers: list[Worker] = []
+        self.workers: list[WorkerProcess] = []
         self.queue = Queue(scheduling.max_queue)
         self.manual: int | None = None  # instances set by `moltctl scale`; None: autoscale
         self.stats = Stats()
@@ -86,7 +86,7 @@ class Pool:
         self._idle = asyncio.Event()
         self._idle.set()
         self._scaler: asyncio.Task[None] | None = None
-        self._retiring: set[Worker] = set()  # a STARTING one being retired stays STARTING
+        self._retiring: set[WorkerProcess] = set()  # a STARTING one being retired stays STARTING
 
     # --- what rollout and status read, as of a single worker ----------------------------
 
@@ -95,7 +95,7 @@ class Pool:
         return self.spec.label
 
     @property
-    def primary(self) -> Worker:
+    def primary(self) -> WorkerProcess:
         return self.workers[0]
 
     @property
@@ -154,8 +154,10 @@ class Pool:
             self._add_instance()
         self._scaler = asyncio.get_running_loop().create_task(self._scale_forever())
 
-    def _add_instance(self) -> Worker:
-        worker = Worker(self.spec, self.settings, cgroup=self.cgroup, scheduling=self.scheduling)
+    def _add_instance(self) -> WorkerProcess:
+        worker = WorkerProcess(
+            self.spec, self.settings, cgroup=self.cgroup, scheduling=self.scheduling
+        )
         worker.on_state = self._instance_changed
         worker.on_stats = self._direct_stats
         if not self.workers:
@@ -168,7 +170,7 @@ class Pool:
         if self.on_phase:
             self.on_phase(phase)
 
-    def _instance_changed(self, worker: Worker) -> None:
+    def _instance_changed(self, worker: WorkerProcess) -> None:
         if worker.state is S.READY:
             self._pump()
         elif worker.state is S.FATAL and not any(w.state not in GONE for w in self.workers):
@@ -254,7 +256,7 @@ class Pool:
             return 1
         return max(1, min(BUNDLE_MAX, int(BUNDLE_SECONDS / self._run_seconds)))
 
-    def _least_loaded(self) -> Worker | None:
+    def _least_loaded(self) -> WorkerProcess | None:
         ready = [w for w in self.workers if w.serving and w.inflight < PIPELINE]
         return min(ready, key=lambda w: w.inflight, default=None)
 
@@ -271,7 +273,7 @@ class Pool:
         self._wake = None
         self._pump()
 
-    def _run(self, worker: Worker, batch: list[Pending], now: float) -> None:
+    def _run(self, worker: WorkerProcess, batch: list[Pending], now: float) -> None:
         concat = self.scheduling.batching.max_batch_size > 1
         if concat:
             self.stats.batches += 1
@@ -301,7 +303,7 @@ class Pool:
 
     # --- direct channels ------------------------------------------------------------------
 
-    def channel(self) -> Worker:
+    def channel(self) -> WorkerProcess:
         """The instance a new direct channel goes to: the serving one with the fewest."""
         ready = [w for w in self.workers if w.serving]
         if not ready:
@@ -366,7 +368,7 @@ class Pool:
                 "scale-down", f"{self.label}: {plural(len(live), 'instance')} ({self._why()})"
             )
 
-    def _autoscale(self, live: list[Worker], now: float) -> int:
+    def _autoscale(self, live: list[WorkerProcess], now: float) -> int:
         """The seeds' policy within one host: up by one when the queue stays above
         scale_up_queue per instance for scale_up_after; down by one per idle instance."""
         policy = self.scheduling.instances
@@ -387,7 +389,7 @@ class Pool:
         return f"queue {len(self.queue)}, autoscaling {self.scheduling.instances.min}-" \
                f"{self.scheduling.instances.max}"  # fmt: skip
 
-    async def _retire(self, worker: Worker) -> None:
+    async def _retire(self, worker: WorkerProcess) -> None:
         try:
             await worker.drain(self.settings.stop_timeout)
             await worker.stop()

@@ -4,30 +4,11 @@ Read-only here: a scan lists models and their versions in natural order, and say
 any entry it skipped was skipped.
 """
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from moltbotd.config import NAME_PATTERN, NAME_RULE, ConfigError, Overrides, parse_model_yaml
-
-MODEL_FILE = "model.onnx"
-MODEL_YAML = "model.yaml"
-_DIGITS = re.compile(r"(\d+)")
-
-
-def version_key(version: str) -> tuple[Any, ...]:
-    """Natural order: v1.0 < v2.0 < v10.0 (digit runs compare as numbers).
-
-    re.split with a capturing group alternates text and digits, so the element types of
-    two keys line up position by position and always compare.
-    """
-    parts = _DIGITS.split(version)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
-
-
-def sort_versions(versions: list[str]) -> list[str]:
-    return sorted(versions, key=version_key)
+from moltbotd.wire.files import MODEL_FILE, MODEL_YAML, sort_versions
 
 
 @dataclass(frozen=True)

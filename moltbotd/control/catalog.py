@@ -8,9 +8,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from moltbotd.manifest import Manifest, ManifestError, read_manifest, sha256_file, tree_size
-from moltbotd.repository import MODEL_FILE, RepoModel
-from moltbotd.supervisor import Model, Supervisor
+from moltbotd.control.supervisor import Model, Supervisor
+from moltbotd.versions.manifest import Manifest, ManifestError, read_manifest, tree_size
+from moltbotd.versions.repository import RepoModel
+from moltbotd.wire.files import MODEL_FILE, sha256_file
 
 
 class Catalog:
@@ -64,10 +65,10 @@ def _state(model: Model | None, version: str, entry: dict[str, Any]) -> dict[str
     """active, canary, loaded (on demand), broken or available; with the reason if broken."""
     if model and model.active and model.active.spec.version == version:
         return {"state": "active", "pid": model.active.primary.pid}
-    if model and model.canary and model.canary.version == version and model.canary_worker:
+    if model and model.canary and model.canary.version == version and model.canary_pool:
         return {
             "state": "canary",
-            "pid": model.canary_worker.primary.pid,
+            "pid": model.canary_pool.primary.pid,
             "share": model.canary.share,
         }
     if model and version in model.on_demand:

@@ -1,6 +1,6 @@
 """One worker process, seen from the daemon: spawn, handshake, requests, death, restart, stop.
 
-A Worker owns its process's whole life in one task (_supervise); that task, stop() and
+A WorkerProcess owns its process's whole life in one task (_supervise); that task, stop() and
 drain() change its state, always through states.check_transition, and every change is
 logged. Requests travel over a socketpair in the protocol's frames; the ones in flight
 when the process dies fail with WORKER_FAILED.
@@ -21,20 +21,20 @@ from typing import Any
 
 import msgpack
 
-from moltbotd.cgroups import Group
 from moltbotd.config import Limits, Scheduling, SessionSettings, WorkerSettings
-from moltbotd.direct import HANDOFF, Throttled, channel_refusal
-from moltbotd.limits import describe, memory_limit_text
+from moltbotd.isolation.cgroups import Group
+from moltbotd.isolation.limits import describe, memory_limit_text
 from moltbotd.logs import get_logger
-from moltbotd.protocol import (
+from moltbotd.serving.states import WorkerState, check_transition
+from moltbotd.wire.handoff import HANDOFF, Throttled, channel_refusal
+from moltbotd.wire.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     ErrorCode,
     FrameDecoder,
     MoltError,
     encode_frame,
 )
-from moltbotd.signature import Signature
-from moltbotd.states import WorkerState, check_transition
+from moltbotd.wire.signature import Signature
 
 log = get_logger("worker")
 S = WorkerState
@@ -65,10 +65,10 @@ class WorkerSpec:
         return f"model {self.model} {self.version}"
 
 
-class _Channel(asyncio.Protocol):
+class _Link(asyncio.Protocol):
     """The daemon's end of the socketpair: frames in, replies routed to their futures."""
 
-    def __init__(self, worker: "Worker") -> None:
+    def __init__(self, worker: "WorkerProcess") -> None:
         self.worker = worker
         self.decoder = FrameDecoder(1 << 30)
         self.transport: asyncio.Transport | None = None
@@ -86,7 +86,7 @@ class _Channel(asyncio.Protocol):
 
 
 @dataclass(eq=False)  # a process handle: identity, not field-by-field equality
-class Worker:
+class WorkerProcess:
     spec: WorkerSpec
     settings: WorkerSettings
     state: WorkerState = S.STOPPED
@@ -98,7 +98,7 @@ class Worker:
     started_at: float | None = None  # monotonic time it became READY
     cgroup: Group | None = None  # where its process goes before it loads the model
     on_phase: Callable[[str], None] | None = None  # told when loading turns to warming
-    on_state: Callable[["Worker"], None] | None = None  # told after every state change
+    on_state: Callable[["WorkerProcess"], None] | None = None  # told after every state change
     ready_info: dict[str, Any] = field(default_factory=dict)  # the last `ready` handshake
     last_used: float = field(default_factory=time.monotonic)
     scheduling: Scheduling = field(default_factory=Scheduling)  # for its direct channels
@@ -114,7 +114,7 @@ class Worker:
         self._idle = asyncio.Event()  # set while nothing is in flight
         self._idle.set()
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
-        self._channel: _Channel | None = None
+        self._channel: _Link | None = None
         self._handoff: socket.socket | None = None  # direct channels' ends go to it this way
         self._no_channels = asyncio.Event()
         self._no_channels.set()
@@ -231,7 +231,7 @@ class Worker:
         except OSError:
             parent.close()
             raise
-        _, self._channel = await loop.create_unix_connection(lambda: _Channel(self), sock=parent)
+        _, self._channel = await loop.create_unix_connection(lambda: _Link(self), sock=parent)
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session),
                 "samples": list(self.spec.samples), "batched": self.spec.batched,

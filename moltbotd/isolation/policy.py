@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moltbotd.cgroups import CgroupError, Group, Subtree, own_group, problems
 from moltbotd.config import Limits
-from moltbotd.limits import Usage, disk_of, files_for, has_io_limits
+from moltbotd.isolation.cgroups import CgroupError, Group, Subtree, own_group, problems
+from moltbotd.isolation.limits import Usage, disk_of, files_for, has_io_limits
 from moltbotd.logs import get_logger
 
 log = get_logger("isolation")

@@ -25,6 +25,7 @@ DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 RECV_BYTES = 64 * 1024
 # Longest string id or operation name taken, unless the caller passes its own limit.
 DEFAULT_MAX_NAME_CHARS = 256
+PRIORITIES = ("high", "normal", "low")  # a request's "priority", highest first
 # What an error message shows of a value a client sent (echo()), at most.
 ECHO_CHARS = 80
 

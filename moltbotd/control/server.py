@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from moltbotd import __version__
-from moltbotd.catalog import Catalog
 from moltbotd.config import ClientLimits, Config
-from moltbotd.logs import LEVELS, Entry, Ring, get_logger, parse_level, select
-from moltbotd.operations import OPERATIONS, lookup
-from moltbotd.protocol import (
+from moltbotd.control.catalog import Catalog
+from moltbotd.control.rollout import Progress, Rollout, no_progress
+from moltbotd.logs import Entry, Ring, get_logger, select
+from moltbotd.scheduler import request_options
+from moltbotd.wire.loglines import LEVELS, parse_level
+from moltbotd.wire.operations import OPERATIONS, lookup
+from moltbotd.wire.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     FrameDecoder,
@@ -45,9 +48,7 @@ from moltbotd.protocol import (
     parse_request,
     request_id,
 )
-from moltbotd.rollout import Progress, Rollout, no_progress
-from moltbotd.scheduler import request_options
-from moltbotd.units import format_size, plural
+from moltbotd.wire.units import format_size, plural
 
 log = get_logger("server")
 

@@ -19,11 +19,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from moltbotd.canary import CanaryRoute
 from moltbotd.config import NAME_PATTERN, NAME_RULE
+from moltbotd.control.canary import CanaryRoute
+from moltbotd.control.state import Canary, ModelState
+from moltbotd.control.supervisor import Model, Supervisor, exclusive, version_not_found
+from moltbotd.durable import fsync_dir, storage_error
 from moltbotd.logs import get_logger
-from moltbotd.manifest import (
-    MANIFEST_FILE,
+from moltbotd.serving.pool import Pool
+from moltbotd.serving.states import WorkerState
+from moltbotd.versions.manifest import (
     Manifest,
     ManifestError,
     build_manifest,
@@ -31,15 +35,12 @@ from moltbotd.manifest import (
     verify,
     write_manifest,
 )
-from moltbotd.pool import Pool
-from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.repository import MODEL_FILE, RepoModel
-from moltbotd.signature import compare
-from moltbotd.state import Canary, ModelState, fsync_dir, storage_error
-from moltbotd.states import WorkerState
-from moltbotd.supervisor import Model, Supervisor, exclusive, version_not_found
-from moltbotd.units import plural
-from moltbotd.uploads import Uploads
+from moltbotd.versions.repository import RepoModel
+from moltbotd.versions.uploads import Uploads
+from moltbotd.wire.files import MANIFEST_FILE, MODEL_FILE
+from moltbotd.wire.protocol import ErrorCode, MoltError
+from moltbotd.wire.signature import compare
+from moltbotd.wire.units import plural
 
 log = get_logger("rollout")
 Progress = Callable[[str, str], None]  # (phase, detail): shown by `moltctl switch` as it goes
@@ -132,19 +133,19 @@ class Rollout:
     async def promote(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
         model = self.sup.model(name or self._only_model(lambda m: m.canary is not None, "promote"))
         async with exclusive(model, "promote"):
-            route, worker = model.canary, model.canary_worker
-            if route is None or worker is None:
+            route, pool = model.canary, model.canary_pool
+            if route is None or pool is None:
                 raise MoltError(
                     ErrorCode.BAD_REQUEST,
                     f"model {model.name} has no canary to promote; start one with:"
                     f" moltctl switch {model.name} VERSION --canary 10%",
                 )
             phases = Phases(model, "promote", progress)
-            model.canary, model.canary_worker = None, None
+            model.canary, model.canary_pool = None, None
             try:
-                return await self._cut_over(model, Candidate(worker, [], "verified"), phases)
+                return await self._cut_over(model, Candidate(pool, [], "verified"), phases)
             except MoltError:
-                model.canary, model.canary_worker = route, worker
+                model.canary, model.canary_pool = route, pool
                 raise
 
     async def rollback(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
@@ -193,24 +194,24 @@ class Rollout:
             phases("validating", f"{version}'s files: not checked, it has no {MANIFEST_FILE}")
         checksum = "verified" if manifest else await _checksum(version_dir, keeps)
         phases("loading", f"{version} in a new worker")
-        worker = self.sup.spawn(model, version, version_dir)
-        if worker is None:
+        pool = self.sup.spawn(model, version, version_dir)
+        if pool is None:
             raise MoltError(
                 ErrorCode.MODEL_UNAVAILABLE, f"model {model.name} {version}: "
                 f"{model.broken.get(version)}{keeps}",
             )  # fmt: skip
-        worker.on_phase = lambda phase: phases(phase, f"{version}: {_WHAT[phase]}")
+        pool.on_phase = lambda phase: phases(phase, f"{version}: {_WHAT[phase]}")
         try:
-            await worker.wait_ready(self.sup.config.workers.start_timeout)
+            await pool.wait_ready(self.sup.config.workers.start_timeout)
         except MoltError as exc:
-            await self.sup.retire(worker)
+            await self.sup.retire(pool)
             model.broken[version] = exc.message
             raise MoltError(exc.code, exc.message + keeps, exc.details) from None
-        worker.on_phase = None
+        pool.on_phase = None
         phases("validating", f"{version}'s signature against the serving version's")
-        changes = self._changes(old, worker)
+        changes = self._changes(old, pool)
         if changes and not force:
-            await self.sup.retire(worker)
+            await self.sup.retire(pool)
             raise MoltError(
                 ErrorCode.VALIDATION_FAILED,
                 f"model {model.name} {version} is not a drop-in replacement: "
@@ -218,7 +219,7 @@ class Rollout:
                 {"model": model.name, "version": version, "changes": changes},
             )  # fmt: skip
         model.broken.pop(version, None)
-        return Candidate(worker, changes, checksum)
+        return Candidate(pool, changes, checksum)
 
     @staticmethod
     def _changes(old: Pool | None, new: Pool) -> list[str]:
@@ -262,7 +263,7 @@ class Rollout:
         route = CanaryRoute(version, share, self.sup.config.canary)
         saved = Canary(version, share, route.started)
         self._record(model, lambda s: setattr(s, "canary", saved), "no canary started")
-        model.canary, model.canary_worker = route, found.pool
+        model.canary, model.canary_pool = route, found.pool
         if model.active:  # its requests must pass through moltbotd to be split
             model.active.close_channels("a canary started")
         active = model.active.spec.version if model.active else None

@@ -20,7 +20,6 @@ import mmap
 import os
 import selectors
 import socket
-import struct
 import sys
 import time
 import traceback
@@ -29,8 +28,10 @@ from collections.abc import Callable
 from typing import Any
 
 from moltbotd.config import Batching
-from moltbotd.operations import OPERATIONS
-from moltbotd.protocol import (
+from moltbotd.scheduler import Pending, Queue, deadline_exceeded, request_options
+from moltbotd.wire.handoff import Throttled
+from moltbotd.wire.operations import OPERATIONS
+from moltbotd.wire.protocol import (
     ErrorCode,
     FrameDecoder,
     FrameTooLarge,
@@ -43,18 +44,14 @@ from moltbotd.protocol import (
     parse_request,
     request_id,
 )
-from moltbotd.scheduler import Pending, Queue, deadline_exceeded, request_options
-from moltbotd.signature import Signature, check_inputs, check_output_names
+from moltbotd.wire.signature import Signature, check_inputs, check_output_names
 
 INFER = OPERATIONS["infer"]
 SOCKET_BUFFER = 4 << 20  # a 600 KB tensor goes in one write, not in 200 KB slices
 RECV_BYTES = 1 << 20
 REPORT_EVERY = 0.25  # seconds between stats messages while requests come
 MAX_WAITS = 256  # queue times per stats message (a sample, for the percentiles)
-# The datagram that hands a worker a channel's socket: the uid of the client it is for
-# (SO_PEERCRED of the connection that asked), so the worker can bound channels per user.
-HANDOFF = struct.Struct("=i")
-REFUSALS_LOGGED_EVERY = 10.0  # seconds: a client asking again and again must not flood the log
+
 
 Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
 Batch = list[tuple[dict[str, Any], list[str] | None]]  # each request's inputs and outputs
@@ -127,33 +124,6 @@ class Stream:
     def finished(self, now: float) -> bool:
         done = self.ended and not self.pending and not self.out
         return done or (self.closing_at is not None and now >= self.closing_at)
-
-
-def channel_refusal(uid: int, held: Counter[int], scheduling: dict[str, Any]) -> str | None:
-    """Why one more channel for `uid` would pass the bounds of one worker (`held`: its
-    channels by uid), or None: the daemon checks before it grants one, the worker again."""
-    if (total := held.total()) >= scheduling["max_channels"]:
-        return f"the worker serves {total} direct channels, its limit (max_channels)"
-    if held[uid] >= scheduling["max_channels_per_uid"]:
-        return (f"uid {uid} holds {held[uid]} direct channels to the worker, the limit per"
-                " user (max_channels_per_uid)")  # fmt: skip
-    return None
-
-
-class Throttled:
-    """Refusals reported once per REFUSALS_LOGGED_EVERY, the first at once and then how
-    many more came: a client that asks in a loop must not flood the log."""
-
-    def __init__(self, report: Callable[[str, int], None]) -> None:
-        self.report = report  # (the latest reason, refusals since the last report)
-        self.due = 0.0
-        self.count = 0
-
-    def add(self, why: str) -> None:
-        self.count += 1
-        if (now := time.monotonic()) >= self.due:
-            self.report(why, self.count)
-            self.due, self.count = now + REFUSALS_LOGGED_EVERY, 0
 
 
 def refuse(sock: socket.socket, why: str, refusals: Throttled) -> None:

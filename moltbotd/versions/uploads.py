@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from moltbotd.config import UploadSettings
-from moltbotd.manifest import MANIFEST_FILE
-from moltbotd.protocol import ErrorCode, MoltError
-from moltbotd.state import SPACE_ERRORS, fsync_dir, storage_error
-from moltbotd.units import format_size
+from moltbotd.durable import SPACE_ERRORS, fsync_dir, storage_error
+from moltbotd.wire.files import MANIFEST_FILE
+from moltbotd.wire.protocol import ErrorCode, MoltError
+from moltbotd.wire.units import format_size
 
 INCOMING = ".incoming"
 MAX_DEPTH = 8

@@ -23,15 +23,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-from moltbotd.direct import (
-    Counts,
-    Direct,
-    Stream,
-    Throttled,
-    channel_refusal,
-    print_refusals,
-    refuse,
-)
+from moltbotd.wire.handoff import Throttled, channel_refusal
+from moltbotd.worker.direct import Counts, Direct, Stream, print_refusals, refuse
 
 # A lane that failed leaves channels nobody answers: the whole worker exits (EX_SOFTWARE),
 # so its clients see EOF and the supervisor restarts it, as when the main loop fails.

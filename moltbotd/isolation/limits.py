@@ -11,9 +11,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from moltbotd.cgroups import Group
 from moltbotd.config import AUTO, Limits
-from moltbotd.units import format_size, plural
+from moltbotd.isolation.cgroups import Group
+from moltbotd.wire.units import format_size, plural
 
 MODELS_SHARE = 0.8  # of the host's memory, for the models together: the rest is the system's
 MiB = 2**20

@@ -18,22 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moltbotd.canary import CanaryRoute
-from moltbotd.cgroups import CgroupError
 from moltbotd.config import Config, ConfigError, Overrides, Scheduling
-from moltbotd.isolation import Isolation
-from moltbotd.limits import host_memory, intra_op_threads, resolve
+from moltbotd.control.canary import CanaryRoute
+from moltbotd.control.state import ModelState, State, StateStore
+from moltbotd.durable import storage_error
+from moltbotd.isolation.cgroups import CgroupError
+from moltbotd.isolation.limits import host_memory, intra_op_threads, resolve
+from moltbotd.isolation.policy import Isolation
 from moltbotd.logs import get_logger
-from moltbotd.pool import Pool
-from moltbotd.process import Worker, WorkerSpec
-from moltbotd.protocol import ErrorCode, MoltError, Packed, pack_with
-from moltbotd.repository import MODEL_FILE, RepoModel, read_model_yaml, scan
 from moltbotd.scheduler import Pending, overloaded
-from moltbotd.signature import check_inputs, check_output_names
-from moltbotd.state import ModelState, State, StateStore, storage_error
-from moltbotd.states import WorkerState
-from moltbotd.units import plural
-from moltbotd.uploads import Uploads
+from moltbotd.serving.pool import Pool
+from moltbotd.serving.process import WorkerProcess, WorkerSpec
+from moltbotd.serving.states import WorkerState
+from moltbotd.versions.repository import RepoModel, read_model_yaml, scan
+from moltbotd.versions.uploads import Uploads
+from moltbotd.wire.files import MODEL_FILE
+from moltbotd.wire.protocol import ErrorCode, MoltError, Packed, pack_with
+from moltbotd.wire.signature import check_inputs, check_output_names
+from moltbotd.wire.units import plural
 
 log = get_logger("supervisor")
 # Settings a reload applies at once; any other change waits for a restart of the daemon.
@@ -73,7 +75,7 @@ class Model:
     name: str
     active: Pool | None = None
     canary: CanaryRoute | None = None
-    canary_worker: Pool | None = None
+    canary_pool: Pool | None = None
     on_demand: dict[str, Pool] = field(default_factory=dict)  # version -> its pool
     broken: dict[str, str] = field(default_factory=dict)  # version -> why it could not serve
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
@@ -84,8 +86,8 @@ class Model:
     def loaded(self) -> dict[str, Pool]:
         """Every version with a worker, by version."""
         workers = dict(self.on_demand)
-        if self.canary and self.canary_worker:
-            workers[self.canary.version] = self.canary_worker
+        if self.canary and self.canary_pool:
+            workers[self.canary.version] = self.canary_pool
         if self.active:
             workers[self.active.spec.version] = self.active
         return workers
@@ -100,22 +102,22 @@ class Model:
             "active_version": self.active and self.active.spec.version,
             "error": self.error,
             "operation": self.operation,
-            "worker": self.active and _worker_status(self.active, isolation),
+            "worker": self.active and _pool_status(self.active, isolation),
             "canary": self.canary and {
                 **self.canary.status(),
-                "worker": self.canary_worker and _worker_status(self.canary_worker, isolation),
+                "worker": self.canary_pool and _pool_status(self.canary_pool, isolation),
             },
-            "on_demand": {v: _worker_status(w, isolation) for v, w in self.on_demand.items()},
+            "on_demand": {v: _pool_status(w, isolation) for v, w in self.on_demand.items()},
             "broken": self.broken,
             "events": list(self.events),
         }  # fmt: skip
 
 
-def _worker_status(worker: Pool, isolation: Isolation) -> dict[str, Any]:
-    status = worker.status()
-    if worker.cgroup:
-        status["cgroup"] = str(worker.cgroup.path)
-        status["usage"] = isolation.usage(worker.cgroup)
+def _pool_status(pool: Pool, isolation: Isolation) -> dict[str, Any]:
+    status = pool.status()
+    if pool.cgroup:
+        status["cgroup"] = str(pool.cgroup.path)
+        status["usage"] = isolation.usage(pool.cgroup)
     return status
 
 
@@ -174,7 +176,7 @@ class Supervisor:
             log.info(f"model {model.name}: resuming the canary of {saved.version}")
             model.canary = CanaryRoute(saved.version, saved.share, self.config.canary,
                                        started=saved.started)  # fmt: skip
-            model.canary_worker = self.spawn(
+            model.canary_pool = self.spawn(
                 model, saved.version, repo_model.version_dir(saved.version)
             )
 
@@ -204,9 +206,9 @@ class Supervisor:
         return version
 
     def _keep_canary_if_ready(self, model: Model) -> None:
-        worker = model.canary_worker
-        if worker and worker.state is not WorkerState.READY:
-            self.end_canary(model, f"it did not start: {worker.error}")
+        pool = model.canary_pool
+        if pool and pool.state is not WorkerState.READY:
+            self.end_canary(model, f"it did not start: {pool.error}")
 
     def _remember_actives(self) -> None:
         """Record what serves now, so the next start (even after kill -9) serves it too."""
@@ -322,19 +324,19 @@ class Supervisor:
     # --- background ----------------------------------------------------------------------
 
     def end_canary(self, model: Model, why: str) -> None:
-        """Stop routing to the canary at once; its worker drains in the background."""
-        worker, route = model.canary_worker, model.canary
+        """Stop routing to the canary at once; its pool drains in the background."""
+        pool, route = model.canary_pool, model.canary
         if route is None:
             return
-        model.canary, model.canary_worker = None, None
+        model.canary, model.canary_pool = None, None
         self.state.model(model.name).canary = None  # routing has changed already: keep it
         self._save_or_retry(f"the end of model {model.name}'s canary")
         serving = model.active.spec.version if model.active else "nothing"
         message = f"canary {route.version} rolled back: {why}; {serving} serves every request"
         log.error(f"model {model.name}: {message}", model=model.name, version=route.version)
         model.event("canary-rollback", message, version=route.version)
-        if worker:
-            self.spawn_task(self.retire(worker, drain=True))
+        if pool:
+            self.spawn_task(self.retire(pool, drain=True))
 
     def _save_or_retry(self, what: str) -> None:
         """Make the state durable; if even an in-place write fails, retry at every reap."""
@@ -363,14 +365,14 @@ class Supervisor:
             self._save_or_retry("the state")
         idle_since = time.monotonic() - self.config.on_demand_idle
         for model in list(self.models.values()):  # a switch may add a model meanwhile
-            for version, worker in list(model.on_demand.items()):
-                # Loading is not idling: requests wait for a worker that is starting.
-                used = max(worker.last_used, worker.started_at or 0.0)
-                loading = worker.state is WorkerState.STARTING
-                if not loading and used < idle_since and not worker.inflight:
+            for version, pool in list(model.on_demand.items()):
+                # Loading is not idling: requests wait for a pool that is starting.
+                used = max(pool.last_used, pool.started_at or 0.0)
+                loading = pool.state is WorkerState.STARTING
+                if not loading and used < idle_since and not pool.inflight:
                     del model.on_demand[version]
                     log.info(f"model {model.name} {version}: unloading, unused", model=model.name)
-                    await self.retire(worker)
+                    await self.retire(pool)
         for token in await asyncio.to_thread(self.uploads.sweep):
             log.warning(f"removed upload {token}: abandoned")
 
@@ -388,7 +390,7 @@ class Supervisor:
 
     def route(self, model: Model, version: str | None) -> Pool:
         if version is None:
-            canary = model.canary_worker
+            canary = model.canary_pool
             ready = canary and model.canary and canary.state is WorkerState.READY
             if ready and model.canary.takes_next():  # type: ignore[union-attr]
                 return canary  # type: ignore[return-value]
@@ -399,10 +401,10 @@ class Supervisor:
                     {"model": model.name},
                 )
             return model.active
-        worker = model.loaded().get(version)
-        if worker is None:
-            worker = self._load_on_demand(model, version)
-        return worker
+        pool = model.loaded().get(version)
+        if pool is None:
+            pool = self._load_on_demand(model, version)
+        return pool
 
     def _load_on_demand(self, model: Model, version: str) -> Pool:
         repo_model = self.scan().get(model.name)
@@ -419,29 +421,29 @@ class Supervisor:
                 f" models.{model.name}.on_demand: true",
                 {"model": model.name, "version": version, "loaded": loaded},
             )
-        worker = self.spawn(model, version, repo_model.version_dir(version))
-        if worker is None:
+        pool = self.spawn(model, version, repo_model.version_dir(version))
+        if pool is None:
             raise MoltError(
                 ErrorCode.MODEL_UNAVAILABLE,
                 f"model {model.name} {version}: {model.broken[version]}",
             )
         log.info(f"model {model.name} {version}: loading on demand", model=model.name)
-        model.on_demand[version] = worker
-        return worker
+        model.on_demand[version] = pool
+        return pool
 
-    async def ready_worker(self, model: Model, version: str | None) -> Pool:
-        """The worker for a request, once it is ready. A request that waited for a worker
+    async def ready_pool(self, model: Model, version: str | None) -> Pool:
+        """The pool for a request, once it is ready. A request that waited for a pool
         a switch then retired is routed again, to the version now serving."""
-        worker = self.route(model, version)
-        if worker.state is WorkerState.READY:
-            return worker
+        pool = self.route(model, version)
+        if pool.state is WorkerState.READY:
+            return pool
         try:
-            await worker.wait_ready(self.config.workers.start_timeout)
+            await pool.wait_ready(self.config.workers.start_timeout)
         except MoltError:
-            if worker in model.loaded().values():  # still routed to: its failure is real
+            if pool in model.loaded().values():  # still routed to: its failure is real
                 raise
-            return await self.ready_worker(model, version)
-        return worker
+            return await self.ready_pool(model, version)
+        return pool
 
     def infer(self, name: str, inputs: dict[str, Any], version: str | None,
               outputs: list[Any] | None, priority: str | None = None,
@@ -470,7 +472,7 @@ class Supervisor:
 
     async def _submit_when_ready(self, model: Model, version: str | None,
                                  request: tuple[Any, ...]) -> Packed:  # fmt: skip
-        pool = await self.ready_worker(model, version)
+        pool = await self.ready_pool(model, version)
         return await self._submit(model, pool, request)
 
     def _fallback(self, model: Model, error: MoltError) -> Model:
@@ -500,7 +502,7 @@ class Supervisor:
         tensors = check_inputs(pool.label, pool.signature, inputs)
         if outputs:
             check_output_names(pool.label, pool.signature, outputs)
-        canary = model.canary if pool is model.canary_worker else None
+        canary = model.canary if pool is model.canary_pool else None
         fields = {"model": model.name, "version": pool.spec.version}
         if fallback_for:
             fields["fallback_for"] = fallback_for
@@ -519,7 +521,7 @@ class Supervisor:
         pool.submit(Pending(tensors, outputs, priority, deadline, arrived, reply))
         return future
 
-    def channel(self, name: str) -> tuple[Pool, Worker]:
+    def channel(self, name: str) -> tuple[Pool, WorkerProcess]:
         """The serving instance a client's direct channel goes to; CONFLICT says why the
         client must use this socket instead (its library then does)."""
         model = self.model(name)

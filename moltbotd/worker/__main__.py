@@ -1,0 +1,5 @@
+import sys
+
+from moltbotd.worker.main import main
+
+sys.exit(main(sys.argv))
