@@ -141,12 +141,7 @@ class Rollout:
                     f" moltctl switch {model.name} VERSION --canary 10%",
                 )
             phases = Phases(model, "promote", progress)
-            model.canary, model.canary_pool = None, None
-            try:
-                return await self._cut_over(model, Candidate(pool, [], "verified"), phases)
-            except MoltError:
-                model.canary, model.canary_pool = route, pool
-                raise
+            return await self._cut_over(model, Candidate(pool, [], "verified"), phases)
 
     async def rollback(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
         """End a canary, or return to the version that served before the active one."""
@@ -243,8 +238,7 @@ class Rollout:
         keeps = f"{previous} keeps serving" if previous else f"{model.name} is not served yet"
         self._record(model, lambda s: (s.return_to if rollback else s.activate)(version, pin),
                      keeps)  # fmt: skip
-        model.active, model.error = new, None  # from here on, new requests go to `new`
-        self.sup.models[model.name] = model
+        self.sup.activate(model, new)
         drained = True
         if old:
             phases("draining", f"{plural(old.inflight, 'request')} in flight on {previous}")
@@ -263,9 +257,7 @@ class Rollout:
         route = CanaryRoute(version, share, self.sup.config.canary)
         saved = Canary(version, share, route.started)
         self._record(model, lambda s: setattr(s, "canary", saved), "no canary started")
-        model.canary, model.canary_pool = route, found.pool
-        if model.active:  # its requests must pass through moltbotd to be split
-            model.active.close_channels("a canary started")
+        self.sup.start_canary(model, route, found.pool)
         active = model.active.spec.version if model.active else None
         log.info(f"model {model.name}: canary {version} takes {share:.0%} of requests",
                  model=model.name, version=version)  # fmt: skip

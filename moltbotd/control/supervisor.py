@@ -323,6 +323,25 @@ class Supervisor:
 
     # --- background ----------------------------------------------------------------------
 
+    # --- routing: only these methods change which pool serves a model -------------------
+
+    def activate(self, model: Model, pool: Pool) -> None:
+        """Route the model's new requests to `pool` (a rollout's proven, recorded
+        candidate; the canary's pool when it is promoted), registering a model served for
+        the first time. Called under the model's lock, in one step: no await."""
+        assert model.lock.locked(), "routing changes only under the model's lock"
+        if pool is model.canary_pool:
+            model.canary, model.canary_pool = None, None
+        model.active, model.error = pool, None
+        self.models[model.name] = model
+
+    def start_canary(self, model: Model, route: CanaryRoute, pool: Pool) -> None:
+        """Give `pool` the route's share of the model's unpinned requests."""
+        assert model.lock.locked(), "routing changes only under the model's lock"
+        model.canary, model.canary_pool = route, pool
+        if model.active:  # its requests must pass through moltbotd to be split
+            model.active.close_channels("a canary started")
+
     def end_canary(self, model: Model, why: str) -> None:
         """Stop routing to the canary at once; its pool drains in the background."""
         pool, route = model.canary_pool, model.canary
