@@ -1,4 +1,4 @@
-"""A real small file system for tests of a full disk: a tmpfs mounted for the test."""
+"""Real file systems for tests of disk faults: a small tmpfs to fill, an ext4 to stall."""
 
 import contextlib
 import os
@@ -35,3 +35,39 @@ def fill(disk: Path, leave: int = 0) -> Path:
         file.write(b"\0" * (free_bytes(disk) - leave))
     assert free_bytes(disk) <= leave
     return filler
+
+
+class StallingDisk:
+    """A real ext4 file system on a loop device whose writes can be stalled: while frozen
+    (fsfreeze), every write and fsync on it waits, as on a saturated or failing disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[Path]:
+        subprocess.run(["fsfreeze", "--freeze", str(self.path)], check=True)
+        try:
+            yield self.path
+        finally:
+            subprocess.run(["fsfreeze", "--unfreeze", str(self.path)], check=False)
+
+
+@contextlib.contextmanager
+def stalling_disk(path: Path, size: str = "32M") -> Iterator[StallingDisk]:
+    """An ext4 image of `size` mounted at path (root only: mount(2), a loop device)."""
+    path.mkdir(parents=True, exist_ok=True)
+    image = path.with_name(path.name + ".img")
+    subprocess.run(["truncate", "--size", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    mount = subprocess.run(["mount", "-o", "loop", str(image), str(path)],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a disk to stall here: mount -o loop: {mount.stderr.strip()}")
+    disk = StallingDisk(path)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", str(path)], check=False, capture_output=True)
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+        image.unlink()

@@ -235,8 +235,9 @@ def test_failing_canary_is_rolled_back(daemon_factory):
     assert events[0]["version"] == "v3.0"
     assert re.search(r"\(100%, more than 20%\)", events[0]["message"])
     assert message in ok(run_moltctl("status", "demo", socket=daemon.socket))
+    # Routing changed at once; the record follows, written in a thread.
+    wait_until(lambda: saved(daemon)["canary"] is None, what="the rollback's state write")
     state = json.loads((daemon.state_dir / "state.json").read_text())
-    assert state["models"]["demo"]["canary"] is None
     assert state["models"]["demo"]["active"] == "v2.0"
 
 
@@ -296,6 +297,10 @@ def test_canary_share_usage_errors(daemon):
     assert model_status(daemon)["canary"] is None
 
 
+def saved(daemon) -> dict:
+    return json.loads((daemon.state_dir / "state.json").read_text())["models"]["demo"]
+
+
 def _until_rolled_back(daemon) -> None:
     with daemon.client() as client:
         deadline = time.monotonic() + 60
@@ -319,9 +324,10 @@ def test_a_canary_rolled_back_on_a_full_disk_stays_rolled_back_after_a_restart(
                        socket=daemon.socket))  # fmt: skip
         fill(disk)
         _until_rolled_back(daemon)
+        # Routing changes at once; the record follows, written in a thread.
+        daemon.wait_for_log("the disk is full; state rewritten in place")
         state = json.loads((disk / "state.json").read_text())
         assert state["models"]["demo"]["canary"] is None
-        assert "the disk is full; state rewritten in place" in daemon.log()
         assert daemon.stop() == 0
         daemon = daemon_factory(config=config, wait=False)
         daemon.wait_for_log("ready: serving", count=2)

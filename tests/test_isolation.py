@@ -1,5 +1,6 @@
 """Isolation modes against a fake delegated cgroup, a fake /proc and a fake /sys."""
 
+import asyncio
 import io
 import os
 from collections.abc import Iterator
@@ -365,14 +366,14 @@ def test_forget_removes_the_group(host):
     group = isolation.subtree.group("demo", "v1.0")  # empty: a fake dir with files stays
     isolation.usage(group)
     assert group.path in isolation._usage
-    isolation.forget(group)
+    asyncio.run(isolation.forget(group))
     assert not group.path.exists()
     assert isolation._usage == {}
 
 
 def test_forget_a_group_already_gone(host):
     isolation = host.establish("strict")
-    isolation.forget(Group(host.group / "model-demo-v1.0"))
+    asyncio.run(isolation.forget(Group(host.group / "model-demo-v1.0")))
     assert not (host.group / "model-demo-v1.0").exists()
 
 
@@ -380,7 +381,7 @@ def test_release_gives_up_with_an_error(tmp_path, logs):
     where = tmp_path / "model-demo-v1.0"
     where.mkdir()
     (where / "cgroup.kill").write_text("")
-    release(Group(where), patience=-1.0)  # past the deadline at the first failure
+    asyncio.run(release(Group(where), patience=-1.0))  # past the deadline at the first failure
     assert where.is_dir()
     assert (where / "cgroup.kill").read_text() == "1"
     assert levels(logs, "ERROR") == [f"cannot remove {where}: Directory not empty"]

@@ -30,7 +30,12 @@ def routing_writes(path: Path) -> list[str]:
 
 
 def test_only_the_supervisor_writes_routing_state():
-    writes = [w for p in sorted(PACKAGE.rglob("*.py")) if p not in (OWNER, RECORD) for w in routing_writes(p)]
+    writes = [
+        w
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p not in (OWNER, RECORD)
+        for w in routing_writes(p)
+    ]
     assert writes == []
 
 

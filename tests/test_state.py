@@ -210,17 +210,17 @@ def test_load_missing_file(tmp_path):
 
 
 def test_save_then_load(tmp_path):
-    StateStore(tmp_path).save(sample())
+    StateStore(tmp_path).save(sample().to_json())
     assert StateStore(tmp_path).load() == sample()
     assert names(tmp_path) == [STATE_FILE]
 
 
 def test_save_replaces(tmp_path):
     store = StateStore(tmp_path)
-    store.save(sample())
+    store.save(sample().to_json())
     state = store.load()
     state.model("demo").activate("v4.0", None)
-    store.save(state)
+    store.save(state.to_json())
     loaded = StateStore(tmp_path).load()
     assert loaded.models["demo"].active == "v4.0"
     assert loaded.models["demo"].history == ["v1.0", "v2.0"]
@@ -229,7 +229,7 @@ def test_save_replaces(tmp_path):
 
 def test_save_creates_the_directory(tmp_path):
     directory = tmp_path / "var" / "lib" / "moltbot"
-    StateStore(directory).save(sample())
+    StateStore(directory).save(sample().to_json())
     assert (directory / STATE_FILE).is_file()
     assert StateStore(directory).load() == sample()
 
@@ -264,7 +264,7 @@ def test_save_after_corrupt_load(tmp_path):
     (tmp_path / STATE_FILE).write_bytes(b"garbage")
     store = StateStore(tmp_path)
     store.load()
-    store.save(sample())
+    store.save(sample().to_json())
     assert StateStore(tmp_path).load() == sample()
     assert len(list(tmp_path.glob(f"{STATE_FILE}.corrupt-*"))) == 1
 
@@ -288,7 +288,7 @@ def test_load_wrong_shape_is_set_aside(tmp_path, content):
 
 def test_load_removes_a_temporary_file_a_crash_left(tmp_path):
     store = StateStore(tmp_path)
-    store.save(sample())
+    store.save(sample().to_json())
     left = tmp_path / f".{STATE_FILE}.4242.tmp"
     left.write_bytes(b'{"half": ')
     assert store.load() == sample()
@@ -307,13 +307,13 @@ def test_save_even_if_full_rewrites_a_smaller_state_in_place(tmp_path):
         state = State()
         state.model("demo").activate("v1.0", None)
         state.model("demo").canary = Canary("v2.0", 0.1, 1.0)
-        store.save(state)
+        store.save(state.to_json())
         fill(disk)
         state.model("other").activate("v1", None)  # grows: no room, refused
         with pytest.raises(OSError, match="No space left on device") as refused:
-            store.save_even_if_full(state)
+            store.save_even_if_full(state.to_json())
         assert refused.value.errno == errno.ENOSPC
         del state.models["other"]
         state.model("demo").canary = None  # shrinks: written over the old bytes
-        store.save_even_if_full(state)
+        store.save_even_if_full(state.to_json())
         assert store.load() == state

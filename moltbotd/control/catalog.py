@@ -20,7 +20,7 @@ class Catalog:
         self._hashes: dict[tuple[Path, int, int], str] = {}
 
     async def versions(self, name: str | None) -> dict[str, Any]:
-        repo = self.sup.scan()
+        repo = await self.sup.scan()
         if name is not None:
             if name not in repo:
                 self.sup.model(name)  # MODEL_NOT_FOUND, naming what is served

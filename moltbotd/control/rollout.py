@@ -96,7 +96,7 @@ class Rollout:
         canary: float | None = None,
         progress: Progress = no_progress,
     ) -> dict[str, Any]:
-        repo = self.sup.scan()
+        repo = await self.sup.scan()
         name = name or self._only_model_with(repo, version)
         if name not in repo:
             self.sup.model(name)  # MODEL_NOT_FOUND, unless served (VERSION_NOT_FOUND below)
@@ -141,7 +141,14 @@ class Rollout:
                     f" moltctl switch {model.name} VERSION --canary 10%",
                 )
             phases = Phases(model, "promote", progress)
-            return await self._cut_over(model, Candidate(pool, [], "verified"), phases)
+            # Off the canary's route while the state is written: its answers no longer
+            # count, so an automatic rollback cannot retire the pool being promoted.
+            self.sup.suspend_canary(model)
+            try:
+                return await self._cut_over(model, Candidate(pool, [], "verified"), phases)
+            except MoltError:
+                self.sup.start_canary(model, route, pool)
+                raise
 
     async def rollback(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
         """End a canary, or return to the version that served before the active one."""
@@ -149,11 +156,11 @@ class Rollout:
         async with exclusive(model, "rollback"):
             if model.canary:
                 version = model.canary.version
-                self.sup.end_canary(model, "rolled back by hand")
+                await self.sup.end_canary(model, "rolled back by hand")
                 active = model.active.spec.version if model.active else None
                 return {"model": model.name, "from": version, "to": active, "changed": True,
                         "canary_ended": True, "seconds": {}}  # fmt: skip
-            repo_model = self.sup.scan().get(model.name)
+            repo_model = (await self.sup.scan()).get(model.name)
             saved = self.sup.state.model(model.name)
             earlier = [v for v in saved.history if repo_model and v in repo_model.versions]
             if not earlier or repo_model is None:
@@ -236,8 +243,8 @@ class Rollout:
         phases("switching", f"new requests go to {version}")
         pin = self.sup.config_pin(model.name)
         keeps = f"{previous} keeps serving" if previous else f"{model.name} is not served yet"
-        self._record(model, lambda s: (s.return_to if rollback else s.activate)(version, pin),
-                     keeps)  # fmt: skip
+        await self._record(model, lambda s: (s.return_to if rollback else s.activate)(version, pin),
+                           keeps)  # fmt: skip
         self.sup.activate(model, new)
         drained = True
         if old:
@@ -256,7 +263,7 @@ class Rollout:
         phases("switching", f"{share:.0%} of requests go to {version}")
         route = CanaryRoute(version, share, self.sup.config.canary)
         saved = Canary(version, share, route.started)
-        self._record(model, lambda s: setattr(s, "canary", saved), "no canary started")
+        await self._record(model, lambda s: setattr(s, "canary", saved), "no canary started")
         self.sup.start_canary(model, route, found.pool)
         active = model.active.spec.version if model.active else None
         log.info(f"model {model.name}: canary {version} takes {share:.0%} of requests",
@@ -265,11 +272,12 @@ class Rollout:
                 "canary": share, "changes": found.changes, "checksum": found.checksum,
                 "seconds": phases.done()}  # fmt: skip
 
-    def _record(self, model: Model, change: Callable[[ModelState], None], keeps: str) -> None:
+    async def _record(self, model: Model, change: Callable[[ModelState], None],
+                      keeps: str) -> None:  # fmt: skip
         """Make the change durable before any request sees it; if the state file cannot
         be written (a full disk), nothing changes and the error says what keeps serving."""
         try:
-            self.sup.save(model.name, change)
+            await self.sup.save(model.name, change)
         except MoltError as exc:
             raise MoltError(exc.code, f"{exc.message}; {keeps}", exc.details) from None
 

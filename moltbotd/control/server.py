@@ -121,7 +121,7 @@ def make_handlers(
         }
 
     async def models(_: dict[str, Any], __: Caller) -> dict[str, Any]:
-        return supervisor.repository()
+        return await supervisor.repository()
 
     def infer(p: dict[str, Any], _: Caller) -> Awaitable[Any]:
         priority, timeout = request_options(p)
@@ -147,7 +147,7 @@ def make_handlers(
         if not 0 <= instances <= 64:
             raise MoltError(ErrorCode.BAD_REQUEST, f"instances must be from 1 to 64, or 0 for"
                             f" autoscaling; got {instances}")  # fmt: skip
-        return supervisor.scale(p["model"], instances or None)
+        return await supervisor.scale(p["model"], instances or None)
 
     async def switch(p: dict[str, Any], c: Caller) -> dict[str, Any]:
         share = p.get("canary")

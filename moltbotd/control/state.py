@@ -120,19 +120,19 @@ class StateStore:
                       f" ({kept})")  # fmt: skip
             return State()
 
-    def save(self, state: State) -> None:
+    def save(self, data: bytes) -> None:
+        """Write a State's to_json(); blocking (fsyncs): the daemon calls it in a thread."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, state.to_json())
+        atomic_write(self.path, data)
 
-    def save_even_if_full(self, state: State) -> None:
+    def save_even_if_full(self, data: bytes) -> None:
         """save, or on a full disk overwrite the file in place when the new state is no
         larger: that needs no free block. For a change that must not be lost (a canary
         rolled back must not come back at the next start), at the price of a torn file
         if the host crashes within that one write, which load sets aside."""
         try:
-            self.save(state)
+            self.save(data)
         except OSError as exc:
-            data = state.to_json()
             if exc.errno not in SPACE_ERRORS or len(data) > _size(self.path):
                 raise
             fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)

@@ -61,6 +61,12 @@ async def exclusive(model: "Model", operation: str) -> AsyncIterator[None]:
             model.operation = None
 
 
+def _done() -> "asyncio.Future[None]":
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
+
+
 def version_not_found(name: str, version: str, repo_model: RepoModel | None) -> MoltError:
     on_disk = repo_model.versions if repo_model else ()
     return MoltError(
@@ -130,6 +136,7 @@ class Supervisor:
         # so that a second operation on the name meets the first one's lock.
         self.starting: dict[str, Model] = {}
         self._unsaved = False  # a state write failed: the reaper retries it
+        self._writing = asyncio.Lock()  # state writes in the order they were asked for
         self.pools: set[Pool] = set()  # every pool not yet retired, active or not
         self.started = time.time()
         self.store = StateStore(config.state_dir)
@@ -217,7 +224,7 @@ class Supervisor:
             if model.active and saved.active != model.active.spec.version:
                 saved.activate(model.active.spec.version, self.config_pin(name))
         try:
-            self.store.save(self.state)
+            self.store.save(self.state.to_json())  # at start, before the socket serves
         except OSError as exc:
             log.error(f"cannot write {self.store.path}: {exc}; switches will not survive")
 
@@ -277,7 +284,7 @@ class Supervisor:
                                   " it could run this request; retry it"))  # fmt: skip
         self.pools.discard(pool)
         if pool.cgroup and all(p.cgroup != pool.cgroup for p in self.pools):
-            self.isolation.forget(pool.cgroup)
+            await self.isolation.forget(pool.cgroup)
         return drained
 
     async def stop(self) -> None:
@@ -286,27 +293,41 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*(self.retire(p) for p in list(self.pools)))
 
-    def spawn_task(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+    def spawn_task(self, coroutine: Coroutine[Any, Any, Any]) -> "asyncio.Task[Any]":
         """Run in the background; kept referenced (and cancelled at stop)."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+        return task
 
-    def save(self, name: str, change: Callable[[ModelState], None]) -> None:
-        """Apply a change to a model's saved state and make it durable, or change nothing."""
-        before = copy.deepcopy(self.state)
-        change(self.state.model(name))
-        try:
-            self.store.save(self.state)
-        except OSError as exc:
-            self.state = before
-            error = storage_error(exc, f"cannot record the change in {self.store.path}")
-            error.message += "; the change was not applied"
-            log.error(f"model {name}: {error.message}", model=name)
-            raise error from None
+    def _finished(self, task: "asyncio.Task[Any]") -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(f"background task {task.get_coro().__qualname__} failed: {exc!r}",
+                      exc_info=exc)  # fmt: skip
 
-    def scan(self) -> dict[str, RepoModel]:
-        return scan(self.config.models_dir).models
+    async def save(self, name: str, change: Callable[[ModelState], None]) -> None:
+        """Make a change to a model's saved state durable, then apply it; or change
+        nothing. The write (fsyncs) runs in a thread, one at a time: a stalled disk delays
+        the operation that waits for it, never the event loop. The change is written from
+        a copy, so changes made meanwhile (a canary's automatic end) are neither lost nor
+        undone by a write that fails; they are written by their own write, queued behind."""
+        async with self._writing:
+            draft = copy.deepcopy(self.state)
+            change(draft.model(name))
+            try:
+                await asyncio.to_thread(self.store.save, draft.to_json())
+            except OSError as exc:
+                error = storage_error(exc, f"cannot record the change in {self.store.path}")
+                error.message += "; the change was not applied"
+                log.error(f"model {name}: {error.message}", model=name)
+                raise error from None
+            change(self.state.model(name))
+
+    async def scan(self) -> dict[str, RepoModel]:
+        """The repository as it is on disk now, read in a thread (a slow disk or a large
+        repository must not stall requests)."""
+        return (await asyncio.to_thread(scan, self.config.models_dir)).models
 
     @contextlib.asynccontextmanager
     async def changing(self, name: str, operation: str) -> AsyncIterator[Model]:
@@ -327,11 +348,9 @@ class Supervisor:
 
     def activate(self, model: Model, pool: Pool) -> None:
         """Route the model's new requests to `pool` (a rollout's proven, recorded
-        candidate; the canary's pool when it is promoted), registering a model served for
-        the first time. Called under the model's lock, in one step: no await."""
+        candidate), registering a model served for the first time. Called under the
+        model's lock, in one step: no await."""
         assert model.lock.locked(), "routing changes only under the model's lock"
-        if pool is model.canary_pool:
-            model.canary, model.canary_pool = None, None
         model.active, model.error = pool, None
         self.models[model.name] = model
 
@@ -342,25 +361,38 @@ class Supervisor:
         if model.active:  # its requests must pass through moltbotd to be split
             model.active.close_channels("a canary started")
 
-    def end_canary(self, model: Model, why: str) -> None:
-        """Stop routing to the canary at once; its pool drains in the background."""
+    def suspend_canary(self, model: Model) -> None:
+        """Route every request to the active pool while a promote records itself; the
+        canary's pool keeps running (start_canary restores the route if it fails)."""
+        assert model.lock.locked(), "routing changes only under the model's lock"
+        model.canary, model.canary_pool = None, None
+
+    def end_canary(self, model: Model, why: str) -> "asyncio.Future[None]":
+        """Stop routing to the canary at once; its pool drains in the background. The
+        state is written in the background too: await the result to know it was."""
         pool, route = model.canary_pool, model.canary
         if route is None:
-            return
+            return _done()
         model.canary, model.canary_pool = None, None
         self.state.model(model.name).canary = None  # routing has changed already: keep it
-        self._save_or_retry(f"the end of model {model.name}'s canary")
+        written = self._save_or_retry(f"the end of model {model.name}'s canary")
         serving = model.active.spec.version if model.active else "nothing"
         message = f"canary {route.version} rolled back: {why}; {serving} serves every request"
         log.error(f"model {model.name}: {message}", model=model.name, version=route.version)
         model.event("canary-rollback", message, version=route.version)
         if pool:
             self.spawn_task(self.retire(pool, drain=True))
+        return written
 
-    def _save_or_retry(self, what: str) -> None:
-        """Make the state durable; if even an in-place write fails, retry at every reap."""
+    def _save_or_retry(self, what: str) -> "asyncio.Task[None]":
+        """Make the state as it is now durable, in the background (the change is in effect
+        already); if even an in-place write fails, the reaper retries."""
+        return self.spawn_task(self._write_or_retry(what))
+
+    async def _write_or_retry(self, what: str) -> None:
         try:
-            self.store.save_even_if_full(self.state)
+            async with self._writing:
+                await asyncio.to_thread(self.store.save_even_if_full, self.state.to_json())
         except OSError as exc:
             self._unsaved = True
             log.error(f"cannot record {what} in {self.store.path}: {exc}; retrying every"
@@ -381,7 +413,7 @@ class Supervisor:
     async def reap(self) -> None:
         """Unload versions loaded on demand and idle too long; drop abandoned uploads."""
         if self._unsaved:
-            self._save_or_retry("the state")
+            await self._write_or_retry("the state")
         idle_since = time.monotonic() - self.config.on_demand_idle
         for model in list(self.models.values()):  # a switch may add a model meanwhile
             for version, pool in list(model.on_demand.items()):
@@ -407,26 +439,31 @@ class Supervisor:
                 {"model": name, "served": list(self.models)},
             ) from None
 
-    def route(self, model: Model, version: str | None) -> Pool:
-        if version is None:
-            canary = model.canary_pool
-            ready = canary and model.canary and canary.state is WorkerState.READY
-            if ready and model.canary.takes_next():  # type: ignore[union-attr]
-                return canary  # type: ignore[return-value]
-            if model.active is None:
-                raise MoltError(
-                    ErrorCode.MODEL_UNAVAILABLE,
-                    f"model {model.name} is not serving: {model.error}",
-                    {"model": model.name},
-                )
-            return model.active
-        pool = model.loaded().get(version)
-        if pool is None:
-            pool = self._load_on_demand(model, version)
-        return pool
+    def route(self, model: Model, version: str | None) -> Pool | None:
+        """The pool for a request; None for a pinned version not loaded (ready_pool loads
+        it, reading the repository off the event loop)."""
+        if version is not None:
+            return model.loaded().get(version)
+        canary = model.canary_pool
+        ready = canary and model.canary and canary.state is WorkerState.READY
+        if ready and model.canary.takes_next():  # type: ignore[union-attr]
+            return canary
+        return self._serving(model)
 
-    def _load_on_demand(self, model: Model, version: str) -> Pool:
-        repo_model = self.scan().get(model.name)
+    @staticmethod
+    def _serving(model: Model) -> Pool:
+        if model.active is None:
+            raise MoltError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {model.name} is not serving: {model.error}",
+                {"model": model.name},
+            )
+        return model.active
+
+    async def _load_on_demand(self, model: Model, version: str) -> Pool:
+        repo_model = (await self.scan()).get(model.name)
+        if pool := model.loaded().get(version):  # a request that came meanwhile loaded it
+            return pool
         on_disk = repo_model.versions if repo_model else ()
         loaded = sorted(model.loaded())
         if version not in on_disk:
@@ -453,7 +490,7 @@ class Supervisor:
     async def ready_pool(self, model: Model, version: str | None) -> Pool:
         """The pool for a request, once it is ready. A request that waited for a pool
         a switch then retired is routed again, to the version now serving."""
-        pool = self.route(model, version)
+        pool = self.route(model, version) or await self._load_on_demand(model, version)  # type: ignore[arg-type]
         if pool.state is WorkerState.READY:
             return pool
         try:
@@ -476,6 +513,8 @@ class Supervisor:
         request = (inputs, outputs, priority, arrived, deadline)
         try:
             pool = self.route(model, version)
+            if pool is None:  # a pinned version not loaded yet: load it, then run this
+                return asyncio.ensure_future(self._submit_when_ready(model, version, request))
             if version is None and pool.failed():
                 raise pool.unavailable()
             if pool.signature is None:  # a version that never loaded yet: wait for it
@@ -544,7 +583,7 @@ class Supervisor:
         """The serving instance a client's direct channel goes to; CONFLICT says why the
         client must use this socket instead (its library then does)."""
         model = self.model(name)
-        pool = model.active or self.route(model, None)  # raises: it has no serving version
+        pool = self._serving(model)
         why = None
         if not pool.scheduling.direct:
             why = "direct channels are turned off for it (scheduling.direct)"
@@ -557,7 +596,7 @@ class Supervisor:
                             " send its requests to this socket", {"reason": why})  # fmt: skip
         return pool, pool.channel()
 
-    def scale(self, name: str, instances: int | None) -> dict[str, Any]:
+    async def scale(self, name: str, instances: int | None) -> dict[str, Any]:
         """Set the active version's instances by hand (None: autoscaling); remembered."""
         model = self.model(name)
         if model.active is None:
@@ -572,8 +611,11 @@ class Supervisor:
                 " moltctl reload",
                 {"model": name, "max": most},
             )
-        self.save(name, lambda s: setattr(s, "instances", instances))
-        model.active.scale(instances)
+        await self.save(name, lambda s: setattr(s, "instances", instances))
+        if model.active is None:  # stopped while the state was written
+            raise MoltError(ErrorCode.MODEL_UNAVAILABLE, f"model {name} stopped serving",
+                            {"model": name})  # fmt: skip
+        model.active.scale(instances)  # the version serving now (a switch may have ended)
         how = f"{instances} by hand" if instances else "autoscaling"
         model.event("scale", f"instances of {model.active.label}: {how}")
         return model.status(self.isolation)
@@ -666,8 +708,8 @@ class Supervisor:
         healthy = all(s == WorkerState.READY.value for s in states.values())
         return {"status": "ok" if healthy else "degraded", "models": states}
 
-    def repository(self) -> dict[str, Any]:
-        repo = self.scan()
+    async def repository(self) -> dict[str, Any]:
+        repo = await self.scan()
         return {
             "models_dir": str(self.config.models_dir),
             "models": [

@@ -5,6 +5,7 @@ every controller; `best-effort` logs one WARNING and runs without limits; `off` 
 touches cgroups. Status always says which is in force, and why.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ class Isolation:
         assert self.subtree is not None
         for group in self.subtree.stale_groups():
             log.warning(f"removing {group.path}, left by a daemon that did not stop cleanly")
-            release(group)
+            release_at_start(group)
 
     @property
     def enforced(self) -> bool:
@@ -92,24 +93,40 @@ class Isolation:
         meter = self._usage.setdefault(group.path, Usage(group))
         return meter.read(time.monotonic())
 
-    def forget(self, group: Group) -> None:
+    async def forget(self, group: Group) -> None:
         self._usage.pop(group.path, None)
-        release(group)
+        await release(group)
 
     def status(self) -> dict[str, Any]:
         return {"mode": self.mode, "enforced": self.enforced, "reason": self.reason,
                 "cgroup": str(self.subtree.path) if self.subtree else None}  # fmt: skip
 
 
-def release(group: Group, patience: float = 2.0) -> None:
-    """Remove a group once the processes inside are gone (killing what is left)."""
+RETRY = 0.02  # seconds between attempts to remove a group whose processes are exiting
+
+
+def _removed(group: Group, deadline: float) -> bool:
+    """One attempt: True once the group is gone, or when it is given up (logged)."""
+    try:
+        group.remove()
+        return True
+    except CgroupError as exc:
+        if time.monotonic() > deadline:
+            log.error(str(exc))
+            return True
+        return False
+
+
+async def release(group: Group, patience: float = 2.0) -> None:
+    """Remove a group once the processes inside are gone (killing what is left),
+    waiting for them on the event loop, not in it."""
     deadline = time.monotonic() + patience
-    while True:
-        try:
-            group.remove()
-            return
-        except CgroupError as exc:
-            if time.monotonic() > deadline:
-                log.error(str(exc))
-                return
-            time.sleep(0.02)
+    while not _removed(group, deadline):
+        await asyncio.sleep(RETRY)
+
+
+def release_at_start(group: Group, patience: float = 2.0) -> None:
+    """release() for a group a killed daemon left, before the socket serves anyone."""
+    deadline = time.monotonic() + patience
+    while not _removed(group, deadline):
+        time.sleep(RETRY)

@@ -432,12 +432,21 @@ class WorkerProcess:
         if self.state is not S.READY or self._handoff is None:
             raise self.unavailable()
         if why := channel_refusal(uid, self.by_uid, asdict(self.scheduling)):
-            self._refusals.add(why)
-            raise MoltError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.label}: {why}; send its"
-                            " requests to this socket", {"reason": why})  # fmt: skip
-        socket.send_fds(self._handoff, [HANDOFF.pack(uid)], [sock.fileno()])
+            raise self._refuse_channel(why)
+        try:  # never wait on the loop for a worker that is not reading its handoffs
+            socket.send_fds(self._handoff, [HANDOFF.pack(uid)], [sock.fileno()],
+                            socket.MSG_DONTWAIT)  # fmt: skip
+        except BlockingIOError:
+            raise self._refuse_channel("it has not yet taken the channels handed to it") from None
+        except OSError:  # it exited: the handoff socket's other end is gone
+            raise self.unavailable() from None
         self.by_uid[uid] += 1
         self._set_channels(self.channels + 1)
+
+    def _refuse_channel(self, why: str) -> MoltError:
+        self._refusals.add(why)
+        return MoltError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.label}: {why}; send its"
+                         " requests to this socket", {"reason": why})  # fmt: skip
 
     def _log_refusals(self, why: str, count: int) -> None:
         self.log.warning(f"refused {count} direct channel(s) since the last warning: {why}")
