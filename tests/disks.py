@@ -3,6 +3,7 @@
 import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,12 +46,21 @@ class StallingDisk:
         self.path = path
 
     @contextlib.contextmanager
-    def frozen(self) -> Iterator[Path]:
+    def frozen(self, at_most: float = 120.0) -> Iterator[Path]:
+        """Frozen for the block, and thawed after `at_most` seconds whatever happens to
+        the test (a frozen file system would leave its writers unkillable)."""
         subprocess.run(["fsfreeze", "--freeze", str(self.path)], check=True)
+        thaw = threading.Timer(at_most, self.thaw)
+        thaw.start()
         try:
             yield self.path
         finally:
-            subprocess.run(["fsfreeze", "--unfreeze", str(self.path)], check=False)
+            thaw.cancel()
+            self.thaw()
+
+    def thaw(self) -> None:
+        subprocess.run(["fsfreeze", "--unfreeze", str(self.path)], check=False,
+                       capture_output=True)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -68,6 +78,6 @@ def stalling_disk(path: Path, size: str = "32M") -> Iterator[StallingDisk]:
     try:
         yield disk
     finally:
-        subprocess.run(["fsfreeze", "--unfreeze", str(path)], check=False, capture_output=True)
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
+        disk.thaw()
+        subprocess.run(["umount", "--lazy", str(path)], check=False)  # not over a failure
         image.unlink()

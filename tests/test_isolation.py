@@ -377,6 +377,16 @@ def test_forget_a_group_already_gone(host):
     assert not (host.group / "model-demo-v1.0").exists()
 
 
+def test_release_leaves_a_group_a_new_worker_was_placed_in(tmp_path):
+    """A version spawned again while its old group was being removed: the group is left
+    alone, its new worker not killed (cgroup.kill is never written)."""
+    where = tmp_path / "model-demo-v1.0"
+    where.mkdir()
+    (where / "cgroup.kill").write_text("")
+    asyncio.run(release(Group(where), unused=lambda: False))
+    assert (where / "cgroup.kill").read_text() == ""
+
+
 def test_release_gives_up_with_an_error(tmp_path, logs):
     where = tmp_path / "model-demo-v1.0"
     where.mkdir()

@@ -27,6 +27,7 @@ class CanaryRoute:
     _outcomes: deque[tuple[float, bool]] = field(default_factory=deque)  # (when, failed)
     requests: int = 0
     errors: int = 0
+    suspended: bool = False  # a promote is recording itself: no share, no outcomes
     _step: Fraction = field(init=False)
 
     def __post_init__(self) -> None:

@@ -146,9 +146,8 @@ class Rollout:
             self.sup.suspend_canary(model)
             try:
                 return await self._cut_over(model, Candidate(pool, [], "verified"), phases)
-            except MoltError:
-                self.sup.start_canary(model, route, pool)
-                raise
+            finally:
+                self.sup.suspend_canary(model, False)  # a no-op once promoted
 
     async def rollback(self, name: str | None, progress: Progress = no_progress) -> dict[str, Any]:
         """End a canary, or return to the version that served before the active one."""
@@ -156,7 +155,8 @@ class Rollout:
         async with exclusive(model, "rollback"):
             if model.canary:
                 version = model.canary.version
-                await self.sup.end_canary(model, "rolled back by hand")
+                # shielded: a client gone meanwhile must not cancel the state write
+                await asyncio.shield(self.sup.end_canary(model, "rolled back by hand"))
                 active = model.active.spec.version if model.active else None
                 return {"model": model.name, "from": version, "to": active, "changed": True,
                         "canary_ended": True, "seconds": {}}  # fmt: skip

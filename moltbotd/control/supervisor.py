@@ -22,7 +22,7 @@ from moltbotd.config import Config, ConfigError, Overrides, Scheduling
 from moltbotd.control.canary import CanaryRoute
 from moltbotd.control.state import ModelState, State, StateStore
 from moltbotd.durable import storage_error
-from moltbotd.isolation.cgroups import CgroupError
+from moltbotd.isolation.cgroups import CgroupError, Group
 from moltbotd.isolation.limits import host_memory, intra_op_threads, resolve
 from moltbotd.isolation.policy import Isolation
 from moltbotd.logs import get_logger
@@ -59,6 +59,19 @@ async def exclusive(model: "Model", operation: str) -> AsyncIterator[None]:
             yield
         finally:
             model.operation = None
+
+
+async def _to_the_end(write: Callable[[bytes], None], data: bytes) -> None:
+    """Run a state write in a thread and hold the caller (and its lock) until the thread
+    is done, even if the caller is cancelled meanwhile: a write cut off at its await would
+    let the next one run beside it on the same temporary file."""
+    thread = asyncio.ensure_future(asyncio.to_thread(write, data))
+    try:
+        await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await thread
+        raise
 
 
 def _done() -> "asyncio.Future[None]":
@@ -137,6 +150,7 @@ class Supervisor:
         self.starting: dict[str, Model] = {}
         self._unsaved = False  # a state write failed: the reaper retries it
         self._writing = asyncio.Lock()  # state writes in the order they were asked for
+        self.stopping = False
         self.pools: set[Pool] = set()  # every pool not yet retired, active or not
         self.started = time.time()
         self.store = StateStore(config.state_dir)
@@ -283,15 +297,25 @@ class Supervisor:
             item.answer(MoltError(ErrorCode.MODEL_UNAVAILABLE, f"{pool.label} stopped before"
                                   " it could run this request; retry it"))  # fmt: skip
         self.pools.discard(pool)
-        if pool.cgroup and all(p.cgroup != pool.cgroup for p in self.pools):
-            await self.isolation.forget(pool.cgroup)
+        group = pool.cgroup
+        if group and self._unused(group):
+            await self.isolation.forget(group, lambda: self._unused(group))
         return drained
 
+    def _unused(self, group: Group) -> bool:
+        """No pool lives in the group (a version spawned again while its group was being
+        removed keeps it)."""
+        return all(p.cgroup != group for p in self.pools)
+
     async def stop(self) -> None:
-        """Stop every pool, also one a switch had started but not yet made active."""
+        """Stop every pool, also one a switch had started but not yet made active; then
+        write the state as it is (a canary's end still queued behind another write must
+        not be lost with its cancelled task)."""
+        self.stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*(self.retire(p) for p in list(self.pools)))
+        await self._write_or_retry("the state at stop")
 
     def spawn_task(self, coroutine: Coroutine[Any, Any, Any]) -> "asyncio.Task[Any]":
         """Run in the background; kept referenced (and cancelled at stop)."""
@@ -316,7 +340,7 @@ class Supervisor:
             draft = copy.deepcopy(self.state)
             change(draft.model(name))
             try:
-                await asyncio.to_thread(self.store.save, draft.to_json())
+                await _to_the_end(self.store.save, draft.to_json())
             except OSError as exc:
                 error = storage_error(exc, f"cannot record the change in {self.store.path}")
                 error.message += "; the change was not applied"
@@ -351,6 +375,8 @@ class Supervisor:
         candidate), registering a model served for the first time. Called under the
         model's lock, in one step: no await."""
         assert model.lock.locked(), "routing changes only under the model's lock"
+        if pool is model.canary_pool:  # promoted
+            model.canary, model.canary_pool = None, None
         model.active, model.error = pool, None
         self.models[model.name] = model
 
@@ -361,11 +387,14 @@ class Supervisor:
         if model.active:  # its requests must pass through moltbotd to be split
             model.active.close_channels("a canary started")
 
-    def suspend_canary(self, model: Model) -> None:
-        """Route every request to the active pool while a promote records itself; the
-        canary's pool keeps running (start_canary restores the route if it fails)."""
+    @staticmethod
+    def suspend_canary(model: Model, suspended: bool = True) -> None:
+        """While a promote records itself, unpinned requests all go to the active pool and
+        the canary's outcomes no longer count (an automatic rollback cannot retire the
+        pool being promoted); requests pinned to its version still reach it."""
         assert model.lock.locked(), "routing changes only under the model's lock"
-        model.canary, model.canary_pool = None, None
+        if model.canary:
+            model.canary.suspended = suspended
 
     def end_canary(self, model: Model, why: str) -> "asyncio.Future[None]":
         """Stop routing to the canary at once; its pool drains in the background. The
@@ -392,7 +421,7 @@ class Supervisor:
     async def _write_or_retry(self, what: str) -> None:
         try:
             async with self._writing:
-                await asyncio.to_thread(self.store.save_even_if_full, self.state.to_json())
+                await _to_the_end(self.store.save_even_if_full, self.state.to_json())
         except OSError as exc:
             self._unsaved = True
             log.error(f"cannot record {what} in {self.store.path}: {exc}; retrying every"
@@ -445,8 +474,9 @@ class Supervisor:
         if version is not None:
             return model.loaded().get(version)
         canary = model.canary_pool
-        ready = canary and model.canary and canary.state is WorkerState.READY
-        if ready and model.canary.takes_next():  # type: ignore[union-attr]
+        route = model.canary
+        ready = canary and route and not route.suspended and canary.state is WorkerState.READY
+        if ready and route.takes_next():  # type: ignore[union-attr]
             return canary
         return self._serving(model)
 
@@ -464,6 +494,8 @@ class Supervisor:
         repo_model = (await self.scan()).get(model.name)
         if pool := model.loaded().get(version):  # a request that came meanwhile loaded it
             return pool
+        if self.stopping:
+            raise MoltError(ErrorCode.MODEL_UNAVAILABLE, "moltbotd is stopping")
         on_disk = repo_model.versions if repo_model else ()
         loaded = sorted(model.loaded())
         if version not in on_disk:
@@ -597,32 +629,30 @@ class Supervisor:
         return pool, pool.channel()
 
     async def scale(self, name: str, instances: int | None) -> dict[str, Any]:
-        """Set the active version's instances by hand (None: autoscaling); remembered."""
+        """Set the active version's instances by hand (None: autoscaling); remembered.
+        Under the model's lock, as every state change: the version whose limit is checked
+        is the one scaled, not one a switch made active while the count was written."""
         model = self.model(name)
-        if model.active is None:
-            raise MoltError(ErrorCode.MODEL_UNAVAILABLE, f"model {name} is not serving:"
-                            f" {model.error}", {"model": name})  # fmt: skip
-        most = model.active.scheduling.instances.max
-        if instances is not None and instances > most:
-            raise MoltError(
-                ErrorCode.BAD_REQUEST,
-                f"model {name} may run at most {plural(most, 'instance')} (instances.max); to allow"
-                f" more, raise models.{name}.instances.max in moltbotd.yaml and run"
-                " moltctl reload",
-                {"model": name, "max": most},
-            )
-        await self.save(name, lambda s: setattr(s, "instances", instances))
-        if model.active is None:  # stopped while the state was written
-            raise MoltError(ErrorCode.MODEL_UNAVAILABLE, f"model {name} stopped serving",
-                            {"model": name})  # fmt: skip
-        model.active.scale(instances)  # the version serving now (a switch may have ended)
-        how = f"{instances} by hand" if instances else "autoscaling"
-        model.event("scale", f"instances of {model.active.label}: {how}")
-        return model.status(self.isolation)
+        async with exclusive(model, "scale"):
+            pool = self._serving(model)
+            most = pool.scheduling.instances.max
+            if instances is not None and instances > most:
+                raise MoltError(
+                    ErrorCode.BAD_REQUEST,
+                    f"model {name} may run at most {plural(most, 'instance')} (instances.max);"
+                    f" to allow more, raise models.{name}.instances.max in moltbotd.yaml and"
+                    " run moltctl reload",
+                    {"model": name, "max": most},
+                )
+            await self.save(name, lambda s: setattr(s, "instances", instances))
+            pool.scale(instances)
+            how = f"{instances} by hand" if instances else "autoscaling"
+            model.event("scale", f"instances of {pool.label}: {how}")
+            return model.status(self.isolation)
 
     def _canary_outcome(self, model: Model, canary: CanaryRoute | None, failed: bool) -> None:
-        if canary is None or model.canary is not canary:  # not a canary's, or ended meanwhile
-            return
+        if canary is None or model.canary is not canary or canary.suspended:
+            return  # not a canary's, ended meanwhile, or being promoted
         why = canary.record(failed)
         if why:
             self.end_canary(model, why)

@@ -7,6 +7,7 @@ touches cgroups. Status always says which is in force, and why.
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,9 @@ class Isolation:
         meter = self._usage.setdefault(group.path, Usage(group))
         return meter.read(time.monotonic())
 
-    async def forget(self, group: Group) -> None:
+    async def forget(self, group: Group, unused: Callable[[], bool] = lambda: True) -> None:
         self._usage.pop(group.path, None)
-        await release(group)
+        await release(group, unused)
 
     def status(self) -> dict[str, Any]:
         return {"mode": self.mode, "enforced": self.enforced, "reason": self.reason,
@@ -117,11 +118,13 @@ def _removed(group: Group, deadline: float) -> bool:
         return False
 
 
-async def release(group: Group, patience: float = 2.0) -> None:
+async def release(group: Group, unused: Callable[[], bool] = lambda: True,
+                  patience: float = 2.0) -> None:  # fmt: skip
     """Remove a group once the processes inside are gone (killing what is left),
-    waiting for them on the event loop, not in it."""
+    waiting for them on the event loop, not in it; given up as soon as `unused()` says
+    a new process was placed in it meanwhile."""
     deadline = time.monotonic() + patience
-    while not _removed(group, deadline):
+    while unused() and not _removed(group, deadline):
         await asyncio.sleep(RETRY)
 
 

@@ -438,8 +438,10 @@ class WorkerProcess:
                             socket.MSG_DONTWAIT)  # fmt: skip
         except BlockingIOError:
             raise self._refuse_channel("it has not yet taken the channels handed to it") from None
-        except OSError:  # it exited: the handoff socket's other end is gone
+        except (BrokenPipeError, ConnectionResetError):  # it exited: no one reads there
             raise self.unavailable() from None
+        except OSError as exc:  # ENOBUFS, ETOOMANYREFS...: this channel only
+            raise self._refuse_channel(f"its handoff failed: {exc.strerror or exc}") from None
         self.by_uid[uid] += 1
         self._set_channels(self.channels + 1)
 

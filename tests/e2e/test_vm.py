@@ -10,6 +10,7 @@ This host has neither systemd as PID 1 nor cgroup controllers, so this is where 
 units, the package and the limits are proven.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -61,6 +62,18 @@ def boot(share: Path, script: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def copy_module(name: str, into: Path) -> None:
+    """A module of this Python (a package folder or one file) into `into`, where the
+    VM's Python finds it (the soak runs from the share)."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin, f"{name} is not installed here"
+    origin = Path(spec.origin)
+    if spec.submodule_search_locations:
+        shutil.copytree(origin.parent, into / name, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy(origin, into / origin.name)
+
+
 @pytest.fixture(scope="session")
 def vm(built: Path, tmp_path_factory) -> dict:
     share = tmp_path_factory.mktemp("vm-share")
@@ -74,6 +87,9 @@ def vm(built: Path, tmp_path_factory) -> dict:
     (share / "tests").mkdir()
     for name in ("__init__.py", "models.py"):
         shutil.copy(ROOT / "tests" / name, share / "tests" / name)
+    # and onnx, which builds those models: the package leaves it out (the `demo` extra)
+    for name in ("onnx", "ml_dtypes", "typing_extensions"):
+        copy_module(name, share)
     done = boot(share, "guest.sh")
     results = share / "results.json"
     assert results.exists(), f"the VM run left no results (exit {done.returncode})"
