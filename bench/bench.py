@@ -322,11 +322,16 @@ def shared_session_throughput(case: Case, limits: Limits, threads: int, batch: i
 
 
 async def library_throughput(
-    socket_path: Path, model: str, case: Case, limits: Limits, seconds: float, roles: Roles
+    daemon: "Daemon", model: str, case: Case, limits: Limits, seconds: float, direct: bool
 ) -> Throughput:
-    """CONCURRENCY asyncio tasks calling through one pipelined AsyncClient connection."""
-    async with AsyncClient(socket_path) as client:
+    """CONCURRENCY asyncio tasks calling through one pipelined AsyncClient connection, or
+    with direct=True on its direct channel (the first requests go through the socket
+    while it is asked for)."""
+    roles = daemon.roles(model)
+    async with AsyncClient(daemon.socket, direct=direct) as client:
         for _ in range(min(limits.warmup, 20)):
+            await client.infer(model, case.inputs)
+        while direct and not daemon.status(model)["worker"]["channels"]:  # no task runs yet
             await client.infer(model, case.inputs)
         tickets = itertools.count()
         end = time.perf_counter() + seconds
@@ -666,12 +671,12 @@ def bench_entry(daemon: Daemon, model: str, case: Case, limits: Limits) -> dict[
         before = batch_counts(daemon, model)
         run = raw_throughput(daemon.socket, model, case, limits, limits.seconds, roles, channels)
         results[f"throughput_{client}"] = with_batches(daemon, model, before, run)
-    asyncio.run(
-        library_throughput(daemon.socket, model, case, limits, limits.warmup_seconds, roles)
-    )
-    before = batch_counts(daemon, model)
-    run = asyncio.run(library_throughput(daemon.socket, model, case, limits, limits.seconds, roles))
-    results["throughput_library"] = with_batches(daemon, model, before, run)
+    for client_name, direct in (("library", False), ("library_direct", True)):
+        warm = library_throughput(daemon, model, case, limits, limits.warmup_seconds, direct)
+        asyncio.run(warm)
+        before = batch_counts(daemon, model)
+        run = asyncio.run(library_throughput(daemon, model, case, limits, limits.seconds, direct))
+        results[f"throughput_{client_name}"] = with_batches(daemon, model, before, run)
     return results
 
 
@@ -712,8 +717,12 @@ def check_answer(case: Case, answer: np.ndarray) -> None:
 # --- report ---------------------------------------------------------------------------
 
 ENTRIES = {"plain": "no batching", "batched": "batching"}
-CLIENTS = {"library": "library", "raw": "raw socket", "direct": "raw direct"}
-LATENCY_CLIENTS = {**CLIENTS, "library_direct": "library direct=True"}
+CLIENTS = {
+    "library": "library",
+    "library_direct": "library direct=True",
+    "raw": "raw socket",
+    "direct": "raw direct",
+}
 
 
 def rows_for(model: str, local: dict[str, Any], served: dict[str, dict[str, Any]]) -> list[Row]:
@@ -722,7 +731,7 @@ def rows_for(model: str, local: dict[str, Any], served: dict[str, dict[str, Any]
     rows = []
     for entry, label in ENTRIES.items():
         runs = served[entry]
-        for client, name in LATENCY_CLIENTS.items():
+        for client, name in CLIENTS.items():
             latency = runs[f"latency_{client}"]
             rows += [
                 Row(model, label, "p50 latency, c=1", name, "us", latency.p50_us, lat.p50_us),
@@ -950,7 +959,7 @@ def format_cpu(local: dict[str, Any], served: dict[str, dict[str, Any]]) -> str:
             (f"in-process batch {BATCH} (per run)", runs[f"batch{BATCH}_1thread"]),
         ]
         for entry, label in ENTRIES.items():
-            for client, name in LATENCY_CLIENTS.items():
+            for client, name in CLIENTS.items():
                 rows.append((f"{label}, c=1, {name}", served[model][entry][f"latency_{client}"]))
             for client, name in CLIENTS.items():
                 run = served[model][entry][f"throughput_{client}"]

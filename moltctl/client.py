@@ -10,8 +10,8 @@ moltbotd grants one (one socket hop instead of two; moltbotd still decides who g
 and sends its clients back when a switch or a canary needs their requests to pass
 through it).
 AsyncClient has the same methods as coroutines and pipelines: many tasks may await
-calls on one connection at once, and responses are matched to them by id; its requests
-always go through moltbotd.
+calls on one connection at once, and responses are matched to them by id; with
+direct=True its tasks' requests are pipelined on a direct channel the same way.
 """
 
 import asyncio
@@ -319,6 +319,18 @@ class DirectChannel:
             self.region.close()
 
 
+def _grant(path: Path, model: str) -> DirectChannel:
+    """A channel opened by a blocking client of its own, for AsyncClient; the region goes
+    unused (requests in flight at once would share it), so it is unmapped at once."""
+    with Client(path) as client:
+        channel = client.grant(model)
+    if channel.region is not None:
+        channel.region.close()
+        channel.region = None
+    channel.sock.setblocking(False)
+    return channel
+
+
 def _shareable(tensor: Any) -> int:
     """The bytes of a tensor map that can go into a region as they are, or 0 (the rest
     travels as given, for the worker to check)."""
@@ -426,29 +438,31 @@ class Client(_Calls):
             known = 0.0  # moved on (a switch): the new version may grant one at once
         if known is not None and time.monotonic() < known:
             return None
+        timeout = params.get("timeout_ms")
+        wait = min(CHANNEL_SETUP, self.timeout or CHANNEL_SETUP, (timeout or 1e9) / 1000)
         try:
-            info = self._call("channel", {"model": model})
-        except MoltError:  # not granted (a canary, a fallback, an older daemon...)
+            channel = self.grant(model, wait)
+        except (MoltError, ProtocolError):  # not granted (a canary, a fallback...), or gone
             if self.strict_direct:
                 raise
             self._channels[model] = time.monotonic() + CHANNEL_RETRY
             return None
-        assert self._receiver is not None
-        sock = socket.socket(fileno=self._receiver.fds.pop())
-        timeout = params.get("timeout_ms")
-        wait = min(CHANNEL_SETUP, self.timeout or CHANNEL_SETUP, (timeout or 1e9) / 1000)
-        try:
-            channel = DirectChannel(sock, info, self.busy_poll, wait)
-        except (OSError, ProtocolError, TimeoutError) as exc:  # the worker is gone or busy
-            sock.close()
-            if self.strict_direct:
-                why = str(exc) or f"no answer within {wait:g}s"
-                raise ProtocolError(f"the worker serving model {model} did not open its"
-                                    f" direct channel: {why}") from None  # fmt: skip
-            self._channels[model] = time.monotonic() + CHANNEL_RETRY
-            return None
         self._channels[model] = channel
         return channel
+
+    def grant(self, model: str, wait: float = CHANNEL_SETUP) -> DirectChannel:
+        """A direct channel to the worker serving `model`, opened: MoltError when moltbotd
+        refuses one, ProtocolError when the worker did not open it within `wait` s."""
+        info = self._call("channel", {"model": model})
+        assert self._receiver is not None
+        sock = socket.socket(fileno=self._receiver.fds.pop())
+        try:
+            return DirectChannel(sock, info, self.busy_poll, wait)
+        except (OSError, ProtocolError, TimeoutError) as exc:  # the worker is gone or busy
+            sock.close()
+            why = str(exc) or f"no answer within {wait:g}s"
+            raise ProtocolError(f"the worker serving model {model} did not open its direct"
+                                f" channel: {why}") from None  # fmt: skip
 
     def _call_direct(self, channel: DirectChannel, message: bytes, req_id: int,
                      params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
@@ -481,11 +495,84 @@ class Client(_Calls):
             channel.close()
 
 
-class AsyncClient(_Calls):
-    """asyncio client: calls from many tasks share one connection, pipelined."""
+class AsyncChannel:
+    """A direct channel that many tasks use at once: requests pipelined, answers matched
+    to them by id. Inputs travel in the frames (the shared region is for one request at a
+    time). Once the worker asks to close it, or the client drops it, it takes no new
+    request and is half-closed when its last answer came: nothing in flight is lost."""
 
-    def __init__(self, socket_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, label: str, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:  # fmt: skip
+        self.label = label
+        self.writer = writer
+        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.closing = False  # the worker asked us to go elsewhere, or we dropped it
+        self.reader = asyncio.get_running_loop().create_task(self._read(reader))
+
+    def usable(self) -> bool:
+        return not self.closing and not self.reader.done()
+
+    async def call(self, frame: bytes, req_id: int) -> dict[str, Any]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[req_id] = future
+        try:
+            self.writer.write(frame)
+            return await future
+        finally:
+            self.waiting.pop(req_id, None)
+            self._end_if_done()
+
+    def drop(self) -> None:
+        self.closing = True
+        self._end_if_done()
+
+    def _end_if_done(self) -> None:
+        if self.closing and not self.waiting and self.writer.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):  # already closed
+                self.writer.write_eof()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        decoder = FrameDecoder(MAX_RESPONSE_BYTES)
+        why = "it closed the channel before answering (it exited?)"
+        try:
+            while data := await reader.read(RECV_BYTES):
+                for message in decoder.feed(data):
+                    self._deliver(message)
+        except Exception as exc:  # whatever broke it, its requests fail
+            why = f"the channel failed: {exc!r}"
+        self.closing = True
+        error = MoltError(ErrorCode.WORKER_FAILED, f"{self.label}: {why}")
+        for req_id, future in self.waiting.items():
+            if not future.done():
+                future.set_result(error_response(req_id, error))
+        self.writer.close()
+
+    def _deliver(self, message: dict[str, Any] | MoltError) -> None:
+        if isinstance(message, MoltError):
+            raise message
+        if "closing" in message:
+            self.closing = True
+            return
+        future = self.waiting.get(message.get("id"))  # type: ignore[arg-type]
+        if future and not future.done():
+            future.set_result(message)
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.writer.close()
+
+
+class AsyncClient(_Calls):
+    """asyncio client: calls from many tasks share one connection, pipelined. With
+    direct=True, a model's requests go, pipelined too, on a direct channel to its worker
+    when moltbotd grants one, as Client(direct=True) does."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None,
+                 direct: bool = False) -> None:  # fmt: skip
         self.path = resolve_socket(socket_path)
+        self.direct = direct
+        self._channels: dict[str, AsyncChannel | float] = {}  # model -> channel, or when to ask
+        self._granting: dict[str, asyncio.Task[None]] = {}  # channels being asked for
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -502,6 +589,12 @@ class AsyncClient(_Calls):
         return self
 
     async def close(self) -> None:
+        for task in list(self._granting.values()):
+            task.cancel()
+        for channel in self._channels.values():
+            if isinstance(channel, AsyncChannel):
+                channel.close()
+        self._channels.clear()
         if self._writer:
             self._writer.close()
             with contextlib.suppress(OSError):
@@ -519,6 +612,11 @@ class AsyncClient(_Calls):
 
     async def _call(self, op: str, params: dict[str, Any], decode: Callable[[Any], Any] = _same,
                     on_progress: OnProgress | None = None) -> Any:  # fmt: skip
+        channel = self._channel(params) if op == "infer" else None
+        if channel:
+            req_id = next(self._ids)
+            reply = await self._call_direct(channel, _message(op, req_id, params), req_id, params)
+            return decode(response_result(reply))
         if self._writer is None:
             async with self._connecting:
                 if self._writer is None:
@@ -538,6 +636,50 @@ class AsyncClient(_Calls):
             self._waiting.pop(req_id, None)
             self._progress.pop(req_id, None)
         return decode(response_result(reply))
+
+    def _channel(self, params: dict[str, Any]) -> AsyncChannel | None:
+        """The model's direct channel, or None (the socket): asked for in the background
+        on the model's first request, again a while after a refusal or a closing; the
+        requests that come meanwhile go through moltbotd."""
+        model = params["model"]
+        if not self.direct or params.get("version"):
+            return None
+        known = self._channels.get(model)
+        if isinstance(known, AsyncChannel):
+            if known.usable():
+                return known
+            known.drop()  # half-closed once its last answer came
+            known = 0.0  # moved on (a switch): the new version may grant one at once
+            self._channels[model] = known
+        if (known is None or time.monotonic() >= known) and model not in self._granting:
+            task = asyncio.get_running_loop().create_task(self._open(model))
+            self._granting[model] = task
+            task.add_done_callback(lambda _: self._granting.pop(model, None))
+        return None
+
+    async def _open(self, model: str) -> None:
+        """Ask for a channel (in a thread: the socket comes with SCM_RIGHTS, which asyncio's
+        streams do not read) and start using it; a refusal is asked again later."""
+        try:
+            opened = await asyncio.to_thread(_grant, self.path, model)
+            reader, writer = await asyncio.open_unix_connection(sock=opened.sock)
+        except Exception:  # refused, or gone: the socket serves meanwhile
+            self._channels[model] = time.monotonic() + CHANNEL_RETRY
+            return
+        self._channels[model] = AsyncChannel(opened.label, reader, writer)
+
+    async def _call_direct(self, channel: AsyncChannel, message: bytes, req_id: int,
+                           params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        timeout = params.get("timeout_ms")
+        if not (timeout is not None and timeout > 0):  # else the worker says BAD_REQUEST
+            return await channel.call(message, req_id)
+        try:  # asyncio.timeout, not wait_for: no task between the check and the write
+            async with asyncio.timeout(timeout / 1000):
+                return await channel.call(message, req_id)
+        except TimeoutError:  # its late answer is dropped by id
+            why = f"deadline exceeded: {channel.label} did not answer within {timeout:g}ms"
+            error = MoltError(ErrorCode.DEADLINE_EXCEEDED, why, {"waited_ms": timeout})
+            return error_response(req_id, error)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         decoder = FrameDecoder(MAX_RESPONSE_BYTES)

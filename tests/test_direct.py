@@ -5,6 +5,7 @@ and moltbotd still in control (switches, canaries, fallbacks, dead workers).
 Real daemons, real workers, real onnxruntime; the raw tests speak the protocol's bytes.
 """
 
+import asyncio
 import contextlib
 import mmap
 import os
@@ -25,7 +26,7 @@ from moltbotd.wire.protocol import (
     encode_tensor,
     request,
 )
-from moltctl.client import Client, DirectChannel, ProtocolError
+from moltctl.client import AsyncClient, Client, DirectChannel, ProtocolError
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model
 from tests.test_daemon import direct
@@ -504,3 +505,95 @@ def test_channels_past_the_bounds_are_refused_and_clients_use_the_socket(
     assert "refused 1 direct channel(s) since the last report" not in daemon.log()  # the worker
     held[0].sock.close()  # its worker reports it closed: there is room again
     wait_until(lambda: RawChannel(daemon.socket, "demo").sock, what="a channel granted again")
+
+
+# --- AsyncClient(direct=True): many tasks pipelined on one channel ----------------------------
+
+
+async def until_direct(client: AsyncClient, model: str, inputs: dict) -> None:
+    """Requests go through the socket while the channel is asked for; then on it."""
+    for _ in range(400):
+        await client.infer(model, inputs)
+        if worker_of(await client.status(model), model)["channels"] == 1:
+            return
+        await asyncio.sleep(0.025)
+    pytest.fail(f"AsyncClient got no direct channel to {model}")
+
+
+def test_async_client_pipelines_its_tasks_on_a_direct_channel(daemon) -> None:
+    async def scenario():
+        async with AsyncClient(daemon.socket, direct=True) as client:
+            await until_direct(client, "demo", {"x": X})
+            answers = await asyncio.gather(*(client.infer("demo", {"x": X * i}) for i in range(64)))
+            return answers, worker_of(await client.status("demo"), "demo")
+
+    answers, pool = asyncio.run(scenario())
+    for i, outputs in enumerate(answers):  # each task got its own answer
+        assert np.array_equal(outputs["y"], 10 * X * i), i
+        assert (outputs.model, outputs.version) == ("demo", "v2.0")
+    assert pool["channels"] == 1
+
+
+def test_a_switch_moves_async_direct_tasks_without_losing_a_request(daemon) -> None:
+    """8 tasks infer on one AsyncClient's channel while demo switches from v2.0 (10x) to
+    v1.0 (2x): none fails, the answers go from the old version to the new one, and the
+    client comes back for a channel to the new version."""
+    answers: list[float] = []
+    errors: list[Exception] = []
+
+    async def scenario() -> dict:
+        async with AsyncClient(daemon.socket, direct=True) as client:
+            await until_direct(client, "demo", {"x": X})
+            stop = asyncio.Event()
+
+            async def loop() -> None:
+                while not stop.is_set():
+                    try:
+                        answers.append(float((await client.infer("demo", {"x": X}))["y"][0, 1]))
+                    except Exception as exc:  # every failure counts against the switch
+                        errors.append(exc)
+
+            tasks = [asyncio.create_task(loop()) for _ in range(8)]
+            await until(lambda: len(answers) > 200)
+            assert (await client.switch("v1.0", "demo"))["to"] == "v1.0"
+            count = len(answers)
+            await until(lambda: len(answers) > count + 200 and answers[-1] == 2.0)
+            await until_direct(client, "demo", {"x": X})
+            stop.set()
+            await asyncio.gather(*tasks)
+            return worker_of(await client.status("demo"), "demo")
+
+    pool = asyncio.run(scenario())
+    assert errors == []
+    assert answers[0] == 10.0 and answers[-1] == 2.0 and set(answers) == {2.0, 10.0}
+    assert (pool["version"], pool["channels"]) == ("v1.0", 1)
+
+
+def test_a_dead_worker_fails_async_direct_requests_in_flight_then_serves_again(daemon) -> None:
+    async def scenario() -> MoltError:
+        async with AsyncClient(daemon.socket, direct=True) as client:
+            await until_direct(client, "slow", slow_inputs(n=1))
+            pid = worker_of(await client.status("slow"), "slow")["pid"]
+            running = asyncio.create_task(client.infer("slow", slow_inputs(n=SLOW_N * 50)))
+            idle = cpu_seconds(pid)
+            await until(lambda: cpu_seconds(pid) > idle + 0.1)  # running, not just sent
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(MoltError) as failed:
+                await running
+            await until_direct(client, "slow", slow_inputs(n=1, x=3.0))  # the restarted one
+            answer = await client.infer("slow", slow_inputs(n=1, x=3.0))
+            assert answer["y"].tolist() == [3.0] * 4
+            return failed.value
+
+    error = asyncio.run(scenario())
+    assert error.code is ErrorCode.WORKER_FAILED
+    assert "the worker serving model slow v1" in error.message
+
+
+async def until(condition, timeout: float = 60.0) -> None:
+    """Poll a condition from inside the event loop; fail after `timeout` seconds."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the condition did not happen in time")
