@@ -318,6 +318,26 @@ class DirectChannel:
         if self.region is not None:
             self.region.close()
 
+    release = close  # the blocking Client has nothing in flight when it lets one go
+
+
+def _known_channel(channels: dict[str, Any], params: dict[str, Any],
+                   direct: bool) -> tuple[Any, bool]:  # fmt: skip
+    """(the model's usable direct channel or None, whether to ask for one now). A pinned
+    version, or a client without direct, uses the socket; a channel the worker asked to
+    close is let go (`release`) and a new one may be asked for at once (a switch); a
+    refused one is asked again once its time (a float) has come."""
+    model = params["model"]
+    if not direct or params.get("version"):
+        return None, False
+    known = channels.get(model)
+    if known is not None and not isinstance(known, float):
+        if known.usable():
+            return known, False
+        known.release()
+        known = channels[model] = 0.0  # moved on: the new version may grant one at once
+    return None, known is None or time.monotonic() >= known
+
 
 def _grant(path: Path, model: str) -> DirectChannel:
     """A channel opened by a blocking client of its own, for AsyncClient; the region goes
@@ -428,16 +448,9 @@ class Client(_Calls):
         """The model's direct channel: asked for on its first request, and again a while
         after moltbotd refused one or sent us back; None: go through moltbotd."""
         model = params["model"]
-        if not self.direct or params.get("version"):
-            return None
-        known = self._channels.get(model)
-        if isinstance(known, DirectChannel):
-            if known.usable():
-                return known
-            known.close()
-            known = 0.0  # moved on (a switch): the new version may grant one at once
-        if known is not None and time.monotonic() < known:
-            return None
+        known, ask = _known_channel(self._channels, params, self.direct)
+        if known or not ask:
+            return known  # type: ignore[return-value]
         timeout = params.get("timeout_ms")
         wait = min(CHANNEL_SETUP, self.timeout or CHANNEL_SETUP, (timeout or 1e9) / 1000)
         try:
@@ -522,7 +535,8 @@ class AsyncChannel:
             self.waiting.pop(req_id, None)
             self._end_if_done()
 
-    def drop(self) -> None:
+    def release(self) -> None:
+        """Take no new request; half-closed once its last answer came."""
         self.closing = True
         self._end_if_done()
 
@@ -642,16 +656,10 @@ class AsyncClient(_Calls):
         on the model's first request, again a while after a refusal or a closing; the
         requests that come meanwhile go through moltbotd."""
         model = params["model"]
-        if not self.direct or params.get("version"):
-            return None
-        known = self._channels.get(model)
-        if isinstance(known, AsyncChannel):
-            if known.usable():
-                return known
-            known.drop()  # half-closed once its last answer came
-            known = 0.0  # moved on (a switch): the new version may grant one at once
-            self._channels[model] = known
-        if (known is None or time.monotonic() >= known) and model not in self._granting:
+        known, ask = _known_channel(self._channels, params, self.direct)
+        if known:
+            return known  # type: ignore[return-value]
+        if ask and model not in self._granting:
             task = asyncio.get_running_loop().create_task(self._open(model))
             self._granting[model] = task
             task.add_done_callback(lambda _: self._granting.pop(model, None))
