@@ -564,8 +564,8 @@ class AsyncChannel:
     def _deliver(self, message: dict[str, Any] | MoltError) -> None:
         if isinstance(message, MoltError):
             raise message
-        if "closing" in message:
-            self.closing = True
+        if "closing" in message:  # half-closed at once when nothing waits
+            self.release()
             return
         future = self.waiting.get(message.get("id"))  # type: ignore[arg-type]
         if future and not future.done():

@@ -141,8 +141,9 @@ class Rollout:
                     f" moltctl switch {model.name} VERSION --canary 10%",
                 )
             phases = Phases(model, "promote", progress)
-            # Off the canary's route while the state is written: its answers no longer
-            # count, so an automatic rollback cannot retire the pool being promoted.
+            # While the state is written, the canary takes no unpinned share and its
+            # answers no longer count: an automatic rollback cannot retire the pool
+            # being promoted (requests pinned to its version still reach it).
             self.sup.suspend_canary(model)
             try:
                 return await self._cut_over(model, Candidate(pool, [], "verified"), phases)
@@ -155,8 +156,9 @@ class Rollout:
         async with exclusive(model, "rollback"):
             if model.canary:
                 version = model.canary.version
-                # shielded: a client gone meanwhile must not cancel the state write
-                await asyncio.shield(self.sup.end_canary(model, "rolled back by hand"))
+                if written := self.sup.end_canary(model, "rolled back by hand"):
+                    # shielded: a client gone meanwhile must not cancel the state write
+                    await asyncio.shield(written)
                 active = model.active.spec.version if model.active else None
                 return {"model": model.name, "from": version, "to": active, "changed": True,
                         "canary_ended": True, "seconds": {}}  # fmt: skip

@@ -74,12 +74,6 @@ async def _to_the_end(write: Callable[[bytes], None], data: bytes) -> None:
         raise
 
 
-def _done() -> "asyncio.Future[None]":
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(None)
-    return future
-
-
 def version_not_found(name: str, version: str, repo_model: RepoModel | None) -> MoltError:
     on_disk = repo_model.versions if repo_model else ()
     return MoltError(
@@ -366,8 +360,6 @@ class Supervisor:
             if self.starting.get(name) is model and not model.lock.locked():
                 del self.starting[name]
 
-    # --- background ----------------------------------------------------------------------
-
     # --- routing: only these methods change which pool serves a model -------------------
 
     def activate(self, model: Model, pool: Pool) -> None:
@@ -396,12 +388,13 @@ class Supervisor:
         if model.canary:
             model.canary.suspended = suspended
 
-    def end_canary(self, model: Model, why: str) -> "asyncio.Future[None]":
+    def end_canary(self, model: Model, why: str) -> "asyncio.Task[None] | None":
         """Stop routing to the canary at once; its pool drains in the background. The
-        state is written in the background too: await the result to know it was."""
+        state is written in the background too: await the task to know it was (None: the
+        model had no canary)."""
         pool, route = model.canary_pool, model.canary
         if route is None:
-            return _done()
+            return None
         model.canary, model.canary_pool = None, None
         self.state.model(model.name).canary = None  # routing has changed already: keep it
         written = self._save_or_retry(f"the end of model {model.name}'s canary")
@@ -412,6 +405,8 @@ class Supervisor:
         if pool:
             self.spawn_task(self.retire(pool, drain=True))
         return written
+
+    # --- background ----------------------------------------------------------------------
 
     def _save_or_retry(self, what: str) -> "asyncio.Task[None]":
         """Make the state as it is now durable, in the background (the change is in effect
@@ -424,8 +419,8 @@ class Supervisor:
                 await _to_the_end(self.store.save_even_if_full, self.state.to_json())
         except OSError as exc:
             self._unsaved = True
-            log.error(f"cannot record {what} in {self.store.path}: {exc}; retrying every"
-                      f" {REAP_EVERY:g}s")  # fmt: skip
+            retry = "not written" if self.stopping else f"retrying every {REAP_EVERY:g}s"
+            log.error(f"cannot record {what} in {self.store.path}: {exc}; {retry}")
         else:
             if self._unsaved:
                 log.info(f"{self.store.path} is up to date again")

@@ -1,4 +1,4 @@
-"""The worker process: `python -m moltbotd.worker.main FD` owns one onnxruntime session.
+"""The worker process: `python -m moltbotd.worker FD` owns one onnxruntime session.
 
 Spawned as a fresh interpreter (never forked from the threaded daemon). It speaks the
 same frames as clients over the socketpair end FD: the supervisor sends one `load`
