@@ -219,9 +219,9 @@ class SessionSettings:
     channel_threads: int = setting(
         1,
         integer(1, 64),
-        "threads in each worker serving its direct channels, each its own, all on the one"
-        " session: N channels compute on N cores with one copy of the weights (moltbotd's"
-        " socket requests run beside them, on the worker's main thread)",
+        "threads in each worker that run its requests (the socket's and its direct"
+        " channels', from one queue), all on the one session: N runs compute on N cores"
+        " with one copy of the weights",
     )
     spinning: bool = setting(
         False,
@@ -336,7 +336,9 @@ class Scheduling:
         "normal", choice(*PRIORITIES), "the model's requests' priority, unless one sets its own"
     )
     max_queue: int = setting(
-        1000, integer(1, 10**7), "requests waiting per model version; more get OVERLOADED"
+        1000,
+        integer(1, 10**7),
+        "requests waiting per model version (each instance holds its share); more get OVERLOADED",
     )
     fallback: str | None = setting(
         None, optional_name, "the model that answers when this one is overloaded or failed"

@@ -28,6 +28,7 @@ class Pending:
         "deadline",
         "inputs",
         "key",
+        "on_start",
         "outputs",
         "priority",
         "reply",
@@ -48,6 +49,7 @@ class Pending:
         self.timer: Any = None  # the deadline's timer handle, cancelled once answered
         self.started: float | None = None  # when it went to a worker
         self.answered = False
+        self.on_start: Callable[[], None] | None = None  # told when it starts to run
 
     def live(self, now: float) -> bool:
         """Whether its deadline (if any) is still ahead; expired ones wait for their timer."""
@@ -124,11 +126,19 @@ class Queue:
     def depths(self) -> dict[str, int]:
         return {p: len(q) for p, q in self.levels.items()}
 
-    def push(self, item: Pending, label: str) -> None:
-        depth = len(self)
+    def push(self, item: Pending, label: str, free: int = 0) -> None:
+        """Queue a request; OVERLOADED if `limit` wait already, not counting the `free`
+        ones that idle runners are about to take."""
+        depth = len(self) - free
         if depth >= self.limit:
             raise overloaded(label, depth, self.limit)
         self.levels[item.priority].append(item)
+        self.size += 1
+
+    def put_back(self, item: Pending) -> None:
+        """Return a request taken earlier to the front of its priority: it was admitted
+        once, so the bound does not refuse it."""
+        self.levels[item.priority].appendleft(item)
         self.size += 1
 
     def remove(self, item: Pending) -> bool:

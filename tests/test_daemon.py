@@ -175,17 +175,26 @@ def test_killed_worker_fails_its_requests_and_comes_back(daemon):
     async def scenario():
         async with AsyncClient(daemon.socket) as c:
             pid = (await c.status("slow"))["models"][0]["worker"]["pid"]
-            # two: what a worker holds at once (pool.PIPELINE); more would wait in the queue
-            inflight = [asyncio.ensure_future(c.infer("slow", slow_inputs())) for _ in range(2)]
+            # two in flight on the worker: one running, one in its queue
+            inflight = [asyncio.ensure_future(c.infer("slow", slow_inputs(n)))
+                        for n in (SLOW_N, 10)]  # fmt: skip
             await dispatched(c, "slow", 2)
+
+            async def first_runs() -> bool:  # the worker reports one waiting
+                [entry] = (await c.status("slow"))["models"]
+                return entry["worker"]["queue"]["depth"] == 1
+
+            await wait_until_async(first_runs, what="the first request running")
             os.kill(pid, signal.SIGKILL)
             results = await asyncio.gather(*inflight, return_exceptions=True)
             other = await c.infer("demo", {"x": np.ones((1, 4), np.float32)})
             return pid, results, other
 
     pid, results, other = asyncio.run(scenario())
-    assert all(isinstance(r, MoltError) and r.code is ErrorCode.WORKER_FAILED for r in results)
-    assert f"worker pid {pid} was killed by SIGKILL" in results[0].message
+    failed, waited = results  # what ran fails; what waited runs on the restarted worker
+    assert isinstance(failed, MoltError) and failed.code is ErrorCode.WORKER_FAILED, failed
+    assert f"worker pid {pid} was killed by SIGKILL" in failed.message
+    np.testing.assert_array_equal(waited["y"], np.ones(4))
     assert other["y"][0, 0] == 10.0  # the other model never noticed
     daemon.wait_for_log("Model slow v1 loaded", count=2)
     with daemon.client() as c:

@@ -102,12 +102,13 @@ def test_a_dead_worker_is_never_shown_ready(daemon) -> None:
 
 @pytest.mark.parametrize("depth", [1, 6])
 def test_requests_queued_for_a_dead_worker_wait_for_its_restart(daemon, depth) -> None:
-    """What waited in the queue (never sent to the dead worker) runs on the restarted one."""
+    """What waited in the worker's queue (never run) runs on the restarted one; only what
+    ran fails."""
 
     async def scenario() -> list[object]:
         async with AsyncClient(daemon.socket) as c:
             pid = (await c.status("slow"))["models"][0]["worker"]["pid"]
-            running = [asyncio.ensure_future(c.infer("slow", slow_inputs())) for _ in range(2)]
+            running = [asyncio.ensure_future(c.infer("slow", slow_inputs()))]
             await asyncio.sleep(0.3)
             queued = [asyncio.ensure_future(c.infer("slow", slow_inputs(10))) for _ in range(depth)]
             await asyncio.sleep(0.1)
@@ -115,8 +116,8 @@ def test_requests_queued_for_a_dead_worker_wait_for_its_restart(daemon, depth) -
             return await asyncio.gather(*running, *queued, return_exceptions=True)
 
     outcomes = asyncio.run(scenario())
-    assert all(isinstance(o, MoltError) for o in outcomes[:2])
-    for out in outcomes[2:]:
+    assert isinstance(outcomes[0], MoltError), outcomes[0]
+    for out in outcomes[1:]:
         assert not isinstance(out, BaseException), out
         np.testing.assert_array_equal(out["y"], np.ones(4))
 

@@ -1,5 +1,6 @@
 """The worker's lanes in process: where channels go, what a report says, a lane that
-fails. Real Directs and sockets; no model runs here (tests/test_direct.py runs them)."""
+fails. Real channels, hub and sockets; no model runs here (tests/test_direct.py and
+tests/test_scheduling.py run them)."""
 
 import dataclasses
 import selectors
@@ -7,16 +8,19 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from moltbotd.config import Scheduling
 from moltbotd.wire.handoff import HANDOFF
-from moltbotd.wire.protocol import FrameDecoder
+from moltbotd.wire.protocol import FrameDecoder, encode_frame
 from moltbotd.wire.signature import Signature
-from moltbotd.worker.direct import Direct, Poller, Stream
-from moltbotd.worker.lanes import EXIT_LANE_FAILED, Lanes
+from moltbotd.worker.direct import Channels, Poller, RelayStream, Stream
+from moltbotd.worker.hub import EXIT_LANE_FAILED, Hub
+from moltbotd.worker.lanes import Lanes
 from moltbotd.worker.main import take_handoffs
 from moltctl.client import DirectChannel, ProtocolError
 from tests.conftest import wait_until
@@ -26,8 +30,17 @@ SETTINGS = {"model": "m", "version": "v1", "max_frame_bytes": 1 << 20,
             "scheduling": SCHEDULING}  # fmt: skip
 
 
-def direct() -> Direct:
-    return Direct(SETTINGS, Signature((), ()), lambda batch, concat: [])
+DAEMON_ENDS: list[socket.socket] = []  # the relays' other ends, kept open
+
+
+def lanes(count: int, send=lambda report: None, scheduling: dict = SCHEDULING) -> Lanes:
+    """A worker's intake and lanes as main() builds them, with a relay no one writes to."""
+    hub = Hub("model m v1", scheduling)
+    ours, theirs = socket.socketpair()
+    DAEMON_ENDS.append(theirs)
+    channels = Channels(SETTINGS, Signature((), ()), hub)
+    relay = RelayStream(ours, 1 << 20)
+    return Lanes(channels, lambda batch, concat: [], count, relay, send, scheduling)
 
 
 def channel() -> tuple[Stream, socket.socket]:
@@ -35,34 +48,62 @@ def channel() -> tuple[Stream, socket.socket]:
     return Stream(ours, SETTINGS["max_frame_bytes"]), client
 
 
-def test_new_channels_spread_over_the_lanes_even_before_they_take_them():
+def test_channels_are_counted_at_once_and_every_report_says_how_many():
     sent: list[dict] = []
-    group = Lanes([direct(), direct()], sent.append, SCHEDULING)
+    group = lanes(2, sent.append)
     try:
         pairs = [channel() for _ in range(4)]
-        for stream, _ in pairs:  # back to back: the lanes have not taken any yet
+        for stream, _ in pairs:  # back to back: the intake has not taken any yet
             group.attach(stream)
-        assert [lane.given for lane in group.lanes] == [2, 2]
-        wait_until(lambda: [len(lane.direct.streams) for lane in group.lanes] == [2, 2],
-                   what="each lane serving two channels")  # fmt: skip
-        # every report counts the whole worker's channels, whichever lane sends it
-        wait_until(lambda: sent, what="a report")
-        assert all(report["stats"]["channels"] == 4 for report in sent[-2:])
+        assert group.held == {-1: 4}
+        # the intake reads them all, and moltbotd's relay beside them
+        wait_until(lambda: len(group.intake.channels.streams) == 5, what="the channels read")
+        wait_until(lambda: sent and sent[-1]["stats"]["channels"] == 4, what="a report of 4")
     finally:
         group.stop()
-    assert not any(lane.thread.is_alive() for lane in group.lanes)
+    assert not any(t.is_alive() for t in (group.intake.thread, *(x.thread for x in group.lanes)))
 
 
-def test_orders_reach_every_lane_and_close_its_channels():
-    group = Lanes([direct(), direct()], lambda report: None, SCHEDULING)
+def test_two_lanes_run_two_requests_of_one_channel_at_once():
+    """One queue: any free lane takes the next batch, whichever channel it came on. The
+    runner waits for a second run to meet it: with one lane it would wait forever."""
+    meet = threading.Barrier(2)
+
+    def runner(batch, concat):
+        meet.wait(timeout=10)
+        return [msgpack.packb({})] * len(batch)
+
+    hub = Hub("model m v1", SCHEDULING)
+    ours, theirs = socket.socketpair()
+    DAEMON_ENDS.append(theirs)
+    channels = Channels(SETTINGS, Signature((), ()), hub)
+    group = Lanes(channels, runner, 2, RelayStream(ours, 1 << 20), lambda r: None, SCHEDULING)
+    try:
+        stream, client = channel()
+        group.attach(stream)
+        client.settimeout(20)
+        for req_id in (1, 2):
+            params = {"model": "m", "inputs": {}}
+            client.sendall(encode_frame({"id": req_id, "op": "infer", "params": params}))
+        decoder, got = FrameDecoder(), []
+        while len(got) < 3:  # the region offer, then both answers
+            got += decoder.feed(client.recv(1 << 16))
+        assert sorted(answer["id"] for answer in got[1:]) == [1, 2]
+        assert all(answer["ok"] for answer in got[1:])
+    finally:
+        group.stop()
+
+
+def test_orders_reach_the_intake_and_close_every_channel():
+    group = lanes(2)
     try:
         clients = []
         for _ in range(2):
             stream, client = channel()
             group.attach(stream)
             clients.append(client)
-        wait_until(lambda: all(lane.direct.streams for lane in group.lanes), what="attached")
-        group.tell_all(lambda d: d.close_all("switching", 30))
+        wait_until(lambda: len(group.intake.channels.streams) == 3, what="attached")
+        group.tell(lambda channels: channels.close_all("switching", 30))
         for client in clients:
             decoder = FrameDecoder()
             client.settimeout(10)
@@ -79,14 +120,13 @@ def test_a_lane_that_fails_ends_the_worker_with_its_traceback():
     the process exits instead, so its clients see EOF and the supervisor restarts it."""
     script = textwrap.dedent("""
         import threading, time
-        from tests.test_lanes import SCHEDULING, direct
-        from moltbotd.worker.lanes import Lanes
+        from tests.test_lanes import lanes
 
-        def broken(d):
+        def broken(channels):
             raise RuntimeError("a bug in a lane")
 
-        group = Lanes([direct()], lambda report: None, SCHEDULING)
-        group.tell_all(broken)
+        group = lanes(1)
+        group.tell(broken)
         time.sleep(30)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -98,7 +138,7 @@ def test_a_lane_that_fails_ends_the_worker_with_its_traceback():
 def test_every_handoff_waiting_is_taken_before_the_orders_of_the_same_wake():
     """Two channels handed over, then (in the same wake) an order to close channels:
     both must be attached first, or the second client would never be told."""
-    group = Lanes([direct()], lambda report: None, SCHEDULING)
+    group = lanes(1)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)  # as serve() sets it
     poller = Poller()
@@ -111,7 +151,7 @@ def test_every_handoff_waiting_is_taken_before_the_orders_of_the_same_wake():
             stream_end.close()
             clients.append(client)
         take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
-        assert group.lanes[0].given == 2
+        assert group.held == {1000: 2}
         theirs.close()  # the daemon stopping: EOF unregisters the handoff
         take_handoffs(poller, ours, group, SETTINGS["max_frame_bytes"])
         assert ours not in [key.fileobj for key in poller.selector.get_map().values()]
@@ -133,7 +173,7 @@ def test_the_worker_refuses_channels_past_its_bounds_and_counts_them_by_uid():
     socket); a channel closed frees its place, and every report counts them by uid."""
     bounds = {**SCHEDULING, "max_channels": 3, "max_channels_per_uid": 2}
     sent: list[dict] = []
-    group = Lanes([direct(), direct()], sent.append, bounds)
+    group = lanes(2, sent.append, bounds)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
     poller = Poller()

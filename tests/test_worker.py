@@ -52,15 +52,17 @@ def test_a_worker_whose_daemon_closes_its_channel_while_loading_exits_quietly(tm
             "intra_op_threads": 1, "samples": [], "batched": False,
             "direct": {"model": "demo", "version": "v1", "max_frame_bytes": 1 << 20,
                        "scheduling": dataclasses.asdict(Scheduling())}}  # fmt: skip
-    with theirs, their_handoff:
+    relay, their_relay = socket.socketpair()
+    ends = (theirs, their_handoff, their_relay)
+    with theirs, their_handoff, their_relay:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "moltbotd.worker", str(theirs.fileno()),
-             str(their_handoff.fileno())],
-            pass_fds=(theirs.fileno(), their_handoff.fileno()), stderr=subprocess.PIPE,
+            [sys.executable, "-m", "moltbotd.worker", *(str(end.fileno()) for end in ends)],
+            pass_fds=[end.fileno() for end in ends], stderr=subprocess.PIPE,
         )  # fmt: skip
     ours.sendall(encode_frame(spec))
     ours.close()  # before the worker can answer: its `warming` finds the channel closed
     handoff.close()
+    relay.close()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr

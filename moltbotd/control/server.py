@@ -125,8 +125,7 @@ def make_handlers(
 
     def infer(p: dict[str, Any], _: Caller) -> Awaitable[Any]:
         priority, timeout = request_options(p)
-        return supervisor.infer(p["model"], p["inputs"], p.get("version"), p.get("outputs"),
-                                priority, timeout)  # fmt: skip
+        return supervisor.infer(p, priority, timeout)
 
     async def channel(p: dict[str, Any], c: Caller) -> "Handover":
         pool, worker = supervisor.channel(p["model"])

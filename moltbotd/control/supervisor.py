@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -26,15 +27,14 @@ from moltbotd.isolation.cgroups import CgroupError, Group
 from moltbotd.isolation.limits import host_memory, intra_op_threads, resolve
 from moltbotd.isolation.policy import Isolation
 from moltbotd.logs import get_logger
-from moltbotd.scheduler import Pending, overloaded
-from moltbotd.serving.pool import Pool
+from moltbotd.scheduler import overloaded
+from moltbotd.serving.pool import Pool, Relayed
 from moltbotd.serving.process import WorkerProcess, WorkerSpec
 from moltbotd.serving.states import WorkerState
 from moltbotd.versions.repository import RepoModel, read_model_yaml, scan
 from moltbotd.versions.uploads import Uploads
 from moltbotd.wire.files import MODEL_FILE
 from moltbotd.wire.protocol import ErrorCode, MoltError, Packed, pack_with
-from moltbotd.wire.signature import check_inputs, check_output_names
 from moltbotd.wire.units import plural
 
 log = get_logger("supervisor")
@@ -528,16 +528,16 @@ class Supervisor:
             return await self.ready_pool(model, version)
         return pool
 
-    def infer(self, name: str, inputs: dict[str, Any], version: str | None,
-              outputs: list[Any] | None, priority: str | None = None,
+    def infer(self, params: dict[str, Any], priority: str | None = None,
               timeout_ms: float | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
-        """Queue a request; the future gives its packed result. Checked at once against
-        the serving version's signature (the first request for a version still loading
-        waits for it)."""
+        """Relay a request (an infer's checked params) to the version that serves it;
+        the future gives its packed result. Its worker checks its inputs, as it checks
+        a direct channel's (the first request for a version still loading waits for it)."""
+        name, version = params["model"], params.get("version")
         model = self.model(name)
         arrived = time.monotonic()
         deadline = arrived + timeout_ms / 1000 if timeout_ms else None
-        request = (inputs, outputs, priority, arrived, deadline)
+        request = (params, priority, arrived, deadline)
         try:
             pool = self.route(model, version)
             if pool is None:  # a pinned version not loaded yet: load it, then run this
@@ -582,29 +582,39 @@ class Supervisor:
 
     def _submit(self, model: Model, pool: Pool, request: tuple[Any, ...],
                 fallback_for: str | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
-        inputs, outputs, priority, arrived, deadline = request
-        assert pool.signature is not None
-        tensors = check_inputs(pool.label, pool.signature, inputs)
-        if outputs:
-            check_output_names(pool.label, pool.signature, outputs)
+        params, priority, arrived, deadline = request
         canary = model.canary if pool is model.canary_pool else None
         fields = {"model": model.name, "version": pool.spec.version}
         if fallback_for:
             fields["fallback_for"] = fallback_for
+        may_fall_back = fallback_for is None and params.get("version") is None
         future: asyncio.Future[Packed] = asyncio.get_running_loop().create_future()
 
         def reply(outcome: bytes | MoltError) -> None:
             self._canary_outcome(model, canary, failed=isinstance(outcome, MoltError))
             if future.done():  # the client went away
                 return
-            if isinstance(outcome, MoltError):
+            if may_fall_back and _overloaded(outcome):  # the worker's queue was full
+                self._fall_back(model, request, outcome, future)  # type: ignore[arg-type]
+            elif isinstance(outcome, MoltError):
                 future.set_exception(outcome)
             else:
                 future.set_result(pack_with(fields, "outputs", outcome))
 
         priority = priority or pool.scheduling.priority
-        pool.submit(Pending(tensors, outputs, priority, deadline, arrived, reply))
+        pool.submit(Relayed(params, priority, deadline, arrived, reply))
         return future
+
+    def _fall_back(self, model: Model, request: tuple[Any, ...], error: MoltError,
+                   future: "asyncio.Future[Packed]") -> None:  # fmt: skip
+        """Answer a request its model's worker refused as overloaded by its fallback."""
+        try:
+            other = self._fallback(model, error)
+            answer = self._submit(other, other.active, request, fallback_for=model.name)  # type: ignore[arg-type]
+        except MoltError as exc:
+            future.set_exception(exc)
+            return
+        answer.add_done_callback(functools.partial(_pass_on, future))
 
     def channel(self, name: str) -> tuple[Pool, WorkerProcess]:
         """The serving instance a client's direct channel goes to; CONFLICT says why the
@@ -751,3 +761,17 @@ class Supervisor:
                 for n, m in repo.items()
             ],
         }
+
+
+def _overloaded(outcome: bytes | MoltError) -> bool:
+    return isinstance(outcome, MoltError) and outcome.code is ErrorCode.OVERLOADED
+
+
+def _pass_on(future: "asyncio.Future[Packed]", answer: "asyncio.Future[Packed]") -> None:
+    """The fallback's answer, as the answer to the request that fell back."""
+    if future.done():
+        return
+    if answer.exception() is not None:
+        future.set_exception(answer.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(answer.result())

@@ -1,42 +1,55 @@
-"""One model version's worker processes and its queue: dispatch, batching and scaling.
+"""One model version's worker processes: routing, scaling and what status shows.
 
-A Pool owns the version's instances (Workers, all in the version's cgroup) and its
-scheduler.Queue. Requests wait in the queue, not in a worker's socket: an instance gets
-at most PIPELINE batches at a time, so priorities and deadlines apply to everything
-still waiting, and the next batch goes to the least-loaded ready instance.
+A Pool owns the version's instances (WorkerProcesses, all in the version's cgroup). It
+does not form batches: each instance has one queue (worker/hub.py) for its direct
+channels' requests and the socket's alike, and that queue batches, orders by priority,
+bounds and answers deadlines. The pool relays each socket request to the serving
+instance with the fewest in flight, and gives each instance its share of the version's
+max_queue. Requests wait here, in a scheduler.Queue (bounded, by priority, answered at
+their deadline), only while no instance can take them: none serves yet (a start, a
+restart), or a version that may scale out holds a window of requests in each instance
+(enough for every lane to form full batches), so that an instance added under pressure
+gets its share of what waits rather than nothing.
 """
 
 import asyncio
 import contextlib
+import dataclasses
+import math
 import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-from moltbotd.config import Scheduling, WorkerSettings
+from moltbotd.config import Batching, Scheduling, WorkerSettings
 from moltbotd.isolation.cgroups import Group
 from moltbotd.logs import get_logger
-from moltbotd.scheduler import Pending, Queue, deadline_exceeded
+from moltbotd.scheduler import Pending, Queue, Reply, deadline_exceeded
 from moltbotd.serving.process import WorkerProcess, WorkerSpec
 from moltbotd.serving.states import WorkerState
-from moltbotd.wire.protocol import ErrorCode, MoltError
+from moltbotd.wire.protocol import MoltError
 from moltbotd.wire.signature import Signature
 from moltbotd.wire.units import plural
 
 log = get_logger("pool")
 S = WorkerState
-# Batches one instance holds at once: one running and one on its way, so it never idles
-# for a round trip; the rest wait in the queue, where priorities and deadlines still act.
-PIPELINE = 2
-# Without batching, requests still travel to an instance in bundles (run one by one),
-# as many as fit in BUNDLE_SECONDS of its measured run time, at most BUNDLE_MAX: one
-# message each way instead of one per request, which is most of a tiny model's cost.
-BUNDLE_SECONDS = 0.0005
-BUNDLE_MAX = 16
+ONE_BY_ONE = Batching(max_batch_size=1)  # what the pool takes from its queue to relay
 SCALE_EVERY = 0.25  # seconds between looks at the queue for autoscaling
 GONE = (S.STOPPING, S.STOPPED, S.FATAL)  # instances that will not serve again
 LEAVING = (S.DRAINING, S.STOPPING, S.STOPPED)  # instances that no longer count
+
+
+class Relayed(Pending):
+    """A socket request on its way to an instance: its params go as they came (the worker
+    checks them, as it checks a direct channel's)."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: dict[str, Any], priority: str, deadline: float | None,
+                 arrived: float, reply: Reply) -> None:  # fmt: skip
+        super().__init__({}, None, priority, deadline, arrived, reply)
+        self.params = params
 
 
 class Stats:
@@ -70,18 +83,14 @@ class Pool:
         self.scheduling = scheduling
         self.cgroup = cgroup
         self.workers: list[WorkerProcess] = []
-        self.queue = Queue(scheduling.max_queue)
+        self.queue = Queue(scheduling.max_queue)  # requests waiting for an instance to serve
         self.manual: int | None = None  # instances set by `moltctl scale`; None: autoscale
         self.stats = Stats()
         self.on_phase: Callable[[str], None] | None = None  # the first instance's phases
         self.on_event: Callable[[str, str], None] | None = None  # (kind, message) for status
         self.log = log.bind(model=spec.model, version=spec.version)
         self._closed = False
-        self._wake: asyncio.Handle | None = None  # a look at a batch that waits to fill
-        self._wake_when = 0.0
-        self._run_seconds = 0.0  # per request, averaged
         self._signature: Signature | None = None
-        self._pump_soon = False
         self._crowded_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -121,6 +130,11 @@ class Pool:
         return len(self.queue) + sum(w.inflight for w in self.workers)
 
     @property
+    def depth(self) -> int:
+        """Requests waiting to run: here, and in the instances' queues (as last reported)."""
+        return len(self.queue) + sum(w.queued for w in self.workers)
+
+    @property
     def last_used(self) -> float:
         return max(w.last_used for w in self.workers)
 
@@ -140,11 +154,17 @@ class Pool:
     def set_scheduling(self, scheduling: Scheduling) -> None:
         self.scheduling = scheduling
         self.queue.limit = scheduling.max_queue
-        for worker in self.workers:
-            worker.set_scheduling(scheduling)
+        self._share_queue()
         if not scheduling.direct or scheduling.fallback:
             self.close_channels("direct channels were turned off")
-        self._pump()
+
+    def _share_queue(self) -> None:
+        """Each live instance's scheduling, with its share of max_queue: the version's
+        bound holds over all its queues."""
+        live = [w for w in self.workers if w.state not in LEAVING]
+        share = math.ceil(self.scheduling.max_queue / max(1, len(live)))
+        for worker in live:
+            worker.set_scheduling(dataclasses.replace(self.scheduling, max_queue=share))
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -159,11 +179,12 @@ class Pool:
             self.spec, self.settings, cgroup=self.cgroup, scheduling=self.scheduling
         )
         worker.on_state = self._instance_changed
-        worker.on_stats = self._direct_stats
+        worker.on_stats = self._worker_stats
         if not self.workers:
             worker.on_phase = self._phase
         self.workers.append(worker)
         worker.start()
+        self._share_queue()
         return worker
 
     def _phase(self, phase: str) -> None:
@@ -201,103 +222,94 @@ class Pool:
         self._closed = True
         if self._scaler:
             self._scaler.cancel()
-        if self._wake:
-            self._wake.cancel()
         await asyncio.gather(*(w.stop() for w in self.workers))
         return self.queue.drain()
 
     # --- requests -------------------------------------------------------------------------
 
-    def submit(self, item: Pending) -> None:
-        """Queue a request (OVERLOADED when the queue is full) and dispatch what can go."""
+    def submit(self, item: Relayed) -> None:
+        """Relay a request to the serving instance with the fewest in flight; while none
+        serves, it waits here (OVERLOADED when that queue is full)."""
         if self._closed or self.failed():  # no instance will serve again: it would wait forever
             raise self.unavailable()
-        self._make_room()
-        self.queue.push(item, self.label)
         self._idle.clear()
+        worker = self._least_loaded()
+        if worker is not None and not self.queue:
+            self._relay(worker, item)
+            return
+        try:
+            self.queue.push(item, self.label)
+        finally:
+            self._check_idle()
         if item.deadline is not None:
             delay = item.deadline - time.monotonic()
             item.timer = asyncio.get_running_loop().call_later(delay, self._expire, item)
-        if not any(w.inflight for w in self.workers):
-            self._pump()  # nothing runs: no reason to wait for the end of the loop turn
-        elif not self._pump_soon:  # after the requests that arrived together: one bundle
-            self._pump_soon = True
-            asyncio.get_running_loop().call_soon(self._pump)
 
     def overloaded(self) -> bool:
-        self._make_room()
+        """Whether a request would be refused here (none serves, and the wait is full)."""
         return len(self.queue) >= self.queue.limit
-
-    def _make_room(self) -> None:
-        """A queue that looks full dispatches at once what arrived this turn: only requests
-        that must wait count against max_queue, not those waiting for the turn's end."""
-        if self._pump_soon and len(self.queue) >= self.queue.limit:
-            self._pump()
 
     def failed(self) -> bool:
         return all(w.state in GONE for w in self.workers)
 
     def _pump(self) -> None:
-        self._pump_soon = False
-        now = time.monotonic()
-        while self.queue:
-            worker = self._least_loaded()
-            if worker is None:
-                return
-            idle = not worker.inflight
-            batch, wake = self.queue.take(self.scheduling.batching, now, self._bundle(), idle)
-            if not batch:
-                self._wake_at(wake)
-                return
-            self._run(worker, batch, now)
-
-    def _bundle(self) -> int:
-        if self._run_seconds <= 0:
-            return 1
-        return max(1, min(BUNDLE_MAX, int(BUNDLE_SECONDS / self._run_seconds)))
+        """Relay what waits here, highest priority first, while an instance can take it."""
+        while self.queue and (worker := self._least_loaded()):
+            taken, _ = self.queue.take(ONE_BY_ONE, time.monotonic())
+            if not taken:
+                return  # only expired ones wait: their timers answer them
+            [item] = taken
+            if item.timer is not None:
+                item.timer.cancel()
+                item.timer = None
+            self._relay(worker, item)  # type: ignore[arg-type]
 
     def _least_loaded(self) -> WorkerProcess | None:
-        ready = [w for w in self.workers if w.serving and w.inflight < PIPELINE]
+        """The serving instance with the fewest relayed requests, below the window."""
+        window = self._window()
+        ready = [w for w in self.workers if w.serving and w.inflight < window]
         return min(ready, key=lambda w: w.inflight, default=None)
 
-    def _wake_at(self, when: float | None) -> None:
-        if when is None or (self._wake and self._wake_when <= when):
-            return
-        if self._wake:
-            self._wake.cancel()
-        loop = asyncio.get_running_loop()
-        self._wake = loop.call_later(max(0.0, when - time.monotonic()), self._woken)
-        self._wake_when = when
+    def _window(self) -> float:
+        """Relayed requests one instance may hold: all of them for a version that runs
+        one instance; else two full batches per lane."""
+        if self.scheduling.instances.max == 1 and self.manual is None:
+            return math.inf
+        lanes = self.spec.session.channel_threads
+        return 2 * lanes * self.scheduling.batching.max_batch_size
 
-    def _woken(self) -> None:
-        self._wake = None
+    def _relay(self, worker: WorkerProcess, item: Relayed) -> None:
+        now = time.monotonic()
+        params = {**item.params, "model": self.spec.model, "version": self.spec.version,
+                  "priority": item.priority}  # fmt: skip
+        if item.deadline is not None:
+            if item.deadline <= now:
+                item.answer(deadline_exceeded(self.label, item, now, queued=True))
+                self._check_idle()
+                return
+            params["timeout_ms"] = (item.deadline - now) * 1e3
+        item.started = now
+        try:
+            worker.relay(params, lambda outcome: self._done(item, outcome),
+                         lambda: self._orphaned(item))  # fmt: skip
+        except MoltError as exc:
+            self._done(item, exc)
+
+    def _orphaned(self, item: Relayed) -> None:
+        """A relayed request whose worker died before it ran: it waits here for another
+        instance or the restart, within its deadline, first among its priority."""
+        if self._closed or self.failed():
+            self._done(item, self.unavailable())
+            return
+        self.queue.put_back(item)
+        if item.deadline is not None:
+            delay = item.deadline - time.monotonic()
+            item.timer = asyncio.get_running_loop().call_later(delay, self._expire, item)
         self._pump()
 
-    def _run(self, worker: WorkerProcess, batch: list[Pending], now: float) -> None:
-        concat = self.scheduling.batching.max_batch_size > 1
-        if concat:
-            self.stats.batches += 1
-            self.stats.sizes[len(batch)] += 1
-        for item in batch:
-            item.started = now
-            self.stats.waits.append(now - item.arrived)
-        inputs = [(i.inputs, i.outputs) for i in batch]
-        try:
-            worker.send(inputs, concat, lambda reply: self._done(batch, reply))
-        except MoltError as exc:
-            self._done(batch, exc)
-
-    def _done(self, batch: list[Pending], reply: dict[str, Any] | MoltError) -> None:
-        if isinstance(reply, MoltError):
-            for item in batch:
-                item.answer(reply)
-        else:
-            # a moving average of the run time per request, for the size of bundles
-            seconds = reply["run_ms"] / 1e3 / len(batch)
-            self._run_seconds += (seconds - self._run_seconds) * 0.1
-            for item, result in zip(batch, reply["results"], strict=True):
-                item.answer(result if isinstance(result, bytes) else self._error(result))
-        if not self._closed:
+    def _done(self, item: Relayed, outcome: bytes | MoltError) -> None:
+        item.answer(outcome)
+        if self.queue and not self._closed:
             self._pump()
         self._check_idle()
 
@@ -314,14 +326,11 @@ class Pool:
         for worker in self.workers:
             worker.close_channels(why, self.settings.stop_timeout)
 
-    def _direct_stats(self, stats: dict[str, Any]) -> None:
+    def _worker_stats(self, stats: dict[str, Any]) -> None:
         sizes = {int(size): n for size, n in stats["sizes"].items()}
         self.stats.batches += sum(sizes.values())
         self.stats.sizes.update(sizes)
         self.stats.waits.extend(stats["waits"])
-
-    def _error(self, error: dict[str, Any]) -> MoltError:
-        return MoltError(ErrorCode(error["code"]), f"{self.label}: {error['message']}")
 
     def _expire(self, item: Pending) -> None:
         queued = self.queue.remove(item)
@@ -358,7 +367,7 @@ class Pool:
             self._event(
                 "scale-up", f"{self.label}: {plural(len(live), 'instance')} ({self._why()})"
             )
-        idle = [w for w in live[1:] if not w.inflight]
+        idle = [w for w in live[1:] if not w.inflight and not w.queued]
         while len(live) > target and idle:
             worker = idle.pop()
             live.remove(worker)
@@ -367,13 +376,14 @@ class Pool:
             self._event(
                 "scale-down", f"{self.label}: {plural(len(live), 'instance')} ({self._why()})"
             )
+            self._share_queue()
 
     def _autoscale(self, live: list[WorkerProcess], now: float) -> int:
         """The seeds' policy within one host: up by one when the queue stays above
         scale_up_queue per instance for scale_up_after; down by one per idle instance."""
         policy = self.scheduling.instances
         count = max(len(live), policy.min)
-        if len(self.queue) > policy.scale_up_queue * max(1, len(live)):
+        if self.depth > policy.scale_up_queue * max(1, len(live)):
             self._crowded_since = self._crowded_since or now
             if now - self._crowded_since >= policy.scale_up_after and count < policy.max:
                 self._crowded_since = None
@@ -386,7 +396,7 @@ class Pool:
     def _why(self) -> str:
         if self.manual is not None:
             return "set by hand"
-        return f"queue {len(self.queue)}, autoscaling {self.scheduling.instances.min}-" \
+        return f"queue {self.depth}, autoscaling {self.scheduling.instances.min}-" \
                f"{self.scheduling.instances.max}"  # fmt: skip
 
     async def _retire(self, worker: WorkerProcess) -> None:
@@ -405,6 +415,12 @@ class Pool:
 
     # --- status ---------------------------------------------------------------------------
 
+    def _depths(self) -> dict[str, int]:
+        depths = Counter(self.queue.depths())
+        for worker in self.workers:
+            depths.update(worker.queued_by_priority)
+        return {priority: depths[priority] for priority in self.queue.depths()}
+
     def status(self) -> dict[str, Any]:
         """The first instance's status (what a single worker showed), with every instance,
         the queue, batching and scaling."""
@@ -420,9 +436,9 @@ class Pool:
             "instances": [w.status() for w in self.workers],
             "scaling": {"min": policy.min, "max": policy.max, "manual": self.manual},
             "queue": {
-                "depth": len(self.queue),
+                "depth": self.depth,
                 "max": self.queue.limit,
-                "by_priority": self.queue.depths(),
+                "by_priority": self._depths(),
             },
             "batching": {
                 "max_batch_size": self.scheduling.batching.max_batch_size,

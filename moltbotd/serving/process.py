@@ -2,8 +2,10 @@
 
 A WorkerProcess owns its process's whole life in one task (_supervise); that task, stop() and
 drain() change its state, always through states.check_transition, and every change is
-logged. Requests travel over a socketpair in the protocol's frames; the ones in flight
-when the process dies fail with WORKER_FAILED.
+logged. It speaks to the process over three socketpairs: control (the load, the
+handshake, orders, the worker's counts), handoff (direct channels out, heartbeats in)
+and the relay, where socket requests go as `infer` frames and come back as relay frames
+(wire/relay.py); the ones in flight when the process dies fail with WORKER_FAILED.
 """
 
 import asyncio
@@ -34,11 +36,12 @@ from moltbotd.wire.protocol import (
     MoltError,
     encode_frame,
 )
+from moltbotd.wire.relay import Ending, Parsed, parse_relay
 from moltbotd.wire.signature import Signature
 
 log = get_logger("worker")
 S = WorkerState
-Done = Callable[[dict[str, Any] | MoltError], None]
+Done = Callable[[bytes | MoltError], None]  # a relayed request's packed outputs, or error
 
 
 @dataclass
@@ -66,12 +69,13 @@ class WorkerSpec:
 
 
 class _Link(asyncio.Protocol):
-    """The daemon's end of the socketpair: frames in, replies routed to their futures."""
+    """The daemon's end of the control socketpair: the worker's messages, to on_message."""
 
     def __init__(self, worker: "WorkerProcess") -> None:
         self.worker = worker
         self.decoder = FrameDecoder(1 << 30)
         self.transport: asyncio.Transport | None = None
+        self.deliver = worker.on_message
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -82,7 +86,16 @@ class _Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for message in self.decoder.feed(data):
-            self.worker.on_message(message)
+            self.deliver(message)
+
+
+class _RelayLink(_Link):
+    """The daemon's end of the relay: answers to the socket requests it relayed."""
+
+    def __init__(self, worker: "WorkerProcess") -> None:
+        super().__init__(worker)
+        self.decoder = FrameDecoder(2**32 - 1, parse_relay)
+        self.deliver = worker.on_answer  # type: ignore[assignment]
 
 
 @dataclass(eq=False)  # a process handle: identity, not field-by-field equality
@@ -104,13 +117,16 @@ class WorkerProcess:
     scheduling: Scheduling = field(default_factory=Scheduling)  # for its direct channels
     channels: int = 0  # direct channels open (as the worker last reported)
     by_uid: Counter[int] = field(default_factory=Counter)  # the same, by the client's uid
-    on_stats: Callable[[dict[str, Any]], None] | None = None  # its direct channels' counts
+    on_stats: Callable[[dict[str, Any]], None] | None = None  # its batches, as it reports
+    queued: int = 0  # requests waiting in its queue, as it last reported
+    queued_by_priority: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.log = log.bind(model=self.spec.model, version=self.spec.version)
         self._ids = itertools.count(1)
         self._oom_kills = 0  # the group's count when the current process started
         self._inflight: dict[int, Done] = {}
+        self._orphans: dict[int, Callable[[], None]] = {}  # relayed, not started yet
         self._idle = asyncio.Event()  # set while nothing is in flight
         self._idle.set()
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
@@ -123,7 +139,8 @@ class WorkerProcess:
         self._stop = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
-        self._relay: asyncio.Task[None] | None = None
+        self._requests: _RelayLink | None = None  # the relay: socket requests go this way
+        self._output: asyncio.Task[None] | None = None
         self._hung: str | None = None  # why the current process was killed as hung
         self._beat_at = 0.0  # monotonic time of its latest heartbeat
         self._oldest_run: float | None = None  # its oldest run's age at that beat
@@ -150,8 +167,8 @@ class WorkerProcess:
         return self.state
 
     def serving_channel(self) -> bool:
-        channel = self._channel
-        return bool(channel and channel.transport and not channel.transport.is_closing())
+        return all(link and link.transport and not link.transport.is_closing()
+                   for link in (self._channel, self._requests))  # fmt: skip
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -204,34 +221,37 @@ class WorkerProcess:
 
     async def _spawn_and_load(self) -> bool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        relay, relayed = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._close_handoff()
         # one message per descriptor handed over: a datagram cannot merge two of them
         self._handoff, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         loop = asyncio.get_running_loop()
         self.signature, self.started_at = None, None
+        ends = (child, theirs, relayed)
         try:
-            with child, theirs:
+            with child, theirs, relayed:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
                     "moltbotd.worker",
-                    str(child.fileno()),
-                    str(theirs.fileno()),
-                    pass_fds=(child.fileno(), theirs.fileno()),
+                    *(str(end.fileno()) for end in ends),
+                    pass_fds=[end.fileno() for end in ends],
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
                 )
             self.pid = self._proc.pid
             # kept so the relay task is not garbage-collected while it runs
-            self._relay = loop.create_task(self._relay_output(self._proc))
+            self._output = loop.create_task(self._relay_output(self._proc))
             if self.cgroup:  # before the model loads, so the load is limited and accounted
                 self._oom_kills = self.cgroup.oom_kills()
                 self.cgroup.add(self.pid)
         except OSError:
             parent.close()
+            relay.close()
             raise
         _, self._channel = await loop.create_unix_connection(lambda: _Link(self), sock=parent)
+        _, self._requests = await loop.create_unix_connection(lambda: _RelayLink(self), sock=relay)
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session),
                 "samples": list(self.spec.samples), "batched": self.spec.batched,
@@ -474,19 +494,23 @@ class WorkerProcess:
             self._no_channels.set()
 
     def _stats(self, stats: dict[str, Any]) -> None:
-        """The worker's counts of its direct requests since its last report."""
+        """The worker's counts since its last report: its direct requests, its batches and
+        its queue."""
         self.counters.requests += stats["requests"]
         self.counters.errors += stats["errors"]
         if stats["requests"]:
             self.last_used = time.monotonic()
         self._set_channels(stats["channels"])
         self.by_uid = Counter(stats["by_uid"])
+        if "queued" in stats:  # a refused channel's report says nothing of the queue
+            self.queued, self.queued_by_priority = stats["queued"], stats["by_priority"]
         if self.on_stats:
             self.on_stats(stats)
 
     async def _kill_and_reap(self, grace: float = 0.0) -> None:
-        if self._channel and self._channel.transport:
-            self._channel.transport.close()  # EOF: a healthy worker exits on its own
+        for link in (self._channel, self._requests):
+            if link and link.transport:
+                link.transport.close()  # EOF: a healthy worker exits on its own
         self._close_handoff()
         self._set_channels(0)  # the process closes them as it ends
         proc = self._proc
@@ -541,20 +565,38 @@ class WorkerProcess:
 
     # --- requests ----------------------------------------------------------------------
 
-    def send(
-        self, batch: list[tuple[dict[str, Any], list[str] | None]], concat: bool, done: Done
-    ) -> None:
-        """Run requests (concatenated into one run with concat, else one by one) and call
-        done(reply) with the worker's reply, or with a MoltError if the process dies first."""
+    def relay(self, params: dict[str, Any], done: Done, orphaned: Callable[[], None]) -> None:
+        """Relay a socket request (an infer's params, its model and version set) to the
+        worker's queue; done(outcome) gets its packed outputs or its error, a MoltError
+        if the process dies while it runs; orphaned() is told instead if the process dies
+        before it started (it may run elsewhere)."""
         if not self.serving:
             raise self.unavailable()
-        req_id = next(self._ids)
+        relay_id = next(self._ids)
         self.last_used = time.monotonic()
-        self._inflight[req_id] = done
+        self._inflight[relay_id] = done
+        self._orphans[relay_id] = orphaned
         self._idle.clear()
-        self.counters.requests += len(batch)
-        message = {"id": req_id, "batch": batch, "concat": concat}
-        self._channel.transport.write(encode_frame(message))
+        message = {"id": relay_id, "op": "infer", "params": params}
+        self._requests.transport.write(encode_frame(message))  # type: ignore[union-attr]
+
+    def on_answer(self, answer: Parsed) -> None:
+        """A relayed request's answer; one the worker refused (never queued) is counted
+        nowhere, as on a direct channel."""
+        relay_id, ending, outcome = answer
+        if ending is Ending.STARTED:
+            for started in outcome:  # type: ignore[union-attr]
+                self._orphans.pop(started, None)
+            return
+        self._orphans.pop(relay_id, None)
+        done = self._inflight.pop(relay_id, None)
+        if ending is not Ending.REFUSED:
+            self.counters.requests += 1
+            self.counters.errors += ending is Ending.FAILED
+        if not self._inflight:
+            self._idle.set()
+        if done:
+            done(outcome)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -564,14 +606,7 @@ class WorkerProcess:
         if isinstance(message, MoltError):
             self.log.error(f"{self.label} sent a bad frame", error=str(message))
             return
-        if "id" in message:
-            done = self._inflight.pop(message["id"], None)
-            if done:
-                self.counters.errors += sum(not isinstance(r, bytes) for r in message["results"])
-                done(message)
-            if not self._inflight:
-                self._idle.set()
-        elif "stats" in message:
+        if "stats" in message:
             self._stats(message["stats"])
         elif "phase" in message:
             if self.on_phase:
@@ -590,11 +625,17 @@ class WorkerProcess:
 
     def _fail_inflight(self, why: str, code: ErrorCode = ErrorCode.WORKER_FAILED) -> None:
         inflight, self._inflight = self._inflight, {}
+        orphans, self._orphans = self._orphans, {}
         self._idle.set()
+        self.queued, self.queued_by_priority = 0, {}  # the process is gone, its queue too
         details = {"model": self.spec.model, "version": self.spec.version}
-        for done in inflight.values():
-            self.counters.errors += 1
+        # the latest first: each orphan goes back to the front of the pool's queue
+        for relay_id, done in reversed(inflight.items()):
             try:
+                if relay_id in orphans:  # it never ran: it may run on the next process
+                    orphans[relay_id]()
+                    continue
+                self.counters.errors += 1
                 done(MoltError(code, why, details))
             except Exception:  # one answer's failure must not lose the others' or kill us
                 self.log.exception(f"{self.label}: answering a failed request raised")

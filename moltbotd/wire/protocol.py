@@ -11,6 +11,7 @@ import functools
 import itertools
 import reprlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,8 +144,10 @@ class FrameDecoder:
     length a header announces), and frames not yet taken.
     """
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 decode: Callable[[memoryview], Any] | None = None) -> None:  # fmt: skip
         self.max_frame_bytes = max_frame_bytes
+        self.decode = decode or _decode_body  # another body than a msgpack map: relay.py
         self._buf = bytearray()
         self._pos = 0  # where the next frame starts in _buf
         self.error: FrameTooLarge | None = None
@@ -171,7 +174,7 @@ class FrameDecoder:
             self._compact()
             return None
         with memoryview(buf) as view:
-            frame = _decode_body(view[pos + HEADER.size : end])
+            frame = self.decode(view[pos + HEADER.size : end])
         self._pos = end
         return frame
 

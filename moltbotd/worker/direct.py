@@ -1,17 +1,18 @@
-"""Direct channels, the worker's side: clients whose infer frames come straight here.
+"""The worker's channels: the sockets its requests come on, read and answered here.
 
-The supervisor decides who gets a channel (`channel` operation): it hands the client one
-end of a socketpair and this worker the other, over the worker's handoff socket
-(SCM_RIGHTS). A request then crosses one socket instead of two, and no process wakes in
-between. What the supervisor's pool does for its queue is done here for the channels,
-with the same code: the request checks against the signature, priorities, the bounded
-queue (OVERLOADED), deadlines and batching (scheduler.Queue). The supervisor keeps
-control: it asks the worker to close its channels (a switch, a canary, a reload that
-turns them off) and reads the worker's counts from the `stats` messages sent here.
+Two kinds, served alike. moltbotd's relay carries its socket's clients' requests (see
+wire/relay.py). A direct channel carries one client's: the supervisor decides who gets
+one (`channel` operation), hands the client one end of a socketpair and this worker the
+other over its handoff socket (SCM_RIGHTS), and a request then crosses one socket
+instead of two. Either way the intake thread that reads a request checks it as moltbotd
+checks its own (the operation table, the signature, priority and timeout) and pushes it into
+the worker's one queue (hub.py), which decides what runs when.
 
-Closing loses nothing: the worker sends `{"closing": why}` on each channel and answers
-everything it reads until the client half-closes (or `within` seconds pass); the
-client sends its next requests elsewhere.
+The supervisor keeps control of direct channels: it asks the worker to close them (a
+switch, a canary, a reload that turns them off) and reads the worker's counts from its
+`stats` messages. Closing loses nothing: the worker sends `{"closing": why}` on each
+channel and answers everything it reads until the client half-closes (or `within`
+seconds pass); the client sends its next requests elsewhere.
 """
 
 import contextlib
@@ -23,12 +24,10 @@ import socket
 import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from moltbotd.config import Batching
-from moltbotd.scheduler import Pending, Queue, deadline_exceeded, request_options
+from moltbotd.scheduler import Pending, request_options
 from moltbotd.wire.handoff import Throttled
 from moltbotd.wire.operations import OPERATIONS
 from moltbotd.wire.protocol import (
@@ -37,6 +36,7 @@ from moltbotd.wire.protocol import (
     FrameTooLarge,
     MoltError,
     Packed,
+    RequestId,
     encode_frame,
     error_response,
     ok_frame,
@@ -44,30 +44,27 @@ from moltbotd.wire.protocol import (
     parse_request,
     request_id,
 )
+from moltbotd.wire.relay import relay_frame, started_frame
 from moltbotd.wire.signature import Signature, check_inputs, check_output_names
+from moltbotd.worker.hub import Hub
 
 INFER = OPERATIONS["infer"]
 SOCKET_BUFFER = 4 << 20  # a 600 KB tensor goes in one write, not in 200 KB slices
 RECV_BYTES = 1 << 20
-REPORT_EVERY = 0.25  # seconds between stats messages while requests come
-MAX_WAITS = 256  # queue times per stats message (a sample, for the percentiles)
-
-
-Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
-Batch = list[tuple[dict[str, Any], list[str] | None]]  # each request's inputs and outputs
-Runner = Callable[[Batch, bool], list[Result]]
 
 
 class Stream:
     """One direct channel: a client's socket, its shared region, its partial frame and its
-    unsent answers."""
+    unsent answers. Any lane may answer into `out`, under the hub's lock."""
+
+    counted = True  # its requests count in the worker's reports (moltbotd counts relayed ones)
 
     def __init__(self, sock: socket.socket, max_frame_bytes: int, uid: int = -1) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         self.sock = sock
         self.uid = uid  # the client's, counted against max_channels_per_uid
-        self.region, self.mapped = offer_region(sock, max_frame_bytes)
+        self.region, self.mapped = self._offer(max_frame_bytes)
         sock.setblocking(False)
         self.decoder = FrameDecoder(max_frame_bytes)
         self.out = bytearray()
@@ -75,6 +72,22 @@ class Stream:
         self.pending = 0  # requests read and not answered yet
         self.ended = False  # the client half-closed (or went away)
         self.closing_at: float | None = None  # when it is closed even if the client is not done
+        # asks the intake to look at it again: room to write, or done (Channels.attach)
+        self.stalled: Callable[[], None] = lambda: None
+
+    def _offer(self, size: int) -> tuple[int | None, memoryview]:
+        return offer_region(self.sock, size)
+
+    def answer(self, req_id: RequestId, outcome: bytes | MoltError, head: bytes) -> None:
+        """A queued request's answer: its packed outputs after `head`, or its error."""
+        if isinstance(outcome, MoltError):
+            self.out += encode_frame(error_response(req_id, outcome))
+        else:
+            self.out += ok_frame(req_id, Packed(head + outcome))
+
+    def refuse(self, req_id: RequestId | None, error: MoltError) -> None:
+        """A request never queued (a bad frame, a bad input, a full queue)."""
+        self.out += encode_frame(error_response(req_id, error))
 
     def shared(self, inputs: Any) -> Any:
         """The request's inputs with each {"shm": [offset, size]} made the tensor map
@@ -126,7 +139,38 @@ class Stream:
         return done or (self.closing_at is not None and now >= self.closing_at)
 
 
-def refuse(sock: socket.socket, why: str, refusals: Throttled) -> None:
+class RelayStream(Stream):
+    """moltbotd's relay: its socket's clients' requests, answered in relay frames."""
+
+    counted = False
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        super().__init__(sock, max_frame_bytes)
+        self.starting: list[int] = []  # relay ids whose batch was taken, not yet told
+
+    def flush(self) -> None:
+        if self.starting:
+            self.out += started_frame(self.starting)
+            self.starting = []
+        super().flush()
+
+    def _offer(self, size: int) -> tuple[int | None, memoryview]:
+        return None, memoryview(b"")  # moltbotd copies its clients' inputs: no region
+
+    def answer(self, req_id: RequestId, outcome: bytes | MoltError, head: bytes) -> None:
+        self.out += relay_frame(req_id, outcome, queued=True)  # type: ignore[arg-type]
+
+    def refuse(self, req_id: RequestId | None, error: MoltError) -> None:
+        if type(req_id) is not int:  # moltbotd wrote a frame it cannot have meant: a bug
+            raise RuntimeError(f"moltbotd relayed a request without an id: {error.message}")
+        self.out += relay_frame(req_id, error, queued=False)
+
+    def _part(self, name: Any, tensor: dict[str, Any]) -> dict[str, Any]:
+        why = f"input {name!r}: 'shm' names a direct channel's shared region; on moltbotd's"
+        raise MoltError(ErrorCode.INVALID_INPUT, f"{why} socket send 'data'"[:300])
+
+
+def refuse_channel(sock: socket.socket, why: str, refusals: Throttled) -> None:
     """Close a channel the worker will not serve, saying why in its first frame (where
     the region offer would be): the client library then uses moltbotd's socket."""
     error = MoltError(ErrorCode.RESOURCE_EXHAUSTED, f"direct channel refused: {why}")
@@ -195,68 +239,58 @@ class Poller:
         return [key.data for key, _ in self.selector.select(timeout)]
 
 
-class Direct:
-    """Direct channels served by one thread: their queue and the counts reported to the
-    daemon."""
+Checked = tuple[RequestId | None, Pending | MoltError]  # a request read: queued, or why not
 
-    def __init__(self, session: dict[str, Any], signature: Signature, runner: Runner) -> None:
+
+class Channels:
+    """The channels the intake reads. What arrives is checked here and pushed into the
+    worker's one queue; whichever lane runs a request answers it into its channel's
+    buffer and sends it."""
+
+    def __init__(self, session: dict[str, Any], signature: Signature, hub: Hub) -> None:
         self.model, self.version = session["model"], session["version"]
         self.label = f"model {self.model} {self.version}"
         # every answer's result map up to its outputs, packed once
         self.result_head = pack_with({"model": self.model, "version": self.version}, "outputs", b"")
         self.signature = signature
-        self.runner = runner
+        self.hub = hub
         self.poller = Poller()
         self.streams: dict[int, Stream] = {}
-        self.queue = Queue(session["scheduling"]["max_queue"])
         self.configure(session["scheduling"])
-        self._counts = Counts()
-        self._reported = time.monotonic()
 
     def configure(self, scheduling: dict[str, Any]) -> None:
         """The model's scheduling settings, at start and after a reload."""
         self.priority: str = scheduling["priority"]
-        self.batching = Batching(**scheduling["batching"])
         self.poller.configure(scheduling)
-        self.queue.limit = scheduling["max_queue"]
 
     # --- channels -----------------------------------------------------------------------
 
-    def attach(self, stream: Stream) -> None:
-        """Serve a channel (opened by the main thread: its region is already offered)."""
+    def attach(self, stream: Stream, stalled: Callable[[], None]) -> None:
+        """Serve a channel (a direct one's region is already offered); `stalled` has the
+        intake look at it again (a lane's answers did not fit, or its client is done)."""
         self.streams[stream.sock.fileno()] = stream
-        self._watch(stream)
-        self._counts.changed = True
+        stream.stalled = stalled
+        self.watch(stream)
+        with self.hub.lock:
+            self.hub.note()  # the daemon learns the channels held
 
     def close_all(self, why: str, within: float) -> None:
-        """Tell every client to go elsewhere; answer what they still send until they
-        half-close, for `within` seconds at most."""
+        """Tell every direct client to go elsewhere; answer what they still send until
+        they half-close, for `within` seconds at most."""
         due = time.monotonic() + within
-        for stream in self.streams.values():
-            if stream.closing_at is None:
-                stream.write({"closing": why})
-                stream.closing_at = due
+        with self.hub.lock:
+            for stream in self.streams.values():
+                if stream.counted and stream.closing_at is None:
+                    stream.write({"closing": why})
+                    stream.closing_at = due
+                    self.watch(stream)
 
     def timeout(self) -> float | None:
-        """How long the worker may sleep: until the next report or a closing is due."""
-        now = time.monotonic()
+        """How long the intake may sleep: until a closing is due."""
         due = [s.closing_at for s in self.streams.values() if s.closing_at is not None]
-        if self._counts.changed:
-            due.append(self._reported + REPORT_EVERY)
-        return max(0.0, min(due) - now) if due else None
+        return max(0.0, min(due) - time.monotonic()) if due else None
 
-    # --- requests -----------------------------------------------------------------------
-
-    def ready(self, stream: Stream) -> None:
-        """The channel can be read (queue every whole request that arrived) or, while
-        answers wait to go out, written."""
-        if stream.out:
-            stream.flush()
-        else:
-            self._read(stream)
-        self._watch(stream)
-
-    def _watch(self, stream: Stream) -> None:
+    def watch(self, stream: Stream) -> None:
         """Read a channel only while its answers went out: a client that sends and never
         reads gets no more of the worker's memory than its socket buffer."""
         wanted = (
@@ -272,6 +306,36 @@ class Direct:
             self.poller.selector.modify(stream.sock, wanted, stream)
         stream.events = wanted
 
+    def sweep(self) -> list[Stream]:
+        """Send what waits, and close the channels that are done; those closed."""
+        now, closed = time.monotonic(), []
+        with self.hub.lock:
+            for fd, stream in list(self.streams.items()):
+                if stream.out:
+                    stream.flush()
+                if not stream.finished(now):
+                    self.watch(stream)
+                    continue
+                stream.ended = True
+                self.watch(stream)
+                stream.close()
+                del self.streams[fd]
+                closed.append(stream)
+                self.hub.note()
+        return closed
+
+    # --- requests -----------------------------------------------------------------------
+
+    def ready(self, stream: Stream) -> None:
+        """The channel can be read (queue every whole request that arrived) or, while
+        answers wait to go out, written."""
+        if stream.out:
+            with self.hub.lock:
+                stream.flush()
+        else:
+            self._read(stream)
+        self.watch(stream)
+
     def _read(self, stream: Stream) -> None:
         try:
             data = stream.sock.recv(RECV_BYTES)
@@ -285,25 +349,39 @@ class Direct:
         try:
             messages = stream.decoder.feed(data)
         except FrameTooLarge as exc:  # the stream cannot be resynchronised
-            stream.write(error_response(None, exc))
+            with self.hub.lock:
+                stream.refuse(None, exc)
             stream.ended = True
             return
-        for message in messages:
-            self.accept(stream, message)
+        self._queue(stream, [self._check(stream, message) for message in messages])
 
-    def accept(self, stream: Stream, message: dict[str, Any] | MoltError) -> None:
+    def _queue(self, stream: Stream, checked: list[Checked]) -> None:
+        """Push the requests that passed their checks (a full queue refuses them); answer
+        the others now. Not counted: moltbotd counts only what was queued."""
+        with self.hub.lock:
+            for req_id, item in checked:
+                error = item
+                if isinstance(item, Pending):
+                    try:
+                        self.hub.push(item)
+                        stream.pending += 1
+                        continue
+                    except MoltError as exc:  # OVERLOADED
+                        error = exc
+                stream.refuse(req_id, error)
+
+    def _check(self, stream: Stream, message: dict[str, Any] | MoltError) -> Checked:
         if isinstance(message, MoltError):  # a frame that is not a request: no id to answer
-            stream.write(error_response(None, message))
-            return
+            return None, message
+        req_id = request_id(message)
         try:
-            self.queue.push(self._checked(stream, message), self.label)
-            stream.pending += 1
-        except MoltError as exc:  # not counted, as the daemon counts only what it queued
-            stream.write(error_response(request_id(message), exc))
+            return req_id, self._checked(stream, message)
+        except MoltError as exc:
+            return req_id, exc
         except Exception as exc:  # a bug in a check must not take the worker down
             traceback.print_exc()
             why = f"the worker could not check this request: {type(exc).__name__}: {exc}"
-            stream.write(error_response(request_id(message), MoltError(ErrorCode.INTERNAL, why)))
+            return req_id, MoltError(ErrorCode.INTERNAL, why)
 
     def _checked(self, stream: Stream, message: dict[str, Any]) -> Pending:
         """The request as the queue takes it, checked as the daemon checks it."""
@@ -323,91 +401,21 @@ class Direct:
             check_output_names(self.label, self.signature, outputs)
         now = time.monotonic()
         deadline = now + timeout / 1000 if timeout else None
+        hub, head = self.hub, self.result_head
 
-        def reply(outcome: bytes | MoltError) -> None:
+        def reply(outcome: bytes | MoltError) -> None:  # under the hub's lock
             stream.pending -= 1
-            self._counts.answered(outcome)
-            if isinstance(outcome, MoltError):
-                stream.write(error_response(request.id, outcome))
-            else:
-                stream.out += ok_frame(request.id, Packed(self.result_head + outcome))
+            if stream.counted:
+                hub.answered(outcome)
+            stream.answer(request.id, outcome, head)
+            hub.touched.add(stream)
 
-        return Pending(tensors, outputs, priority or self.priority, deadline, now, reply)
+        item = Pending(tensors, outputs, priority or self.priority, deadline, now, reply)
+        if isinstance(stream, RelayStream):
 
-    def run(self) -> None:
-        """Run everything queued: the highest priority first, batched where configured."""
-        concat = self.batching.max_batch_size > 1
-        while self.queue:
-            now = time.monotonic()
-            for item in self.queue.expired(now):
-                item.answer(deadline_exceeded(self.label, item, now, queued=True))
-            # one by one unless batched: a deadline is checked before each run
-            batch, _ = self.queue.take(self.batching, now, idle=True)
-            if batch:
-                self._counts.ran(batch, concat, now)
-                results = self.runner([(i.inputs, i.outputs) for i in batch], concat)
-                self._answer(batch, results)
+            def started() -> None:  # under the hub's lock
+                stream.starting.append(request.id)  # type: ignore[arg-type]
+                hub.touched.add(stream)
 
-    def _answer(self, batch: list[Pending], results: list[Result]) -> None:
-        now = time.monotonic()
-        for item, result in zip(batch, results, strict=True):
-            if not item.live(now):  # the client stopped waiting: a late result is dropped
-                item.answer(deadline_exceeded(self.label, item, now, queued=False))
-            elif isinstance(result, bytes):
-                item.answer(result)
-            else:
-                message = f"{self.label}: {result['message']}"
-                item.answer(MoltError(ErrorCode(result["code"]), message))
-
-    def flush(self) -> list[Stream]:
-        """Send the answers, and close the channels that are done; those closed."""
-        now, closed = time.monotonic(), []
-        for fd, stream in list(self.streams.items()):
-            if stream.out:
-                stream.flush()
-            if not stream.finished(now):
-                self._watch(stream)
-                continue
-            stream.ended = True
-            self._watch(stream)
-            stream.close()
-            del self.streams[fd]
-            closed.append(stream)
-            self._counts.changed = True
-        return closed
-
-    def report(self) -> dict[str, Any] | None:
-        """The counts since the last report, when one is due: the daemon's status and
-        idle checks see direct requests through these."""
-        now = time.monotonic()
-        if not self._counts.changed or now - self._reported < REPORT_EVERY:
-            return None
-        self._reported = now
-        counts, self._counts = self._counts, Counts()
-        return {"stats": {**counts.to_wire(), "channels": len(self.streams)}}
-
-
-class Counts:
-    """What happened on the channels since the last report."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.errors = 0
-        self.sizes: Counter[int] = Counter()
-        self.waits: list[float] = []
-        self.changed = False
-
-    def answered(self, outcome: Any) -> None:
-        self.requests += 1
-        self.errors += isinstance(outcome, MoltError)
-        self.changed = True
-
-    def ran(self, batch: list[Pending], concat: bool, now: float) -> None:
-        if concat:
-            self.sizes[len(batch)] += 1
-        if len(self.waits) < MAX_WAITS:
-            self.waits.extend(now - item.arrived for item in batch[: MAX_WAITS - len(self.waits)])
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"requests": self.requests, "errors": self.errors,
-                "sizes": dict(self.sizes), "waits": self.waits}  # fmt: skip
+            item.on_start = started
+        return item

@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 
 class Runs:
-    """When each thread's current run began (the main thread's and every lane's)."""
+    """When each lane's current run began."""
 
     def __init__(self) -> None:
         self._started: dict[int, float] = {}

@@ -1,16 +1,19 @@
-"""Lanes: the threads of one worker that serve its direct channels.
+"""The worker's threads for requests: one intake that reads every channel, and the
+lanes that run what it queued.
 
-With `channel_threads: N` a worker serves its direct channels on N lanes, each a thread
-with a Direct of its own: its channels, its queue, its counts; a channel stays on the
-lane it was given to. The worker's main thread answers the daemon (its batches, orders)
-and opens each new channel (offers its region) before it gives it to the lane with the
-fewest, so a lane's long run delays that lane's requests, never a channel's opening.
-Every lane runs the worker's one onnxruntime session (its run is thread-safe and
-releases the GIL), so N clients keep N cores computing with one copy of the weights
-(docs/architecture.md has the measurements); the daemon's batches run on the main
-thread beside them. The main thread speaks to a lane only through the lane's inbox.
-The channels held, by uid, are counted under one lock: the main thread refuses a channel
-past max_channels or max_channels_per_uid (the daemon's bounds, checked here again).
+The intake reads moltbotd's relay and every direct channel, checks what arrives and
+pushes it into the worker's one queue (hub.py): a request is queued the moment it
+arrives (its deadline running, its priority weighed, max_queue counting it), even while
+every lane runs. `channel_threads: N` lanes take batches from that queue, whichever
+channel they came on, run them on the worker's one onnxruntime session (its run is
+thread-safe and releases the GIL, so N lanes keep N cores computing with one copy of the
+weights: docs/architecture.md has the measurements) and send the answers.
+
+The main thread does control only: it opens each new direct channel (offers its region)
+before it hands it to the intake, and passes moltbotd's orders on, through the intake's
+inbox. The channels held, by uid, are counted under one lock: the main thread refuses a
+channel past max_channels or max_channels_per_uid (the daemon's bounds, checked here
+again).
 """
 
 import contextlib
@@ -18,80 +21,60 @@ import os
 import selectors
 import socket
 import threading
-import traceback
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+from moltbotd.scheduler import Pending, deadline_exceeded
 from moltbotd.wire.handoff import Throttled, channel_refusal
-from moltbotd.worker.direct import Counts, Direct, Stream, print_refusals, refuse
+from moltbotd.wire.protocol import ErrorCode, MoltError
+from moltbotd.worker.direct import Channels, Stream, print_refusals, refuse_channel
+from moltbotd.worker.hub import Counts, Hub, fatal_thread
 
-# A lane that failed leaves channels nobody answers: the whole worker exits (EX_SOFTWARE),
-# so its clients see EOF and the supervisor restarts it, as when the main loop fails.
-EXIT_LANE_FAILED = 70
-
-Order = Callable[[Direct], None]  # what a lane's thread does to its Direct
+Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
+Batch = list[tuple[dict[str, Any], list[str] | None]]  # each request's inputs and outputs
+Runner = Callable[[Batch, bool], list[Result]]
+Order = Callable[[Channels], None]  # what the intake's thread does to its channels
 Send = Callable[[dict[str, Any]], None]  # a message to the daemon
-Closed = Callable[[Stream], None]  # told of each channel a lane closed
+Closed = Callable[[Stream], None]  # told of each channel the intake closed
 
 
-class Lane:
-    """A thread serving the direct channels given to it, until told to stop."""
+class Intake:
+    """The thread that reads every channel, until told to stop."""
 
-    def __init__(self, direct: Direct, report: Send, closed: Closed, number: int) -> None:
-        self.direct = direct
-        self.report = report
+    def __init__(self, channels: Channels, closed: Closed) -> None:
+        self.channels = channels
         self.closed = closed
         self.inbox: deque[Order | None] = deque()
-        # channels given by the main thread and taken by the lane's: one writer each
-        self.given = self.taken = 0
         self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        direct.poller.selector.register(self.wake, selectors.EVENT_READ, self)
-        self.thread = threading.Thread(target=self._run, name=f"lane-{number}", daemon=True)
-
-    @property
-    def load(self) -> int:
-        """Its channels, counting those on their way. Read from another thread: the
-        counters before the streams, so that a channel taken meanwhile is counted
-        twice rather than not at all."""
-        on_the_way = self.given - self.taken
-        return on_the_way + len(self.direct.streams)
+        channels.poller.selector.register(self.wake, selectors.EVENT_READ, self)
+        self.thread = fatal_thread(self._serve, "intake")
 
     def give(self, stream: Stream) -> None:
-        self.given += 1
-        self.tell(lambda direct: self._take(direct, stream))
+        """Read a new channel from now on."""
+        self.tell(lambda channels: channels.attach(stream, lambda: self.look_at(stream)))
 
-    def _take(self, direct: Direct, stream: Stream) -> None:
-        direct.attach(stream)
-        self.taken += 1
+    def look_at(self, stream: Stream) -> None:
+        """Have the intake look at a channel again (room to write, or done): a lane sent
+        its answers and could not send them all, or found its client gone."""
+        self.tell(lambda channels: channels.watch(stream))
 
     def tell(self, order: Order | None) -> None:
-        """Have the lane's thread carry out `order` on its Direct; None stops it."""
+        """Have the intake's thread carry out `order` on the channels; None stops it."""
         self.inbox.append(order)
         os.eventfd_write(self.wake, 1)
 
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except BaseException:
-            try:
-                traceback.print_exc()
-            finally:
-                os._exit(EXIT_LANE_FAILED)
-
     def _serve(self) -> None:
-        direct = self.direct
+        channels = self.channels
         while True:
-            for source in direct.poller.wait(direct.timeout()):
+            for source in channels.poller.wait(channels.timeout()):
                 if source is not self:
-                    direct.ready(source)
+                    channels.ready(source)
                 elif not self._obey():
                     return
-            direct.run()
-            for stream in direct.flush():
+            for stream in channels.sweep():
                 self.closed(stream)
-            if report := direct.report():
-                self.report(report)
 
     def _obey(self) -> bool:
         """Carry out the orders that came; False once told to stop."""
@@ -99,25 +82,59 @@ class Lane:
         while self.inbox:
             if (order := self.inbox.popleft()) is None:
                 return False
-            order(self.direct)
+            order(self.channels)
         return True
 
 
-class Lanes:
-    """The lanes, seen from the main thread: where a new channel goes, orders for all,
-    and the reports, each with the whole worker's channels."""
+class Lane:
+    """A thread running the queue's batches until the hub stops."""
 
-    def __init__(self, directs: list[Direct], send: Send, scheduling: dict[str, Any]) -> None:
+    def __init__(self, hub: Hub, runner: Runner, number: int) -> None:
+        self.hub = hub
+        self.runner = runner
+        self.thread = fatal_thread(self._serve, f"lane-{number}")
+
+    def _serve(self) -> None:
+        while (batch := self.hub.next_batch()) is not None:
+            self._run(batch)
+
+    def _run(self, batch: list[Pending]) -> None:
+        """Run a batch; answer each request unless its deadline answered it meanwhile."""
+        hub = self.hub
+        results = self.runner([(item.inputs, item.outputs) for item in batch], hub.concat)
+        with hub.lock:
+            now = time.monotonic()
+            for item, result in zip(batch, results, strict=True):
+                if not item.live(now):  # the client stopped waiting: a late result is dropped
+                    item.answer(deadline_exceeded(hub.label, item, now, queued=False))
+                elif isinstance(result, bytes):
+                    item.answer(result)
+                else:
+                    message = f"{hub.label}: {result['message']}"
+                    item.answer(MoltError(ErrorCode(result["code"]), message))
+            hub.ran()
+            hub.flush()
+
+
+class Lanes:
+    """The intake and the lanes, seen from the main thread: new channels, orders, and
+    the reports, each with the whole worker's channels."""
+
+    def __init__(self, channels: Channels, runner: Runner, count: int, relay: Stream,
+                 send: Send, scheduling: dict[str, Any]) -> None:  # fmt: skip
         self.send = send
         self.scheduling = scheduling
+        self.hub = channels.hub
         # a count taken under the lock is sent under it: the daemon keeps the latest
         self.lock = threading.Lock()
         self.held: Counter[int] = Counter()  # channels by uid, counting those on their way
         self.refusals = Throttled(print_refusals)
-        self.lanes = [Lane(direct, self._report, self._closed, number)
-                      for number, direct in enumerate(directs, 1)]  # fmt: skip
-        for lane in self.lanes:  # once self.lanes is there: their reports read it
-            lane.thread.start()
+        self.intake = Intake(channels, self._closed)
+        self.lanes = [Lane(self.hub, runner, number) for number in range(1, count + 1)]
+        self.intake.give(relay)
+        self.hub.send, self.hub.lanes = self._report, count
+        for thread in (self.intake.thread, *(lane.thread for lane in self.lanes)):
+            thread.start()
 
     def refused(self, sock: socket.socket, uid: int) -> bool:
         """Refuse (and close) a new channel past the bounds; True if it was."""
@@ -125,35 +142,38 @@ class Lanes:
             why = channel_refusal(uid, self.held, self.scheduling)
         if why is None:
             return False
-        refuse(sock, why, self.refusals)
+        refuse_channel(sock, why, self.refusals)
         self._report({"stats": Counts().to_wire()})  # the daemon counted it when it granted it
         return True
 
     def attach(self, stream: Stream) -> None:
-        """Give a new channel to the lane with the fewest, counting those on their way."""
+        """Hand a new channel to the intake, counted at once."""
         with self.lock:
             self.held[stream.uid] += 1
-        min(self.lanes, key=lambda lane: lane.load).give(stream)
+        self.intake.give(stream)
 
     def configure(self, scheduling: dict[str, Any]) -> None:
-        """New scheduling settings (a reload): the bounds here, the rest in every lane."""
+        """New scheduling settings (a reload, a new share of max_queue): the bounds here,
+        the queue's in the hub, the rest in the intake."""
         self.scheduling = scheduling
-        self.tell_all(lambda direct: direct.configure(scheduling))
+        self.hub.configure(scheduling)
+        self.tell(lambda channels: channels.configure(scheduling))
 
-    def tell_all(self, order: Order) -> None:
-        """Have every lane carry out `order` (closing its channels, new settings)."""
-        for lane in self.lanes:
-            lane.tell(order)
+    def tell(self, order: Order) -> None:
+        """Have the intake carry out `order` (closing the channels, new settings)."""
+        self.intake.tell(order)
 
     def stop(self) -> None:
-        """End each lane's thread once it has run what it holds (the supervisor's
-        SIGKILL after stop_timeout bounds that)."""
-        for lane in self.lanes:
-            lane.tell(None)
-        for lane in self.lanes:
-            lane.thread.join()
+        """End the threads once each lane has run its batch (the supervisor's SIGKILL
+        after stop_timeout bounds that)."""
+        self.hub.stop()
+        self.intake.tell(None)
+        for thread in (self.intake.thread, *(lane.thread for lane in self.lanes)):
+            thread.join()
 
     def _closed(self, stream: Stream) -> None:
+        if not stream.counted:
+            return  # moltbotd's relay: it is not a client's channel
         with self.lock:
             self.held[stream.uid] -= 1
             if not self.held[stream.uid]:

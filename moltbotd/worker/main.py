@@ -1,11 +1,14 @@
-"""The worker process: `python -m moltbotd.worker FD` owns one onnxruntime session.
+"""The worker process: `python -m moltbotd.worker CONTROL HANDOFF RELAY` owns one
+onnxruntime session.
 
-Spawned as a fresh interpreter (never forked from the threaded daemon). It speaks the
-same frames as clients over the socketpair end FD: the supervisor sends one `load`
-message, the worker says it is `warming` once the model loaded, answers `ready` with the
-model's signature or `failed` with the loader's or a warm-up sample's error, then
-answers `infer` messages one at a time until the channel closes, while its lanes
-(lanes.py) serve the direct channels it hands them.
+Spawned as a fresh interpreter (never forked from the threaded daemon), with three
+socket ends from the supervisor. On CONTROL it gets one `load` message, says it is
+`warming` once the model loaded, answers `ready` with the model's signature or `failed`
+with the loader's or a warm-up sample's error, then takes orders (close the direct
+channels, new scheduling settings) and sends its counts until CONTROL closes. HANDOFF
+brings direct channels (and carries the heartbeat back); RELAY brings the requests of
+moltbotd's socket. Its intake and lanes (lanes.py) serve RELAY and the direct channels
+alike, from one queue (hub.py).
 """
 
 import contextlib
@@ -41,8 +44,9 @@ from moltbotd.wire.protocol import (
 )
 from moltbotd.wire.signature import Signature, check_inputs, spec_from_ort
 from moltbotd.worker import heartbeat
-from moltbotd.worker.direct import Batch, Direct, Poller, Result, Runner, Stream
-from moltbotd.worker.lanes import Lanes
+from moltbotd.worker.direct import Channels, Poller, RelayStream, Stream
+from moltbotd.worker.hub import Hub
+from moltbotd.worker.lanes import Batch, Lanes, Result
 
 EXIT_LOAD_FAILED = 3  # gunicorn's idea: a model that cannot load is not a crash to retry
 _PR_SET_PDEATHSIG = 1
@@ -55,7 +59,7 @@ _OPT_LEVELS = {
 
 
 class DaemonLink:
-    """Blocking frame I/O over the socketpair end."""
+    """Blocking frame I/O over the control socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -189,14 +193,12 @@ def warm_up(session: Any, signature: Signature) -> str | None:
     return None
 
 
-def serve(channel: DaemonLink, handoff: socket.socket, runner: Runner, lanes: Lanes,
+def serve(channel: DaemonLink, handoff: socket.socket, lanes: Lanes,
           settings: dict[str, Any]) -> None:  # fmt: skip
-    """Answer the daemon's requests (run here, beside the lanes) and orders, and open new
-    direct channels for the lanes, until the daemon's channel closes; what arrived
-    together is answered in one write. `settings`: the channels' (max_frame_bytes,
+    """Take the daemon's orders and open the direct channels it hands over, for the lanes,
+    until the control channel closes. `settings`: the channels' (max_frame_bytes,
     scheduling)."""
     poller = Poller()
-    poller.configure(settings["scheduling"])
     poller.selector.register(channel.sock, selectors.EVENT_READ, channel)
     poller.selector.register(handoff, selectors.EVENT_READ, handoff)
     handoff.setblocking(False)  # read until empty (recv_fds ignores MSG_DONTWAIT)
@@ -207,8 +209,9 @@ def serve(channel: DaemonLink, handoff: socket.socket, runner: Runner, lanes: La
                 take_handoffs(poller, handoff, lanes, settings["max_frame_bytes"])
             elif (messages := channel.receive_ready()) is None:
                 return
-            elif answers := [a for m in messages if (a := obey(runner, lanes, poller, m))]:
-                channel.send(*answers)
+            else:
+                for message in messages:
+                    obey(lanes, message)
 
 
 def take_handoffs(poller: Poller, handoff: socket.socket, lanes: Lanes, max_frame: int) -> None:
@@ -229,25 +232,12 @@ def take_handoffs(poller: Poller, handoff: socket.socket, lanes: Lanes, max_fram
             return
 
 
-def obey(runner: Runner, lanes: Lanes, poller: Poller,
-         message: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
-    """A message from the daemon: a batch to run (its answer returned), or an order for
-    the direct channels (and the main thread's polling)."""
-    if "id" in message:
-        return answer(runner, message)
+def obey(lanes: Lanes, message: dict[str, Any]) -> None:
+    """An order from the daemon, for the direct channels or the whole queue."""
     if "close_channels" in message:
-        lanes.tell_all(methodcaller("close_all", message["close_channels"], message["within"]))
+        lanes.tell(methodcaller("close_all", message["close_channels"], message["within"]))
     elif "scheduling" in message:
-        poller.configure(message["scheduling"])
         lanes.configure(message["scheduling"])
-    return None
-
-
-def answer(runner: Runner, request: dict[str, Any]) -> dict[str, Any]:
-    started = time.perf_counter()
-    results = runner(request["batch"], request["concat"])
-    return {"id": request["id"], "results": results,
-            "run_ms": (time.perf_counter() - started) * 1e3}  # fmt: skip
 
 
 def run_batch(session: Any, batch: Batch, concat: bool) -> list[Result]:
@@ -287,16 +277,18 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = DaemonLink(socket.socket(fileno=int(argv[1])))
     handoff = socket.socket(fileno=int(argv[2]))
+    relay = socket.socket(fileno=int(argv[3]))
     spec = channel.receive()
     if spec is None:
         return 0
     try:
-        return load_and_serve(channel, handoff, spec)
+        return load_and_serve(channel, handoff, relay, spec)
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the daemon closed our channel (it stopped us while loading): not a crash
 
 
-def load_and_serve(channel: DaemonLink, handoff: socket.socket, spec: dict[str, Any]) -> int:
+def load_and_serve(channel: DaemonLink, handoff: socket.socket, relay: socket.socket,
+                   spec: dict[str, Any]) -> int:  # fmt: skip
     try:
         session, signature, ready = load_and_warm(channel, spec)
     except LoadFailed as exc:
@@ -306,10 +298,15 @@ def load_and_serve(channel: DaemonLink, handoff: socket.socket, spec: dict[str, 
     runs = heartbeat.Runs()
     runner = runs.track(functools.partial(run_batch, session))
     heartbeat.start(handoff, runs, spec["heartbeat"])
-    directs = [Direct(spec["direct"], signature, runner) for _ in range(spec["channel_threads"])]
-    lanes = Lanes(directs, channel.send, spec["direct"]["scheduling"])
+    settings = spec["direct"]
+    hub = Hub(f"model {settings['model']} {settings['version']}", settings["scheduling"])
+    channels = Channels(settings, signature, hub)
+    # trusted like the control channel: any frame the header allows
+    stream = RelayStream(relay, 2**32 - 1)
+    lanes = Lanes(channels, runner, spec["channel_threads"], stream, channel.send,
+                  settings["scheduling"])  # fmt: skip
     try:
-        serve(channel, handoff, runner, lanes, spec["direct"])
+        serve(channel, handoff, lanes, settings)
     finally:
         lanes.stop()
     return 0

@@ -1,0 +1,234 @@
+"""The worker's one queue: every request waits here, whichever way it came.
+
+Requests relayed by moltbotd (its socket's clients) and requests read from direct
+channels are checked by the intake thread that read them and pushed here the moment
+they arrive; a lane that is free takes the next batch (scheduler.Queue: priorities,
+max_queue, batch forming). So batching (`timeout_ms`, `preferred_sizes`), priorities,
+deadlines and max_queue mean the same on both paths. A batch waits to fill only while
+another lane runs: a worker with nothing running takes what is there at once, so
+batches grow with the load and a lone request never waits for company.
+
+One lock guards the queue, the counts and every channel's unsent answers; runs happen
+outside it. A thread of its own keeps time: it answers each request at its deadline,
+queued or running (a result that comes later is dropped), and sends the worker's counts
+and queue depth to moltbotd while they change, even while every lane is in a long run.
+"""
+
+import heapq
+import itertools
+import os
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from moltbotd.config import Batching
+from moltbotd.scheduler import Pending, Queue, deadline_exceeded
+
+# A thread that failed leaves requests nobody answers: the whole worker exits
+# (EX_SOFTWARE), so its clients see EOF and the supervisor restarts it.
+EXIT_LANE_FAILED = 70
+REPORT_EVERY = 0.25  # seconds between stats messages while requests come
+MAX_WAITS = 256  # queue times per stats message (a sample, for the percentiles)
+# answered requests' deadlines stay in the heap until due, or until it doubles past this
+SWEEP_AT = 2048
+
+
+def fatal_thread(serve: Callable[[], None], name: str) -> threading.Thread:
+    """A thread whose failure ends the worker, with its traceback on stderr."""
+
+    def run() -> None:
+        try:
+            serve()
+        except BaseException:
+            try:
+                traceback.print_exc()
+            finally:
+                os._exit(EXIT_LANE_FAILED)
+
+    return threading.Thread(target=run, name=name, daemon=True)
+
+
+class Sendable(Protocol):
+    """A channel with answers to send (direct.Stream)."""
+
+    out: bytearray
+    ended: bool
+
+    def flush(self) -> None: ...
+
+    def stalled(self) -> None: ...
+
+
+class Counts:
+    """What happened since the last report."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.sizes: Counter[int] = Counter()
+        self.waits: list[float] = []
+        self.changed = False
+
+    def answered(self, outcome: Any) -> None:
+        self.requests += 1
+        self.errors += not isinstance(outcome, bytes)
+
+    def ran(self, batch: list[Pending], concat: bool, now: float) -> None:
+        if concat:
+            self.sizes[len(batch)] += 1
+        if len(self.waits) < MAX_WAITS:
+            self.waits.extend(now - item.arrived for item in batch[: MAX_WAITS - len(self.waits)])
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors,
+                "sizes": dict(self.sizes), "waits": self.waits}  # fmt: skip
+
+
+class Hub:
+    """The queue the intake pushes into and the lanes take batches from."""
+
+    def __init__(self, label: str, scheduling: dict[str, Any]) -> None:
+        self.label = label
+        self.send: Callable[[dict[str, Any]], None] = lambda report: None  # Lanes sets it
+        self.lock = threading.Lock()
+        self.queue = Queue(scheduling["max_queue"])
+        self.lanes = 1  # how many take batches (Lanes sets it)
+        self.running = 0  # lanes in a run
+        self.stopping = False
+        self.touched: set[Sendable] = set()  # channels answered into, not yet flushed
+        self.counts = Counts()
+        self.reported = time.monotonic()
+        self._work = threading.Condition(self.lock)  # lanes wait on it for a batch
+        self._deadlines: list[tuple[float, int, Pending]] = []
+        self._order = itertools.count()  # ties in the heap never compare two Pendings
+        self._timer = threading.Condition(self.lock)
+        self._swept = SWEEP_AT
+        self.configure(scheduling)
+        fatal_thread(self._keep_time, "timekeeper").start()
+
+    def configure(self, scheduling: dict[str, Any]) -> None:
+        """The model's scheduling settings (max_queue is this instance's share)."""
+        with self.lock:
+            self.batching = Batching(**scheduling["batching"])
+            self.queue.limit = scheduling["max_queue"]
+            self._work.notify_all()  # a batch waiting to fill may go now
+
+    @property
+    def concat(self) -> bool:
+        return self.batching.max_batch_size > 1
+
+    # --- under the lock -------------------------------------------------------------------
+
+    def push(self, item: Pending) -> None:
+        """Queue a checked request (OVERLOADED when the queue is full); its deadline is
+        watched from now."""
+        # requests the idle lanes are about to take do not wait: not counted against it
+        self.queue.push(item, self.label, free=max(0, self.lanes - self.running))
+        self._work.notify()
+        self.note()  # the depth is reported
+        if item.deadline is not None:
+            first = self._deadlines[0][0] if self._deadlines else None
+            heapq.heappush(self._deadlines, (item.deadline, next(self._order), item))
+            if first is None or item.deadline < first:
+                self._timer.notify()
+
+    def ran(self) -> None:
+        """A lane's run ended (its answers given): a batch that waited to fill may go."""
+        self.running -= 1
+        if self.queue:
+            self._work.notify()
+
+    def flush(self) -> None:
+        """Send the answers written since the last flush; a channel whose socket is full
+        (or whose client is done) is left to the intake, which watches it for room (or
+        closes it)."""
+        for stream in self.touched:
+            stream.flush()
+            if stream.out or stream.ended:
+                stream.stalled()
+        self.touched.clear()
+
+    def note(self) -> None:
+        """Something the daemon sees changed (a count, the depth, the channels): a report
+        goes within REPORT_EVERY."""
+        if not self.counts.changed:
+            self.counts.changed = True
+            self._timer.notify()
+
+    def answered(self, outcome: Any) -> None:
+        self.counts.answered(outcome)
+        self.note()
+
+    # --- the lanes --------------------------------------------------------------------------
+
+    def next_batch(self) -> list[Pending] | None:
+        """Wait for the next batch a lane runs, now marked running; None once stopping.
+        A batch waits to fill (timeout_ms, preferred_sizes) only while another runs."""
+        with self.lock:
+            while not self.stopping:
+                now = time.monotonic()
+                batch, due = self.queue.take(self.batching, now, idle=not self.running)
+                if batch:
+                    self.running += 1
+                    self.note()
+                    self.counts.ran(batch, self.concat, now)
+                    for item in batch:
+                        item.started = now
+                        if item.on_start:
+                            item.on_start()
+                    self.flush()  # the relay learns what now runs, before it runs
+                    if self.queue:  # more to run: another lane may take it
+                        self._work.notify()
+                    return batch
+                self._work.wait(None if due is None else max(0.0, due - now))
+            return None
+
+    def stop(self) -> None:
+        """Every lane's next_batch returns None."""
+        with self.lock:
+            self.stopping = True
+            self._work.notify_all()
+
+    # --- the timekeeper's thread ----------------------------------------------------------
+
+    def _keep_time(self) -> None:
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                self._expire(now)
+                if self.counts.changed and now - self.reported >= REPORT_EVERY:
+                    self._report(now)
+                due = [self._deadlines[0][0]] if self._deadlines else []
+                if self.counts.changed:
+                    due.append(self.reported + REPORT_EVERY)
+                self._timer.wait(max(0.0, min(due) - now) if due else None)
+
+    def _expire(self, now: float) -> None:
+        """Answer every request whose deadline passed (queued: it leaves the queue)."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, item = heapq.heappop(self._deadlines)
+            if not item.answered:
+                queued = self.queue.remove(item)
+                item.answer(deadline_exceeded(self.label, item, now, queued))
+        self.flush()
+        if len(self._deadlines) > 2 * self._swept:
+            self._deadlines = [e for e in self._deadlines if not e[2].answered]
+            heapq.heapify(self._deadlines)
+            self._swept = max(SWEEP_AT, len(self._deadlines))
+
+    def _report(self, now: float) -> None:
+        """Send the counts since the last report, with the queue's depth: the daemon's
+        status, autoscaling and idle checks see the worker through these. Sent without
+        the lock: the control socket may block."""
+        self.reported = now
+        counts, self.counts = self.counts, Counts()
+        report = {"stats": {**counts.to_wire(), "queued": len(self.queue),
+                            "by_priority": self.queue.depths()}}  # fmt: skip
+        self.lock.release()
+        try:
+            self.send(report)
+        finally:
+            self.lock.acquire()
