@@ -48,6 +48,9 @@ DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
 MAX_RESPONSE_BYTES = 1 << 30
 CHANNEL_RETRY = 5.0  # seconds before asking again for a channel moltbotd refused
 CHANNEL_SETUP = 5.0  # seconds a worker may take to open a channel (it may be running)
+# The worker answers every request at its deadline, queued or running; a client on a
+# direct channel stops waiting on its own only this long after it (a stopped worker).
+DEADLINE_GRACE = 1.0
 SOCKET_BUFFER = 4 << 20  # a large tensor goes to the worker in one write
 SHARE_BYTES = 64 << 10  # inputs this large go through a channel's shared region
 SHARE_ALIGN = 64  # each input starts on a cache line
@@ -481,7 +484,7 @@ class Client(_Calls):
                      params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
         timeout = params.get("timeout_ms")
         local = timeout is not None and timeout > 0  # else the worker says BAD_REQUEST
-        wait = timeout / 1000 if local else self.timeout
+        wait = timeout / 1000 + DEADLINE_GRACE if local else self.timeout
         try:
             reply = channel.call(message, req_id, wait)
         except TimeoutError:
@@ -682,7 +685,7 @@ class AsyncClient(_Calls):
         if not (timeout is not None and timeout > 0):  # else the worker says BAD_REQUEST
             return await channel.call(message, req_id)
         try:  # asyncio.timeout, not wait_for: no task between the check and the write
-            async with asyncio.timeout(timeout / 1000):
+            async with asyncio.timeout(timeout / 1000 + DEADLINE_GRACE):
                 return await channel.call(message, req_id)
         except TimeoutError:  # its late answer is dropped by id
             why = f"deadline exceeded: {channel.label} did not answer within {timeout:g}ms"

@@ -1,15 +1,21 @@
 """Scheduling (issue 6) end to end: dynamic batching, priorities, bounded queues, deadlines,
 instances and autoscaling, `moltctl scale`, fallback models.
 
+Each worker has one queue for the socket's requests and its direct channels' (issue 16):
+the batching, priority, bound and deadline tests run over both paths (the `path`
+fixture), with the same expectations.
+
 Real daemons, real workers, real onnxruntime. Every test writes only the models it needs
 (the `models_dir` fixture below replaces conftest's full repository), so each daemon
 starts in well under a second.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moltbotd.demo import finish, save
 from moltbotd.wire.protocol import ErrorCode, MoltError
-from moltctl.client import AsyncClient, Client
+from moltctl.client import AsyncChannel, AsyncClient, Client
 from tests.conftest import run_moltctl, wait_until, wait_until_async
 from tests.models import busy_loop_body, mlp_model, slow_model
 from tests.test_daemon import direct, dispatched
@@ -157,6 +163,39 @@ async def reported(client: AsyncClient, model: str, requests: int) -> dict:
     return await wait_until_async(counted, what=f"batches of {requests} requests reported")
 
 
+@pytest.fixture(params=["socket", "direct"])
+def path(request) -> str:
+    """The way the scenario's requests take: moltbotd's socket, or a direct channel."""
+    return request.param
+
+
+@contextlib.asynccontextmanager
+async def client_on(daemon, path: str, model: str, warm: dict) -> AsyncIterator[AsyncClient]:
+    """A client whose requests for `model` take `path`. One request (`warm`) is answered
+    first, on both paths alike (it counts): on "direct", the channel it asked for is then
+    open."""
+    async with AsyncClient(daemon.socket, direct=path == "direct") as c:
+        await c.infer(model, warm)
+        if path == "direct":
+
+            async def opened() -> bool:
+                return isinstance(c._channels.get(model), AsyncChannel)
+
+            await wait_until_async(opened, what=f"a direct channel for {model}")
+        yield c
+
+
+async def counted(client: AsyncClient, model: str, requests: int) -> dict:
+    """The model's pool status once it counts `requests` (a direct channel's are counted
+    from the worker's reports)."""
+
+    async def done() -> dict | None:
+        pool = pool_status(await client.status(model), model)
+        return pool if pool["requests"] == requests and not pool["queue"]["depth"] else None
+
+    return await wait_until_async(done, what=f"{requests} requests of {model} counted")
+
+
 def state_file(daemon) -> dict:
     return json.loads((daemon.state_dir / "state.json").read_text())
 
@@ -172,7 +211,7 @@ def restart(daemon_factory, old, config: str):
 # --- batching --------------------------------------------------------------------------------
 
 
-def test_batched_results_equal_unbatched_ones(daemon_factory, models_dir):
+def test_batched_results_equal_unbatched_ones(daemon_factory, models_dir, path):
     """Requests of 1 to 5 rows sent at once are run in batches of several requests, and
     each gets exactly what it would have got alone."""
     model = mlp_model(width=16, layers=3, seed=3)
@@ -183,9 +222,9 @@ def test_batched_results_equal_unbatched_ones(daemon_factory, models_dir):
     xs = [rng.standard_normal((i % 5 + 1, 16)).astype(np.float32) for i in range(40)]
 
     async def scenario():
-        async with AsyncClient(daemon.socket) as c:
+        async with client_on(daemon, path, "mlp", {"x": xs[0]}) as c:
             outs = await asyncio.gather(*(c.infer("mlp", {"x": x}) for x in xs))
-            return outs, await reported(c, "mlp", 40)
+            return outs, await reported(c, "mlp", 41)
 
     outs, status = asyncio.run(scenario())
     for x, out in zip(xs, outs, strict=True):
@@ -193,12 +232,12 @@ def test_batched_results_equal_unbatched_ones(daemon_factory, models_dir):
         np.testing.assert_array_equal(out["y"], direct(model, {"x": x})[0])
     pool = pool_status(status, "mlp")
     sizes = {int(k): n for k, n in pool["batching"]["batch_sizes"].items()}
-    assert sum(size * n for size, n in sizes.items()) == 40  # every request, once
+    assert sum(size * n for size, n in sizes.items()) == 41  # every request, once
     assert max(sizes) > 1, f"no batch held more than one request: {sizes}"
     assert pool["batching"]["batches"] < 40
     assert pool["batching"]["mean_batch"] > 1
     assert pool["batching"]["max_batch_size"] == 16
-    assert pool["requests"] == 40
+    assert pool["requests"] == 41  # with the one before
     assert pool["queue"]["depth"] == 0
 
 
@@ -257,7 +296,7 @@ def test_batching_a_fixed_first_dimension_is_refused_while_others_serve(daemon_f
 # --- priorities ------------------------------------------------------------------------------
 
 
-def test_a_high_request_overtakes_queued_low_ones(daemon_factory, models_dir):
+def test_a_high_request_overtakes_queued_low_ones(daemon_factory, models_dir, path):
     """The model's own priority is low; a request that asks for high runs next, before the
     low ones that were already waiting."""
     save(slow_model(), models_dir, "slow", "v1")
@@ -265,7 +304,7 @@ def test_a_high_request_overtakes_queued_low_ones(daemon_factory, models_dir):
 
     async def scenario():
         order: list[str] = []
-        async with AsyncClient(daemon.socket) as c:
+        async with client_on(daemon, path, "slow", slow_inputs(n=1)) as c:
             # the first runs long enough for the others to be seen waiting
             lows = [tracked(order, f"low{i}", c.infer("slow", slow_inputs(n=n, x=i)))
                     for i, n in enumerate([2 * LONG] + [SLOW_N] * 4)]  # fmt: skip
@@ -281,7 +320,7 @@ def test_a_high_request_overtakes_queued_low_ones(daemon_factory, models_dir):
     assert order.index("high") < min(queued_lows), order
 
 
-def test_low_requests_all_complete_once_high_ones_are_done(daemon_factory, models_dir):
+def test_low_requests_all_complete_once_high_ones_are_done(daemon_factory, models_dir, path):
     """Strict priority, but no starvation: lows waiting while highs keep coming all run as
     soon as no high request waits."""
     save(slow_model(), models_dir, "slow", "v1")
@@ -289,7 +328,7 @@ def test_low_requests_all_complete_once_high_ones_are_done(daemon_factory, model
 
     async def scenario():
         order: list[str] = []
-        async with AsyncClient(daemon.socket) as c:
+        async with client_on(daemon, path, "slow", slow_inputs(n=1)) as c:
             lows = (c.infer("slow", slow_inputs(n=LONG * (3 if i == 0 else 1), x=i),
                             priority="low") for i in range(4))  # fmt: skip
             tasks = [tracked(order, f"low{i}", low) for i, low in enumerate(lows)]
@@ -299,28 +338,29 @@ def test_low_requests_all_complete_once_high_ones_are_done(daemon_factory, model
                 tasks.append(tracked(order, f"high{i}", high))
             await settle(c, "slow", 7)  # all queued before the first low is done: 3 lows, 4 highs
             outs = await asyncio.wait_for(asyncio.gather(*tasks), 20)
-            return order, outs, await c.status("slow")
+            return order, outs, await counted(c, "slow", 9)
 
-    order, outs, status = asyncio.run(scenario())
+    order, outs, pool = asyncio.run(scenario())
     assert [float(out["y"][0]) for out in outs] == [0, 1, 2, 3, 10, 11, 12, 13]
     # the three queued lows ran after every high, and they did run
     assert min(order.index(f"low{i}") for i in (1, 2, 3)) > max(
         order.index(f"high{i}") for i in range(4)
     ), order
-    pool = pool_status(status, "slow")
-    assert pool["queue"]["depth"] == 0 and pool["requests"] == 8
+    assert pool["errors"] == 0
 
 
 # --- bounded queue, deadlines, bad values ----------------------------------------------------
 
 
-def test_a_full_queue_answers_overloaded_at_once_and_keeps_serving(daemon_factory, models_dir):
+def test_a_full_queue_answers_overloaded_at_once_and_keeps_serving(
+    daemon_factory, models_dir, path
+):
     save(slow_model(), models_dir, "slow", "v1")
     save(quick_model(), models_dir, "quick", "v1")
     daemon = daemon_factory("models:\n  slow:\n    max_queue: 2\n")
 
     async def scenario():
-        async with AsyncClient(daemon.socket) as c:
+        async with client_on(daemon, path, "slow", slow_inputs(n=1)) as c:
             waiting = [asyncio.ensure_future(c.infer("slow", slow_inputs(n=n)))
                        for n in (2 * LONG, LONG, LONG)]  # fmt: skip
             await settle(c, "slow", 2)  # one runs, two wait: the queue is full
@@ -330,7 +370,15 @@ def test_a_full_queue_answers_overloaded_at_once_and_keeps_serving(daemon_factor
             still_waiting = sum(not t.done() for t in waiting)
             outs = await asyncio.gather(*waiting)
             after = await c.infer("slow", slow_inputs(n=10, x=5))  # and slow serves again
-            return error, done_before, other, still_waiting, outs, after, await settle(c, "slow", 0)
+            return (
+                error,
+                done_before,
+                other,
+                still_waiting,
+                outs,
+                after,
+                await counted(c, "slow", 5),
+            )
 
     error, done_before, other, still_waiting, outs, after, pool = asyncio.run(scenario())
     assert error.code is ErrorCode.OVERLOADED
@@ -341,35 +389,35 @@ def test_a_full_queue_answers_overloaded_at_once_and_keeps_serving(daemon_factor
     np.testing.assert_array_equal(other["y"], np.full(4, 6.0))
     assert all(float(out["y"][0]) == 1.0 for out in outs)
     np.testing.assert_array_equal(after["y"], np.full(4, 5.0))
-    assert pool["requests"] == 4  # the refused request was never queued
+    assert pool["errors"] == 0  # the refused request was never queued: not counted
     assert pool["queue"] == {"depth": 0, "max": 2,
                              "by_priority": {"high": 0, "normal": 0, "low": 0}}  # fmt: skip
 
 
-def test_a_request_that_expires_in_the_queue_is_never_run(daemon_factory, models_dir):
+def test_a_request_that_expires_in_the_queue_is_never_run(daemon_factory, models_dir, path):
     save(slow_model(), models_dir, "slow", "v1")
     daemon = daemon_factory()
 
     async def scenario():
-        async with AsyncClient(daemon.socket) as c:
+        async with client_on(daemon, path, "slow", slow_inputs(n=1)) as c:
             busy = [asyncio.ensure_future(c.infer("slow", slow_inputs(n=LONG))) for _ in range(2)]
             await settle(c, "slow", 1)  # one runs, one waits: the next one waits too
             expired = await failure(c.infer("slow", slow_inputs(n=10), timeout_ms=100))
             busy_done = sum(t.done() for t in busy)
             await asyncio.gather(*busy)
-            counted = pool_status(await c.status("slow"), "slow")["requests"]
+            errors = (await counted(c, "slow", 4))["errors"]  # the expired one was queued
             # a deadline that passes while the request runs: it ran, the answer is late
             late = await failure(c.infer("slow", slow_inputs(), timeout_ms=50))
             in_time = await c.infer("slow", slow_inputs(n=10, x=4), timeout_ms=5000)
-            return expired, busy_done, counted, late, in_time
+            return expired, busy_done, errors, late, in_time
 
-    expired, busy_done, counted, late, in_time = asyncio.run(scenario())
+    expired, busy_done, errors, late, in_time = asyncio.run(scenario())
     assert expired.code is ErrorCode.DEADLINE_EXCEEDED
     assert "in the queue of model slow v1; it was not run" in expired.message
     assert expired.details["ran"] is False
     assert expired.details["waited_ms"] >= 90  # timers may fire a little early
     assert busy_done == 0  # answered at its deadline, not once the worker was free
-    assert counted == 3  # the expired one was queued, as on a direct channel
+    assert errors == 1
     assert late.code is ErrorCode.DEADLINE_EXCEEDED and late.details["ran"] is True
     assert "did not answer within" in late.message
     np.testing.assert_array_equal(in_time["y"], np.full(4, 4.0))
