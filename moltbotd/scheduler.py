@@ -1,7 +1,8 @@
 """The queue of one model version: priorities, its bound, deadlines and batch forming.
 
 Pure logic over plain objects and clock values (no asyncio, no processes), so the tests
-drive it with numbers; pool.py runs it against worker processes. A batch is formed
+drive it with numbers; each worker's hub (worker/hub.py) runs it for the requests it
+holds, and a pool (serving/pool.py) for those no instance can take yet. A batch is formed
 from the oldest request of the highest priority waiting (the head) and the requests of
 every priority that can be concatenated with it: same input names, dtypes and
 dimensions after the first, and the same outputs asked for.
@@ -165,23 +166,17 @@ class Queue:
         return gone
 
     def take(
-        self, batching: Batching, now: float, bundle: int = 1, idle: bool = False
+        self, batching: Batching, now: float, idle: bool = False
     ) -> tuple[list[Pending], float | None]:
         """The next batch to run, or ([], when to look again) if it should wait to fill.
 
-        A batch waits to fill only while the instance it would go to is busy (`idle`
-        false): an idle instance takes what is there at once, so batches grow with the
-        load and a lone request never waits for company. Without batching, up to
-        `bundle` requests go together, to be run one by one: one message each way
-        instead of one per request."""
+        A batch waits to fill only while something else runs (`idle` false): with
+        nothing running it takes what is there at once, so batches grow with the load
+        and a lone request never waits for company. Without batching, the head alone."""
         head = self._head(now)
         if head is None:
             return [], None
-        if batching.max_batch_size == 1:
-            items = self._live(now, bundle)
-            self._remove(items)
-            return items, None
-        if head.key is None:
+        if batching.max_batch_size == 1 or head.key is None:
             self._remove([head])
             return [head], None
         batch, rows = self._gather(head, batching.max_batch_size, now)
@@ -197,19 +192,11 @@ class Queue:
 
     def _head(self, now: float) -> Pending | None:
         """The oldest live request of the highest priority."""
-        live = self._live(now, 1)
-        return live[0] if live else None
-
-    def _live(self, now: float, count: int) -> list[Pending]:
-        """The first `count` live requests, highest priority first."""
-        found: list[Pending] = []
         for level in self.levels.values():
             for item in level:
-                if len(found) == count:
-                    return found
                 if item.live(now):
-                    found.append(item)
-        return found
+                    return item
+        return None
 
     def _gather(self, head: Pending, max_rows: int, now: float) -> tuple[list[Pending], int]:
         batch, rows = [head], head.rows

@@ -146,17 +146,16 @@ def test_a_low_request_with_the_same_key_joins_a_high_requests_batch():
     assert len(queue) == 0
 
 
-def test_without_batching_a_bundle_takes_several_live_requests_in_order():
+def test_without_batching_the_live_head_goes_alone_in_priority_order():
     expired = request(priority="high", deadline=T0 + 0.001)
-    normal = [request(arrived=T0 + i) for i in range(3)]
+    normal = [request(arrived=T0 + i) for i in range(2)]
     high = request(priority="high", arrived=T0 + 5)
     low = request(priority="low")
     queue = queue_of(expired, *normal, high, low)
-    batch, wake = queue.take(batching(size=1), T0 + 10, bundle=3)
-    assert batch == [high, normal[0], normal[1]] and wake is None
-    batch, _ = queue.take(batching(size=1), T0 + 10, bundle=16)
-    assert batch == [normal[2], low]  # fewer than the bundle: what is live
-    assert queue.drain() == [expired]
+    taken = [queue.take(batching(size=1), T0 + 10) for _ in range(5)]
+    assert taken == [([high], None), ([normal[0]], None), ([normal[1]], None),
+                     ([low], None), ([], None)]  # fmt: skip
+    assert queue.drain() == [expired]  # an expired one is never taken: its timer answers
 
 
 def test_queue_length_is_kept_through_every_change():
@@ -167,7 +166,8 @@ def test_queue_length_is_kept_through_every_change():
     assert len(queue) == 4 == sum(queue.depths().values())
     assert queue.remove(items[1]) and not queue.remove(items[1])
     assert len(queue) == 3
-    queue.take(batching(size=1), T0 + 1, bundle=2)
+    queue.take(batching(size=1), T0 + 1)
+    queue.take(batching(size=1), T0 + 1)
     assert len(queue) == 1 == sum(queue.depths().values())
     queue.drain()
     assert len(queue) == 0
