@@ -24,12 +24,13 @@ intra_op_threads 1 and NAME_batched dynamic batching (--batching, by default
               one intra-op thread per model, NAME_batched's batching, and the batched
               MLP's two lanes (BATCHED_SETTINGS); for NAME and NAME_batched:
               latency at concurrency 1 with the library's Client() as a script makes it
-              (default settings: moltbotd's socket), and as diagnostics Client(direct=True)
+              (default settings: a direct channel), and as diagnostics Client(direct=False)
               and a raw client (one blocking Unix socket, the request frame encoded once,
               on the socket and on a direct channel); throughput at concurrency 16 with the
-              library's AsyncClient() (16 asyncio tasks on one pipelined connection) and,
-              as diagnostics, the raw client (frames encoded once, exactly 16 requests
-              outstanding, every response decoded and checked `ok`)
+              library's AsyncClient() (16 asyncio tasks pipelined on its direct channel)
+              and, as diagnostics, AsyncClient(direct=False) and the raw client (frames
+              encoded once, exactly 16 requests outstanding, every response decoded and
+              checked `ok`)
 
 Ratios are taken against the in-process figures of the same run. The targets are judged
 on the library with default settings only, each against in-process onnxruntime on as
@@ -324,9 +325,9 @@ def shared_session_throughput(case: Case, limits: Limits, threads: int, batch: i
 async def library_throughput(
     daemon: "Daemon", model: str, case: Case, limits: Limits, seconds: float, direct: bool
 ) -> Throughput:
-    """CONCURRENCY asyncio tasks calling through one pipelined AsyncClient connection, or
-    with direct=True on its direct channel (the first requests go through the socket
-    while it is asked for)."""
+    """CONCURRENCY asyncio tasks calling through one AsyncClient, pipelined on its direct
+    channel (the default: the warm-up waits until it is granted), or with direct=False on
+    its connection to moltbotd's socket."""
     roles = daemon.roles(model)
     async with AsyncClient(daemon.socket, direct=direct) as client:
         for _ in range(min(limits.warmup, 20)):
@@ -654,11 +655,12 @@ def with_batches(daemon: Daemon, model: str, before: tuple[int, int], run: Throu
 def bench_entry(daemon: Daemon, model: str, case: Case, limits: Limits) -> dict[str, Any]:
     """One repository entry (NAME or NAME_batched): c=1 latency and c=16 throughput with
     the library as a script uses it, with default settings (Client() for c=1, 16 tasks on
-    one AsyncClient() for c=16), and as diagnostics Client(direct=True) and the raw load
-    generator on moltbotd's socket and on a direct channel."""
+    one AsyncClient() for c=16: direct channels), and as diagnostics the same with
+    direct=False (moltbotd's socket) and the raw load generator on the socket and on a
+    direct channel."""
     roles = daemon.roles(model)
     results: dict[str, Any] = {}
-    for client_name, settings in (("library", {}), ("library_direct", {"direct": True})):
+    for client_name, settings in (("library", {}), ("library_socket", {"direct": False})):
         with Client(daemon.socket, **settings) as client:
             check_answer(case, client.infer(model, case.inputs)["y"])
             call = functools.partial(client.infer, model, case.inputs)
@@ -671,7 +673,7 @@ def bench_entry(daemon: Daemon, model: str, case: Case, limits: Limits) -> dict[
         before = batch_counts(daemon, model)
         run = raw_throughput(daemon.socket, model, case, limits, limits.seconds, roles, channels)
         results[f"throughput_{client}"] = with_batches(daemon, model, before, run)
-    for client_name, direct in (("library", False), ("library_direct", True)):
+    for client_name, direct in (("library", True), ("library_socket", False)):
         warm = library_throughput(daemon, model, case, limits, limits.warmup_seconds, direct)
         asyncio.run(warm)
         before = batch_counts(daemon, model)
@@ -719,7 +721,7 @@ def check_answer(case: Case, answer: np.ndarray) -> None:
 ENTRIES = {"plain": "no batching", "batched": "batching"}
 CLIENTS = {
     "library": "library",
-    "library_direct": "library direct=True",
+    "library_socket": "library direct=False",
     "raw": "raw socket",
     "direct": "raw direct",
 }

@@ -39,8 +39,9 @@ NPY_MAGIC = b"\x93NUMPY"
 
 # moltctl commands and the operations each one uses ("hello" runs before each of them).
 COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
-            "infer": ("infer", "channel"), "scale": ("scale",), "switch": ("switch",),
-            "rollback": ("rollback",), "promote": ("promote",), "versions": ("versions",),
+            "infer": ("infer", "channel", "channel_ended"), "scale": ("scale",),
+            "switch": ("switch",), "rollback": ("rollback",), "promote": ("promote",),
+            "versions": ("versions",),
             "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",)}  # fmt: skip
 
 

@@ -5,13 +5,14 @@
         out = c.infer("demo", {"x": np.ones((1, 4), np.float32)})
         out["y"], out.version
 
-Client(direct=True) sends a model's requests on a direct channel to its worker when
-moltbotd grants one (one socket hop instead of two; moltbotd still decides who gets one,
-and sends its clients back when a switch or a canary needs their requests to pass
-through it).
+Client sends a model's requests on a direct channel to its worker whenever moltbotd
+grants one (one socket hop instead of two), and through moltbotd's socket otherwise,
+without the caller noticing: moltbotd decides who gets a channel, and sends its clients
+back when a switch or a canary needs their requests to pass through it. Both paths
+schedule alike (one queue per worker) and answer alike; direct=False keeps to the socket.
 AsyncClient has the same methods as coroutines and pipelines: many tasks may await
-calls on one connection at once, and responses are matched to them by id; with
-direct=True its tasks' requests are pipelined on a direct channel the same way.
+calls on one connection at once, and responses are matched to them by id; its tasks'
+requests are pipelined on a direct channel the same way.
 """
 
 import asyncio
@@ -22,7 +23,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from moltbotd.wire.protocol import (
     request,
     response_result,
 )
+from moltbotd.wire.running import HEADER_BYTES, running
 
 DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
 # Responses may be large (outputs); the daemon's own limit applies to requests.
@@ -261,6 +263,7 @@ class DirectChannel:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self.sock = sock
         self.label = f"the worker serving model {info['model']} {info['version']}"
+        self.model, self.pid = info["model"], info.get("pid")
         self.receiver = Receiver(sock, busy_poll)
         self.closing = False  # the worker asked us to go elsewhere
         self.region = self._map_region(wait)
@@ -287,7 +290,7 @@ class DirectChannel:
         {"shm": [offset, size]}: a copy in, and the worker's copy out when the request
         arrives, instead of packing it, two socket copies and unpacking. Safe to reuse at
         every call: the Client waits for each answer."""
-        inputs, offset = dict(params["inputs"]), 0
+        inputs, offset = dict(params["inputs"]), HEADER_BYTES  # after the table of running
         for name, tensor in params["inputs"].items():
             size = _shareable(tensor)
             if self.region is not None and SHARE_BYTES <= size <= len(self.region) - offset:
@@ -306,6 +309,12 @@ class DirectChannel:
                 self.closing = True
             elif reply.get("id") in (req_id, None):
                 return reply
+
+    def never_ran(self, req_id: int) -> bool:
+        """After the channel ended unanswered: whether the worker's table says request
+        `req_id` was not running (it may go to moltbotd's socket instead)."""
+        names = running(self.region) if self.region is not None else None
+        return names is not None and req_id not in names
 
     def usable(self) -> bool:
         """Not asked to close (a notice read now, before a request is sent, counts)."""
@@ -343,13 +352,10 @@ def _known_channel(channels: dict[str, Any], params: dict[str, Any],
 
 
 def _grant(path: Path, model: str) -> DirectChannel:
-    """A channel opened by a blocking client of its own, for AsyncClient; the region goes
-    unused (requests in flight at once would share it), so it is unmapped at once."""
+    """A channel opened by a blocking client of its own, for AsyncClient; of the region,
+    only the worker's table of running requests is read (inputs travel in the frames)."""
     with Client(path) as client:
         channel = client.grant(model)
-    if channel.region is not None:
-        channel.region.close()
-        channel.region = None
     channel.sock.setblocking(False)
     return channel
 
@@ -366,9 +372,8 @@ def _shareable(tensor: Any) -> int:
 
 
 class Client(_Calls):
-    """Blocking client: one request at a time on one connection; with direct=True, per
-    model, on a direct channel when moltbotd grants one (a worker killed by its memory
-    limit then shows as WORKER_FAILED: only the daemon can tell RESOURCE_EXHAUSTED).
+    """Blocking client: one request at a time on one connection; per model, on a direct
+    channel when moltbotd grants one (direct=False: always through moltbotd's socket).
 
     busy_poll_us: after sending on a direct channel, poll for the answer this long
     before sleeping: lower latency for a CPU busy meanwhile. strict_direct (moltctl
@@ -377,7 +382,7 @@ class Client(_Calls):
     views = True
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
-                 timeout: float | None = None, direct: bool = False,
+                 timeout: float | None = None, direct: bool = True,
                  busy_poll_us: int = 0) -> None:  # fmt: skip
         self.path = resolve_socket(socket_path)
         self.timeout = timeout
@@ -422,7 +427,10 @@ class Client(_Calls):
         channel = self._channel(params) if op == "infer" else None
         if channel:
             message = _message(op, req_id, channel.share(params))
-            return decode(response_result(self._call_direct(channel, message, req_id, params)))
+            reply = self._call_direct(channel, message, req_id, params)
+            if reply is not None:
+                return decode(response_result(reply))
+            req_id = next(self._ids)  # it never ran there: moltbotd's socket serves it
         message = _message(op, req_id, params, on_progress is not None)
         if self._sock is None:
             self.connect()
@@ -481,7 +489,9 @@ class Client(_Calls):
                                 f" channel: {why}") from None  # fmt: skip
 
     def _call_direct(self, channel: DirectChannel, message: bytes, req_id: int,
-                     params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+                     params: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
+        """The answer on the channel; None when the channel ended before the request ran
+        (the worker died or closed it): it is sent through moltbotd's socket."""
         timeout = params.get("timeout_ms")
         local = timeout is not None and timeout > 0  # else the worker says BAD_REQUEST
         wait = timeout / 1000 + DEADLINE_GRACE if local else self.timeout
@@ -497,13 +507,22 @@ class Client(_Calls):
             if channel.sock.fileno() == -1:  # close() from another thread: not the worker's doing
                 raise ProtocolError(f"this client was closed while its request to"
                                     f" {channel.label} waited") from None  # fmt: skip
+            never_ran = channel.never_ran(req_id)
             self._drop(params["model"])
-            error = MoltError(ErrorCode.WORKER_FAILED, f"{channel.label} closed its direct"
-                              f" channel before answering (it exited?): {exc}")  # fmt: skip
-            return error_response(req_id, error)
+            return None if never_ran else error_response(req_id, self._why_ended(channel, exc))
         if channel.closing:
             self._drop(params["model"])
         return reply
+
+    def _why_ended(self, channel: DirectChannel, exc: Exception) -> MoltError:
+        """The error moltbotd's socket gave for the worker's death (RESOURCE_EXHAUSTED
+        when its memory limit killed it), or WORKER_FAILED when moltbotd cannot say."""
+        try:
+            result = self._call("channel_ended", {"model": channel.model, "pid": channel.pid})
+            return MoltError.from_wire(result["error"])
+        except (MoltError, ProtocolError, ConnectError, KeyError, TypeError):
+            return MoltError(ErrorCode.WORKER_FAILED, f"{channel.label} closed its direct"
+                             f" channel before answering (it exited?): {exc}")  # fmt: skip
 
     def _drop(self, model: str) -> None:
         channel = self._channels.pop(model, None)
@@ -517,18 +536,22 @@ class AsyncChannel:
     time). Once the worker asks to close it, or the client drops it, it takes no new
     request and is half-closed when its last answer came: nothing in flight is lost."""
 
-    def __init__(self, label: str, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:  # fmt: skip
-        self.label = label
+    def __init__(self, opened: DirectChannel, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter,
+                 ended: Callable[[], Awaitable[MoltError | None]]) -> None:  # fmt: skip
+        self.label = opened.label
+        self.opened = opened  # for its region's table of running requests
         self.writer = writer
-        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.ended = ended  # asks moltbotd why the worker closed the channel
+        # an answer, or None: it never ran, and goes to moltbotd's socket
+        self.waiting: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self.closing = False  # the worker asked us to go elsewhere, or we dropped it
         self.reader = asyncio.get_running_loop().create_task(self._read(reader))
 
     def usable(self) -> bool:
         return not self.closing and not self.reader.done()
 
-    async def call(self, frame: bytes, req_id: int) -> dict[str, Any]:
+    async def call(self, frame: bytes, req_id: int) -> dict[str, Any] | None:
         future = asyncio.get_running_loop().create_future()
         self.waiting[req_id] = future
         try:
@@ -550,19 +573,25 @@ class AsyncChannel:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         decoder = FrameDecoder(MAX_RESPONSE_BYTES)
-        why = "it closed the channel before answering (it exited?)"
+        error = None
         try:
             while data := await reader.read(RECV_BYTES):
                 for message in decoder.feed(data):
                     self._deliver(message)
         except Exception as exc:  # whatever broke it, its requests fail
-            why = f"the channel failed: {exc!r}"
+            error = MoltError(ErrorCode.WORKER_FAILED, f"{self.label}: the channel failed: {exc!r}")
         self.closing = True
-        error = MoltError(ErrorCode.WORKER_FAILED, f"{self.label}: {why}")
-        for req_id, future in self.waiting.items():
-            if not future.done():
-                future.set_result(error_response(req_id, error))
+        ran = {req_id: future for req_id, future in self.waiting.items() if not future.done()}
+        if error is None:  # EOF: the worker died, or stopped waiting for us
+            for req_id in [r for r in ran if self.opened.never_ran(r)]:
+                ran.pop(req_id).set_result(None)
+            error = await self.ended() if ran else None
+        error = error or MoltError(ErrorCode.WORKER_FAILED, f"{self.label}: it closed the"
+                                   " channel before answering (it exited?)")  # fmt: skip
+        for req_id, future in ran.items():
+            future.set_result(error_response(req_id, error))
         self.writer.close()
+        self.opened.close()
 
     def _deliver(self, message: dict[str, Any] | MoltError) -> None:
         if isinstance(message, MoltError):
@@ -577,15 +606,16 @@ class AsyncChannel:
     def close(self) -> None:
         self.reader.cancel()
         self.writer.close()
+        self.opened.close()
 
 
 class AsyncClient(_Calls):
-    """asyncio client: calls from many tasks share one connection, pipelined. With
-    direct=True, a model's requests go, pipelined too, on a direct channel to its worker
-    when moltbotd grants one, as Client(direct=True) does."""
+    """asyncio client: calls from many tasks share one connection, pipelined. A model's
+    requests go, pipelined too, on a direct channel to its worker when moltbotd grants
+    one, as Client's do (direct=False: always through moltbotd's socket)."""
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None,
-                 direct: bool = False) -> None:  # fmt: skip
+                 direct: bool = True) -> None:  # fmt: skip
         self.path = resolve_socket(socket_path)
         self.direct = direct
         self._channels: dict[str, AsyncChannel | float] = {}  # model -> channel, or when to ask
@@ -633,7 +663,9 @@ class AsyncClient(_Calls):
         if channel:
             req_id = next(self._ids)
             reply = await self._call_direct(channel, _message(op, req_id, params), req_id, params)
-            return decode(response_result(reply))
+            if reply is not None:
+                return decode(response_result(reply))
+            # it never ran there (the worker died or closed the channel): the socket serves it
         if self._writer is None:
             async with self._connecting:
                 if self._writer is None:
@@ -677,10 +709,21 @@ class AsyncClient(_Calls):
         except Exception:  # refused, or gone: the socket serves meanwhile
             self._channels[model] = time.monotonic() + CHANNEL_RETRY
             return
-        self._channels[model] = AsyncChannel(opened.label, reader, writer)
+        self._channels[model] = AsyncChannel(opened, reader, writer,
+                                             lambda: self._why_ended(opened))  # fmt: skip
+
+    async def _why_ended(self, channel: DirectChannel) -> MoltError | None:
+        """The error moltbotd's socket gave for the worker's death, or None (it cannot
+        say)."""
+        try:
+            result = await self._call("channel_ended", {"model": channel.model,
+                                                        "pid": channel.pid})  # fmt: skip
+            return MoltError.from_wire(result["error"])
+        except (MoltError, ProtocolError, ConnectError, KeyError, TypeError):
+            return None
 
     async def _call_direct(self, channel: AsyncChannel, message: bytes, req_id: int,
-                           params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+                           params: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
         timeout = params.get("timeout_ms")
         if not (timeout is not None and timeout > 0):  # else the worker says BAD_REQUEST
             return await channel.call(message, req_id)

@@ -26,6 +26,7 @@ from moltbotd.wire.protocol import (
     encode_tensor,
     request,
 )
+from moltbotd.wire.running import HEADER_BYTES
 from moltctl.client import AsyncClient, Client, DirectChannel, ProtocolError
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model
@@ -258,8 +259,12 @@ def test_a_dead_worker_fails_direct_requests_in_flight_then_serves_again(daemon)
         wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the slow request running")
         os.kill(pid, signal.SIGKILL)
         thread.join(30)
+        assert "direct channel model=slow" in daemon.log()  # it ran on the channel
+        # what the socket answers for the same death: moltbotd told the client
         assert failure[0].code is ErrorCode.WORKER_FAILED
-        assert "the worker serving model slow v1 closed its direct channel" in failure[0].message
+        assert failure[0].message == (
+            f"model slow v1: worker pid {pid} was killed by SIGKILL while running this request"
+        )
         wait_until(lambda: worker_of(client.status("slow"), "slow")["state"] == "ready",
                    timeout=30, what="the restart")  # fmt: skip
         answer = client.infer("slow", slow_inputs(n=1, x=3.0))
@@ -299,25 +304,27 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
         got = client.infer("mlp", {"x": x})["y"]
         channel = client._channels["mlp"]
         assert isinstance(channel, DirectChannel) and channel.region is not None
-        assert bytes(channel.region[: x.nbytes]) == x.tobytes()  # it went through the region
+        # it went through the region, after the worker's table of running requests
+        assert bytes(channel.region[HEADER_BYTES : HEADER_BYTES + x.nbytes]) == x.tobytes()
     assert got.tolist() == direct(model, {"x": x})[0].tolist()
 
     raw = RawChannel(daemon.socket, "mlp")
     with pytest.raises(PermissionError):
         os.ftruncate(raw.region_fd, 0)  # sealed: the worker never reads past its end
     assert raw.region is not None
-    raw.region[: x.nbytes] = x.tobytes()
-    shm = {"dtype": "float32", "shape": [20, 1024], "shm": [0, x.nbytes]}
+    raw.region[HEADER_BYTES : HEADER_BYTES + x.nbytes] = x.tobytes()
+    shm = {"dtype": "float32", "shape": [20, 1024], "shm": [HEADER_BYTES, x.nbytes]}
     size = len(raw.region)
-    bad = [[size - 4, x.nbytes], [0, -1], "0", [0, x.nbytes, 1]]
+    bad = [[size - 4, x.nbytes], [HEADER_BYTES, -1], "0", [HEADER_BYTES, x.nbytes, 1],
+           [0, x.nbytes]]  # fmt: skip
     raw.send(request(1, "infer", {"model": "mlp", "inputs": {"x": shm}}),
              *(request(i, "infer", {"model": "mlp", "inputs": {"x": {**shm, "shm": where}}})
                for i, where in enumerate(bad, 2)),
              request(9, "infer", {"model": "mlp", "inputs": {"x": {**shm, "data": b""}}}),
              request(10, "infer", {"model": "mlp", "inputs": {
-                 "x": {**shm, "shm": [0, 16]}}}),
+                 "x": {**shm, "shm": [HEADER_BYTES, 16]}}}),
              request(11, "infer", {"model": "mlp", "inputs": {"x": {**shm, 1: 2}}}))  # fmt: skip
-    answers = {a["id"]: a for a in raw.receive(8)}
+    answers = {a["id"]: a for a in raw.receive(9)}
     mixed_keys = answers.pop(11)["error"]
     assert mixed_keys["code"] == "INVALID_INPUT"
     assert "got a map with keys ['data', 'dtype', 'shape', 1]" in mixed_keys["message"]
@@ -329,10 +336,11 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
         size_error["message"]  # fmt: skip
     for answer in answers.values():
         assert answer["error"]["code"] == "INVALID_INPUT", answer
-        assert f"'shm' must be [offset, size] within this channel's shared region of {size}" \
-            " bytes, instead of 'data'" in answer["error"]["message"]  # fmt: skip
+        assert f"'shm' must be [offset, size] within bytes {HEADER_BYTES} to {size} of this" \
+            " channel's shared region (the first page is the worker's), instead of 'data'" \
+            in answer["error"]["message"]  # fmt: skip
     # the daemon's socket has no region
-    with Client(daemon.socket) as client, pytest.raises(MoltError) as refused:
+    with Client(daemon.socket, direct=False) as client, pytest.raises(MoltError) as refused:
         client._call("infer", {"model": "mlp", "inputs": {"x": shm}})
     assert refused.value.code == ErrorCode.INVALID_INPUT
     assert "input 'x': 'shm' names a direct channel's shared region; on moltbotd's socket" \
@@ -347,10 +355,11 @@ def test_a_region_read_is_a_copy_and_unwritten_pages_are_refused() -> None:
     data, fds, _, _ = socket.recv_fds(client_end, 1 << 16, 1)
     [offer] = FrameDecoder().feed(data)
     region = mmap.mmap(fds[0], offer["region"])
-    region[:8] = np.arange(2, dtype=np.float32).tobytes()
-    tensor = {"dtype": "float32", "shape": [2], "shm": [0, 8]}
+    at = HEADER_BYTES
+    region[at : at + 8] = np.arange(2, dtype=np.float32).tobytes()
+    tensor = {"dtype": "float32", "shape": [2], "shm": [at, 8]}
     shared = stream.shared({"x": tensor})
-    region[:8] = b"\xff" * 8  # the client writes again: the checked bytes must not change
+    region[at : at + 8] = b"\xff" * 8  # the client writes again: the checked bytes must not change
     assert shared["x"]["data"] == np.arange(2, dtype=np.float32).tobytes()
     with pytest.raises(MoltError) as unwritten:  # reading it would allocate it in the worker
         stream.shared({"x": {**tensor, "shm": [8192, 8]}})
@@ -588,8 +597,9 @@ def test_a_dead_worker_fails_async_direct_requests_in_flight_then_serves_again(d
             return failed.value
 
     error = asyncio.run(scenario())
-    assert error.code is ErrorCode.WORKER_FAILED
-    assert "the worker serving model slow v1" in error.message
+    assert error.code is ErrorCode.WORKER_FAILED  # as the socket answers it: moltbotd said
+    assert error.message.startswith("model slow v1: worker pid ")
+    assert error.message.endswith(" was killed by SIGKILL while running this request")
 
 
 async def until(condition, timeout: float = 60.0) -> None:
@@ -599,3 +609,45 @@ async def until(condition, timeout: float = 60.0) -> None:
             return
         await asyncio.sleep(0.01)
     pytest.fail("the condition did not happen in time")
+
+
+def test_the_table_of_running_requests_names_what_runs_or_says_it_cannot() -> None:
+    from moltbotd.wire.running import SLOTS, running
+    from moltbotd.worker.direct import RunningTable
+
+    region = memoryview(bytearray(HEADER_BYTES + 64))
+    table = RunningTable(region)
+    first, second = table.start(7), table.start(1 << 40)
+    assert running(region) == {7, 1 << 40}
+    table.end(first)
+    assert running(region) == {1 << 40}
+    unnamed = table.start("text id")  # not a positive 64-bit integer: counted, not named
+    assert running(region) is None  # the client cannot tell which ran: all fail
+    table.end(unnamed)
+    table.end(second)
+    assert running(region) == set()
+    slots = [table.start(n) for n in range(1, SLOTS + 2)]  # one more than it has slots
+    assert running(region) is None
+    table.end(slots.pop())
+    assert running(region) == set(range(1, SLOTS + 1))
+    assert running(b"too short") is None
+
+
+def test_moltbotd_tells_how_a_worker_died_waiting_for_it_to_be_reaped() -> None:
+    from moltbotd.serving.exits import KEPT, Exits
+
+    async def scenario() -> None:
+        exits = Exits()
+        oom = MoltError(ErrorCode.RESOURCE_EXHAUSTED, "killed by its memory limit")
+        asking = asyncio.create_task(exits.why("demo", 41, wait=60))
+        await asyncio.sleep(0)
+        exits.record("demo", 41, oom)  # reaped after the client asked
+        assert await asking is oom
+        assert await exits.why("other", 41, wait=0) is None  # not that model's
+        assert await exits.why("demo", 42, wait=0.01) is None  # never ended
+        for pid in range(1000, 1000 + KEPT):
+            exits.record("demo", pid, oom)
+        assert await exits.why("demo", 41, wait=0) is None  # the oldest are forgotten
+        assert not exits._waiting
+
+    asyncio.run(scenario())

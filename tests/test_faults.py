@@ -12,7 +12,9 @@ import pytest
 from moltbotd.wire.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame
 from moltctl.client import AsyncClient
 from tests.conftest import wait_until
-from tests.test_daemon import slow_inputs
+from tests.test_daemon import SLOW_N, slow_inputs
+from tests.test_direct import cpu_seconds, until, until_direct
+from tests.test_scheduling import pool_status
 
 X = {"x": np.ones((1, 4), np.float32)}
 
@@ -100,23 +102,32 @@ def test_a_dead_worker_is_never_shown_ready(daemon) -> None:
     np.testing.assert_array_equal(out["y"], np.ones(4))
 
 
+@pytest.mark.parametrize("path", ["socket", "direct"])
 @pytest.mark.parametrize("depth", [1, 6])
-def test_requests_queued_for_a_dead_worker_wait_for_its_restart(daemon, depth) -> None:
+def test_requests_queued_for_a_dead_worker_wait_for_its_restart(daemon, depth, path) -> None:
     """What waited in the worker's queue (never run) runs on the restarted one; only what
-    ran fails."""
+    ran fails. On moltbotd's socket, moltbotd runs them again; on a direct channel, the
+    client reads the worker's table of running requests and sends the others through
+    moltbotd's socket."""
 
     async def scenario() -> list[object]:
-        async with AsyncClient(daemon.socket) as c:
-            pid = (await c.status("slow"))["models"][0]["worker"]["pid"]
-            running = [asyncio.ensure_future(c.infer("slow", slow_inputs()))]
-            await asyncio.sleep(0.3)
+        async with AsyncClient(daemon.socket, direct=path == "direct") as c:
+            if path == "direct":
+                await until_direct(c, "slow", slow_inputs(10))
+            pid = pool_status(await c.status("slow"), "slow")["pid"]
+            idle = cpu_seconds(pid)
+            running = [asyncio.ensure_future(c.infer("slow", slow_inputs(SLOW_N * 50)))]
+            await until(lambda: cpu_seconds(pid) > idle + 0.1)  # running, not just sent
             queued = [asyncio.ensure_future(c.infer("slow", slow_inputs(10))) for _ in range(depth)]
-            await asyncio.sleep(0.1)
+            while pool_status(await c.status("slow"), "slow")["queue"]["depth"] < depth:
+                await asyncio.sleep(0.02)  # the worker reports its queue within 0.25 s
             os.kill(pid, signal.SIGKILL)
             return await asyncio.gather(*running, *queued, return_exceptions=True)
 
     outcomes = asyncio.run(scenario())
     assert isinstance(outcomes[0], MoltError), outcomes[0]
+    assert outcomes[0].code is ErrorCode.WORKER_FAILED
+    assert "was killed by SIGKILL while running this request" in outcomes[0].message
     for out in outcomes[1:]:
         assert not isinstance(out, BaseException), out
         np.testing.assert_array_equal(out["y"], np.ones(4))

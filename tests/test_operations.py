@@ -123,8 +123,8 @@ def test_lookup_unknown_operation_lists_the_known_ones():
     assert info.value.code == ErrorCode.UNKNOWN_OPERATION
     assert "unknown operation 'reboot'" in info.value.message
     assert info.value.message.endswith(
-        "(known: hello, health, status, models, infer, channel, scale, switch, rollback, promote,"
-        " versions, upload, deploy, reload, logs)"
+        "(known: hello, health, status, models, infer, channel, channel_ended, scale, switch,"
+        " rollback, promote, versions, upload, deploy, reload, logs)"
     )
 
 

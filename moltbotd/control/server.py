@@ -141,6 +141,9 @@ def make_handlers(
         return Handover({"model": pool.spec.model, "version": pool.spec.version,
                          "pid": worker.pid}, ours)  # fmt: skip
 
+    async def channel_ended(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        return await supervisor.channel_ended(p["model"], p["pid"])
+
     async def scale(p: dict[str, Any], _: Caller) -> dict[str, Any]:
         instances = p["instances"]
         if not 0 <= instances <= 64:
@@ -186,6 +189,7 @@ def make_handlers(
         "models": models,
         "infer": infer,
         "channel": channel,
+        "channel_ended": channel_ended,
         "scale": scale,
         "switch": switch,
         "rollback": rollback,

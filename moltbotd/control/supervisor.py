@@ -28,6 +28,7 @@ from moltbotd.isolation.limits import host_memory, intra_op_threads, resolve
 from moltbotd.isolation.policy import Isolation
 from moltbotd.logs import get_logger
 from moltbotd.scheduler import overloaded
+from moltbotd.serving.exits import Exits
 from moltbotd.serving.pool import Pool, Relayed
 from moltbotd.serving.process import WorkerProcess, WorkerSpec
 from moltbotd.serving.states import WorkerState
@@ -41,6 +42,8 @@ log = get_logger("supervisor")
 # Settings a reload applies at once; any other change waits for a restart of the daemon.
 LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout", "canary",
                            "on_demand_idle", "scheduling", "uploads"})  # fmt: skip
+# seconds a direct channel's client waits to hear how its worker died (it saw EOF first)
+CHANNEL_END_WAIT = 2.0
 REAP_EVERY = 30.0  # seconds between looks for idle on-demand versions and stale uploads
 
 
@@ -146,6 +149,7 @@ class Supervisor:
         self._writing = asyncio.Lock()  # state writes in the order they were asked for
         self.stopping = False
         self.pools: set[Pool] = set()  # every pool not yet retired, active or not
+        self.exits = Exits()  # how workers died, for their direct channels' clients
         self.started = time.time()
         self.store = StateStore(config.state_dir)
         self.state = State()
@@ -251,7 +255,7 @@ class Supervisor:
             model.error = model.error if model.active else str(exc)
             log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
             return None
-        pool = Pool(spec, self.config.workers, scheduling, cgroup=group)
+        pool = Pool(spec, self.config.workers, scheduling, cgroup=group, exits=self.exits)
         pool.manual = self._manual_instances(model.name, scheduling)
         pool.on_event = model.event
         self.pools.add(pool)
@@ -632,6 +636,16 @@ class Supervisor:
             raise MoltError(ErrorCode.CONFLICT, f"model {name} has no direct channel: {why};"
                             " send its requests to this socket", {"reason": why})  # fmt: skip
         return pool, pool.channel()
+
+    async def channel_ended(self, name: str, pid: int) -> dict[str, Any]:
+        """The error a direct channel's requests in flight get when its worker `pid`
+        closed it: the one this socket's requests got from its death."""
+        self.model(name)  # UNKNOWN_MODEL names the models served
+        error = await self.exits.why(name, pid, CHANNEL_END_WAIT)
+        if error is None:
+            error = MoltError(ErrorCode.WORKER_FAILED, f"model {name}: worker pid {pid} closed"
+                              " its direct channel before answering")  # fmt: skip
+        return {"error": error.to_wire()}
 
     async def scale(self, name: str, instances: int | None) -> dict[str, Any]:
         """Set the active version's instances by hand (None: autoscaling); remembered.

@@ -26,6 +26,7 @@ from moltbotd.config import Batching, Scheduling, WorkerSettings
 from moltbotd.isolation.cgroups import Group
 from moltbotd.logs import get_logger
 from moltbotd.scheduler import Pending, Queue, Reply, deadline_exceeded
+from moltbotd.serving.exits import Exits
 from moltbotd.serving.process import WorkerProcess, WorkerSpec
 from moltbotd.serving.states import WorkerState
 from moltbotd.wire.protocol import MoltError
@@ -77,8 +78,9 @@ class Stats:
 
 class Pool:
     def __init__(self, spec: WorkerSpec, settings: WorkerSettings, scheduling: Scheduling,
-                 cgroup: Group | None = None) -> None:  # fmt: skip
+                 cgroup: Group | None = None, exits: Exits | None = None) -> None:  # fmt: skip
         self.spec = spec
+        self.exits = exits
         self.settings = settings
         self.scheduling = scheduling
         self.cgroup = cgroup
@@ -175,9 +177,8 @@ class Pool:
         self._scaler = asyncio.get_running_loop().create_task(self._scale_forever())
 
     def _add_instance(self) -> WorkerProcess:
-        worker = WorkerProcess(
-            self.spec, self.settings, cgroup=self.cgroup, scheduling=self.scheduling
-        )
+        worker = WorkerProcess(self.spec, self.settings, cgroup=self.cgroup)
+        worker.scheduling, worker.exits = self.scheduling, self.exits
         worker.on_state = self._instance_changed
         worker.on_stats = self._worker_stats
         if not self.workers:

@@ -27,6 +27,7 @@ from moltbotd.config import Limits, Scheduling, SessionSettings, WorkerSettings
 from moltbotd.isolation.cgroups import Group
 from moltbotd.isolation.limits import describe, memory_limit_text
 from moltbotd.logs import get_logger
+from moltbotd.serving.exits import Exits
 from moltbotd.serving.states import WorkerState, check_transition
 from moltbotd.wire.handoff import HANDOFF, Throttled, channel_refusal
 from moltbotd.wire.protocol import (
@@ -120,6 +121,7 @@ class WorkerProcess:
     on_stats: Callable[[dict[str, Any]], None] | None = None  # its batches, as it reports
     queued: int = 0  # requests waiting in its queue, as it last reported
     queued_by_priority: dict[str, int] = field(default_factory=dict)
+    exits: Exits | None = None  # told how each READY process ended, for its channels' clients
 
     def __post_init__(self) -> None:
         self.log = log.bind(model=self.spec.model, version=self.spec.version)
@@ -334,9 +336,11 @@ class WorkerProcess:
             # leave READY before failing what was in flight: those answers pump the queue,
             # which must not pick this worker again
             await self._set(S.BACKOFF)
-        self._fail_inflight(
-            f"{self.label}: worker pid {self.pid} {reason} while running this request", error_code
-        )
+        why = f"{self.label}: worker pid {self.pid} {reason} while running this request"
+        if self.exits and self.pid is not None:
+            details = {"model": self.spec.model, "version": self.spec.version}
+            self.exits.record(self.spec.model, self.pid, MoltError(error_code, why, details))
+        self._fail_inflight(why, error_code)
         if died:
             self.error = f"worker pid {self.pid} {reason}"
             self.log.error(

@@ -213,6 +213,16 @@ OPERATIONS: dict[str, Operation] = {
             (Param("model", (str,), required=True, help="model name"),),
         ),
         Operation(
+            "channel_ended",
+            "Why the worker PID serving MODEL ended a direct channel with requests in flight:"
+            " the error moltbotd's socket gave its own requests then (RESOURCE_EXHAUSTED"
+            " when its memory limit killed it), waiting a moment for moltbotd to see it.",
+            (
+                Param("model", (str,), required=True, help="model name"),
+                Param("pid", (int,), required=True, help="the worker's pid, from `channel`"),
+            ),
+        ),
+        Operation(
             "scale",
             "Set the number of worker processes of MODEL's active version, or give it back"
             " to autoscaling (instances: 0); remembered across restarts.",

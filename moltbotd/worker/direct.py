@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moltbotd.scheduler import Pending, request_options
+from moltbotd.wire import running
 from moltbotd.wire.handoff import Throttled
 from moltbotd.wire.operations import OPERATIONS
 from moltbotd.wire.protocol import (
@@ -45,6 +46,7 @@ from moltbotd.wire.protocol import (
     request_id,
 )
 from moltbotd.wire.relay import relay_frame, started_frame
+from moltbotd.wire.running import HEADER_BYTES, SLOTS, nameable
 from moltbotd.wire.signature import Signature, check_inputs, check_output_names
 from moltbotd.worker.hub import Hub
 
@@ -65,6 +67,7 @@ class Stream:
         self.sock = sock
         self.uid = uid  # the client's, counted against max_channels_per_uid
         self.region, self.mapped = self._offer(max_frame_bytes)
+        self.table = RunningTable(self.mapped) if len(self.mapped) >= HEADER_BYTES else None
         sock.setblocking(False)
         self.decoder = FrameDecoder(max_frame_bytes)
         self.out = bytearray()
@@ -101,10 +104,12 @@ class Stream:
     def _part(self, name: Any, tensor: dict[str, Any]) -> dict[str, Any]:
         where, size = tensor["shm"], len(self.mapped)
         valid = isinstance(where, list) and len(where) == 2 and "data" not in tensor
-        if not (valid and all(type(n) is int and n >= 0 for n in where)) or sum(where) > size:
+        valid = valid and all(type(n) is int and n >= 0 for n in where)
+        if not valid or where[0] < HEADER_BYTES or sum(where) > size:
             raise MoltError(ErrorCode.INVALID_INPUT, f"input {name!r}: 'shm' must be [offset,"
-                            f" size] within this channel's shared region of {size} bytes,"
-                            f" instead of 'data', got {where!r}"[:300])  # fmt: skip
+                            f" size] within bytes {HEADER_BYTES} to {size} of this channel's"
+                            " shared region (the first page is the worker's), instead of"
+                            f" 'data', got {where!r}"[:300])  # fmt: skip
         offset, count = where
         end = offset + count
         # reading a page never written would allocate it, in the worker's cgroup
@@ -137,6 +142,32 @@ class Stream:
     def finished(self, now: float) -> bool:
         done = self.ended and not self.pending and not self.out
         return done or (self.closing_at is not None and now >= self.closing_at)
+
+
+class RunningTable:
+    """The worker's side of a channel's table of running requests (wire/running.py):
+    a request's id goes into a free slot when its batch starts, and leaves at its answer.
+    Used under the hub's lock."""
+
+    def __init__(self, mapped: memoryview) -> None:
+        self.mapped = mapped
+        self.free = list(range(SLOTS))
+
+    def start(self, req_id: RequestId) -> int:
+        """Name a request that starts to run: its slot, or -1 (counted unnamed)."""
+        if nameable(req_id) and self.free:
+            slot = self.free.pop()
+            running.name(self.mapped, slot, req_id)  # type: ignore[arg-type]
+            return slot
+        running.count_unnamed(self.mapped, 1)
+        return -1
+
+    def end(self, slot: int) -> None:
+        if slot < 0:
+            running.count_unnamed(self.mapped, -1)
+            return
+        running.name(self.mapped, slot, 0)
+        self.free.append(slot)
 
 
 class RelayStream(Stream):
@@ -204,14 +235,14 @@ def offer_region(sock: socket.socket, size: int) -> tuple[int | None, memoryview
 
 def _sealed_region(size: int) -> tuple[int, mmap.mmap]:
     """A memfd sealed against shrinking (a read past the end of a truncated mapping would
-    kill the worker with SIGBUS), mapped read-only: copying from a mapping costs half of
-    pread."""
+    kill the worker with SIGBUS), mapped: copying from a mapping costs half of pread, and
+    the worker writes its table of running requests there (wire/running.py)."""
     fd = os.memfd_create("moltbot-direct", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
         seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-        return fd, mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        return fd, mmap.mmap(fd, size)
     except (OSError, ValueError):
         os.close(fd)
         raise
@@ -403,7 +434,11 @@ class Channels:
         deadline = now + timeout / 1000 if timeout else None
         hub, head = self.hub, self.result_head
 
+        slot: int | None = None  # in the channel's table of running requests, once started
+
         def reply(outcome: bytes | MoltError) -> None:  # under the hub's lock
+            if slot is not None:
+                stream.table.end(slot)  # type: ignore[union-attr]
             stream.pending -= 1
             if stream.counted:
                 hub.answered(outcome)
@@ -418,4 +453,11 @@ class Channels:
                 hub.touched.add(stream)
 
             item.on_start = started
+        elif stream.table is not None:
+
+            def mark_running() -> None:  # under the hub's lock
+                nonlocal slot
+                slot = stream.table.start(request.id)  # type: ignore[union-attr]
+
+            item.on_start = mark_running
         return item
