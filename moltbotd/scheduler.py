@@ -31,6 +31,7 @@ class Pending:
         "key",
         "on_start",
         "outputs",
+        "place",
         "priority",
         "reply",
         "rows",
@@ -51,6 +52,8 @@ class Pending:
         self.started: float | None = None  # when it went to a worker
         self.answered = False
         self.on_start: Callable[[], None] | None = None  # told when it starts to run
+        # lays out its outputs before they are packed (a direct channel's shared region)
+        self.place: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def live(self, now: float) -> bool:
         """Whether its deadline (if any) is still ahead; expired ones wait for their timer."""

@@ -43,7 +43,7 @@ from moltbotd.wire.protocol import (
     request,
     response_result,
 )
-from moltbotd.wire.running import HEADER_BYTES, running
+from moltbotd.wire.region import HEADER_BYTES, area, put, running
 
 DEFAULT_SOCKET = Path("/run/moltbot/moltbotd.sock")
 # Responses may be large (outputs); the daemon's own limit applies to requests.
@@ -54,8 +54,6 @@ CHANNEL_SETUP = 5.0  # seconds a worker may take to open a channel (it may be ru
 # direct channel stops waiting on its own only this long after it (a stopped worker).
 DEADLINE_GRACE = 1.0
 SOCKET_BUFFER = 4 << 20  # a large tensor goes to the worker in one write
-SHARE_BYTES = 64 << 10  # inputs this large go through a channel's shared region
-SHARE_ALIGN = 64  # each input starts on a cache line
 
 
 class ConnectError(Exception):
@@ -287,18 +285,33 @@ class DirectChannel:
 
     def share(self, params: dict[str, Any]) -> dict[str, Any]:
         """The infer parameters with each large input copied into the region and sent as
-        {"shm": [offset, size]}: a copy in, and the worker's copy out when the request
-        arrives, instead of packing it, two socket copies and unpacking. Safe to reuse at
-        every call: the Client waits for each answer."""
-        inputs, offset = dict(params["inputs"]), HEADER_BYTES  # after the table of running
-        for name, tensor in params["inputs"].items():
-            size = _shareable(tensor)
-            if self.region is not None and SHARE_BYTES <= size <= len(self.region) - offset:
-                self.region[offset : offset + size] = tensor["data"]
-                inputs[name] = {"dtype": tensor["dtype"], "shape": tensor["shape"],
-                                "shm": [offset, size]}  # fmt: skip
-                offset += -(-size // SHARE_ALIGN) * SHARE_ALIGN
-        return {**params, "inputs": inputs}
+        {"shm": [offset, size]}, and the large outputs asked back the same way
+        (wire/region.py). Safe to reuse at every call: the worker copies the inputs out
+        when the request arrives, and the Client reads each answer before its next call."""
+        if self.region is None:
+            return params
+        end = len(self.region)
+        inputs = put(self.region, params["inputs"], HEADER_BYTES, end)
+        return {**params, "inputs": inputs, "reply_shm": [HEADER_BYTES, end - HEADER_BYTES]}
+
+    def take(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """The answer with each output the worker put into the region copied out of it."""
+        result = reply.get("result")
+        outputs = result.get("outputs") if isinstance(result, dict) else None
+        if self.region is None or not isinstance(outputs, dict):
+            return reply
+        taken = {name: self._copy(name, tensor) if isinstance(tensor, dict) and "shm" in tensor
+                 else tensor for name, tensor in outputs.items()}  # fmt: skip
+        return {**reply, "result": {**result, "outputs": taken}}
+
+    def _copy(self, name: str, tensor: dict[str, Any]) -> dict[str, Any]:
+        assert self.region is not None
+        where = area(tensor["shm"], len(self.region))
+        if where is None:
+            raise ProtocolError(f"{self.label} answered output {name!r} at {tensor['shm']!r},"
+                                " outside its shared region")  # fmt: skip
+        rest = {key: value for key, value in tensor.items() if key != "shm"}
+        return {**rest, "data": self.region[where[0] : where[1]]}
 
     def call(self, frame: bytes, req_id: int, timeout: float | None) -> dict[str, Any]:
         self.receiver.deadline = None if timeout is None else time.monotonic() + timeout
@@ -358,17 +371,6 @@ def _grant(path: Path, model: str) -> DirectChannel:
         channel = client.grant(model)
     channel.sock.setblocking(False)
     return channel
-
-
-def _shareable(tensor: Any) -> int:
-    """The bytes of a tensor map that can go into a region as they are, or 0 (the rest
-    travels as given, for the worker to check)."""
-    if not isinstance(tensor, dict) or tensor.keys() != {"dtype", "shape", "data"}:
-        return 0
-    data = tensor["data"]
-    if isinstance(data, memoryview) and data.format == "B" and data.c_contiguous:
-        return data.nbytes
-    return len(data) if isinstance(data, bytes) else 0
 
 
 class Client(_Calls):
@@ -490,19 +492,22 @@ class Client(_Calls):
 
     def _call_direct(self, channel: DirectChannel, message: bytes, req_id: int,
                      params: dict[str, Any]) -> dict[str, Any] | None:  # fmt: skip
-        """The answer on the channel; None when the channel ended before the request ran
-        (the worker died or closed it): it is sent through moltbotd's socket."""
+        """The answer on the channel, its outputs out of the region; None when the channel
+        ended before the request ran (the worker died or closed it): it is sent through
+        moltbotd's socket. After a deadline the channel is let go: a run that outlived its
+        deadline could still write its outputs into the region."""
         timeout = params.get("timeout_ms")
         local = timeout is not None and timeout > 0  # else the worker says BAD_REQUEST
         wait = timeout / 1000 + DEADLINE_GRACE if local else self.timeout
         try:
-            reply = channel.call(message, req_id, wait)
+            reply = channel.take(channel.call(message, req_id, wait))
         except TimeoutError:
             if not local:
                 raise ProtocolError(f"no answer from {channel.label} within {wait:g}s") from None
+            self._drop(params["model"])
             why = f"deadline exceeded: {channel.label} did not answer within {timeout:g}ms"
             error = MoltError(ErrorCode.DEADLINE_EXCEEDED, why, {"waited_ms": timeout})
-            return error_response(req_id, error)  # its late answer is skipped by id
+            return error_response(req_id, error)
         except (OSError, ProtocolError) as exc:
             if channel.sock.fileno() == -1:  # close() from another thread: not the worker's doing
                 raise ProtocolError(f"this client was closed while its request to"
@@ -510,7 +515,9 @@ class Client(_Calls):
             never_ran = channel.never_ran(req_id)
             self._drop(params["model"])
             return None if never_ran else error_response(req_id, self._why_ended(channel, exc))
-        if channel.closing:
+        error = reply.get("error")
+        late = isinstance(error, dict) and error.get("code") == ErrorCode.DEADLINE_EXCEEDED.value
+        if channel.closing or late:
             self._drop(params["model"])
         return reply
 

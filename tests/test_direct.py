@@ -26,7 +26,7 @@ from moltbotd.wire.protocol import (
     encode_tensor,
     request,
 )
-from moltbotd.wire.running import HEADER_BYTES
+from moltbotd.wire.region import HEADER_BYTES
 from moltctl.client import AsyncClient, Client, DirectChannel, ProtocolError
 from tests.conftest import run_moltctl, wait_until
 from tests.models import mlp_model
@@ -293,7 +293,7 @@ def test_a_channel_refuses_a_bad_priority_or_timeout_as_the_daemon_does(daemon) 
         assert BAD_PARAMS[answer["id"]][1] in answer["error"]["message"]
 
 
-def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_dir: Path) -> None:
+def test_large_tensors_travel_in_a_sealed_shared_region(daemon_factory, models_dir: Path) -> None:
     from moltbotd.demo import save
 
     model = mlp_model(width=1024, layers=1)
@@ -304,8 +304,13 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
         got = client.infer("mlp", {"x": x})["y"]
         channel = client._channels["mlp"]
         assert isinstance(channel, DirectChannel) and channel.region is not None
-        # it went through the region, after the worker's table of running requests
-        assert bytes(channel.region[HEADER_BYTES : HEADER_BYTES + x.nbytes]) == x.tobytes()
+        # the output came back through the region, after the worker's table of running
+        # requests, where the input went (the worker had copied it out)
+        assert bytes(channel.region[HEADER_BYTES : HEADER_BYTES + got.nbytes]) == got.tobytes()
+        sent = channel.share({"model": "mlp", "inputs": {"x": encode_tensor(x)}})
+        end = len(channel.region)
+        assert sent["inputs"]["x"]["shm"] == [HEADER_BYTES, x.nbytes]
+        assert sent["reply_shm"] == [HEADER_BYTES, end - HEADER_BYTES]
     assert got.tolist() == direct(model, {"x": x})[0].tolist()
 
     raw = RawChannel(daemon.socket, "mlp")
@@ -323,8 +328,25 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
              request(9, "infer", {"model": "mlp", "inputs": {"x": {**shm, "data": b""}}}),
              request(10, "infer", {"model": "mlp", "inputs": {
                  "x": {**shm, "shm": [HEADER_BYTES, 16]}}}),
-             request(11, "infer", {"model": "mlp", "inputs": {"x": {**shm, 1: 2}}}))  # fmt: skip
-    answers = {a["id"]: a for a in raw.receive(9)}
+             request(11, "infer", {"model": "mlp", "inputs": {"x": {**shm, 1: 2}}}),
+             request(12, "infer", {"model": "mlp", "inputs": {"x": shm},
+                                   "reply_shm": [size // 2, size // 2]}),
+             request(13, "infer", {"model": "mlp", "inputs": {"x": shm},
+                                   "reply_shm": [0, size]}))  # fmt: skip
+    answers = {a["id"]: a for a in raw.receive(11)}
+    placed = answers.pop(12)["result"]["outputs"]["y"]
+    assert placed == {"dtype": "float32", "shape": [20, 1024], "shm": [size // 2, got.nbytes]}
+    assert bytes(raw.region[size // 2 : size // 2 + got.nbytes]) == got.tobytes()
+    bad_reply = answers.pop(13)["error"]
+    assert bad_reply["code"] == "BAD_REQUEST"
+    assert f"'reply_shm' must be [offset, size] within bytes {HEADER_BYTES} to {size} of this" \
+        f" channel's shared region (the first page is the worker's), got [0, {size}]" \
+        == bad_reply["message"]  # fmt: skip
+    with_data = answers.pop(9)["error"]
+    assert (with_data["code"], with_data["message"]) == (
+        "INVALID_INPUT",
+        "input 'x': 'shm' comes instead of 'data', not with it",
+    )
     mixed_keys = answers.pop(11)["error"]
     assert mixed_keys["code"] == "INVALID_INPUT"
     assert "got a map with keys ['data', 'dtype', 'shape', 1]" in mixed_keys["message"]
@@ -337,14 +359,23 @@ def test_large_inputs_travel_in_a_sealed_shared_region(daemon_factory, models_di
     for answer in answers.values():
         assert answer["error"]["code"] == "INVALID_INPUT", answer
         assert f"'shm' must be [offset, size] within bytes {HEADER_BYTES} to {size} of this" \
-            " channel's shared region (the first page is the worker's), instead of 'data'" \
+            " channel's shared region (the first page is the worker's), got" \
             in answer["error"]["message"]  # fmt: skip
-    # the daemon's socket has no region
+
+
+def test_the_daemons_socket_has_no_region(daemon) -> None:
+    shm = {"dtype": "float32", "shape": [1, 4], "shm": [HEADER_BYTES, 16]}
     with Client(daemon.socket, direct=False) as client, pytest.raises(MoltError) as refused:
-        client._call("infer", {"model": "mlp", "inputs": {"x": shm}})
+        client._call("infer", {"model": "demo", "inputs": {"x": shm}})
     assert refused.value.code == ErrorCode.INVALID_INPUT
     assert "input 'x': 'shm' names a direct channel's shared region; on moltbotd's socket" \
         " send 'data'" in refused.value.message  # fmt: skip
+    with Client(daemon.socket, direct=False) as client, pytest.raises(MoltError) as refused:
+        client._call("infer", {"model": "demo", "inputs": {"x": encode_tensor(X)},
+                               "reply_shm": [HEADER_BYTES, 1 << 20]})  # fmt: skip
+    assert refused.value.code == ErrorCode.BAD_REQUEST
+    assert "'reply_shm' names a direct channel's shared region; moltbotd's socket answers in" \
+        " its frames" in refused.value.message  # fmt: skip
 
 
 def test_a_region_read_is_a_copy_and_unwritten_pages_are_refused() -> None:
@@ -381,8 +412,11 @@ def test_a_busy_worker_does_not_hold_a_client_past_its_deadline(daemon) -> None:
     pid = worker_of(Client(daemon.socket).status("slow"), "slow")["pid"]
     idle = cpu_seconds(pid)
     wait_until(lambda: cpu_seconds(pid) > idle + 0.1, what="the slow request running")
-    with Client(daemon.socket, direct=True) as client, pytest.raises(MoltError) as late:
-        client.infer("slow", slow_inputs(n=1), timeout_ms=300)
+    with Client(daemon.socket, direct=True) as client:
+        with pytest.raises(MoltError) as late:
+            client.infer("slow", slow_inputs(n=1), timeout_ms=300)
+        # let go: a run past its deadline could still write into the channel's region
+        assert "slow" not in client._channels
     assert late.value.code is ErrorCode.DEADLINE_EXCEEDED
     # answered by the worker at its deadline while its one lane still runs the slow
     # request (seconds of work), not after it: the intake queued it as it came
@@ -612,7 +646,7 @@ async def until(condition, timeout: float = 60.0) -> None:
 
 
 def test_the_table_of_running_requests_names_what_runs_or_says_it_cannot() -> None:
-    from moltbotd.wire.running import SLOTS, running
+    from moltbotd.wire.region import SLOTS, running
     from moltbotd.worker.direct import RunningTable
 
     region = memoryview(bytearray(HEADER_BYTES + 64))

@@ -204,6 +204,12 @@ OPERATIONS: dict[str, Operation] = {
                     help="deadline: answered DEADLINE_EXCEEDED (and"
                     " never run if still queued) after this many milliseconds",
                 ),
+                Param(
+                    "reply_shm",
+                    (list,),
+                    help="on a direct channel: [offset, size] of its shared region where"
+                    " outputs of 64 KiB or more come back (as {'shm': [offset, size]})",
+                ),
             ),
         ),
         Operation(

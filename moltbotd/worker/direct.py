@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moltbotd.scheduler import Pending, request_options
-from moltbotd.wire import running
+from moltbotd.wire import region
 from moltbotd.wire.handoff import Throttled
 from moltbotd.wire.operations import OPERATIONS
 from moltbotd.wire.protocol import (
@@ -45,12 +45,13 @@ from moltbotd.wire.protocol import (
     parse_request,
     request_id,
 )
+from moltbotd.wire.region import HEADER_BYTES, SLOTS, nameable
 from moltbotd.wire.relay import relay_frame, started_frame
-from moltbotd.wire.running import HEADER_BYTES, SLOTS, nameable
 from moltbotd.wire.signature import Signature, check_inputs, check_output_names
 from moltbotd.worker.hub import Hub
 
 INFER = OPERATIONS["infer"]
+Place = Callable[[dict[str, Any]], dict[str, Any]]  # a request's outputs, as they are sent
 SOCKET_BUFFER = 4 << 20  # a 600 KB tensor goes in one write, not in 200 KB slices
 RECV_BYTES = 1 << 20
 
@@ -102,22 +103,33 @@ class Stream:
                 else tensor for name, tensor in inputs.items()}  # fmt: skip
 
     def _part(self, name: Any, tensor: dict[str, Any]) -> dict[str, Any]:
-        where, size = tensor["shm"], len(self.mapped)
-        valid = isinstance(where, list) and len(where) == 2 and "data" not in tensor
-        valid = valid and all(type(n) is int and n >= 0 for n in where)
-        if not valid or where[0] < HEADER_BYTES or sum(where) > size:
-            raise MoltError(ErrorCode.INVALID_INPUT, f"input {name!r}: 'shm' must be [offset,"
-                            f" size] within bytes {HEADER_BYTES} to {size} of this channel's"
-                            " shared region (the first page is the worker's), instead of"
-                            f" 'data', got {where!r}"[:300])  # fmt: skip
-        offset, count = where
-        end = offset + count
+        where = self._area(f"input {name!r}: 'shm'", tensor["shm"], ErrorCode.INVALID_INPUT)
+        if "data" in tensor:
+            raise MoltError(ErrorCode.INVALID_INPUT, f"input {name!r}: 'shm' comes instead of"
+                            " 'data', not with it")  # fmt: skip
+        offset, end = where
+        count = end - offset
         # reading a page never written would allocate it, in the worker's cgroup
         if count and (self.region is None or os.lseek(self.region, offset, os.SEEK_HOLE) < end):
             raise MoltError(ErrorCode.INVALID_INPUT, f"input {name!r}: bytes {offset} to {end}"
                             " of this channel's shared region were never written")  # fmt: skip
         rest = {key: value for key, value in tensor.items() if key != "shm"}
         return {**rest, "data": bytes(self.mapped[offset:end])}  # the copy: see shared()
+
+    def _area(self, what: str, where: Any, code: ErrorCode) -> tuple[int, int]:
+        size = len(self.mapped)
+        found = region.area(where, size)
+        if found is None:
+            raise MoltError(code, f"{what} must be [offset, size] within bytes {HEADER_BYTES}"
+                            f" to {size} of this channel's shared region (the first page is"
+                            f" the worker's), got {where!r}"[:300])  # fmt: skip
+        return found
+
+    def placer(self, where: Any) -> Place:
+        """Where a request's large outputs go: the part of the region its `reply_shm`
+        names (its client reads them before it sends its next request here)."""
+        start, end = self._area("'reply_shm'", where, ErrorCode.BAD_REQUEST)
+        return lambda outputs: region.put(self.mapped, outputs, start, end)
 
     def close(self) -> None:
         self.sock.close()
@@ -157,16 +169,16 @@ class RunningTable:
         """Name a request that starts to run: its slot, or -1 (counted unnamed)."""
         if nameable(req_id) and self.free:
             slot = self.free.pop()
-            running.name(self.mapped, slot, req_id)  # type: ignore[arg-type]
+            region.name(self.mapped, slot, req_id)  # type: ignore[arg-type]
             return slot
-        running.count_unnamed(self.mapped, 1)
+        region.count_unnamed(self.mapped, 1)
         return -1
 
     def end(self, slot: int) -> None:
         if slot < 0:
-            running.count_unnamed(self.mapped, -1)
+            region.count_unnamed(self.mapped, -1)
             return
-        running.name(self.mapped, slot, 0)
+        region.name(self.mapped, slot, 0)
         self.free.append(slot)
 
 
@@ -199,6 +211,10 @@ class RelayStream(Stream):
     def _part(self, name: Any, tensor: dict[str, Any]) -> dict[str, Any]:
         why = f"input {name!r}: 'shm' names a direct channel's shared region; on moltbotd's"
         raise MoltError(ErrorCode.INVALID_INPUT, f"{why} socket send 'data'"[:300])
+
+    def placer(self, where: Any) -> Place:
+        raise MoltError(ErrorCode.BAD_REQUEST, "'reply_shm' names a direct channel's shared"
+                        " region; moltbotd's socket answers in its frames")  # fmt: skip
 
 
 def refuse_channel(sock: socket.socket, why: str, refusals: Throttled) -> None:
@@ -446,6 +462,8 @@ class Channels:
             hub.touched.add(stream)
 
         item = Pending(tensors, outputs, priority or self.priority, deadline, now, reply)
+        if "reply_shm" in params:
+            item.place = stream.placer(params["reply_shm"])
         if isinstance(stream, RelayStream):
 
             def started() -> None:  # under the hub's lock

@@ -33,7 +33,8 @@ from moltbotd.worker.direct import Channels, Stream, print_refusals, refuse_chan
 from moltbotd.worker.hub import Counts, Hub, fatal_thread
 
 Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
-Batch = list[tuple[dict[str, Any], list[str] | None]]  # each request's inputs and outputs
+Place = Callable[[dict[str, Any]], dict[str, Any]] | None  # lays out a request's outputs
+Batch = list[tuple[dict[str, Any], list[str] | None, Place]]  # each request's inputs, outputs
 Runner = Callable[[Batch, bool], list[Result]]
 Order = Callable[[Channels], None]  # what the intake's thread does to its channels
 Send = Callable[[dict[str, Any]], None]  # a message to the daemon
@@ -101,7 +102,7 @@ class Lane:
     def _run(self, batch: list[Pending]) -> None:
         """Run a batch; answer each request unless its deadline answered it meanwhile."""
         hub = self.hub
-        results = self.runner([(item.inputs, item.outputs) for item in batch], hub.concat)
+        results = self.runner([(i.inputs, i.outputs, i.place) for i in batch], hub.concat)
         with hub.lock:
             now = time.monotonic()
             for item, result in zip(batch, results, strict=True):

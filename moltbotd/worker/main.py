@@ -46,7 +46,7 @@ from moltbotd.wire.signature import Signature, check_inputs, spec_from_ort
 from moltbotd.worker import heartbeat
 from moltbotd.worker.direct import Channels, Poller, RelayStream, Stream
 from moltbotd.worker.hub import Hub
-from moltbotd.worker.lanes import Batch, Lanes, Result
+from moltbotd.worker.lanes import Batch, Lanes, Place, Result
 
 EXIT_LOAD_FAILED = 3  # gunicorn's idea: a model that cannot load is not a crash to retry
 _PR_SET_PDEATHSIG = 1
@@ -246,12 +246,13 @@ def run_batch(session: Any, batch: Batch, concat: bool) -> list[Result]:
         # one request may be at fault: then each runs alone, so only it fails
         with contextlib.suppress(Exception):
             return run_together(session, batch)
-    return [run_one(session, inputs, outputs) for inputs, outputs in batch]
+    return [run_one(session, inputs, outputs, place) for inputs, outputs, place in batch]
 
 
-def run_one(session: Any, inputs: dict[str, Any], outputs: list[str] | None) -> Result:
+def run_one(session: Any, inputs: dict[str, Any], outputs: list[str] | None,
+            place: Place = None) -> Result:  # fmt: skip
     try:
-        return msgpack.packb(run(session, {"inputs": inputs, "outputs": outputs}))
+        return pack(run(session, {"inputs": inputs, "outputs": outputs}), place)
     except Exception as exc:  # a failed run is the request's error, not the worker's
         return {"code": classify(exc), "message": str(exc)}
 
@@ -260,14 +261,22 @@ def run_together(session: Any, batch: Batch) -> list[Result]:
     """Concatenate along the first dimension, run once, split every output back."""
     wanted = batch[0][1] or None
     names = wanted or [o.name for o in session.get_outputs()]
-    feeds = {name: join_tensors([inputs[name] for inputs, _ in batch]) for name in batch[0][0]}
-    rows = [next(iter(inputs.values()))["shape"][0] for inputs, _ in batch]
+    feeds = {name: join_tensors([item[0][name] for item in batch]) for name in batch[0][0]}
+    rows = [next(iter(inputs.values()))["shape"][0] for inputs, _, _ in batch]
     values = session.run(wanted, feeds)
     total = sum(rows)
     if not all(isinstance(v, np.ndarray) and v.shape[:1] == (total,) for v in values):
         raise ValueError("an output does not have the batch as its first dimension")
     parts = zip(*(split_tensor(v, rows) for v in values), strict=True)
-    return [msgpack.packb(dict(zip(names, maps, strict=True))) for maps in parts]
+    places = [place for _, _, place in batch]
+    return [pack(dict(zip(names, maps, strict=True)), place)
+            for maps, place in zip(parts, places, strict=True)]  # fmt: skip
+
+
+def pack(outputs: dict[str, Any], place: Place) -> bytes:
+    """A request's outputs as its answer carries them: large ones in its channel's region
+    when it asked for that (`place`)."""
+    return msgpack.packb(place(outputs) if place else outputs)
 
 
 def main(argv: list[str]) -> int:
