@@ -281,19 +281,35 @@ def live_reload() -> None:
     )
 
 
+def _hog_error(direct: bool) -> tuple[MoltError | None, bool]:
+    """An 800 MB request to hog (over its 300 MiB limit) on a direct channel or on the
+    socket: its error, and whether it went on a channel."""
+    with Client(SOCKET, timeout=300, direct=direct) as c:
+        c.infer("hog", {"n": np.array([1000], np.int64)})  # asks for the channel
+        on_channel = not isinstance(c._channels.get("hog", 0.0), float)
+        try:
+            c.infer("hog", {"n": np.array([200_000_000], np.int64)})
+        except MoltError as exc:
+            return exc, on_channel
+    return None, on_channel
+
+
 def oom_kill_contained() -> None:
+    """The request that ran the worker out of memory gets RESOURCE_EXHAUSTED, on the
+    default client's direct channel and on the socket alike."""
     stream = Stream()
     stream.start()
     time.sleep(1)
-    try:
-        with Client(SOCKET, timeout=300) as c:
-            c.infer("hog", {"n": np.array([200_000_000], np.int64)})  # 800 MB
-        error = None
-    except MoltError as exc:
-        error = exc
+    errors = []
+    for direct in (True, False):
+        with Client(SOCKET) as c:
+            wait_until(lambda: worker(c, "hog")["state"] == "ready", 120)
+        errors.append((direct, *_hog_error(direct)))
     check("oom-request-gets-RESOURCE_EXHAUSTED",
-          error is not None and error.code.value == "RESOURCE_EXHAUSTED"
-          and "killed by its memory limit 300.0MiB" in error.message, repr(error))  # fmt: skip
+          all(error is not None and error.code.value == "RESOURCE_EXHAUSTED"
+              and "killed by its memory limit 300.0MiB" in error.message
+              and on_channel == direct for direct, error, on_channel in errors),
+          repr(errors))  # fmt: skip
     with Client(SOCKET) as c:
         back = wait_until(lambda: worker(c, "hog")["state"] == "ready", 120)
         hog = worker(c, "hog")
@@ -301,10 +317,10 @@ def oom_kill_contained() -> None:
     stream.stop()
     check(
         "oom-worker-restarts",
-        back and hog["restarts"] >= 1 and float(out["y"]) == 1000.0,
+        back and hog["restarts"] >= 2 and float(out["y"]) == 1000.0,
         f"state {hog['state']}, restarts {hog['restarts']}, usage {hog.get('usage')}",
     )
-    check("oom-kill-counted", hog["usage"]["oom_kills"] >= 1, hog["usage"])
+    check("oom-kill-counted", hog["usage"]["oom_kills"] >= 2, hog["usage"])
     check("others-serve-with-zero-errors", stream.errors == [] and stream.count > 20,
           f"{stream.count} requests, errors {stream.errors[:3]}")  # fmt: skip
     check("unit-survives-oom", sh("systemctl is-active moltbotd") == "active")
