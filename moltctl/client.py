@@ -107,6 +107,10 @@ def _same(result: Any) -> Any:
     return result
 
 
+def _ended_error(result: Any) -> MoltError:
+    return MoltError.from_wire(result.get("error") if isinstance(result, dict) else None)
+
+
 OnProgress = Callable[[dict[str, Any]], None]  # {"phase": ..., "detail": ...}
 
 
@@ -154,6 +158,10 @@ class _Calls:
             "timeout_ms": timeout_ms,
         }
         return self._call("infer", params, decode_outputs)
+
+    def channel_ended(self, model: str, pid: int) -> Any:
+        """The MoltError moltbotd's socket gave for the death of worker `pid`."""
+        return self._call("channel_ended", {"model": model, "pid": pid}, _ended_error)
 
     def scale(self, model: str, instances: int | None) -> Any:
         """Worker processes for MODEL's active version; None gives it back to autoscaling."""
@@ -525,9 +533,8 @@ class Client(_Calls):
         """The error moltbotd's socket gave for the worker's death (RESOURCE_EXHAUSTED
         when its memory limit killed it), or WORKER_FAILED when moltbotd cannot say."""
         try:
-            result = self._call("channel_ended", {"model": channel.model, "pid": channel.pid})
-            return MoltError.from_wire(result["error"])
-        except (MoltError, ProtocolError, ConnectError, KeyError, TypeError):
+            return self.channel_ended(channel.model, channel.pid)  # type: ignore[no-any-return]
+        except (MoltError, ProtocolError, ConnectError):
             return MoltError(ErrorCode.WORKER_FAILED, f"{channel.label} closed its direct"
                              f" channel before answering (it exited?): {exc}")  # fmt: skip
 
@@ -723,10 +730,8 @@ class AsyncClient(_Calls):
         """The error moltbotd's socket gave for the worker's death, or None (it cannot
         say)."""
         try:
-            result = await self._call("channel_ended", {"model": channel.model,
-                                                        "pid": channel.pid})  # fmt: skip
-            return MoltError.from_wire(result["error"])
-        except (MoltError, ProtocolError, ConnectError, KeyError, TypeError):
+            return await self.channel_ended(channel.model, channel.pid)  # type: ignore[no-any-return]
+        except (MoltError, ProtocolError, ConnectError):
             return None
 
     async def _call_direct(self, channel: AsyncChannel, message: bytes, req_id: int,

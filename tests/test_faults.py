@@ -179,9 +179,10 @@ def _hung_request(daemon, harm) -> tuple[int, MoltError]:
 
     async def scenario() -> MoltError:
         async with AsyncClient(daemon.socket) as c:
+            idle = cpu_seconds(pid)
             request = asyncio.ensure_future(c.infer("slow", slow_inputs(10**12)))
-            while not (await c.status("slow"))["models"][0]["worker"]["inflight"]:
-                await asyncio.sleep(0.02)
+            # running, not only relayed: a request stopped before it starts is requeued
+            await until(lambda: cpu_seconds(pid) > idle + 0.1)
             harm(pid)
             with pytest.raises(MoltError) as err:
                 await asyncio.wait_for(request, 120)

@@ -337,10 +337,10 @@ class WorkerProcess:
             # which must not pick this worker again
             await self._set(S.BACKOFF)
         why = f"{self.label}: worker pid {self.pid} {reason} while running this request"
+        error = MoltError(error_code, why, {"model": self.spec.model, "version": self.spec.version})
         if self.exits and self.pid is not None:
-            details = {"model": self.spec.model, "version": self.spec.version}
-            self.exits.record(self.spec.model, self.pid, MoltError(error_code, why, details))
-        self._fail_inflight(why, error_code)
+            self.exits.record(self.spec.model, self.pid, error)
+        self._fail_inflight(error)
         if died:
             self.error = f"worker pid {self.pid} {reason}"
             self.log.error(
@@ -627,12 +627,13 @@ class WorkerProcess:
             return f"was killed by its memory limit {limit}", ErrorCode.RESOURCE_EXHAUSTED
         return _describe_exit(code), ErrorCode.WORKER_FAILED
 
-    def _fail_inflight(self, why: str, code: ErrorCode = ErrorCode.WORKER_FAILED) -> None:
+    def _fail_inflight(self, error: MoltError) -> None:
+        """Answer what ran when the process died with `error` (one instance each); what
+        never ran goes back to the pool's queue."""
         inflight, self._inflight = self._inflight, {}
         orphans, self._orphans = self._orphans, {}
         self._idle.set()
         self.queued, self.queued_by_priority = 0, {}  # the process is gone, its queue too
-        details = {"model": self.spec.model, "version": self.spec.version}
         # the latest first: each orphan goes back to the front of the pool's queue
         for relay_id, done in reversed(inflight.items()):
             try:
@@ -640,7 +641,7 @@ class WorkerProcess:
                     orphans[relay_id]()
                     continue
                 self.counters.errors += 1
-                done(MoltError(code, why, details))
+                done(MoltError(error.code, error.message, error.details))
             except Exception:  # one answer's failure must not lose the others' or kill us
                 self.log.exception(f"{self.label}: answering a failed request raised")
 

@@ -157,7 +157,7 @@ class Stream:
 
 
 class RunningTable:
-    """The worker's side of a channel's table of running requests (wire/running.py):
+    """The worker's side of a channel's table of running requests (wire/region.py):
     a request's id goes into a free slot when its batch starts, and leaves at its answer.
     Used under the hub's lock."""
 
@@ -252,7 +252,7 @@ def offer_region(sock: socket.socket, size: int) -> tuple[int | None, memoryview
 def _sealed_region(size: int) -> tuple[int, mmap.mmap]:
     """A memfd sealed against shrinking (a read past the end of a truncated mapping would
     kill the worker with SIGBUS), mapped: copying from a mapping costs half of pread, and
-    the worker writes its table of running requests there (wire/running.py)."""
+    the worker writes its table of running requests there (wire/region.py)."""
     fd = os.memfd_create("moltbot-direct", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)

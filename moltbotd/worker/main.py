@@ -268,9 +268,8 @@ def run_together(session: Any, batch: Batch) -> list[Result]:
     if not all(isinstance(v, np.ndarray) and v.shape[:1] == (total,) for v in values):
         raise ValueError("an output does not have the batch as its first dimension")
     parts = zip(*(split_tensor(v, rows) for v in values), strict=True)
-    places = [place for _, _, place in batch]
     return [pack(dict(zip(names, maps, strict=True)), place)
-            for maps, place in zip(parts, places, strict=True)]  # fmt: skip
+            for maps, (_, _, place) in zip(parts, batch, strict=True)]  # fmt: skip
 
 
 def pack(outputs: dict[str, Any], place: Place) -> bytes:
