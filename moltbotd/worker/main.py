@@ -138,12 +138,12 @@ def load_session(spec: dict[str, Any]) -> tuple[Any, list[str]]:
     return session, session.get_providers()
 
 
-def run(session: Any, request: dict[str, Any]) -> dict[str, Any]:
-    feeds = {name: decode_tensor(t) for name, t in request["inputs"].items()}
-    wanted = request.get("outputs") or None
-    names = wanted or [o.name for o in session.get_outputs()]
+def run(session: Any, names: list[str], inputs: dict[str, Any],
+        wanted: list[str] | None) -> dict[str, Any]:  # fmt: skip
+    """The outputs `wanted` (all of the model's `names` when None), encoded."""
+    feeds = {name: decode_tensor(t) for name, t in inputs.items()}
     values = session.run(wanted, feeds)
-    return {name: encode_value(v) for name, v in zip(names, values, strict=True)}
+    return {name: encode_value(v) for name, v in zip(wanted or names, values, strict=True)}
 
 
 def classify(exc: Exception) -> ErrorCode:
@@ -159,7 +159,7 @@ def run_samples(session: Any, signature: Signature, samples: list[dict[str, Any]
         where = f"warm-up sample {number} of {len(samples)}"
         try:
             feeds = check_inputs(where, signature, sample)
-            run(session, {"inputs": feeds})
+            run(session, [spec.name for spec in signature.outputs], feeds, None)
         except MoltError as exc:
             raise LoadFailed(exc.message) from None
         except Exception as exc:
@@ -240,27 +240,28 @@ def obey(lanes: Lanes, message: dict[str, Any]) -> None:
         lanes.configure(message["scheduling"])
 
 
-def run_batch(session: Any, batch: Batch, concat: bool) -> list[Result]:
-    """Each request's result: run one by one, or concatenated and run once."""
+def run_batch(session: Any, names: list[str], batch: Batch, concat: bool) -> list[Result]:
+    """Each request's result: run one by one, or concatenated and run once. `names`: the
+    model's outputs (asked for once: onnxruntime builds the list anew at every call)."""
     if concat and len(batch) > 1:
         # one request may be at fault: then each runs alone, so only it fails
         with contextlib.suppress(Exception):
-            return run_together(session, batch)
-    return [run_one(session, inputs, outputs, place) for inputs, outputs, place in batch]
+            return run_together(session, names, batch)
+    return [run_one(session, names, inputs, outputs, place) for inputs, outputs, place in batch]
 
 
-def run_one(session: Any, inputs: dict[str, Any], outputs: list[str] | None,
-            place: Place = None) -> Result:  # fmt: skip
+def run_one(session: Any, names: list[str], inputs: dict[str, Any], wanted: list[str] | None,
+            place: Place) -> Result:  # fmt: skip
     try:
-        return pack(run(session, {"inputs": inputs, "outputs": outputs}), place)
+        return pack(run(session, names, inputs, wanted or None), place)
     except Exception as exc:  # a failed run is the request's error, not the worker's
         return {"code": classify(exc), "message": str(exc)}
 
 
-def run_together(session: Any, batch: Batch) -> list[Result]:
+def run_together(session: Any, outputs: list[str], batch: Batch) -> list[Result]:
     """Concatenate along the first dimension, run once, split every output back."""
     wanted = batch[0][1] or None
-    names = wanted or [o.name for o in session.get_outputs()]
+    names = wanted or outputs
     feeds = {name: join_tensors([item[0][name] for item in batch]) for name in batch[0][0]}
     rows = [next(iter(inputs.values()))["shape"][0] for inputs, _, _ in batch]
     values = session.run(wanted, feeds)
@@ -304,7 +305,8 @@ def load_and_serve(channel: DaemonLink, handoff: socket.socket, relay: socket.so
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
     runs = heartbeat.Runs()
-    runner = runs.track(functools.partial(run_batch, session))
+    names = [spec.name for spec in signature.outputs]
+    runner = runs.track(functools.partial(run_batch, session, names))
     heartbeat.start(handoff, runs, spec["heartbeat"])
     settings = spec["direct"]
     hub = Hub(f"model {settings['model']} {settings['version']}", settings["scheduling"])
