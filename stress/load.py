@@ -200,8 +200,9 @@ class RawLoad(threading.Thread):
 
 
 class AsyncLoad(threading.Thread):
-    """One AsyncClient shared by `concurrency` tasks: requests pipelined on one
-    connection; a request still unanswered `drain` seconds after the end is unanswered."""
+    """One AsyncClient shared by `concurrency` tasks: requests pipelined on its direct
+    channels (moltbotd's socket while none is granted); a request still unanswered `drain`
+    seconds after the end is unanswered."""
 
     def __init__(self, socket: Path, models: list[str], tally: Tally, pace: Pace, number: int,
                  concurrency: int, drain: float) -> None:  # fmt: skip
