@@ -843,6 +843,13 @@ def check_targets(local: dict[str, Any], served: dict[str, Any]) -> list[Target]
             "CPU per tiny request (client + daemon + worker - in-process run) <= 60 us",
             f"{per_request:,.0f} us ({spent}; in-process {base.cpu_us['client']:.0f})",
             per_request <= 60, per_request, 60))  # fmt: skip
+    if "tiny" in served and "metrics" in served["tiny"]:
+        on, off = served["tiny"]["metrics"]["on"], served["tiny"]["metrics"]["off"]
+        cost = (1 - on / off) * 100
+        targets.append(Target(
+            f"metrics cost at c={CONCURRENCY}, AsyncClient(), tiny batched: histograms on vs"
+            " off <= 3 %", f"{cost:+.1f} % ({on:,.0f} vs {off:,.0f} req/s, medians of 2)",
+            cost <= 3, cost, 3))  # fmt: skip
     if "mlp" in served and "lanes" in local["mlp"]:
         lanes, batch = local["mlp"]["lanes"]
         base = local["mlp"]["lanes_run"].samples_per_s
@@ -861,6 +868,23 @@ def check_targets(local: dict[str, Any], served: dict[str, Any]) -> list[Target]
             f"{p50:,.1f} us = {p50 / base:.2f}x", p50 <= 1.15 * base, p50,
             1.15 * base))  # fmt: skip
     return targets
+
+
+def metrics_cost(workdir: Path, case: Case, limits: Limits,
+                 batching: dict[str, Any]) -> dict[str, float]:  # fmt: skip
+    """tiny_batched at c=16 through AsyncClient with the latency histograms counted and
+    not (metrics.histograms), alternating daemons twice: the best rate of each."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(2):
+        for histograms in (True, False):
+            settings = {**daemon_config([case], batching), "metrics": {"histograms": histograms}}
+            print(f"moltbotd: {case.name}{BATCHED} with metrics.histograms {histograms} ...",
+                  flush=True)  # fmt: skip
+            with running_daemon(workdir / "models", workdir, settings) as daemon:
+                run = asyncio.run(library_throughput(daemon, case.name + BATCHED, case, limits,
+                                                     limits.seconds, direct=True))  # fmt: skip
+            rates[histograms].append(run.rps)
+    return {"on": max(rates[True]), "off": max(rates[False])}
 
 
 def lanes_baseline(case: Case, limits: Limits, served: dict[str, Any]) -> dict[str, Any]:
@@ -1065,6 +1089,9 @@ def run(limits: Limits, workdir: Path, names: list[str], batching: dict[str, Any
             for entry, model in (("plain", case.name), ("batched", case.name + BATCHED)):
                 print(f"moltbotd: {model} ...", flush=True)
                 served[case.name][entry] = bench_entry(daemon, model, case, limits)
+    tiny = [case for case in cases if case.name == "tiny"]
+    if tiny:
+        served["tiny"]["metrics"] = metrics_cost(workdir, tiny[0], limits, batching)
     for case in cases:
         if case.name in BATCHED_SETTINGS:
             print(f"in-process onnxruntime: {case.name} on the lanes' threads ...", flush=True)

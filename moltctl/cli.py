@@ -42,7 +42,8 @@ COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
             "infer": ("infer", "channel", "channel_ended"), "scale": ("scale",),
             "switch": ("switch",), "rollback": ("rollback",), "promote": ("promote",),
             "versions": ("versions",),
-            "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",)}  # fmt: skip
+            "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",),
+            "metrics": ("metrics",)}  # fmt: skip
 
 
 class Cli(click.Group):
@@ -480,6 +481,14 @@ def _model_of(folder: Path, repo: list[dict[str, Any]]) -> str:
                                f" and none is named {named!r} like the folder:"
                                " name the model with --model")  # fmt: skip
     return served[0]
+
+
+@cli.command()
+@click.pass_obj
+def metrics(session: _Session) -> None:
+    """Every Prometheus series, in the text format /metrics serves (through the socket,
+    so it works without metrics.listen)."""
+    click.echo(session().metrics(), nl=False)
 
 
 @cli.command()

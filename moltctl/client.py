@@ -107,6 +107,10 @@ def _same(result: Any) -> Any:
     return result
 
 
+def _text(result: Any) -> Any:
+    return result["text"]
+
+
 def _ended_error(result: Any) -> MoltError:
     return MoltError.from_wire(result.get("error") if isinstance(result, dict) else None)
 
@@ -201,6 +205,10 @@ class _Calls:
 
     def logs(self, **filters: Any) -> Any:
         return self._call("logs", filters)
+
+    def metrics(self) -> Any:
+        """The Prometheus exposition text."""
+        return self._call("metrics", {}, _text)
 
 
 def _message(op: str, req_id: int, params: dict[str, Any], progress: bool = False) -> bytes:

@@ -42,10 +42,12 @@ class Daemon:
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         wrapper: tuple[str, ...] = (),
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.dir = tmp_path
         self.args = args
         self.wrapper = wrapper  # a command that execs the daemon's (systemd-run --scope)
+        self.pass_fds = pass_fds  # descriptors the wrapper gets (socket activation's)
         self.env = {**os.environ, **(env or {})}
         self.socket = tmp_path / "moltbotd.sock"
         self.models_dir = models_dir
@@ -69,7 +71,7 @@ class Daemon:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, cwd=self.dir,
-                                         env=self.env)  # fmt: skip
+                                         env=self.env, pass_fds=self.pass_fds)  # fmt: skip
         if wait:
             self.wait_for_log("ready: serving")
         return self

@@ -21,6 +21,7 @@ import uvloop
 
 from moltbotd import __version__
 from moltbotd import config as cfg
+from moltbotd.control.activation import listen_fds
 from moltbotd.control.rollout import Rollout
 from moltbotd.control.server import Reloader, Server, StartError
 from moltbotd.control.supervisor import Supervisor
@@ -98,6 +99,7 @@ async def keep_watchdog_fed(notifier: Any) -> None:
 
 
 async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
+    activated = listen_fds()  # first: no worker may inherit them
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,10 +121,13 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, hangup)
-    server = Server(config, rollout, ring, reload_config)
+    server = Server(config, rollout, ring, reload_config, activated)
     try:
         await server.listen()
-    except (StartError, OSError) as exc:
+    except StartError as exc:  # it names the path or the address
+        log.error(f"cannot start: {exc}")
+        return EXIT_FAILURE
+    except OSError as exc:
         log.error(f"cannot listen on {config.socket}: {exc}")
         return EXIT_FAILURE
     notifier.notify("STATUS=loading models")

@@ -30,6 +30,8 @@ from typing import Any
 from moltbotd import __version__
 from moltbotd.config import ClientLimits, Config
 from moltbotd.control.catalog import Catalog
+from moltbotd.control.metrics import Metrics
+from moltbotd.control.metrics_http import MetricsListener
 from moltbotd.control.rollout import Progress, Rollout, no_progress
 from moltbotd.logs import Entry, Ring, get_logger, select
 from moltbotd.scheduler import request_options
@@ -83,9 +85,8 @@ class StartError(Exception):
 Reloader = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def make_handlers(
-    rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader, clients: "Clients"
-) -> dict[str, Handler]:
+def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader,
+                  clients: "Clients", metrics: Metrics) -> dict[str, Handler]:  # fmt: skip
     """The daemon's half of every operation in OPERATIONS (the server checks it is complete)."""
     supervisor = rollout.sup
     catalog = Catalog(supervisor)
@@ -180,6 +181,9 @@ def make_handlers(
     async def reload(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return await reload_config()
 
+    async def metrics_text(_: dict[str, Any], __: Caller) -> dict[str, Any]:
+        return {"text": metrics.render().decode()}
+
     logs = LogQueries(ring)
 
     return {
@@ -198,6 +202,7 @@ def make_handlers(
         "upload": upload,
         "deploy": deploy,
         "reload": reload,
+        "metrics": metrics_text,
         "logs": logs,
     }
 
@@ -281,14 +286,17 @@ class Clients:
 
 
 class Server:
-    def __init__(
-        self, config: Config, rollout: Rollout, ring: Ring, reload_config: Reloader
-    ) -> None:
+    def __init__(self, config: Config, rollout: Rollout, ring: Ring, reload_config: Reloader,
+                 activated: dict[str, socket.socket] | None = None) -> None:  # fmt: skip
         self.config = config
+        self.activated = activated or {}  # sockets systemd passed, by name (activation.py)
         self.limits = config.clients
         ring.field_chars = self.limits.log_field_chars
         self.clients = Clients(self.limits)
-        self.handlers = make_handlers(rollout, ring, config, reload_config, self.clients)
+        self.metrics = Metrics(rollout.sup)
+        self.handlers = make_handlers(rollout, ring, config, reload_config, self.clients,
+                                      self.metrics)  # fmt: skip
+        self.metrics_listener: MetricsListener | None = None
         if self.handlers.keys() != OPERATIONS.keys():
             raise RuntimeError(
                 f"handlers {sorted(self.handlers)} != operations {sorted(OPERATIONS)}"
@@ -306,6 +314,23 @@ class Server:
         )
         os.chmod(path, self.config.socket_mode)
         log.info(f"listening on {path}", socket=str(path))
+        given = self.activated.pop("metrics", None)
+        if given is not None:
+            if self.config.metrics.listen:
+                log.warning("metrics.listen is ignored: systemd passed a socket for metrics")
+            await self._listen_for_metrics(given, "the socket systemd passed")
+        elif self.config.metrics.listen:
+            host, port = self.config.metrics.listen
+            await self._listen_for_metrics((host, port), f"{host}:{port} (metrics.listen)")
+
+    async def _listen_for_metrics(self, where: tuple[str, int] | socket.socket,
+                                  named: str) -> None:  # fmt: skip
+        listener = MetricsListener(self.metrics.render)
+        try:
+            await listener.start(where)
+        except OSError as exc:
+            raise StartError(f"cannot serve metrics on {named}: {exc.strerror or exc}") from None
+        self.metrics_listener = listener
 
     def begin(self, message: dict[str, Any], peer: str = "", emit: Emit | None = None,
               uid: int = -1) -> Answer:  # fmt: skip
@@ -384,6 +409,8 @@ class Server:
             connection.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()
+        if self.metrics_listener:
+            await self.metrics_listener.stop()
 
 
 def _claim_socket_path(path: Path) -> None:

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import functools
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +95,7 @@ class Model:
     on_demand: dict[str, Pool] = field(default_factory=dict)  # version -> its pool
     broken: dict[str, str] = field(default_factory=dict)  # version -> why it could not serve
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
+    counts: Counter[str] = field(default_factory=Counter)  # events by kind, for metrics
     error: str | None = None  # why it has no worker at all (e.g. a bad model.yaml)
     operation: str | None = None  # the state-changing operation in progress
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -111,6 +112,7 @@ class Model:
     def event(self, kind: str, message: str, **details: Any) -> None:
         """Something an operator should see in status (a canary rolled back, ...)."""
         self.events.append({"time": time.time(), "kind": kind, "message": message, **details})
+        self.counts[kind] += 1
 
     def status(self, isolation: Isolation) -> dict[str, Any]:
         return {
@@ -284,7 +286,8 @@ class Supervisor:
         batched = scheduling.batching.max_batch_size > 1
         path = version_dir / MODEL_FILE
         spec = WorkerSpec(name, version, path, session, limits, model_yaml.samples, batched,
-                          self.config.max_frame_bytes, memory_how)  # fmt: skip
+                          self.config.max_frame_bytes, memory_how,
+                          self.config.metrics.histograms)  # fmt: skip
         return spec, scheduling
 
     async def retire(self, pool: Pool, drain: bool = False) -> bool:

@@ -27,8 +27,9 @@ from moltbotd.isolation.cgroups import Group
 from moltbotd.logs import get_logger
 from moltbotd.scheduler import Pending, Queue, Reply, deadline_exceeded
 from moltbotd.serving.exits import Exits
-from moltbotd.serving.process import WorkerProcess, WorkerSpec
+from moltbotd.serving.process import Counters, WorkerProcess, WorkerSpec
 from moltbotd.serving.states import WorkerState
+from moltbotd.wire.histogram import PHASES, Histogram
 from moltbotd.wire.protocol import MoltError
 from moltbotd.wire.signature import Signature
 from moltbotd.wire.units import plural
@@ -54,12 +55,35 @@ class Relayed(Pending):
 
 
 class Stats:
-    """Batch sizes and queue times, for status."""
+    """Batch sizes and queue times, for status; answers by code and the phases'
+    histograms since the pool started, for metrics."""
 
     def __init__(self) -> None:
         self.batches = 0
         self.sizes: Counter[int] = Counter()  # requests per batch -> batches
         self.waits: deque[float] = deque(maxlen=2048)  # seconds in the queue, latest
+        self.codes: Counter[str] = Counter()  # answers: "OK" or the error's code
+        self.retired = Counters()  # of instances scaled away: the metrics never go down
+        self.phases = {phase: Histogram() for phase in PHASES}
+
+    def retire(self, counters: Counters) -> None:
+        for f in dataclasses.fields(Counters):
+            setattr(self.retired, f.name, getattr(self.retired, f.name) + getattr(counters, f.name))
+
+    def total(self, workers: list[WorkerProcess], name: str) -> int:
+        """A count (restarts, starts) over the instances, those scaled away included."""
+        return getattr(self.retired, name) + sum(getattr(w.counters, name) for w in workers)
+
+    def add(self, stats: dict[str, Any]) -> None:
+        """A worker's report (hub.Counts)."""
+        sizes = {int(size): n for size, n in stats["sizes"].items()}
+        self.batches += sum(sizes.values())
+        self.sizes.update(sizes)
+        self.waits.extend(stats["waits"])
+        self.codes.update(stats.get("codes", {}))
+        for name, wire in stats.get("phases", {}).items():
+            if name in self.phases:
+                self.phases[name].add(wire)
 
     def view(self) -> dict[str, Any]:
         waits = sorted(self.waits)
@@ -181,6 +205,7 @@ class Pool:
         worker.scheduling, worker.exits = self.scheduling, self.exits
         worker.on_state = self._instance_changed
         worker.on_stats = self._worker_stats
+        worker.on_failed = self.stats.codes.update
         if not self.workers:
             worker.on_phase = self._phase
         self.workers.append(worker)
@@ -240,6 +265,9 @@ class Pool:
             return
         try:
             self.queue.push(item, self.label)
+        except MoltError as exc:  # OVERLOADED
+            self.stats.codes[exc.code.value] += 1
+            raise
         finally:
             self._check_idle()
         if item.deadline is not None:
@@ -285,7 +313,7 @@ class Pool:
                   "priority": item.priority}  # fmt: skip
         if item.deadline is not None:
             if item.deadline <= now:
-                item.answer(deadline_exceeded(self.label, item, now, queued=True))
+                self._answer_here(item, deadline_exceeded(self.label, item, now, queued=True))
                 self._check_idle()
                 return
             params["timeout_ms"] = (item.deadline - now) * 1e3
@@ -294,13 +322,16 @@ class Pool:
             worker.relay(params, lambda outcome: self._done(item, outcome),
                          lambda: self._orphaned(item))  # fmt: skip
         except MoltError as exc:
+            self.stats.codes[exc.code.value] += 1
             self._done(item, exc)
 
     def _orphaned(self, item: Relayed) -> None:
         """A relayed request whose worker died before it ran: it waits here for another
         instance or the restart, within its deadline, first among its priority."""
         if self._closed or self.failed():
-            self._done(item, self.unavailable())
+            error = self.unavailable()
+            self.stats.codes[error.code.value] += 1
+            self._done(item, error)
             return
         self.queue.put_back(item)
         if item.deadline is not None:
@@ -328,19 +359,21 @@ class Pool:
             worker.close_channels(why, self.settings.stop_timeout)
 
     def _worker_stats(self, stats: dict[str, Any]) -> None:
-        sizes = {int(size): n for size, n in stats["sizes"].items()}
-        self.stats.batches += sum(sizes.values())
-        self.stats.sizes.update(sizes)
-        self.stats.waits.extend(stats["waits"])
+        self.stats.add(stats)
+
+    def _answer_here(self, item: Pending, error: MoltError) -> None:
+        """Answer a request no worker answered (its workers count the others)."""
+        self.stats.codes[error.code.value] += 1
+        item.answer(error)
 
     def _expire(self, item: Pending) -> None:
         queued = self.queue.remove(item)
-        item.answer(deadline_exceeded(self.label, item, time.monotonic(), queued))
+        self._answer_here(item, deadline_exceeded(self.label, item, time.monotonic(), queued))
         self._check_idle()
 
     def _fail_queue(self, error: MoltError) -> None:
         for item in self.queue.drain():
-            item.answer(error)
+            self._answer_here(item, error)
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -408,6 +441,7 @@ class Pool:
             self._retiring.discard(worker)
             if worker in self.workers:  # pool.stop may have stopped and kept it meanwhile
                 self.workers.remove(worker)
+                self.stats.retire(worker.counters)
 
     def _event(self, kind: str, message: str) -> None:
         self.log.info(message, instances=len(self.workers))

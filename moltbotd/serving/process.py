@@ -50,6 +50,7 @@ class Counters:
     requests: int = 0
     errors: int = 0
     restarts: int = 0
+    starts: int = 0  # processes spawned, the first one included
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class WorkerSpec:
     batched: bool = False  # requests may come concatenated: the model must allow it
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES  # for requests on direct channels
     memory_auto: str | None = None  # how an `auto` memory limit was derived
+    histograms: bool = True  # the worker counts each request's phases (metrics.histograms)
 
     @property
     def label(self) -> str:
@@ -119,6 +121,8 @@ class WorkerProcess:
     channels: int = 0  # direct channels open (as the worker last reported)
     by_uid: Counter[int] = field(default_factory=Counter)  # the same, by the client's uid
     on_stats: Callable[[dict[str, Any]], None] | None = None  # its batches, as it reports
+    # the requests it was running when it died, by the code they were answered with
+    on_failed: Callable[[dict[str, int]], None] | None = None
     queued: int = 0  # requests waiting in its queue, as it last reported
     queued_by_priority: dict[str, int] = field(default_factory=dict)
     exits: Exits | None = None  # told how each READY process ended, for its channels' clients
@@ -230,6 +234,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         self.signature, self.started_at = None, None
         ends = (child, theirs, relayed)
+        self.counters.starts += 1
         try:
             with child, theirs, relayed:
                 self._proc = await asyncio.create_subprocess_exec(
@@ -260,6 +265,7 @@ class WorkerProcess:
                 "heartbeat": self.settings.heartbeat,
                 "direct": {"model": self.spec.model, "version": self.spec.version,
                            "max_frame_bytes": self.spec.max_frame_bytes,
+                           "histograms": self.spec.histograms,
                            "scheduling": asdict(self.scheduling)}}  # fmt: skip
         self._channel.transport.write(encode_frame(spec))  # type: ignore[union-attr]
         self.log.info(f"{self.label} starting", pid=self.pid)
@@ -641,6 +647,8 @@ class WorkerProcess:
                     orphans[relay_id]()
                     continue
                 self.counters.errors += 1
+                if self.on_failed:
+                    self.on_failed({error.code.value: 1})
                 done(MoltError(error.code, error.message, error.details))
             except Exception:  # one answer's failure must not lose the others' or kill us
                 self.log.exception(f"{self.label}: answering a failed request raised")

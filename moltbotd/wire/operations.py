@@ -309,6 +309,10 @@ OPERATIONS: dict[str, Operation] = {
             mutating=True,
         ),
         Operation(
+            "metrics",
+            "Every Prometheus series, as /metrics serves them: {text: the exposition}.",
+        ),
+        Operation(
             "logs",
             "Entries from the daemon's log ring, filtered.",
             (

@@ -416,6 +416,7 @@ class Channels:
                     except MoltError as exc:  # OVERLOADED
                         error = exc
                 stream.refuse(req_id, error)
+                self.hub.refused(error)
 
     def _check(self, stream: Stream, message: dict[str, Any] | MoltError) -> Checked:
         if isinstance(message, MoltError):  # a frame that is not a request: no id to answer
@@ -456,8 +457,7 @@ class Channels:
             if slot is not None:
                 stream.table.end(slot)  # type: ignore[union-attr]
             stream.pending -= 1
-            if stream.counted:
-                hub.answered(outcome)
+            hub.answered(outcome, item, stream.counted)
             stream.answer(request.id, outcome, head)
             hub.touched.add(stream)
 

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 from moltbotd.config import Batching
 from moltbotd.scheduler import Pending, Queue, deadline_exceeded
+from moltbotd.wire.histogram import PHASES, Histogram
+from moltbotd.wire.protocol import MoltError
 
 # A thread that failed leaves requests nobody answers: the whole worker exits
 # (EX_SOFTWARE), so its clients see EOF and the supervisor restarts it.
@@ -63,18 +65,30 @@ class Sendable(Protocol):
 
 
 class Counts:
-    """What happened since the last report."""
+    """What happened since the last report. requests and errors count the direct
+    channels' requests only (moltbotd counts those it relayed); codes and phases count
+    every queued request, once, whichever path it came on."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         self.sizes: Counter[int] = Counter()
         self.waits: list[float] = []
+        self.codes: Counter[str] = Counter()  # "OK" or the error's code
+        self.phases = {phase: Histogram() for phase in PHASES}
         self.changed = False
 
-    def answered(self, outcome: Any) -> None:
-        self.requests += 1
-        self.errors += not isinstance(outcome, bytes)
+    def answered(self, outcome: Any, counted: bool) -> None:
+        if counted:
+            self.requests += 1
+            self.errors += not isinstance(outcome, bytes)
+        self.codes[outcome.code.value if isinstance(outcome, MoltError) else "OK"] += 1
+
+    def timed(self, item: Pending, now: float) -> None:
+        self.phases["request"].observe(now - item.arrived)
+        if item.started is not None:
+            self.phases["queue"].observe(item.started - item.arrived)
+            self.phases["compute"].observe(now - item.started)
 
     def ran(self, batch: list[Pending], concat: bool, now: float) -> None:
         if concat:
@@ -84,14 +98,16 @@ class Counts:
 
     def to_wire(self) -> dict[str, Any]:
         return {"requests": self.requests, "errors": self.errors,
-                "sizes": dict(self.sizes), "waits": self.waits}  # fmt: skip
+                "sizes": dict(self.sizes), "waits": self.waits, "codes": dict(self.codes),
+                "phases": {name: h.to_wire() for name, h in self.phases.items()}}  # fmt: skip
 
 
 class Hub:
     """The queue the intake pushes into and the lanes take batches from."""
 
-    def __init__(self, label: str, scheduling: dict[str, Any]) -> None:
+    def __init__(self, label: str, scheduling: dict[str, Any], histograms: bool = True) -> None:
         self.label = label
+        self.histograms = histograms  # count each request's phases (metrics.histograms)
         self.send: Callable[[dict[str, Any]], None] = lambda report: None  # Lanes sets it
         self.lock = threading.Lock()
         self.queue = Queue(scheduling["max_queue"])
@@ -158,8 +174,15 @@ class Hub:
             self.counts.changed = True
             self._timer.notify()
 
-    def answered(self, outcome: Any) -> None:
-        self.counts.answered(outcome)
+    def refused(self, error: MoltError) -> None:
+        """A request answered without being queued (a failed check, a full queue)."""
+        self.counts.codes[error.code.value] += 1
+        self.note()
+
+    def answered(self, outcome: Any, item: Pending, counted: bool) -> None:
+        self.counts.answered(outcome, counted)
+        if self.histograms:
+            self.counts.timed(item, time.monotonic())
         self.note()
 
     # --- the lanes --------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,105 @@ def installed_service() -> None:
     score = re.search(r"exposure level for moltbotd\.service: (\d+\.\d+) ", security)
     exposure = float(score[1]) if score else 10.0  # no score read: the worst
     check("systemd-analyze-security", exposure <= MAX_EXPOSURE, security)
+
+
+# --- Prometheus: the package's metrics socket, scraped by Debian's prometheus ---------------
+
+METRICS = "http://127.0.0.1:8474/metrics"
+PROMETHEUS = "http://127.0.0.1:9090"
+PROMETHEUS_CONFIG = """global: {scrape_interval: 1s, evaluation_interval: 1s}
+rule_files: [/host/examples/prometheus/moltbot-alerts.yml]
+scrape_configs:
+  - job_name: moltbot
+    static_configs: [{targets: ['127.0.0.1:8474']}]
+"""
+SCRAPED = 300  # requests the scenario sends, then finds in Prometheus
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return answer.read().decode()
+
+
+def promql(query: str) -> list[dict[str, Any]]:
+    """The instant vector Prometheus's HTTP API answers for `query`."""
+    body = json.loads(get(f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": query})))
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+def scalar(query: str) -> float | None:
+    found = promql(query)
+    return float(found[0]["value"][1]) if found else None
+
+
+def start_prometheus() -> subprocess.Popen[bytes]:
+    folder = Path("/tmp/prometheus")
+    folder.mkdir(exist_ok=True)
+    (folder / "prometheus.yml").write_text(PROMETHEUS_CONFIG)
+    log = (folder / "log").open("wb")
+    return subprocess.Popen(["prometheus", f"--config.file={folder / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={folder / 'data'}",
+                             "--web.listen-address=127.0.0.1:9090"],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def bucket_bound(seconds: float, text: str) -> float:
+    """The upper bound of the latency bucket that holds `seconds`."""
+    bounds = sorted({float(b) for b in re.findall(r'le="([0-9.e+-]+)"', text)})
+    return next((b for b in bounds if seconds <= b), float("inf"))
+
+
+def prometheus_scrape() -> None:
+    rules = HOST / "examples" / "prometheus"
+    checked = run("promtool", "check", "rules", str(rules / "moltbot-alerts.yml"))
+    check("promtool-check-rules", checked.returncode == 0, checked.stdout + checked.stderr)
+    tested = run("promtool", "test", "rules", str(rules / "moltbot-alerts.test.yml"))
+    check("promtool-test-rules", tested.returncode == 0, tested.stdout + tested.stderr)
+    # a restart starts the counts from zero, and proves the socket outlives it
+    sh("systemctl restart moltbotd")
+    socket_unit = sh("systemctl is-active moltbotd-metrics.socket")
+    text = get(METRICS)
+    check("metrics-socket-127.0.0.1:8474", socket_unit == "active" and "moltbot_build_info" in text,
+          f"{socket_unit}; {len(text)} bytes")  # fmt: skip
+    prometheus = start_prometheus()
+    try:
+        ready = wait_until(_ready, 120)
+        check("prometheus-ready", ready, Path("/tmp/prometheus/log").read_text()[-2000:])
+        latencies = []
+        with Client(SOCKET) as client:
+            x = np.ones((1, 4), np.float32)
+            for _ in range(SCRAPED):
+                started = time.perf_counter()
+                client.infer("demo", {"x": x})
+                latencies.append(time.perf_counter() - started)
+        demo = '{job="moltbot", model="demo"}'
+        counted = wait_until(lambda: scalar(f"sum(moltbot_request_latency_seconds_count{demo})")
+                             == SCRAPED, 120)  # fmt: skip
+        got = scalar(f"sum(moltbot_request_latency_seconds_count{demo})")
+        check("prometheus-counted-every-request", counted, f"{got} of {SCRAPED}")
+        buckets = f"moltbot_request_latency_seconds_bucket{demo}"
+        p99 = scalar(f"histogram_quantile(0.99, sum by (le) ({buckets}))")
+        measured = sorted(latencies)[int(0.99 * (SCRAPED - 1))]
+        bound = bucket_bound(measured, get(METRICS))
+        total = scalar(f"sum(moltbot_request_latency_seconds_sum{demo})")
+        # each request's time in the worker is part of the time the client measured
+        spent = sum(latencies)
+        consistent = (p99 or 0) > 0 and p99 <= bound and 0 < (total or 0) <= spent
+        check("prometheus-p99-consistent", consistent,
+              f"Prometheus p99 {p99}, client p99 {measured:.6f} s (bucket up to {bound}),"
+              f" worker sum {total} <= client sum {spent:.3f}")  # fmt: skip
+        oks = scalar('sum(moltbot_requests_total{job="moltbot", model="demo", code="OK"})')
+        check("prometheus-requests-by-code", oks == SCRAPED, f"{oks}")
+    finally:
+        prometheus.terminate()
+        prometheus.wait(60)
+
+
+def _ready() -> bool:
+    try:
+        return "Ready" in get(f"{PROMETHEUS}/-/ready")
+    except OSError:
+        return False
 
 
 def cgroup_layout() -> None:
@@ -370,7 +471,8 @@ class Stream(threading.Thread):
 
 
 def main() -> int:
-    for name, scenario in [("installed", installed_service), ("cgroups", cgroup_layout),
+    for name, scenario in [("installed", installed_service), ("prometheus", prometheus_scrape),
+                           ("cgroups", cgroup_layout),
                            ("instances", instances_in_one_group),
                            ("versions", versions_under_systemd),
                            ("test-models", install_test_models), ("cpu", cpu_quota),

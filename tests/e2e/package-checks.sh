@@ -51,9 +51,15 @@ run ls -l /usr/bin/moltbotd /usr/bin/moltctl /usr/lib/moltbot/venv/bin/python3
 run head -1 /usr/lib/moltbot/venv/bin/moltbotd
 
 say "service"
-run systemd-analyze verify --man=no /lib/systemd/system/moltbotd.service /lib/systemd/system/moltbot.slice
-check "systemd-analyze verify" systemd-analyze verify --man=no /lib/systemd/system/moltbotd.service /lib/systemd/system/moltbot.slice
+units=(/lib/systemd/system/moltbotd.service /lib/systemd/system/moltbotd-metrics.socket
+       /lib/systemd/system/moltbot.slice)
+run systemd-analyze verify --man=no "${units[@]}"
+check "systemd-analyze verify" systemd-analyze verify --man=no "${units[@]}"
 check "moltbotd active" wait_active
+check "metrics at http://127.0.0.1:8474/metrics (moltbotd-metrics.socket)" python3 -c '
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:8474/metrics", timeout=30).read().decode()
+assert "moltbot_build_info" in text, text[:500]'
 s=$(systemctl show -p ActiveEnterTimestampMonotonic --value moltbotd)
 run systemctl is-active moltbotd
 run systemctl status moltbotd --no-pager -n 0
@@ -155,6 +161,8 @@ check "models untouched" test -s /var/lib/moltbot/models/demo/v2.0/model.onnx
 say "apt remove"
 run apt-get remove -y moltbot 2>&1 | grep -v '^\(Reading\|Building\)'
 check "service gone, no moltbot process" bash -c '! pgrep -u moltbot && ! systemctl is-active moltbotd'
+check "metrics socket closed with it" bash -c \
+  '! systemctl is-active moltbotd-metrics.socket && ! ss -Hltn "sport = :8474" | grep -q .'
 check "remove keeps /var/lib/moltbot/models" test -s /var/lib/moltbot/models/demo/v1.0/model.onnx
 check "remove keeps /etc/moltbot/moltbotd.yaml (conffile)" test -f /etc/moltbot/moltbotd.yaml
 check "remove leaves nothing in /usr/lib/moltbot" test ! -e /usr/lib/moltbot

@@ -82,6 +82,7 @@ def vm(built: Path, tmp_path_factory) -> dict:
     save(memory_hog_model(), share / "models", "hog", "v1")
     for name in ("guest.sh", "guest.py"):
         shutil.copy(HERE / name, share / name)
+    shutil.copytree(ROOT / "examples", share / "examples")  # the alerts promtool checks
     # the soak's package and the test models it imports, for the package's own Python
     shutil.copytree(ROOT / "stress", share / "stress", ignore=shutil.ignore_patterns("__pycache__"))
     (share / "tests").mkdir()
@@ -114,6 +115,12 @@ def passed(vm: dict, *names: str) -> None:
 
 def test_apt_install_by_name_starts_the_service(vm):
     passed(vm, "service-active-after-install", "socket-0660-group-moltbot", "moltctl-status")
+
+
+def test_debians_prometheus_scrapes_the_metrics_socket(vm):
+    passed(vm, "promtool-check-rules", "promtool-test-rules", "metrics-socket-127.0.0.1:8474",
+           "prometheus-ready", "prometheus-counted-every-request", "prometheus-p99-consistent",
+           "prometheus-requests-by-code")  # fmt: skip
 
 
 def test_moltctl_switch_as_documented(vm):
