@@ -71,6 +71,11 @@ def path(value: Any) -> Path:
     return Path(value)
 
 
+def optional_path(value: Any) -> Path | None:
+    """path, or null"""
+    return None if value is None else path(value)
+
+
 def file_mode(value: Any) -> int:
     """octal mode, e.g. "0660\""""
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
@@ -568,6 +573,20 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    file: Path | None = setting(
+        None,
+        optional_path,
+        "the audit trail of every change (JSON lines, appended and fsynced; null:"
+        " audit.jsonl in state_dir)",
+    )
+    max_bytes: int = setting(16 * 2**20, size, "the file is rotated once it would pass this")
+    keep: int = setting(
+        4, integer(0, 1000), "rotated files kept (FILE.1 the newest); older ones are deleted"
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A model's entry under `models:`: its active version, session settings and limits."""
 
@@ -610,6 +629,7 @@ class Config:
     )
     canary: CanarySettings = section(CanarySettings, "automatic rollback of a canary")
     metrics: MetricsSettings = section(MetricsSettings, "the Prometheus endpoint")
+    audit: AuditSettings = section(AuditSettings, "the audit trail of every change")
     uploads: UploadSettings = section(UploadSettings, "deploys on their way in: sizes, free space")
     scheduling: Scheduling = section(
         Scheduling, "queues, priorities, batching, instances (models.NAME overrides)"
@@ -856,7 +876,9 @@ def reference_markdown() -> str:
 def _show(value: Any, convert: Converter) -> str:
     """A default as one would write it in the file."""
     if value is None:
-        return {threads: "auto", optional_name: "none", listen_address: "null"}.get(convert, "max")
+        shown = {threads: "auto", optional_name: "none", listen_address: "null",
+                 optional_path: "null"}  # fmt: skip
+        return shown.get(convert, "max")
     if convert in (duration, cpu_period):
         return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
     if convert is fraction:

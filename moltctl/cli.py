@@ -8,7 +8,9 @@ command checks the protocol version first). Exit codes:
 """
 
 import contextlib
+import datetime
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +45,7 @@ COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
             "switch": ("switch",), "rollback": ("rollback",), "promote": ("promote",),
             "versions": ("versions",),
             "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",),
-            "metrics": ("metrics",)}  # fmt: skip
+            "metrics": ("metrics",), "audit": ("audit",)}  # fmt: skip
 
 
 class Cli(click.Group):
@@ -621,6 +623,55 @@ def logs(session: _Session, priority: str | None, filter_text: str | None, since
             query.update(after=result["last_seq"], limit=None)
             time.sleep(FOLLOW_POLL_SECONDS)
             result = client.logs(**query)
+
+
+@cli.command()
+@click.option("-S", "--since", help="records from this time: 1d, 2h ago, today, '2026-11-21'")
+@click.option("--last", help="records of the last DURATION, e.g. 1d (same as --since 1d)")
+@click.option("-U", "--until", help="records up to this time")
+@click.option("--op", help="only this operation: switch, deploy, scale, reload, ...")
+@click.option("-n", "--lines", type=click.IntRange(1, 100_000), default=1000,
+              help="only the newest N records (default 1000)")  # fmt: skip
+@output_options
+@click.pass_obj
+def audit(session: _Session, since: str | None, last: str | None, until: str | None,
+          op: str | None, lines: int, output: str, no_legend: bool) -> None:  # fmt: skip
+    """Who changed what: every switch, canary, promote, rollback, deploy, scale and reload,
+    refused ones included, oldest first."""
+    if since and last:
+        raise click.UsageError("--since and --last both set a start: give one")
+    now = time.time()
+    result = session().audit(since=_when(since or last, now), until=_when(until, now), op=op,
+                             limit=lines)  # fmt: skip
+    if output == "json":
+        click.echo(to_json(result))
+        return
+    if not result["records"]:
+        click.echo(f"-- no audit records match (in {result['file']}) --", err=True)
+        return
+    rows = [_audit_row(record) for record in result["records"]]
+    columns = [("TIME", "time"), ("WHO", "who"), ("OP", "op"), ("PARAMS", "params"),
+               ("OUTCOME", "outcome"), ("MS", "ms")]  # fmt: skip
+    click.echo(table(rows, columns, not no_legend))
+
+
+def _audit_row(record: dict[str, Any]) -> dict[str, Any]:
+    who = record.get("who") or {}
+    name = who.get("user") or f"uid {who.get('uid')}"
+    exe = os.path.basename(who.get("exe") or "") or "?"
+    params = " ".join(f"{k}={json.dumps(v)}" for k, v in (record.get("params") or {}).items())
+    outcome = record.get("outcome")
+    if record.get("error"):
+        outcome = f"{outcome}: {record['error']}"
+    when = datetime.datetime.fromtimestamp(record.get("time", 0)).strftime("%Y-%m-%d %H:%M:%S")
+    return {
+        "time": when,
+        "who": f"{name} (pid {who.get('pid')}, {exe})",
+        "op": record.get("op"),
+        "params": params[:120],
+        "outcome": str(outcome)[:160],
+        "ms": record.get("ms"),
+    }
 
 
 def main() -> None:

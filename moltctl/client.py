@@ -206,6 +206,10 @@ class _Calls:
     def logs(self, **filters: Any) -> Any:
         return self._call("logs", filters)
 
+    def audit(self, **filters: Any) -> Any:
+        """Audit records: since, until (UNIX times), op, limit."""
+        return self._call("audit", filters)
+
     def metrics(self) -> Any:
         """The Prometheus exposition text."""
         return self._call("metrics", {}, _text)

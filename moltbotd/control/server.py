@@ -21,7 +21,6 @@ import os
 import resource
 import socket
 import stat
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 from moltbotd import __version__
 from moltbotd.config import ClientLimits, Config
+from moltbotd.control.audit import AuditLog, Peer
 from moltbotd.control.catalog import Catalog
 from moltbotd.control.metrics import Metrics
 from moltbotd.control.metrics_http import MetricsListener
@@ -53,6 +53,8 @@ from moltbotd.wire.protocol import (
 from moltbotd.wire.units import format_size, plural
 
 log = get_logger("server")
+NO_PEER = Peer()  # a request that came on no socket
+MAX_AUDIT_RECORDS = 100_000  # one `audit` answer's records: well under max_frame_bytes
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ Reloader = Callable[[], Awaitable[dict[str, Any]]]
 
 
 def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader,
-                  clients: "Clients", metrics: Metrics) -> dict[str, Handler]:  # fmt: skip
+                  clients: "Clients", metrics: Metrics,
+                  audit: AuditLog) -> dict[str, Handler]:  # fmt: skip
     """The daemon's half of every operation in OPERATIONS (the server checks it is complete)."""
     supervisor = rollout.sup
     catalog = Catalog(supervisor)
@@ -184,6 +187,14 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
     async def metrics_text(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return {"text": metrics.render().decode()}
 
+    async def audit_trail(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        limit = p.get("limit", 1000)
+        if not 1 <= limit <= MAX_AUDIT_RECORDS:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"limit must be from 1 to"
+                            f" {MAX_AUDIT_RECORDS}, got {limit}")  # fmt: skip
+        records = await audit.query(p.get("since"), p.get("until"), p.get("op"), limit)
+        return {"records": records, "file": str(audit.path)}
+
     logs = LogQueries(ring)
 
     return {
@@ -203,6 +214,7 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
         "deploy": deploy,
         "reload": reload,
         "metrics": metrics_text,
+        "audit": audit_trail,
         "logs": logs,
     }
 
@@ -294,8 +306,11 @@ class Server:
         ring.field_chars = self.limits.log_field_chars
         self.clients = Clients(self.limits)
         self.metrics = Metrics(rollout.sup)
+        trail = config.audit
+        self.audit = AuditLog(trail.file or config.state_dir / "audit.jsonl", trail.max_bytes,
+                              trail.keep)  # fmt: skip
         self.handlers = make_handlers(rollout, ring, config, reload_config, self.clients,
-                                      self.metrics)  # fmt: skip
+                                      self.metrics, self.audit)  # fmt: skip
         self.metrics_listener: MetricsListener | None = None
         if self.handlers.keys() != OPERATIONS.keys():
             raise RuntimeError(
@@ -332,23 +347,26 @@ class Server:
             raise StartError(f"cannot serve metrics on {named}: {exc.strerror or exc}") from None
         self.metrics_listener = listener
 
-    def begin(self, message: dict[str, Any], peer: str = "", emit: Emit | None = None,
-              uid: int = -1) -> Answer:  # fmt: skip
+    def begin(self, message: dict[str, Any], peer: Peer = NO_PEER,
+              emit: Emit | None = None) -> Answer:  # fmt: skip
         """Start one request; the future gives its response (and progress frames go
         through emit, when the request asks for them). Never raises."""
         names = self.limits.max_name_chars
         req_id = request_id(message, names)
+        audited: tuple[str, dict[str, Any]] | None = None  # a change: recorded when it ends
         try:
             request = parse_request(message, names)
             op = lookup(request.op)
+            audited = (op.name, request.params) if _changes(op.name, request.params) else None
             if not self.accepting:
                 raise MoltError(
                     ErrorCode.SHUTTING_DOWN, "moltbotd is shutting down; retry once it is back"
                 )
             params = op.check_params(request.params, self.limits)
-            if op.mutating:  # an audit trail: who changed what, when
-                log.info(f"{op.name} requested", op=op.name, peer=peer, **params)
-            caller = self._caller(request.id, params, peer, emit, uid)
+            if audited:
+                audited = (op.name, params)
+                log.info(f"{op.name} requested", op=op.name, peer=peer.describe(), **params)
+            caller = self._caller(request.id, params, peer, emit)
             outcome = asyncio.ensure_future(self.handlers[op.name](params, caller))
         except Exception as exc:
             if isinstance(exc, MoltError):
@@ -357,6 +375,8 @@ class Server:
                 exc.__traceback__ = None
             outcome = asyncio.get_running_loop().create_future()
             outcome.set_exception(exc)
+        if audited:
+            self.audit.watch(*audited, peer, outcome)
         return req_id, outcome
 
     @staticmethod
@@ -377,15 +397,14 @@ class Server:
             return error_response(req_id, error)
 
     @staticmethod
-    def _caller(req_id: Any, params: dict[str, Any], peer: str, emit: Emit | None,
-                uid: int) -> Caller:  # fmt: skip
+    def _caller(req_id: Any, params: dict[str, Any], peer: Peer, emit: Emit | None) -> Caller:
         if not (params.get("progress") and emit):
-            return Caller(peer, no_progress, uid)
+            return Caller(peer.describe(), no_progress, peer.uid)
 
         def progress(phase: str, detail: str) -> None:
             emit({"id": req_id, "progress": {"phase": phase, "detail": detail}})
 
-        return Caller(peer, progress, uid)
+        return Caller(peer.describe(), progress, peer.uid)
 
     def request_done(self) -> None:
         if not any(c.pending for c in self.clients.connections):
@@ -411,6 +430,7 @@ class Server:
             self.config.socket.unlink()
         if self.metrics_listener:
             await self.metrics_listener.stop()
+        await self.audit.close()
 
 
 def _claim_socket_path(path: Path) -> None:
@@ -435,12 +455,12 @@ def _claim_socket_path(path: Path) -> None:
     raise StartError(f"another moltbotd is already serving at {path}")
 
 
-def _credentials(sock: socket.socket | None) -> tuple[int, int]:
-    """pid and uid of the client process, from the kernel (SO_PEERCRED); -1 unknown."""
-    if sock is None:
-        return -1, -1
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid, uid
+def _changes(op: str, params: Any) -> bool:
+    """Whether a request is one the audit trail records: an operation that changes what
+    serves, or an upload's first chunk (it opens one; later chunks add to it)."""
+    if op == "upload":
+        return not (isinstance(params, dict) and params.get("upload"))
+    return OPERATIONS[op].mutating
 
 
 def _descriptor_ceiling(limits: ClientLimits) -> int:
@@ -500,8 +520,8 @@ class Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(server.config.max_frame_bytes)
         self.pending = 0
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.pid, self.uid = -1, -1
-        self.peer = "unknown"
+        self.who = Peer()
+        self.peer = self.who.describe()  # for the log
         self.half_closed = False
         self.unsent: list[bytes] = []
         self.unsent_bytes = 0  # in self.unsent
@@ -512,13 +532,17 @@ class Connection(asyncio.Protocol):
         self.frame_timer: asyncio.TimerHandle | None = None
         self.ending: MoltError | None = None  # sent once the requests open are answered
 
+    @property
+    def uid(self) -> int:
+        return self.who.uid
+
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
-        self.pid, self.uid = _credentials(sock)
-        self.peer = f"pid {self.pid} uid {self.uid}"
+        self.who = Peer.of(sock)
+        self.peer = self.who.describe()
         why = self.clients.admit(self, sock.fileno() if sock is not None else -1)
         if why is not None:
             self.clients.refusals.add(why, self.peer)
@@ -669,7 +693,7 @@ class Connection(asyncio.Protocol):
 
     def _start(self, message: dict[str, Any]) -> None:
         self.pending += 1
-        answer = self.server.begin(message, self.peer, self._write, self.uid)
+        answer = self.server.begin(message, self.who, self._write)
         answer[1].add_done_callback(lambda _: self._finished(answer))
 
     def _finished(self, answer: Answer) -> None:

@@ -313,6 +313,16 @@ OPERATIONS: dict[str, Operation] = {
             "Every Prometheus series, as /metrics serves them: {text: the exposition}.",
         ),
         Operation(
+            "audit",
+            "The audit trail: each change (and refused attempt), who made it, how it ended.",
+            (
+                Param("since", (float,), help="UNIX time of the oldest record"),
+                Param("until", (float,), help="UNIX time of the newest record"),
+                Param("op", (str,), help="only records of this operation"),
+                Param("limit", (int,), help="at most this many of the newest (default 1000)"),
+            ),
+        ),
+        Operation(
             "logs",
             "Entries from the daemon's log ring, filtered.",
             (
