@@ -50,14 +50,13 @@ class Peer:
         return f"pid {self.pid} uid {self.uid}"
 
     def identity(self) -> dict[str, Any]:
-        """The peer for a record: its ids, its user's name and its executable (None where
-        they cannot be read: a process gone, or hidden by ProtectProc)."""
-        user = exe = None
-        with contextlib.suppress(KeyError):
-            user = pwd.getpwuid(self.uid).pw_name
+        """The peer for a record: its ids and its executable, read now, while it waits for
+        its answer (None where it cannot be read: hidden by ProtectProc); its user's name
+        is added by the audit thread (a name service may be slow)."""
+        exe = None
         with contextlib.suppress(OSError):
             exe = os.readlink(f"/proc/{self.pid}/exe")
-        return {**asdict(self), "user": user, "exe": exe}
+        return {**asdict(self), "user": None, "exe": exe}
 
 
 def shown(value: Any, depth: int = 0) -> Any:
@@ -104,8 +103,7 @@ class AuditLog:
         elif (error := done.exception()) is not None:
             entry["outcome"] = error.code.value if isinstance(error, MoltError) else "INTERNAL"
             entry["error"] = error.message if isinstance(error, MoltError) else repr(error)
-        line = json.dumps(entry, separators=(",", ":"), default=str) + "\n"
-        write = asyncio.get_running_loop().run_in_executor(self._thread, self._append, line)
+        write = asyncio.get_running_loop().run_in_executor(self._thread, self._append, entry)
         self._writes.add(write)
         write.add_done_callback(self._written)
 
@@ -127,8 +125,11 @@ class AuditLog:
 
     # --- in the audit thread -------------------------------------------------------------
 
-    def _append(self, line: str) -> None:
-        data = line.encode()
+    def _append(self, entry: dict[str, Any]) -> None:
+        who = entry["who"]
+        with contextlib.suppress(KeyError):
+            who["user"] = pwd.getpwuid(who["uid"]).pw_name
+        data = (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if self.path.stat().st_size + len(data) > self.max_bytes:
