@@ -570,6 +570,12 @@ class MetricsSettings:
         "count each request's phases into the latency histograms (false: only the counts"
         " by outcome; saves the workers about a microsecond of CPU per request)",
     )
+    slow_request: float = setting(
+        1.0,
+        duration,
+        "a request that takes longer from its arrival at the worker to its answer is logged"
+        " (once, with its request_id and phases; 0: never)",
+    )
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Pending:
         "rows",
         "started",
         "timer",
+        "trace",
     )  # fmt: skip
 
     def __init__(self, inputs: dict[str, Any], outputs: list[str] | None, priority: str,
@@ -54,6 +55,7 @@ class Pending:
         self.on_start: Callable[[], None] | None = None  # told when it starts to run
         # lays out its outputs before they are packed (a direct channel's shared region)
         self.place: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self.trace: str | None = None  # the caller's request_id, for the log of a slow one
 
     def live(self, now: float) -> bool:
         """Whether its deadline (if any) is still ahead; expired ones wait for their timer."""

@@ -246,20 +246,25 @@ def like_the_model(client: Client, model: str, feeds: dict[str, Any]) -> dict[st
               help="give up after this many milliseconds (DEADLINE_EXCEEDED)")  # fmt: skip
 @click.option("--direct", is_flag=True, help="send it on a direct channel to the model's"
               " worker (fails if moltbotd grants none, and says why)")  # fmt: skip
+@click.option("--request-id", help="your id for the request: in the answer, and in moltbotd's"
+              " log if it is slow")  # fmt: skip
 @output_options
 @click.pass_obj
 def infer(session: _Session, model: str, inputs: tuple[str, ...], version: str | None,
           output_names: tuple[str, ...], priority: str | None, timeout_ms: float | None,
-          direct: bool, output: str, no_legend: bool) -> None:  # fmt: skip
+          direct: bool, request_id: str | None, output: str, no_legend: bool) -> None:  # fmt: skip
     """Run MODEL on the given inputs and show its outputs."""
     feeds = like_the_model(session(), model, dict(parse_input(text) for text in inputs))
     session.client.direct = session.client.strict_direct = direct
     result = session().infer(model, feeds, version, list(output_names) or None, priority,
-                             timeout_ms)  # fmt: skip
+                             timeout_ms, request_id)  # fmt: skip
     if output == "json":
-        click.echo(to_json({"model": result.model, "version": result.version,
-                            "fallback_for": result.fallback_for,
-                            "outputs": {n: _describe(v) for n, v in result.items()}}))  # fmt: skip
+        answer = {"model": result.model, "version": result.version,
+                  "fallback_for": result.fallback_for}  # fmt: skip
+        if result.request_id is not None:
+            answer["request_id"] = result.request_id
+        answer["outputs"] = {n: _describe(v) for n, v in result.items()}
+        click.echo(to_json(answer))
         return
     if result.fallback_for and not no_legend:
         click.echo(f"{result.fallback_for} could not answer; its fallback did", err=True)

@@ -68,11 +68,13 @@ class Outputs(dict[str, Any]):
     """A model's outputs by name (numpy arrays, or lists/dicts for non-tensor outputs)."""
 
     def __init__(self, model: str, version: str, outputs: dict[str, Any],
-                 fallback_for: str | None = None) -> None:  # fmt: skip
+                 fallback_for: str | None = None,
+                 request_id: str | None = None) -> None:  # fmt: skip
         super().__init__(outputs)
         self.model = model  # the model that answered: the fallback, when fallback_for is set
         self.version = version
         self.fallback_for = fallback_for  # the model asked for, when its fallback answered
+        self.request_id = request_id  # the caller's, as the answer carried it back
 
 
 def resolve_socket(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -100,7 +102,8 @@ def encode_inputs(inputs: Mapping[str, Any], view: bool = False) -> dict[str, An
 
 def decode_outputs(result: dict[str, Any]) -> Outputs:
     outputs = {name: decode_value(v) for name, v in result["outputs"].items()}
-    return Outputs(result["model"], result["version"], outputs, result.get("fallback_for"))
+    return Outputs(result["model"], result["version"], outputs, result.get("fallback_for"),
+                   result.get("request_id"))  # fmt: skip
 
 
 def _same(result: Any) -> Any:
@@ -150,9 +153,12 @@ class _Calls:
         outputs: list[str] | None = None,
         priority: str | None = None,
         timeout_ms: float | None = None,
+        request_id: str | None = None,
     ) -> Any:
         """priority: high, normal or low; timeout_ms: a deadline, after which the daemon
-        answers DEADLINE_EXCEEDED (a request still queued then is never run)."""
+        answers DEADLINE_EXCEEDED (a request still queued then is never run); request_id:
+        the caller's id, back in the answer (Outputs.request_id) and in moltbotd's log of
+        a slow request."""
         params = {
             "model": model,
             "inputs": encode_inputs(inputs, self.views),
@@ -160,6 +166,7 @@ class _Calls:
             "outputs": outputs,
             "priority": priority,
             "timeout_ms": timeout_ms,
+            "request_id": request_id,
         }
         return self._call("infer", params, decode_outputs)
 

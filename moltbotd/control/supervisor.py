@@ -287,7 +287,8 @@ class Supervisor:
         path = version_dir / MODEL_FILE
         spec = WorkerSpec(name, version, path, session, limits, model_yaml.samples, batched,
                           self.config.max_frame_bytes, memory_how,
-                          self.config.metrics.histograms)  # fmt: skip
+                          self.config.metrics.histograms,
+                          self.config.metrics.slow_request)  # fmt: skip
         return spec, scheduling
 
     async def retire(self, pool: Pool, drain: bool = False) -> bool:
@@ -594,6 +595,8 @@ class Supervisor:
         fields = {"model": model.name, "version": pool.spec.version}
         if fallback_for:
             fields["fallback_for"] = fallback_for
+        if "request_id" in params:
+            fields["request_id"] = params["request_id"]
         may_fall_back = fallback_for is None and params.get("version") is None
         future: asyncio.Future[Packed] = asyncio.get_running_loop().create_future()
 

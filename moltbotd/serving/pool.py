@@ -360,6 +360,10 @@ class Pool:
 
     def _worker_stats(self, stats: dict[str, Any]) -> None:
         self.stats.add(stats)
+        for slow in stats.get("slow", []):
+            self.log.warning("slow request", **slow)
+        if stats.get("slow_more"):
+            self.log.warning("slow requests not described", count=stats["slow_more"])
 
     def _answer_here(self, item: Pending, error: MoltError) -> None:
         """Answer a request no worker answered (its workers count the others)."""

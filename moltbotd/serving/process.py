@@ -65,6 +65,7 @@ class WorkerSpec:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES  # for requests on direct channels
     memory_auto: str | None = None  # how an `auto` memory limit was derived
     histograms: bool = True  # the worker counts each request's phases (metrics.histograms)
+    slow_request: float = 0.0  # seconds; slower requests are logged (metrics.slow_request)
 
     @property
     def label(self) -> str:
@@ -266,6 +267,7 @@ class WorkerProcess:
                 "direct": {"model": self.spec.model, "version": self.spec.version,
                            "max_frame_bytes": self.spec.max_frame_bytes,
                            "histograms": self.spec.histograms,
+                           "slow_request": self.spec.slow_request,
                            "scheduling": asdict(self.scheduling)}}  # fmt: skip
         self._channel.transport.write(encode_frame(spec))  # type: ignore[union-attr]
         self.log.info(f"{self.label} starting", pid=self.pid)

@@ -199,6 +199,11 @@ OPERATIONS: dict[str, Operation] = {
                 Param("outputs", (list,), help="names of the outputs wanted (default: all)"),
                 Param("priority", (str,), help="high, normal or low (default: the model's)"),
                 Param(
+                    "request_id",
+                    (str,),
+                    help="the caller's id for this request: in its answer and its logs",
+                ),
+                Param(
                     "timeout_ms",
                     (float,),
                     help="deadline: answered DEADLINE_EXCEEDED (and"

@@ -449,7 +449,10 @@ class Channels:
             check_output_names(self.label, self.signature, outputs)
         now = time.monotonic()
         deadline = now + timeout / 1000 if timeout else None
-        hub, head = self.hub, self.result_head
+        hub, head, trace = self.hub, self.result_head, params.get("request_id")
+        if trace is not None:  # the answer carries it back
+            fields = {"model": self.model, "version": self.version, "request_id": trace}
+            head = pack_with(fields, "outputs", b"")
 
         slot: int | None = None  # in the channel's table of running requests, once started
 
@@ -462,6 +465,7 @@ class Channels:
             hub.touched.add(stream)
 
         item = Pending(tensors, outputs, priority or self.priority, deadline, now, reply)
+        item.trace = trace
         if "reply_shm" in params:
             item.place = stream.placer(params["reply_shm"])
         if isinstance(stream, RelayStream):

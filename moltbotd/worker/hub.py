@@ -34,6 +34,7 @@ from moltbotd.wire.protocol import MoltError
 EXIT_LANE_FAILED = 70
 REPORT_EVERY = 0.25  # seconds between stats messages while requests come
 MAX_WAITS = 256  # queue times per stats message (a sample, for the percentiles)
+MAX_SLOW = 16  # slow requests described per stats message; the others only counted
 # answered requests' deadlines stay in the heap until due, or until it doubles past this
 SWEEP_AT = 2048
 
@@ -76,6 +77,8 @@ class Counts:
         self.waits: list[float] = []
         self.codes: Counter[str] = Counter()  # "OK" or the error's code
         self.phases = {phase: Histogram() for phase in PHASES}
+        self.slow: list[dict[str, Any]] = []  # requests over the slow threshold, described
+        self.slow_more = 0  # and those past MAX_SLOW, counted
         self.changed = False
 
     def answered(self, outcome: Any, counted: bool) -> None:
@@ -83,6 +86,17 @@ class Counts:
             self.requests += 1
             self.errors += not isinstance(outcome, bytes)
         self.codes[outcome.code.value if isinstance(outcome, MoltError) else "OK"] += 1
+
+    def slow_one(self, outcome: Any, item: Pending, now: float) -> None:
+        if len(self.slow) >= MAX_SLOW:
+            self.slow_more += 1
+            return
+        code = outcome.code.value if isinstance(outcome, MoltError) else "OK"
+        queued = (item.started or now) - item.arrived
+        self.slow.append({"request_id": item.trace, "code": code,
+                          "ms": round((now - item.arrived) * 1e3, 3),
+                          "queue_ms": round(queued * 1e3, 3),
+                          "compute_ms": round((now - (item.started or now)) * 1e3, 3)})  # fmt: skip
 
     def timed(self, item: Pending, now: float) -> None:
         self.phases["request"].observe(now - item.arrived)
@@ -99,15 +113,18 @@ class Counts:
     def to_wire(self) -> dict[str, Any]:
         return {"requests": self.requests, "errors": self.errors,
                 "sizes": dict(self.sizes), "waits": self.waits, "codes": dict(self.codes),
-                "phases": {name: h.to_wire() for name, h in self.phases.items()}}  # fmt: skip
+                "phases": {name: h.to_wire() for name, h in self.phases.items()},
+                "slow": self.slow, "slow_more": self.slow_more}  # fmt: skip
 
 
 class Hub:
     """The queue the intake pushes into and the lanes take batches from."""
 
-    def __init__(self, label: str, scheduling: dict[str, Any], histograms: bool = True) -> None:
+    def __init__(self, label: str, scheduling: dict[str, Any], histograms: bool = True,
+                 slow_after: float = 0.0) -> None:  # fmt: skip
         self.label = label
         self.histograms = histograms  # count each request's phases (metrics.histograms)
+        self.slow_after = slow_after  # seconds; a request slower is described (0: never)
         self.send: Callable[[dict[str, Any]], None] = lambda report: None  # Lanes sets it
         self.lock = threading.Lock()
         self.queue = Queue(scheduling["max_queue"])
@@ -181,8 +198,12 @@ class Hub:
 
     def answered(self, outcome: Any, item: Pending, counted: bool) -> None:
         self.counts.answered(outcome, counted)
-        if self.histograms:
-            self.counts.timed(item, time.monotonic())
+        if self.histograms or self.slow_after:
+            now = time.monotonic()
+            if self.histograms:
+                self.counts.timed(item, now)
+            if self.slow_after and now - item.arrived > self.slow_after:
+                self.counts.slow_one(outcome, item, now)
         self.note()
 
     # --- the lanes --------------------------------------------------------------------------

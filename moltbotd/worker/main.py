@@ -310,7 +310,7 @@ def load_and_serve(channel: DaemonLink, handoff: socket.socket, relay: socket.so
     heartbeat.start(handoff, runs, spec["heartbeat"])
     settings = spec["direct"]
     hub = Hub(f"model {settings['model']} {settings['version']}", settings["scheduling"],
-              settings["histograms"])  # fmt: skip
+              settings["histograms"], settings["slow_request"])  # fmt: skip
     channels = Channels(settings, signature, hub)
     # trusted like the control channel: any frame the header allows
     stream = RelayStream(relay, 2**32 - 1)
