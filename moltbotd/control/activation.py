@@ -3,7 +3,7 @@
 The package's moltbotd-metrics.socket listens on 127.0.0.1:8474 in the host's network
 namespace and hands the socket over when moltbotd starts: the service itself keeps
 PrivateNetwork=yes and RestrictAddressFamilies=AF_UNIX (they restrict the sockets a
-process creates, not those it is given), and the socket outlives a restart.
+process creates, not those it is given).
 """
 
 import os

@@ -166,7 +166,7 @@ def prometheus_scrape() -> None:
     check("promtool-check-rules", checked.returncode == 0, checked.stdout + checked.stderr)
     tested = run("promtool", "test", "rules", str(rules / "moltbot-alerts.test.yml"))
     check("promtool-test-rules", tested.returncode == 0, tested.stdout + tested.stderr)
-    # a restart starts the counts from zero, and proves the socket outlives it
+    # a restart starts the counts from zero; the socket, restarted with it, serves again
     sh("systemctl restart moltbotd")
     socket_unit = sh("systemctl is-active moltbotd-metrics.socket")
     text = get(METRICS)
