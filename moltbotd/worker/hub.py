@@ -67,8 +67,9 @@ class Sendable(Protocol):
 
 class Counts:
     """What happened since the last report. requests and errors count the direct
-    channels' requests only (moltbotd counts those it relayed); codes and phases count
-    every queued request, once, whichever path it came on."""
+    channels' queued requests only (moltbotd counts those it relayed); codes count every
+    answer, refusals included, and phases every queued request, once, whichever path it
+    came on."""
 
     def __init__(self) -> None:
         self.requests = 0
