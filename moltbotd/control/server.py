@@ -365,6 +365,7 @@ class Server:
             params = op.check_params(request.params, self.limits)
             if audited:
                 audited = (op.name, params)
+            if op.mutating:  # an upload's chunk (its data) is not logged
                 log.info(f"{op.name} requested", op=op.name, peer=peer.describe(), **params)
             caller = self._caller(request.id, params, peer, emit)
             outcome = asyncio.ensure_future(self.handlers[op.name](params, caller))
