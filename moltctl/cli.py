@@ -563,6 +563,15 @@ def level_range(priority: str | None, filter_text: str | None) -> tuple[str, str
     return low, high, contains
 
 
+def time_range(since: str | None, last: str | None,
+               until: str | None) -> tuple[float | None, float | None]:  # fmt: skip
+    """--since (or --last) and --until as UNIX times, for logs and audit."""
+    if since and last:
+        raise click.UsageError("--since and --last both set a start: give one")
+    now = time.time()
+    return _when(since or last, now), _when(until, now)
+
+
 def _when(text: str | None, now: float) -> float | None:
     if text is None:
         return None
@@ -605,12 +614,10 @@ def logs(session: _Session, priority: str | None, filter_text: str | None, since
          last: str | None, until: str | None, model: str | None, lines: int | None,
          follow: bool, output: str) -> None:  # fmt: skip
     """Entries from moltbotd's log, filtered like journalctl's."""
-    if since and last:
-        raise click.UsageError("--since and --last both set a start: give one")
+    start, end = time_range(since, last, until)
     low, high, contains = level_range(priority, filter_text)
-    now = time.time()
-    query = {"min_level": low, "max_level": high, "since": _when(since or last, now),
-             "until": _when(until, now), "model": model, "contains": contains,
+    query = {"min_level": low, "max_level": high, "since": start, "until": end,
+             "model": model, "contains": contains,
              "limit": lines or (10 if follow else None)}  # fmt: skip
     client = session()
     with until_ctrl_c(repeating=follow):
@@ -643,11 +650,8 @@ def audit(session: _Session, since: str | None, last: str | None, until: str | N
           op: str | None, lines: int, output: str, no_legend: bool) -> None:  # fmt: skip
     """Who changed what: every switch, canary, promote, rollback, deploy, scale and reload,
     refused ones included, oldest first."""
-    if since and last:
-        raise click.UsageError("--since and --last both set a start: give one")
-    now = time.time()
-    result = session().audit(since=_when(since or last, now), until=_when(until, now), op=op,
-                             limit=lines)  # fmt: skip
+    start, end = time_range(since, last, until)
+    result = session().audit(since=start, until=end, op=op, limit=lines)
     if output == "json":
         click.echo(to_json(result))
         return

@@ -205,7 +205,7 @@ class Pool:
         worker.scheduling, worker.exits = self.scheduling, self.exits
         worker.on_state = self._instance_changed
         worker.on_stats = self._worker_stats
-        worker.on_failed = self.stats.codes.update
+        worker.on_failed = self._counted
         if not self.workers:
             worker.on_phase = self._phase
         self.workers.append(worker)
@@ -266,7 +266,7 @@ class Pool:
         try:
             self.queue.push(item, self.label)
         except MoltError as exc:  # OVERLOADED
-            self.stats.codes[exc.code.value] += 1
+            self._counted(exc)
             raise
         finally:
             self._check_idle()
@@ -313,7 +313,7 @@ class Pool:
                   "priority": item.priority}  # fmt: skip
         if item.deadline is not None:
             if item.deadline <= now:
-                self._answer_here(item, deadline_exceeded(self.label, item, now, queued=True))
+                item.answer(self._counted(deadline_exceeded(self.label, item, now, queued=True)))
                 self._check_idle()
                 return
             params["timeout_ms"] = (item.deadline - now) * 1e3
@@ -322,16 +322,13 @@ class Pool:
             worker.relay(params, lambda outcome: self._done(item, outcome),
                          lambda: self._orphaned(item))  # fmt: skip
         except MoltError as exc:
-            self.stats.codes[exc.code.value] += 1
-            self._done(item, exc)
+            self._done(item, self._counted(exc))
 
     def _orphaned(self, item: Relayed) -> None:
         """A relayed request whose worker died before it ran: it waits here for another
         instance or the restart, within its deadline, first among its priority."""
         if self._closed or self.failed():
-            error = self.unavailable()
-            self.stats.codes[error.code.value] += 1
-            self._done(item, error)
+            self._done(item, self._counted(self.unavailable()))
             return
         self.queue.put_back(item)
         if item.deadline is not None:
@@ -365,19 +362,20 @@ class Pool:
         if stats.get("slow_more"):
             self.log.warning("slow requests not described", count=stats["slow_more"])
 
-    def _answer_here(self, item: Pending, error: MoltError) -> None:
-        """Answer a request no worker answered (its workers count the others)."""
+    def _counted(self, error: MoltError) -> MoltError:
+        """An error moltbotd answers a request with itself, counted for metrics (a worker
+        counts the answers it gives)."""
         self.stats.codes[error.code.value] += 1
-        item.answer(error)
+        return error
 
     def _expire(self, item: Pending) -> None:
         queued = self.queue.remove(item)
-        self._answer_here(item, deadline_exceeded(self.label, item, time.monotonic(), queued))
+        item.answer(self._counted(deadline_exceeded(self.label, item, time.monotonic(), queued)))
         self._check_idle()
 
     def _fail_queue(self, error: MoltError) -> None:
         for item in self.queue.drain():
-            self._answer_here(item, error)
+            item.answer(self._counted(error))
         self._check_idle()
 
     def _check_idle(self) -> None:

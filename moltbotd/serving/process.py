@@ -122,8 +122,8 @@ class WorkerProcess:
     channels: int = 0  # direct channels open (as the worker last reported)
     by_uid: Counter[int] = field(default_factory=Counter)  # the same, by the client's uid
     on_stats: Callable[[dict[str, Any]], None] | None = None  # its batches, as it reports
-    # the requests it was running when it died, by the code they were answered with
-    on_failed: Callable[[dict[str, int]], None] | None = None
+    # told of the error each request it was running when it died was answered with
+    on_failed: Callable[[MoltError], Any] | None = None
     queued: int = 0  # requests waiting in its queue, as it last reported
     queued_by_priority: dict[str, int] = field(default_factory=dict)
     exits: Exits | None = None  # told how each READY process ended, for its channels' clients
@@ -649,9 +649,10 @@ class WorkerProcess:
                     orphans[relay_id]()
                     continue
                 self.counters.errors += 1
+                failed = MoltError(error.code, error.message, error.details)
                 if self.on_failed:
-                    self.on_failed({error.code.value: 1})
-                done(MoltError(error.code, error.message, error.details))
+                    self.on_failed(failed)
+                done(failed)
             except Exception:  # one answer's failure must not lose the others' or kill us
                 self.log.exception(f"{self.label}: answering a failed request raised")
 

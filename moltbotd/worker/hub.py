@@ -65,6 +65,11 @@ class Sendable(Protocol):
     def stalled(self) -> None: ...
 
 
+def outcome_code(outcome: Any) -> str:
+    """How metrics name an answer: "OK" (packed outputs) or its error's code."""
+    return outcome.code.value if isinstance(outcome, MoltError) else "OK"
+
+
 class Counts:
     """What happened since the last report. requests and errors count the direct
     channels' queued requests only (moltbotd counts those it relayed); codes count every
@@ -86,15 +91,14 @@ class Counts:
         if counted:
             self.requests += 1
             self.errors += not isinstance(outcome, bytes)
-        self.codes[outcome.code.value if isinstance(outcome, MoltError) else "OK"] += 1
+        self.codes[outcome_code(outcome)] += 1
 
     def slow_one(self, outcome: Any, item: Pending, now: float) -> None:
         if len(self.slow) >= MAX_SLOW:
             self.slow_more += 1
             return
-        code = outcome.code.value if isinstance(outcome, MoltError) else "OK"
         queued = (item.started or now) - item.arrived
-        self.slow.append({"request_id": item.trace, "code": code,
+        self.slow.append({"request_id": item.trace, "code": outcome_code(outcome),
                           "ms": round((now - item.arrived) * 1e3, 3),
                           "queue_ms": round(queued * 1e3, 3),
                           "compute_ms": round((now - (item.started or now)) * 1e3, 3)})  # fmt: skip
