@@ -209,6 +209,58 @@ def optional_name(value: Any) -> str | None:
     return None if value is None or value == "none" else name(value)
 
 
+PRINCIPAL = re.compile(r"^(?:(?:user|group):(?:\d+|[A-Za-z_][A-Za-z0-9._-]{0,63}\$?)|everyone)$")
+MODEL_GLOB = re.compile(r"^[A-Za-z0-9._*?\[\]!-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """An entry of an `access:` list: who (user:NAME or UID, group:NAME or GID, or
+    everyone) and, for infer, the model names it covers (globs; None: every model)."""
+
+    who: str
+    models: tuple[str, ...] | None = None
+
+    def __str__(self) -> str:
+        return (
+            self.who if self.models is None else f"{{who: {self.who}, models: {list(self.models)}}}"
+        )
+
+
+def grants(with_models: bool) -> Converter:
+    entry = "user:NAME, group:NAME or everyone" + (" (or {who, models})" if with_models else "")
+
+    def convert(value: Any) -> tuple[Grant, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of {entry}, got {value!r}")
+        return tuple(_grant(item, with_models, entry) for item in value)
+
+    convert.__doc__ = f"list of {entry}"
+    return convert
+
+
+def _grant(item: Any, with_models: bool, entry: str) -> Grant:
+    if isinstance(item, dict) and with_models and set(item) <= {"who", "models"} and "who" in item:
+        models = item.get("models")
+        if (
+            not isinstance(models, list)
+            or not models
+            or not all(isinstance(m, str) and MODEL_GLOB.match(m) for m in models)
+        ):
+            raise ValueError(
+                f"models of {item['who']!r}: expected a list of model names or globs"
+                f" (letters, digits, '.', '_', '-', '*', '?', [...]), got {models!r}"
+            )
+        return Grant(_principal(item["who"], entry), tuple(models))
+    return Grant(_principal(item, entry))
+
+
+def _principal(value: Any, entry: str) -> str:
+    if not isinstance(value, str) or not PRINCIPAL.match(value):
+        raise ValueError(f"expected {entry}, got {value!r}")
+    return value
+
+
 # --- the settings ---------------------------------------------------------------------
 
 
@@ -592,6 +644,30 @@ class AuditSettings:
     )
 
 
+MEMBERS = (Grant("group:moltbot"), Grant("group:moltbot-admin"))
+ADMINS = (Grant("group:moltbot-admin"),)
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """Who may do what (control/access.py): root and the user moltbotd runs as may do
+    everything; anyone else gets the roles whose list names their uid or one of their
+    groups, as the kernel reports them for the socket (SO_PEERCRED, SO_PEERGROUPS)."""
+
+    read: tuple[Grant, ...] = setting(
+        MEMBERS, grants(False), "may see status, models, versions, logs, metrics and the audit"
+    )
+    infer: tuple[Grant, ...] = setting(
+        MEMBERS,
+        grants(True),
+        "may run models; an entry {who: ..., models: [GLOB, ...]} covers only those models",
+    )
+    operate: tuple[Grant, ...] = setting(
+        ADMINS, grants(False), "may switch, canary, promote, roll back, scale and reload"
+    )
+    deploy: tuple[Grant, ...] = setting(ADMINS, grants(False), "may upload and deploy versions")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A model's entry under `models:`: its active version, session settings and limits."""
@@ -604,7 +680,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class Config:
     socket: Path = setting(DEFAULT_SOCKET, path, "Unix socket clients connect to")
-    socket_mode: int = setting(0o660, file_mode, "permissions of the socket")
+    socket_mode: int = setting(
+        0o666,
+        file_mode,
+        "permissions of the socket: every local user may connect, and `access:` decides what"
+        " each may do (0660: only root and moltbotd's group may connect at all)",
+    )
     models_dir: Path = setting(
         Path("/var/lib/moltbot/models"), path, "model repository: MODEL/VERSION/model.onnx"
     )
@@ -636,6 +717,7 @@ class Config:
     canary: CanarySettings = section(CanarySettings, "automatic rollback of a canary")
     metrics: MetricsSettings = section(MetricsSettings, "the Prometheus endpoint")
     audit: AuditSettings = section(AuditSettings, "the audit trail of every change")
+    access: AccessSettings = section(AccessSettings, "roles: who may read, infer, operate, deploy")
     uploads: UploadSettings = section(UploadSettings, "deploys on their way in: sizes, free space")
     scheduling: Scheduling = section(
         Scheduling, "queues, priorities, batching, instances (models.NAME overrides)"
@@ -897,4 +979,6 @@ def _show(value: Any, convert: Converter) -> str:
         return f'"0{value:o}"'
     if convert is batch_sizes:
         return str(list(value))
+    if isinstance(value, tuple) and all(isinstance(v, Grant) for v in value):
+        return "[" + ", ".join(map(str, value)) + "]"
     return str(value)

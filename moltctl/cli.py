@@ -4,7 +4,8 @@ One command per operation in moltbotd.wire.operations.OPERATIONS (hello is impli
 command checks the protocol version first). Exit codes:
   0 success, 1 the daemon reported an error (or is unhealthy), 2 usage error,
   3 moltbotd cannot be reached, 4 the daemon's answer could not be read,
-  5 deploy refused for lack of room (disk space, upload limits: RESOURCE_EXHAUSTED).
+  5 deploy refused for lack of room (disk space, upload limits: RESOURCE_EXHAUSTED),
+  6 the user lacks the role the command needs (PERMISSION_DENIED).
 """
 
 import contextlib
@@ -36,6 +37,7 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_PROTOCOL = 4
 EXIT_NO_ROOM = 5  # a deploy the daemon has no room for: retrying as is cannot help
+EXIT_DENIED = 6  # PERMISSION_DENIED: the user lacks the role (the message says which group)
 FOLLOW_POLL_SECONDS = 0.5
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -57,7 +59,8 @@ class Cli(click.Group):
         except ConnectError as exc:
             _fail(str(exc), EXIT_UNAVAILABLE)
         except MoltError as exc:
-            _fail(f"{exc.message} [{exc.code}]", EXIT_ERROR)
+            denied = exc.code == ErrorCode.PERMISSION_DENIED
+            _fail(f"{exc.message} [{exc.code}]", EXIT_DENIED if denied else EXIT_ERROR)
         except ProtocolError as exc:
             _fail(str(exc), EXIT_PROTOCOL)
         except KeyboardInterrupt:

@@ -84,8 +84,8 @@ def resolve_socket(explicit: str | os.PathLike[str] | None = None) -> Path:
 def connect_error(path: Path, exc: OSError) -> ConnectError:
     if isinstance(exc, PermissionError):
         return ConnectError(
-            f"permission denied on {path}: the socket is for root and the moltbot group"
-            " (add yourself with: sudo adduser $USER moltbot, then log in again)"
+            f"permission denied on {path}: its socket_mode lets only root and moltbotd's group"
+            " connect (add yourself with: sudo adduser $USER moltbot, then log in again)"
         )
     hint = "start it with: systemctl start moltbotd"
     if path != DEFAULT_SOCKET:

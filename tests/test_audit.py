@@ -6,12 +6,14 @@ import asyncio
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 
-from moltbotd.control.audit import SHOWN_CHARS, AuditLog, Peer, shown
+from moltbotd.control.access import Peer
+from moltbotd.control.audit import MAX_PENDING, SHOWN_CHARS, AuditLog, shown
 from moltbotd.wire.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame, request
 from moltctl.cli import EXIT_ERROR
-from tests.conftest import run_moltctl, wait_until
+from tests.conftest import run_moltctl, wait_until, wait_until_async
 from tests.test_cli import fails, ok
 from tests.test_deploy import model_folder
 
@@ -153,3 +155,28 @@ def test_whatever_a_client_nests_the_record_stays_small():
     wide = {f"k{n}": list(range(30)) for n in range(30)}
     assert shown({"a": deep}) == {"a": [[[{"nested": "list"}]]]}
     assert len(json.dumps(shown({"w": wide, b"\xff" * 500: 1}))) < 100_000
+
+
+def test_records_past_the_queue_are_counted_and_the_count_recorded(tmp_path):
+    """A client repeating a refused change faster than the disk takes records: the queue
+    stops at MAX_PENDING, and one record says how many were not written."""
+    trail = AuditLog(tmp_path / "audit.jsonl", 2**30, 1)
+    disk = threading.Event()
+
+    async def flood() -> None:
+        busy = asyncio.get_running_loop().run_in_executor(trail._thread, disk.wait)
+        refused = MoltError(ErrorCode.PERMISSION_DENIED, "uid 7 may not switch")
+        for n in range(MAX_PENDING + 5):
+            trail.watch("switch", {"n": n}, ME, await settle(refused))
+        await asyncio.sleep(0)  # the done callbacks run
+        assert trail.dropped == 5
+        disk.set()
+        await busy
+        await wait_until_async(lambda: asyncio.sleep(0, not trail._writes), what="the writes")
+        await trail.close()
+
+    asyncio.run(flood())
+    records = [json.loads(line) for line in trail.path.read_text().splitlines()]
+    assert [r["params"]["n"] for r in records[:-1]] == list(range(MAX_PENDING))
+    assert records[-1]["outcome"] == "DROPPED" and records[-1]["params"] == {"dropped": 5}
+    assert records[-1]["who"]["pid"] == os.getpid()

@@ -74,7 +74,7 @@ def test_load_none_gives_defaults():
     cfg = load(None)
     assert cfg == Config()
     assert cfg.socket == DEFAULT_SOCKET
-    assert cfg.socket_mode == 0o660
+    assert cfg.socket_mode == 0o666
     assert cfg.models_dir == Path("/var/lib/moltbot/models")
     assert cfg.log_format == "text"
     assert cfg.log_level == "info"

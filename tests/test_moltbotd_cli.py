@@ -46,7 +46,7 @@ def test_bad_config_stops_the_start_naming_file_key_and_expectation(tmp_path, mo
     result = moltbotd("--config", str(config))
     assert result.returncode == EXIT_CONFIG
     assert (
-        "drain_timout: unknown setting (known here: audit, canary, clients, defaults,"
+        "drain_timout: unknown setting (known here: access, audit, canary, clients,"
         in result.stderr
     )
 

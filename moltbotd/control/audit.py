@@ -13,14 +13,12 @@ import contextlib
 import json
 import os
 import pwd
-import socket
-import struct
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from moltbotd.control.access import Peer
 from moltbotd.logs import get_logger
 from moltbotd.wire.protocol import MoltError
 
@@ -29,34 +27,10 @@ log = get_logger("audit")
 SHOWN_CHARS = 200  # a longer string parameter is cut, and says so
 SHOWN_ENTRIES = 32  # a larger list or map is recorded as its size
 SHOWN_DEPTH = 4  # deeper values (a refused request may nest 1000 levels) as their type
-
-
-@dataclass(frozen=True)
-class Peer:
-    """The client process at the other end of a Unix socket, as the kernel says."""
-
-    pid: int = -1
-    uid: int = -1
-    gid: int = -1
-
-    @classmethod
-    def of(cls, sock: socket.socket | None) -> "Peer":
-        if sock is None:
-            return cls()
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        return cls(*struct.unpack("3i", creds))
-
-    def describe(self) -> str:
-        return f"pid {self.pid} uid {self.uid}"
-
-    def identity(self) -> dict[str, Any]:
-        """The peer for a record: its ids and its executable, read now, while it waits for
-        its answer (None where it cannot be read: hidden by ProtectProc); its user's name
-        is added by the audit thread (a name service may be slow)."""
-        exe = None
-        with contextlib.suppress(OSError):
-            exe = os.readlink(f"/proc/{self.pid}/exe")
-        return {**asdict(self), "user": None, "exe": exe}
+# Records waiting for the disk. A client repeating a refused request as fast as it can
+# must not grow the queue without end: past this, records are counted, and the count
+# is recorded once the disk has caught up.
+MAX_PENDING = 1000
 
 
 def shown(value: Any, depth: int = 0) -> Any:
@@ -86,6 +60,7 @@ class AuditLog:
         self.path, self.max_bytes, self.keep = path, max_bytes, keep
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
         self._writes: set[asyncio.Future[None]] = set()
+        self.dropped = 0  # records not written since the last summary (MAX_PENDING)
 
     def watch(self, op: str, params: dict[str, Any], peer: Peer,
               outcome: "asyncio.Future[Any]") -> None:  # fmt: skip
@@ -103,6 +78,12 @@ class AuditLog:
         elif (error := done.exception()) is not None:
             entry["outcome"] = error.code.value if isinstance(error, MoltError) else "INTERNAL"
             entry["error"] = error.message if isinstance(error, MoltError) else repr(error)
+        if len(self._writes) < MAX_PENDING:
+            self._queue(entry)
+        else:
+            self.dropped += 1
+
+    def _queue(self, entry: dict[str, Any]) -> None:
         write = asyncio.get_running_loop().run_in_executor(self._thread, self._append, entry)
         self._writes.add(write)
         write.add_done_callback(self._written)
@@ -111,6 +92,14 @@ class AuditLog:
         self._writes.discard(write)
         if write.exception() is not None:  # the change was made: say the record is missing
             log.error(f"an audit record could not be written to {self.path}: {write.exception()}")
+        if self.dropped and not self._writes:  # caught up: say what is missing
+            why = (f"{self.dropped} records came while {MAX_PENDING} waited for the disk;"
+                   f" they were not written")  # fmt: skip
+            log.error(f"audit: {why}", dropped=self.dropped)
+            me = Peer(os.getpid(), os.getuid(), os.getgid()).identity()
+            self._queue({"time": time.time(), "op": "audit", "params": {"dropped": self.dropped},
+                         "who": me, "outcome": "DROPPED", "error": why, "ms": 0.0})  # fmt: skip
+            self.dropped = 0
 
     async def query(self, since: float | None, until: float | None, op: str | None,
                     limit: int) -> list[dict[str, Any]]:  # fmt: skip

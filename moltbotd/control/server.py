@@ -28,7 +28,8 @@ from typing import Any
 
 from moltbotd import __version__
 from moltbotd.config import ClientLimits, Config
-from moltbotd.control.audit import AuditLog, Peer
+from moltbotd.control.access import Access, Peer, Rights
+from moltbotd.control.audit import AuditLog
 from moltbotd.control.catalog import Catalog
 from moltbotd.control.metrics import Metrics
 from moltbotd.control.metrics_http import MetricsListener
@@ -53,7 +54,6 @@ from moltbotd.wire.protocol import (
 from moltbotd.wire.units import format_size, plural
 
 log = get_logger("server")
-NO_PEER = Peer()  # a request that came on no socket
 MAX_AUDIT_RECORDS = 100_000  # one `audit` answer's records: well under max_frame_bytes
 
 
@@ -316,6 +316,9 @@ class Server:
             raise RuntimeError(
                 f"handlers {sorted(self.handlers)} != operations {sorted(OPERATIONS)}"
             )
+        self.sup = rollout.sup
+        self._access_settings = config.access
+        self._access = Access(config.access)
         self.accepting = True
         self._server: asyncio.Server | None = None
         self._idle = asyncio.Event()
@@ -347,7 +350,15 @@ class Server:
             raise StartError(f"cannot serve metrics on {named}: {exc.strerror or exc}") from None
         self.metrics_listener = listener
 
-    def begin(self, message: dict[str, Any], peer: Peer = NO_PEER,
+    @property
+    def access(self) -> Access:
+        """Who may do what, as the running configuration (reloaded live) says."""
+        settings = self.sup.config.access
+        if settings is not self._access_settings:
+            self._access, self._access_settings = Access(settings), settings
+        return self._access
+
+    def begin(self, message: dict[str, Any], peer: Peer, rights: Rights,
               emit: Emit | None = None) -> Answer:  # fmt: skip
         """Start one request; the future gives its response (and progress frames go
         through emit, when the request asks for them). Never raises."""
@@ -362,6 +373,12 @@ class Server:
                 raise MoltError(
                     ErrorCode.SHUTTING_DOWN, "moltbotd is shutting down; retry once it is back"
                 )
+            try:
+                rights.check(op, request.params)
+            except MoltError:  # other refusals than a change's: the first per connection
+                if not audited and rights.first_refusal(op.name):
+                    audited = (op.name, request.params)
+                raise
             params = op.check_params(request.params, self.limits)
             if audited:
                 audited = (op.name, params)
@@ -523,6 +540,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.who = Peer()
         self.peer = self.who.describe()  # for the log
+        self.rights: Rights | None = None
+        self.rights_from: Access | None = None  # the access settings rights came from
         self.half_closed = False
         self.unsent: list[bytes] = []
         self.unsent_bytes = 0  # in self.unsent
@@ -694,8 +713,15 @@ class Connection(asyncio.Protocol):
 
     def _start(self, message: dict[str, Any]) -> None:
         self.pending += 1
-        answer = self.server.begin(message, self.who, self._write)
+        answer = self.server.begin(message, self.who, self._rights(), self._write)
         answer[1].add_done_callback(lambda _: self._finished(answer))
+
+    def _rights(self) -> Rights:
+        """Worked out at the first request, and again after a reload changed `access:`."""
+        access = self.server.access
+        if self.rights is None or self.rights_from is not access:
+            self.rights, self.rights_from = access.rights(self.who), access
+        return self.rights
 
     def _finished(self, answer: Answer) -> None:
         self.pending -= 1

@@ -41,7 +41,7 @@ from moltbotd.wire.units import plural
 log = get_logger("supervisor")
 # Settings a reload applies at once; any other change waits for a restart of the daemon.
 LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout", "canary",
-                           "on_demand_idle", "scheduling", "uploads"})  # fmt: skip
+                           "on_demand_idle", "scheduling", "uploads", "access"})  # fmt: skip
 # seconds a direct channel's client waits to hear how its worker died (it saw EOF first)
 CHANNEL_END_WAIT = 2.0
 REAP_EVERY = 30.0  # seconds between looks for idle on-demand versions and stale uploads

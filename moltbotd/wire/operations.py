@@ -6,6 +6,7 @@ before any handler runs, and moltctl has one command per operation. docs/protoco
 documents this table.
 """
 
+import enum
 import heapq
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -81,6 +82,15 @@ _TYPE_NAMES = {
 }
 
 
+class Role(enum.StrEnum):
+    """What a client may do, granted by `access:` in the config (control/access.py)."""
+
+    READ = "read"  # look: status, models, versions, logs, metrics, the audit trail
+    INFER = "infer"  # run models (the grant may name which, by glob)
+    OPERATE = "operate"  # change what serves: switch, canary, promote, rollback, scale, reload
+    DEPLOY = "deploy"  # add versions: upload, deploy
+
+
 @dataclass(frozen=True, slots=True)
 class Operation:
     name: str
@@ -88,6 +98,8 @@ class Operation:
     params: tuple[Param, ...] = ()
     # State-changing operations on one model are serialised; a second one gets CONFLICT.
     mutating: bool = False
+    # The role a client needs; None: any client the daemon admits (hello).
+    role: Role | None = Role.READ
     _params: dict[str, Param] = field(init=False, repr=False, compare=False)
     _required: list[str] = field(init=False, repr=False, compare=False)
 
@@ -181,6 +193,7 @@ OPERATIONS: dict[str, Operation] = {
                 Param("protocol", (int,), help="the client's protocol version"),
                 Param("client", (str,), help="client name and version, for the log", size=TEXT),
             ),
+            role=None,
         ),
         Operation("health", "Is every served model ready? Returns ok or degraded, per model."),
         Operation(
@@ -216,12 +229,14 @@ OPERATIONS: dict[str, Operation] = {
                     " outputs of 64 KiB or more come back (as {'shm': [offset, size]})",
                 ),
             ),
+            role=Role.INFER,
         ),
         Operation(
             "channel",
             "A direct channel to a worker serving MODEL's active version: the answer carries"
             " a socket (SCM_RIGHTS) on which infer requests for MODEL skip the daemon.",
             (Param("model", (str,), required=True, help="model name"),),
+            role=Role.INFER,
         ),
         Operation(
             "channel_ended",
@@ -232,6 +247,7 @@ OPERATIONS: dict[str, Operation] = {
                 Param("model", (str,), required=True, help="model name"),
                 Param("pid", (int,), required=True, help="the worker's pid, from `channel`"),
             ),
+            role=Role.INFER,
         ),
         Operation(
             "scale",
@@ -242,6 +258,7 @@ OPERATIONS: dict[str, Operation] = {
                 Param("instances", (int,), required=True, help="1 to 64; 0: autoscaling"),
             ),
             mutating=True,
+            role=Role.OPERATE,
         ),
         Operation(
             "switch",
@@ -255,18 +272,21 @@ OPERATIONS: dict[str, Operation] = {
                 _PROGRESS,
             ),
             mutating=True,
+            role=Role.OPERATE,
         ),
         Operation(
             "rollback",
             "End MODEL's canary, or return to the version that served before the active one.",
             (_ONE_MODEL, _PROGRESS),
             mutating=True,
+            role=Role.OPERATE,
         ),
         Operation(
             "promote",
             "Make MODEL's canary the active version; the old one drains.",
             (_ONE_MODEL, _PROGRESS),
             mutating=True,
+            role=Role.OPERATE,
         ),
         Operation(
             "versions",
@@ -289,6 +309,7 @@ OPERATIONS: dict[str, Operation] = {
                     " uploads.max_version_bytes and free space before any is written",
                 ),
             ),
+            role=Role.DEPLOY,
         ),
         Operation(
             "deploy",
@@ -307,11 +328,13 @@ OPERATIONS: dict[str, Operation] = {
                 _PROGRESS,
             ),
             mutating=True,
+            role=Role.DEPLOY,
         ),
         Operation(
             "reload",
             "Re-read the config file: limits change live, session changes restart workers.",
             mutating=True,
+            role=Role.OPERATE,
         ),
         Operation(
             "metrics",

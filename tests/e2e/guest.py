@@ -8,6 +8,7 @@ limits, then reload and OOM. Stop, remove and purge are package-checks.sh's.
 import grp
 import json
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -96,7 +97,7 @@ def installed_service() -> None:
           sh("systemctl status moltbotd --no-pager | head -5"))  # fmt: skip
     info = SOCKET.stat()
     mode, group = stat.S_IMODE(info.st_mode), grp.getgrgid(info.st_gid).gr_name
-    check("socket-0660-group-moltbot", (mode, group) == (0o660, "moltbot"), f"{mode:o} {group}")
+    check("socket-0666-group-moltbot", (mode, group) == (0o666, "moltbot"), f"{mode:o} {group}")
     status = run("moltctl", "status")
     check("moltctl-status", status.returncode == 0 and "demo" in status.stdout, status.stdout)
     out = sh("moltctl switch v2.0 2>&1")
@@ -112,6 +113,40 @@ def installed_service() -> None:
     score = re.search(r"exposure level for moltbotd\.service: (\d+\.\d+) ", security)
     exposure = float(score[1]) if score else 10.0  # no score read: the worst
     check("systemd-analyze-security", exposure <= MAX_EXPOSURE, security)
+
+
+# --- roles: who may do what, from the credentials the kernel gives -----------------------
+
+
+def as_user(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("runuser", "-u", user, "--", "moltctl", *args)
+
+
+def roles_by_credentials() -> None:
+    """The package's default access: group moltbot reads and infers, group moltbot-admin
+    (which the package creates) operates; anyone else is refused, and it is audited."""
+    sh("useradd -m alice && adduser --quiet alice moltbot && useradd -m carol"
+       " && adduser --quiet carol moltbot-admin && useradd -m bob")  # fmt: skip
+    alice = [as_user("alice", "status"), as_user("alice", "infer", "demo", "-i", "x=[[1,2,3,4]]")]
+    check("group-moltbot-reads-and-infers", all(r.returncode == 0 for r in alice),
+          [(r.returncode, r.stderr) for r in alice])  # fmt: skip
+    refused = as_user("alice", "switch", "v1.0")
+    said = refused.stderr
+    check("group-moltbot-may-not-switch",
+          refused.returncode == 6 and "group moltbot-admin" in said and "PERMISSION_DENIED" in said,
+          (refused.returncode, said))  # fmt: skip
+    there, back = as_user("carol", "switch", "v1.0"), as_user("carol", "switch", "v2.0")
+    check("group-moltbot-admin-switches-as-documented",
+          there.returncode == back.returncode == 0 and "v1.0 -> v2.0" in back.stdout,
+          (there.stdout, there.stderr, back.stdout, back.stderr))  # fmt: skip
+    stranger = as_user("bob", "status")
+    check("no-group-no-role", stranger.returncode == 6, (stranger.returncode, stranger.stderr))
+    uid = pwd.getpwnam("alice").pw_uid
+    records = json.loads(sh("moltctl audit -o json --op switch"))["records"]
+    theirs = [(r["who"]["uid"], r["who"]["user"], r["outcome"]) for r in records]
+    check("refusal-audited-under-the-clients-own-uid",
+          (uid, "alice", "PERMISSION_DENIED") in theirs
+          and (pwd.getpwnam("carol").pw_uid, "carol", "ok") in theirs, theirs)  # fmt: skip
 
 
 # --- Prometheus: the package's metrics socket, scraped by Debian's prometheus ---------------
@@ -471,7 +506,8 @@ class Stream(threading.Thread):
 
 
 def main() -> int:
-    for name, scenario in [("installed", installed_service), ("prometheus", prometheus_scrape),
+    for name, scenario in [("installed", installed_service), ("roles", roles_by_credentials),
+                           ("prometheus", prometheus_scrape),
                            ("cgroups", cgroup_layout),
                            ("instances", instances_in_one_group),
                            ("versions", versions_under_systemd),

@@ -114,7 +114,13 @@ def passed(vm: dict, *names: str) -> None:
 
 
 def test_apt_install_by_name_starts_the_service(vm):
-    passed(vm, "service-active-after-install", "socket-0660-group-moltbot", "moltctl-status")
+    passed(vm, "service-active-after-install", "socket-0666-group-moltbot", "moltctl-status")
+
+
+def test_roles_by_peer_credentials_with_the_packages_groups(vm):
+    passed(vm, "group-moltbot-reads-and-infers", "group-moltbot-may-not-switch",
+           "group-moltbot-admin-switches-as-documented", "no-group-no-role",
+           "refusal-audited-under-the-clients-own-uid")  # fmt: skip
 
 
 def test_debians_prometheus_scrapes_the_metrics_socket(vm):
