@@ -690,6 +690,15 @@ class Config:
         Path("/var/lib/moltbot/models"), path, "model repository: MODEL/VERSION/model.onnx"
     )
     log_format: str = setting("text", choice("text", "json"), "log line format on stderr")
+    log_target: str = setting(
+        "auto",
+        choice("auto", "journal", "stderr"),
+        "journal: each entry with its fields to journald's native socket (journalctl -u"
+        " moltbotd MODEL=demo); auto: the journal when systemd connected stderr to it",
+    )
+    journal_socket: Path = setting(
+        Path("/run/systemd/journal/socket"), path, "journald's native socket"
+    )
     log_level: str = setting(
         "info", choice("debug", "info", "warning", "error"), "lowest level logged"
     )

@@ -1,8 +1,11 @@
-"""Logging: structlog events, one line each on stderr (text or JSON), kept in a ring.
+"""Logging: structlog events, kept in a ring and written as one line each on stderr
+(text or JSON), or, under systemd, sent to the journal with their fields.
 
-Text:  [2026-11-21 14:30:22] [INFO] [supervisor] Model demo v2.0 loaded model=demo ...
+Text:  [2026-11-21 14:30:22] [INFO] [supervisor] Model demo v2.0 loaded pid=4242 ...
 JSON:  {"time": "2026-11-21T14:30:22.123+00:00", "level": "info", "component": ..., ...}
-journald takes stderr under systemd; the ring serves `moltctl logs`.
+Journal: MESSAGE (the text line's part after the logger), MESSAGE_ID (one per event
+template), PRIORITY, COMPONENT, EVENT, and each field as MODEL=demo, VERSION=v2.0, ...
+The ring serves `moltctl logs` when the journal cannot.
 """
 
 import collections
@@ -11,6 +14,7 @@ import itertools
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,7 +22,9 @@ from typing import Any, TextIO
 
 import structlog
 
-from moltbotd.wire.loglines import LEVELS, render_text
+from moltbotd.journal import Journal
+from moltbotd.journal import entry as journal_entry
+from moltbotd.wire.loglines import LEVELS, fill, render_message, render_text
 from moltbotd.wire.protocol import clip, echo
 
 # Longest log field kept, unless configured (clients.log_field_chars); a traceback keeps
@@ -42,7 +48,8 @@ class Entry:
             "time": self.time,
             "level": self.level,
             "logger": self.logger,
-            "event": self.event,
+            "event": self.event,  # the template: the same for every entry of its kind
+            "message": fill(self.event, self.fields)[0],
             "fields": self.fields,
         }
 
@@ -58,6 +65,7 @@ class Ring:
         self.entries: collections.deque[Entry] = collections.deque(maxlen=size)
         self.seq = 0
         self.field_chars = field_chars
+        self.journal: Journal | None = None  # where entries go instead of stderr, if set
 
     def add(self, event: dict[str, Any]) -> None:
         self.seq += 1
@@ -143,7 +151,9 @@ def _render_json(_: Any, __: str, event: dict[str, Any]) -> str:
         .astimezone()
         .isoformat(timespec="milliseconds")
     )
-    return json.dumps({**event, "time": stamp}, default=str)
+    fields = {k: v for k, v in event.items() if k not in _RESERVED}
+    message = fill(str(event["event"]), fields)[0]
+    return json.dumps({**event, "time": stamp, "message": message}, default=str)
 
 
 def _render_text(_: Any, __: str, event: dict[str, Any]) -> str:
@@ -152,10 +162,46 @@ def _render_text(_: Any, __: str, event: dict[str, Any]) -> str:
     return render_text(event["time"], event["level"], component, str(event["event"]), fields)
 
 
-def configure(log_format: str, level: str, ring_size: int, stream: TextIO = sys.stderr) -> Ring:
+def _to_journal(journal: Journal, fallback: Any) -> Any:
+    """The last processor under the journal: send the entry; only one journald could not
+    take is rendered for stderr."""
+
+    def render(logger: Any, method: str, event: dict[str, Any]) -> str:
+        fields = {k: v for k, v in event.items() if k not in _RESERVED}
+        template, level = str(event["event"]), event["level"]
+        component = event.get("component", "moltbotd")
+        message = render_message(template, fields)
+        if journal.send(journal_entry(template, message, level, component, fields)):
+            return ""
+        return str(fallback(logger, method, event))
+
+    return render
+
+
+class _Lines:
+    """structlog's logger: writes each rendered line, if there is one, whole."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()  # the audit thread logs too
+
+    def msg(self, line: str) -> None:
+        if line:
+            with self.lock:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def configure(log_format: str, level: str, ring_size: int, stream: TextIO = sys.stderr,
+              journal: Journal | None = None) -> Ring:  # fmt: skip
     """Set up structlog for the daemon; returns the ring that `moltctl logs` reads (its
-    field_chars bounds the fields of every line)."""
+    field_chars bounds the fields of every line). With a journal, entries go there."""
     ring = Ring(ring_size)
+    ring.journal = journal
+    text = _render_json if log_format == "json" else _render_text
+    lines = _Lines(stream)
 
     def stamp(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
         event["time"] = time.time()
@@ -172,12 +218,12 @@ def configure(log_format: str, level: str, ring_size: int, stream: TextIO = sys.
         stamp,
         structlog.processors.format_exc_info,
         keep,
-        _render_json if log_format == "json" else _render_text,
+        _to_journal(journal, text) if journal else text,
     )
     structlog.configure(
         processors=list(processors),
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_: lines,
         cache_logger_on_first_use=False,
     )
     return ring

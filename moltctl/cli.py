@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from moltbotd import __version__
 from moltbotd.wire.loglines import LEVELS, parse_level, render_text
 from moltbotd.wire.protocol import PRIORITIES, ErrorCode, MoltError
 from moltbotd.wire.units import format_duration, format_size, parse_percent, plural
+from moltctl import journal
 from moltctl.client import Client, ConnectError, ProtocolError
 from moltctl.deploying import DeployError, folder_files, next_version, send_folder
 from moltctl.render import preview, table, to_json
@@ -612,32 +613,83 @@ def _when(text: str | None, now: float) -> float | None:
     default="text",
     help="text lines, or one JSON object per line",
 )
+@click.option(
+    "--source",
+    type=click.Choice(["auto", "journal", "daemon"]),
+    default="auto",
+    help="journal: the history, earlier runs too (read with journalctl); daemon: the"
+    " entries moltbotd keeps in memory; auto: the journal when moltbotd logs there and"
+    " you may read it",
+)
 @click.pass_obj
 def logs(session: _Session, priority: str | None, filter_text: str | None, since: str | None,
          last: str | None, until: str | None, model: str | None, lines: int | None,
-         follow: bool, output: str) -> None:  # fmt: skip
+         follow: bool, output: str, source: str) -> None:  # fmt: skip
     """Entries from moltbotd's log, filtered like journalctl's."""
     start, end = time_range(since, last, until)
     low, high, contains = level_range(priority, filter_text)
     query = {"min_level": low, "max_level": high, "since": start, "until": end,
              "model": model, "contains": contains,
              "limit": lines or (10 if follow else None)}  # fmt: skip
-    client = session()
     with until_ctrl_c(repeating=follow):
-        result = client.logs(**query)
-        if not result["entries"]:  # on stderr: stdout stays the entries, none here
-            notice = " yet; following (Ctrl-C stops)" if follow else ""
-            click.echo(f"-- no entries match{notice} --", err=True)
-        while True:
-            for entry in result["entries"]:
-                click.echo(json.dumps(entry) if output == "json" else
-                           render_text(entry["time"], entry["level"], entry["logger"],
-                                       entry["event"], entry["fields"]))  # fmt: skip
-            if not follow:
-                return
-            query.update(after=result["last_seq"], limit=None)
-            time.sleep(FOLLOW_POLL_SECONDS)
-            result = client.logs(**query)
+        result = None if source == "journal" else _ring_or_none(session, source)
+        in_journal = result is None or (
+            source == "auto" and result.get("journal") and _journal_readable(source)
+        )
+        if not in_journal:
+            _follow_ring(session(), query, output, follow)
+            return
+        if source == "journal" and (why := journal.why_unreadable()):
+            _fail(f"cannot read the journal: {why}", EXIT_ERROR)
+        _show_journal(journal.entries(low, high, start, end, model, contains, query["limit"],
+                                      follow), output)  # fmt: skip
+
+
+def _ring_or_none(session: _Session, source: str) -> dict[str, Any] | None:
+    """What the daemon says of its log (none of its entries yet); None when it cannot
+    be reached and the journal can be read instead."""
+    try:
+        return session().logs(limit=0)
+    except ConnectError:  # its history may still be in the journal
+        if source == "auto" and journal.why_unreadable() is None and journal.has_entries():
+            return None
+        raise
+
+
+def _journal_readable(source: str) -> bool:
+    why = journal.why_unreadable()
+    if why is None:
+        return True
+    if source == "auto":
+        click.echo(f"moltctl: showing the entries moltbotd keeps in memory, since it"
+                   f" started: {why}", err=True)  # fmt: skip
+    return False
+
+
+def _follow_ring(client: Client, query: dict[str, Any], output: str, follow: bool) -> None:
+    answer = client.logs(**query)
+    if not answer["entries"]:  # on stderr: stdout stays the entries, none here
+        notice = " yet; following (Ctrl-C stops)" if follow else ""
+        click.echo(f"-- no entries match{notice} --", err=True)
+    while True:
+        for entry in answer["entries"]:
+            click.echo(json.dumps(entry) if output == "json" else
+                       render_text(entry["time"], entry["level"], entry["logger"],
+                                   entry["event"], entry["fields"]))  # fmt: skip
+        if not follow:
+            return
+        query.update(after=answer["last_seq"], limit=None)
+        time.sleep(FOLLOW_POLL_SECONDS)
+        answer = client.logs(**query)
+
+
+def _show_journal(found: Iterable[dict[str, Any]], output: str) -> None:
+    shown = 0
+    for entry in found:
+        click.echo(json.dumps(entry) if output == "json" else journal.render(entry))
+        shown += 1
+    if not shown:
+        click.echo("-- no entries match (in the journal) --", err=True)
 
 
 @cli.command()

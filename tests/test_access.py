@@ -159,14 +159,17 @@ def test_a_name_this_host_does_not_know_grants_nothing_and_is_logged():
     saved = structlog.get_config()
     try:
         ring = configure("text", "debug", 100, io.StringIO())
-        table = access(read=["group:no-such-group-here", "user:no-such-user-here"], infer=[],
-                       operate=[], deploy=[])  # fmt: skip
+        table = access(read=["group:no-such-group-here", "user:no-such-user-here"],
+                       infer=["group:no-such-group-here"], operate=[], deploy=[])  # fmt: skip
     finally:
         structlog.configure(**saved)
     assert table.rights(Peer(1, STRANGER, STRANGER)).roles == set()
-    logged = [entry.event for entry in ring.snapshot()]
-    assert "access.read: there is no group no-such-group-here here; it grants nothing" in logged
-    assert "access.read: there is no user no-such-user-here here; it grants nothing" in logged
+    logged = [entry.to_wire()["message"] for entry in ring.snapshot()]
+    assert (
+        "access: there is no group no-such-group-here here; access.read, access.infer grant it"
+        " nothing" in logged
+    )
+    assert "access: there is no user no-such-user-here here; access.read grant it nothing" in logged
 
 
 # --- a real daemon, real moltctl under other uids ------------------------------------------

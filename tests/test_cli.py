@@ -219,14 +219,14 @@ def test_logs_filter_error_last_hour_as_documented(daemon, models_dir):
 def test_logs_filters(daemon):
     ok(run_moltctl("switch", "v1.0", socket=daemon.socket))
     demo = ok(run_moltctl("logs", "--model", "demo", "-p", "info", socket=daemon.socket))
-    assert "Model demo v1.0 loaded model=demo" in demo
+    assert "[worker] Model demo v1.0 loaded pid=" in demo
     assert "model=iris" not in demo
     assert len(ok(run_moltctl("logs", "-n", "2", socket=daemon.socket)).splitlines()) == 2
     text = ok(run_moltctl("logs", "--filter", "now serving", socket=daemon.socket))
     assert text.count("\n") == 1 and "model demo: now serving v1.0" in text
     assert ok(run_moltctl("logs", "--until", "2000-01-01", socket=daemon.socket)) == ""
     entry = json.loads(ok(run_moltctl("logs", "-n", "1", "-o", "json", socket=daemon.socket)))
-    assert set(entry) == {"seq", "time", "level", "logger", "event", "fields"}
+    assert set(entry) == {"seq", "time", "level", "logger", "event", "message", "fields"}
     err = fails(run_moltctl("logs", "-p", "loud", socket=daemon.socket), EXIT_USAGE)
     assert "unknown log level 'loud'" in err
     err = fails(run_moltctl("logs", "--since", "last tuesday", socket=daemon.socket), EXIT_USAGE)

@@ -219,7 +219,7 @@ def test_broken_model_is_fatal_with_the_loader_error_others_serve(daemon_factory
         assert "model broken v1 is not serving (worker fatal)" in err.value.message
         assert c.infer("demo", {"x": [[1, 2, 3, 4]]})["y"].tolist() == [[10, 20, 30, 40]]
     assert "Model broken v1 loaded" not in daemon.log()
-    assert daemon.log().count("model broken v1 starting model=") == 1  # FATAL at once: no retry
+    assert daemon.log().count("model broken v1 starting pid=") == 1  # FATAL at once: no retry
 
 
 @pytest.mark.parametrize(
@@ -357,9 +357,11 @@ def test_logs_ring_over_the_socket(daemon):
     with daemon.client() as c:
         c.switch("v1.0", "demo")
         entries = c.logs(model="demo", min_level="info")["entries"]
-        events = [e["event"] for e in entries]
-        assert "Model demo v1.0 loaded" in events
-        assert "model demo: now serving v1.0" in events
+        messages = [e["message"] for e in entries]
+        assert "Model demo v1.0 loaded" in messages
+        assert "model demo: now serving v1.0" in messages
+        loaded = next(e for e in entries if e["message"] == "Model demo v1.0 loaded")
+        assert loaded["event"] == "Model {model} {version} loaded"  # the kind: fixed
         assert all(e["fields"]["model"] == "demo" for e in entries)
         assert c.logs(min_level="error")["entries"] == []
         last = c.logs()["last_seq"]
@@ -370,8 +372,8 @@ def test_worker_killed_while_loading_is_restarted_and_requests_wait(daemon_facto
     import re
 
     daemon = daemon_factory(wait=False)
-    daemon.wait_for_log("model slow v1 starting model=slow")
-    pid = int(re.search(r"model slow v1 starting model=slow version=v1 pid=(\d+)",
+    daemon.wait_for_log("model slow v1 starting pid=")
+    pid = int(re.search(r"model slow v1 starting pid=(\d+)",
                         daemon.log()).group(1))  # fmt: skip
     os.kill(pid, signal.SIGKILL)  # python is still importing onnxruntime: mid-load
     with daemon.client() as c:  # a request now waits for the restarted worker

@@ -142,15 +142,17 @@ def test_ring_collects_entries():
 
 
 def test_entry_to_wire():
-    entry = Entry(3, 12.5, "info", "server", "hello", {"a": 1})
+    entry = Entry(3, 12.5, "info", "server", "hello {name}", {"name": "demo", "a": 1})
     assert entry.to_wire() == {
         "seq": 3,
         "time": 12.5,
         "level": "info",
         "logger": "server",
-        "event": "hello",
-        "fields": {"a": 1},
+        "event": "hello {name}",
+        "message": "hello demo",
+        "fields": {"name": "demo", "a": 1},
     }
+    assert entry.text().endswith("[INFO] [server] hello demo a=1")
 
 
 def test_get_logger_before_configure_follows_the_later_configuration():

@@ -64,16 +64,16 @@ def test_text_and_json_log_formats(daemon_factory):
     text.stop()
     first = next(line for line in text.log().splitlines() if "listening on" in line)
     assert re.fullmatch(
-        r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[INFO\] \[server\] listening on \S+"
-        r" socket=\S+",
+        r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[INFO\] \[server\] listening on \S+",
         first,
     )
     text.log_path.unlink()
     structured = daemon_factory(args=("--log-format", "json"), wait=False)
-    structured.wait_for_log('"event": "moltbotd 0.1.0 ready: serving')
+    structured.wait_for_log('"message": "moltbotd 0.1.0 ready: serving')
     events = [json.loads(line) for line in structured.log().splitlines()]
-    ready = next(e for e in events if e["event"].startswith("moltbotd 0.1.0 ready"))
+    ready = next(e for e in events if e["message"].startswith("moltbotd 0.1.0 ready"))
     assert ready["level"] == "info" and ready["component"] == "daemon"
+    assert ready["event"] == "moltbotd {release} ready: {summary}" and ready["release"] == "0.1.0"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", ready["time"])
 
 

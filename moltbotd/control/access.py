@@ -124,13 +124,19 @@ class Access:
     def __init__(self, settings: AccessSettings, own_uid: int | None = None) -> None:
         self.own_uid = os.getuid() if own_uid is None else own_uid
         self.grants = {role: getattr(settings, role.value) for role in Role}
-        self.resolved = {role: [(self._resolve(role, g), g) for g in grants]
+        unknown: dict[str, list[str]] = {}  # a name this host lacks -> the roles naming it
+        self.resolved = {role: [(self._resolve(g, role, unknown), g) for g in grants]
                          for role, grants in self.grants.items()}  # fmt: skip
+        for who, roles in unknown.items():
+            kind, _, name = who.partition(":")
+            log.warning("access: there is no {kind} {name} here; {roles} grant it nothing",
+                        kind=kind, name=name, roles=", ".join(roles))  # fmt: skip
         self.how = {role: _how(role, grants) for role, grants in self.grants.items()}
 
-    def _resolve(self, role: Role, grant: Grant) -> tuple[str, int | None]:
+    @staticmethod
+    def _resolve(grant: Grant, role: Role, unknown: dict[str, list[str]]) -> tuple[str, int | None]:
         """('user', uid), ('group', gid), ('everyone', None); an id of None for a name
-        this host does not know: it grants nothing (and is logged)."""
+        this host does not know: it grants nothing (noted in unknown, to be logged)."""
         if grant.who == "everyone":
             return "everyone", None
         kind, _, name = grant.who.partition(":")
@@ -139,8 +145,7 @@ class Access:
         try:
             return kind, pwd.getpwnam(name).pw_uid if kind == "user" else grp.getgrnam(name).gr_gid
         except KeyError:
-            log.warning(f"access.{role}: there is no {kind} {name} here; it grants nothing",
-                        role=str(role), who=grant.who)  # fmt: skip
+            unknown.setdefault(grant.who, []).append(f"access.{role}")
             return kind, None
 
     def rights(self, peer: Peer) -> Rights:

@@ -3,8 +3,10 @@
 Every operation that changes what serves (switch, canary, promote, rollback, deploy and
 the upload it opens, scale, reload) is recorded when it ends, refused ones included, as
 one JSON line appended to `audit.file` and fsynced, in a thread of its own: the event
-loop never waits for the disk. The file is rotated past `audit.max_bytes`, keeping
-`audit.keep` older files. `moltctl audit` reads them back (the `audit` operation).
+loop never waits for the disk. When moltbotd logs to the journal, each record goes
+there too, with its own MESSAGE_ID (journal.AUDIT_MESSAGE_ID). The file is rotated past
+`audit.max_bytes`, keeping `audit.keep` older files. `moltctl audit` reads them back
+(the `audit` operation).
 """
 
 import asyncio
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moltbotd.control.access import Peer
+from moltbotd.journal import Journal, audit_entry
 from moltbotd.logs import get_logger
 from moltbotd.wire.protocol import MoltError
 
@@ -56,8 +59,10 @@ class AuditLog:
     """Records appended one at a time by one thread; queries answered by the same thread,
     so a query never reads a line half written."""
 
-    def __init__(self, path: Path, max_bytes: int, keep: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, keep: int,
+                 journal: Journal | None = None) -> None:  # fmt: skip
         self.path, self.max_bytes, self.keep = path, max_bytes, keep
+        self.journal = journal  # each record is sent there too, when moltbotd logs there
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
         self._writes: set[asyncio.Future[None]] = set()
         self.dropped = 0  # records not written since the last summary (MAX_PENDING)
@@ -91,11 +96,13 @@ class AuditLog:
     def _written(self, write: "asyncio.Future[None]") -> None:
         self._writes.discard(write)
         if write.exception() is not None:  # the change was made: say the record is missing
-            log.error(f"an audit record could not be written to {self.path}: {write.exception()}")
+            log.error("an audit record could not be written to {file}: {error}",
+                      file=str(self.path), error=str(write.exception()))  # fmt: skip
         if self.dropped and not self._writes:  # caught up: say what is missing
             why = (f"{self.dropped} records came while {MAX_PENDING} waited for the disk;"
                    f" they were not written")  # fmt: skip
-            log.error(f"audit: {why}", dropped=self.dropped)
+            log.error("audit: {dropped} records came while {waiting} waited for the disk; they"
+                      " were not written", dropped=self.dropped, waiting=MAX_PENDING)  # fmt: skip
             me = Peer(os.getpid(), os.getuid(), os.getgid()).identity()
             self._queue({"time": time.time(), "op": "audit", "params": {"dropped": self.dropped},
                          "who": me, "outcome": "DROPPED", "error": why, "ms": 0.0})  # fmt: skip
@@ -118,6 +125,8 @@ class AuditLog:
         who = entry["who"]
         with contextlib.suppress(KeyError):
             who["user"] = pwd.getpwuid(who["uid"]).pw_name
+        if self.journal:  # first: a record the disk refuses is still there
+            self.journal.send(audit_entry(entry))
         data = (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):

@@ -27,6 +27,7 @@ from moltbotd.control.server import Reloader, Server, StartError
 from moltbotd.control.supervisor import Supervisor
 from moltbotd.isolation.cgroups import CgroupError
 from moltbotd.isolation.policy import Isolation
+from moltbotd.journal import Journal, stderr_is_journal
 from moltbotd.logs import Ring, configure, get_logger
 from moltbotd.malloc import keep_freed_memory
 from moltbotd.versions.repository import scan
@@ -70,7 +71,7 @@ def reloader(load: Loader, rollout: Rollout, notifier: Any) -> Reloader:
         try:
             config = load()
         except cfg.ConfigError as exc:
-            log.error(f"reload refused: {exc}")
+            log.error("reload refused: {error}", error=str(exc))
             raise MoltError(
                 ErrorCode.INVALID_CONFIG, f"{exc}; the running configuration is unchanged"
             ) from None
@@ -108,7 +109,7 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     try:
         isolation = Isolation.establish(config.isolation, config.models_dir)
     except CgroupError as exc:
-        log.error(f"cannot start: {exc}")
+        log.error("cannot start: {error}", error=str(exc))
         return EXIT_ISOLATION
     supervisor = Supervisor(config, isolation)
     rollout = Rollout(supervisor)
@@ -125,10 +126,10 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
     try:
         await server.listen()
     except StartError as exc:  # it names the path or the address
-        log.error(f"cannot start: {exc}")
+        log.error("cannot start: {error}", error=str(exc))
         return EXIT_FAILURE
     except OSError as exc:
-        log.error(f"cannot listen on {config.socket}: {exc}")
+        log.error("cannot listen on {socket}: {error}", socket=str(config.socket), error=str(exc))
         return EXIT_FAILURE
     notifier.notify("STATUS=loading models")
     starting = loop.create_task(supervisor.start())
@@ -142,7 +143,8 @@ async def serve(config: cfg.Config, load: Loader, ring: Ring) -> int:
         failed = sum(state != "ready" for state in health.values())
         summary = f"serving {plural(len(health) - failed, 'model')}, {failed} failed"
         notifier.notify(f"READY=1\nSTATUS={summary}")
-        log.info(f"moltbotd {__version__} ready: {summary}", socket=str(config.socket))
+        log.info("moltbotd {release} ready: {summary}", release=__version__, summary=summary,
+                 socket=str(config.socket))  # fmt: skip
         watchdog = loop.create_task(keep_watchdog_fed(notifier))
         await stopping
         watchdog.cancel()
@@ -161,9 +163,9 @@ def start_failed(exc: BaseException) -> int:
     """The exit status for a start that raised: EX_CONFIG only for a config error; anything
     else is logged with its traceback (it may be a bug) and may be retried."""
     if isinstance(exc, cfg.ConfigError):
-        log.error(f"cannot start: {exc}")
+        log.error("cannot start: {error}", error=str(exc))
         return EXIT_CONFIG
-    log.error(f"cannot start: {exc}", exc_info=exc)
+    log.error("cannot start: {error}", error=str(exc), exc_info=exc)
     return EXIT_FAILURE
 
 
@@ -216,10 +218,25 @@ def main(
         sys.exit(EXIT_CONFIG)
     if check_config:
         sys.exit(report_check(config_path, config))
-    ring = configure(config.log_format, config.log_level, config.log_ring_size)
+    journal, problem = open_journal(config)
+    ring = configure(config.log_format, config.log_level, config.log_ring_size, journal=journal)
+    if problem:
+        log.warning("logging to stderr: {problem}", problem=problem)
     keep_freed_memory()
     # uvloop: the event loop's own cost per request is about a third of asyncio's
     sys.exit(uvloop.run(serve(config, load, ring)))
+
+
+def open_journal(config: cfg.Config) -> tuple[Journal | None, str | None]:
+    """The journal to log to, if log_target asks for it (or, for auto, systemd connected
+    stderr to it); else None, and why when it could not be reached."""
+    wanted = config.log_target == "journal" or (config.log_target == "auto" and stderr_is_journal())
+    if not wanted:
+        return None, None
+    try:
+        return Journal(config.journal_socket), None
+    except OSError as exc:
+        return None, f"cannot reach journald at {config.journal_socket}: {exc.strerror or exc}"
 
 
 def load_config(config_path: Path | None, **flags: Any) -> cfg.Config:

@@ -39,7 +39,7 @@ class MetricsListener:
         else:
             self._server = await asyncio.start_server(self._serve, *where,
                                                       limit=MAX_HEAD_BYTES)  # fmt: skip
-        log.info(f"metrics at http://{self.address}/metrics", address=self.address)
+        log.info("metrics at http://{address}/metrics", address=self.address)
 
     @property
     def address(self) -> str:

@@ -252,7 +252,7 @@ class Rollout:
         if old:
             phases("draining", f"{plural(old.inflight, 'request')} in flight on {previous}")
             drained = await self.sup.retire(old, drain=True)
-        log.info(f"model {model.name}: now serving {version}", model=model.name,
+        log.info("model {model}: now serving {version}", model=model.name,
                  version=version, previous=previous)  # fmt: skip
         return {"model": model.name, "from": previous, "to": version, "changed": True,
                 "drained": drained, "changes": found.changes, "checksum": found.checksum,
@@ -268,8 +268,8 @@ class Rollout:
         await self._record(model, lambda s: setattr(s, "canary", saved), "no canary started")
         self.sup.start_canary(model, route, found.pool)
         active = model.active.spec.version if model.active else None
-        log.info(f"model {model.name}: canary {version} takes {share:.0%} of requests",
-                 model=model.name, version=version)  # fmt: skip
+        log.info("model {model}: canary {version} takes {share:.0%} of requests",
+                 model=model.name, version=version, share=share)  # fmt: skip
         return {"model": model.name, "from": active, "to": version, "changed": True,
                 "canary": share, "changes": found.changes, "checksum": found.checksum,
                 "seconds": phases.done()}  # fmt: skip
@@ -343,7 +343,7 @@ class Rollout:
             except OSError as exc:
                 raise storage_error(exc, f"cannot publish {target}") from None
             found.pool.set_spec(dataclasses.replace(found.pool.spec, path=target / MODEL_FILE))
-            log.info(f"model {name} {version} deployed", model=name, version=version, peer=peer)
+            log.info("model {model} {version} deployed", model=name, version=version, peer=peer)
             if activate:
                 result = await self._activate_deployed(model, found, phases, target)
         if not activate:

@@ -51,7 +51,7 @@ from moltbotd.wire.protocol import (
     parse_request,
     request_id,
 )
-from moltbotd.wire.units import format_size, plural
+from moltbotd.wire.units import format_size
 
 log = get_logger("server")
 MAX_AUDIT_RECORDS = 100_000  # one `audit` answer's records: well under max_frame_bytes
@@ -246,7 +246,8 @@ class LogQueries:
             entries = await asyncio.get_running_loop().run_in_executor(
                 self.thread, _wire_entries, snapshot, filters
             )
-        return {"entries": entries, "last_seq": last_seq}
+        # journal: the same entries are in the journal, with those of earlier runs
+        return {"entries": entries, "last_seq": last_seq, "journal": self.ring.journal is not None}
 
 
 def _wire_entries(snapshot: list[Entry], filters: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -308,7 +309,7 @@ class Server:
         self.metrics = Metrics(rollout.sup)
         trail = config.audit
         self.audit = AuditLog(trail.file or config.state_dir / "audit.jsonl", trail.max_bytes,
-                              trail.keep)  # fmt: skip
+                              trail.keep, ring.journal)  # fmt: skip
         self.handlers = make_handlers(rollout, ring, config, reload_config, self.clients,
                                       self.metrics, self.audit)  # fmt: skip
         self.metrics_listener: MetricsListener | None = None
@@ -331,7 +332,7 @@ class Server:
             lambda: Connection(self), path=str(path)
         )
         os.chmod(path, self.config.socket_mode)
-        log.info(f"listening on {path}", socket=str(path))
+        log.info("listening on {socket}", socket=str(path))
         given = self.activated.pop("metrics", None)
         if given is not None:
             if self.config.metrics.listen:
@@ -383,7 +384,7 @@ class Server:
             if audited:
                 audited = (op.name, params)
             if op.mutating:  # an upload's chunk (its data) is not logged
-                log.info(f"{op.name} requested", op=op.name, peer=peer.describe(), **params)
+                log.info("{op} requested", op=op.name, peer=peer.describe(), **params)
             caller = self._caller(request.id, params, peer, emit)
             outcome = asyncio.ensure_future(self.handlers[op.name](params, caller))
         except Exception as exc:
@@ -439,9 +440,8 @@ class Server:
                 await asyncio.wait_for(self._idle.wait(), timeout)
         unfinished = sum(c.pending for c in self.clients.connections)
         if unfinished:
-            log.warning(
-                f"{plural(unfinished, 'request')} still running after {timeout:g}s; closing anyway"
-            )
+            log.warning("{count} requests still running after {timeout:g}s; closing anyway",
+                        count=unfinished, timeout=timeout)  # fmt: skip
         for connection in list(self.clients.connections):
             connection.close()
         with contextlib.suppress(FileNotFoundError):
@@ -492,9 +492,10 @@ def _descriptor_ceiling(limits: ClientLimits) -> int:
         soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft < wanted:
-        log.warning(f"the descriptor limit {soft} (LimitNOFILE) allows fewer connections than"
-                    f" clients.max_connections {limits.max_connections}: about"
-                    f" {soft - limits.reserved_fds} will be served")  # fmt: skip
+        log.warning("the descriptor limit {soft} (LimitNOFILE) allows fewer connections than"
+                    " clients.max_connections {wanted}: about {served} will be served",
+                    soft=soft, wanted=limits.max_connections,
+                    served=soft - limits.reserved_fds)  # fmt: skip
     return soft - limits.reserved_fds
 
 
@@ -509,7 +510,7 @@ class Refusals:
 
     def add(self, why: str, peer: str) -> None:
         if self.timer is None:
-            log.warning(f"refused a connection: {why}", peer=peer)
+            log.warning("refused a connection: {why}", why=why, peer=peer)
             self.timer = asyncio.get_running_loop().call_later(self.interval, self._report)
         else:
             self.counts[why] += 1
@@ -520,8 +521,8 @@ class Refusals:
             return  # quiet for a whole interval: the next refusal is logged at once
         total = sum(self.counts.values())
         reasons = "; ".join(f"{n}x {why}" for why, n in self.counts.most_common(5))
-        log.warning(f"refused {total} more connections in the last {self.interval:g}s",
-                    reasons=reasons)  # fmt: skip
+        log.warning("refused {count} more connections in the last {interval:g}s",
+                    count=total, interval=self.interval, reasons=reasons)  # fmt: skip
         self.counts.clear()
         self.timer = asyncio.get_running_loop().call_later(self.interval, self._report)
 

@@ -105,7 +105,8 @@ class StateStore:
         except FileNotFoundError:
             return State()
         except OSError as exc:
-            log.error(f"cannot read the state file {self.path}: {exc}; starting from the config")
+            log.error("cannot read the state file {file}: {error}; starting from the config",
+                      file=str(self.path), error=str(exc))  # fmt: skip
             return State()
         try:
             return State.from_json(text)
@@ -116,8 +117,8 @@ class StateStore:
                 kept = f"the file was kept as {aside}"
             except OSError as rename_error:
                 kept = f"it could not be set aside: {rename_error}"
-            log.error(f"state file {self.path} is unreadable ({exc}); starting from the config"
-                      f" ({kept})")  # fmt: skip
+            log.error("state file {file} is unreadable ({error}); starting from the config"
+                      " ({kept})", file=str(self.path), error=str(exc), kept=kept)  # fmt: skip
             return State()
 
     def save(self, data: bytes) -> None:
@@ -142,7 +143,7 @@ class StateStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            log.warning(f"{self.path}: the disk is full; state rewritten in place")
+            log.warning("{file}: the disk is full; state rewritten in place", file=str(self.path))
 
 
 def _size(path: Path) -> int:

@@ -164,15 +164,16 @@ class Supervisor:
         """Start the remembered (or configured) version of every model, and its canary."""
         result = scan(self.config.models_dir)
         for why in result.skipped:
-            log.warning(f"model repository: skipped {why}")
+            log.warning("model repository: skipped {why}", why=why)
         self.state = self.store.load()
         self.uploads.sweep(now=float("inf"))  # whatever a previous run left half-sent
         repo = result.models
         for name in self.config.models.keys() - repo.keys():
             log.warning(
-                f"models.{name} is configured but {self.config.models_dir}/{name}"
-                " has no version with a model.onnx",
+                "models.{model} is configured but {models_dir}/{model} has no version with a"
+                " model.onnx",
                 model=name,
+                models_dir=str(self.config.models_dir),
             )
         for name in repo:  # all known before the first spawn: auto memory limits count them
             self.models[name] = Model(name)
@@ -194,7 +195,8 @@ class Supervisor:
             model.active = self.spawn(model, version, repo_model.version_dir(version))
         saved = self.state.model(model.name).canary
         if model.active and saved and saved.version in repo_model.versions:
-            log.info(f"model {model.name}: resuming the canary of {saved.version}")
+            log.info("model {model}: resuming the canary of {version}", model=model.name,
+                     version=saved.version)  # fmt: skip
             model.canary = CanaryRoute(saved.version, saved.share, self.config.canary,
                                        started=saved.started)  # fmt: skip
             model.canary_pool = self.spawn(
@@ -215,14 +217,15 @@ class Supervisor:
                 if saved.active not in repo_model.versions
                 else f"was chosen before models.{name}.version became {pin}"
             )
-            log.warning(f"model {name}: the remembered version {saved.active} {why}", model=name)
+            log.warning("model {model}: the remembered version {version} {why}", model=name,
+                        version=saved.active, why=why)  # fmt: skip
         version = pin or repo_model.latest
         if version not in repo_model.versions:
             self.models[name].error = (
                 f"configured version {version} is not in {repo_model.path}"
                 f" (versions there: {', '.join(repo_model.versions)})"
             )
-            log.error(f"model {name}: {self.models[name].error}", model=name)
+            log.error("model {model}: {problem}", model=name, problem=self.models[name].error)
             return None
         return version
 
@@ -240,7 +243,8 @@ class Supervisor:
         try:
             self.store.save(self.state.to_json())  # at start, before the socket serves
         except OSError as exc:
-            log.error(f"cannot write {self.store.path}: {exc}; switches will not survive")
+            log.error("cannot write {file}: {error}; switches will not survive",
+                      file=str(self.store.path), error=str(exc))  # fmt: skip
 
     def config_pin(self, name: str) -> str | None:
         wanted = self.config.models.get(name)
@@ -255,7 +259,8 @@ class Supervisor:
         except (ConfigError, CgroupError) as exc:
             model.broken[version] = str(exc)
             model.error = model.error if model.active else str(exc)
-            log.error(f"model {model.name} {version}: {exc}", model=model.name, version=version)
+            log.error("model {model} {version}: {error}", model=model.name, version=version,
+                      error=str(exc))  # fmt: skip
             return None
         pool = Pool(spec, self.config.workers, scheduling, cgroup=group, exits=self.exits)
         pool.manual = self._manual_instances(model.name, scheduling)
@@ -269,8 +274,8 @@ class Supervisor:
         saved before the bound existed, or before a lower max, is cut down to it)."""
         saved, most = self.state.model(name).instances, scheduling.instances.max
         if saved is not None and saved > most:
-            log.warning(f"model {name}: {plural(saved, 'instance')} set by hand, above"
-                        f" instances.max; running {most}", model=name)  # fmt: skip
+            log.warning("model {model}: {saved} instances set by hand, above instances.max;"
+                        " running {most}", model=name, saved=saved, most=most)  # fmt: skip
             return most
         return saved
 
@@ -329,8 +334,8 @@ class Supervisor:
     def _finished(self, task: "asyncio.Task[Any]") -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error(f"background task {task.get_coro().__qualname__} failed: {exc!r}",
-                      exc_info=exc)  # fmt: skip
+            log.error("background task {task} failed: {error}", task=task.get_coro().__qualname__,
+                      error=repr(exc), exc_info=exc)  # fmt: skip
 
     async def save(self, name: str, change: Callable[[ModelState], None]) -> None:
         """Make a change to a model's saved state durable, then apply it; or change
@@ -346,7 +351,7 @@ class Supervisor:
             except OSError as exc:
                 error = storage_error(exc, f"cannot record the change in {self.store.path}")
                 error.message += "; the change was not applied"
-                log.error(f"model {name}: {error.message}", model=name)
+                log.error("model {model}: {error}", model=name, error=error.message)
                 raise error from None
             change(self.state.model(name))
 
@@ -408,7 +413,9 @@ class Supervisor:
         written = self._save_or_retry(f"the end of model {model.name}'s canary")
         serving = model.active.spec.version if model.active else "nothing"
         message = f"canary {route.version} rolled back: {why}; {serving} serves every request"
-        log.error(f"model {model.name}: {message}", model=model.name, version=route.version)
+        log.error("model {model}: canary {version} rolled back: {why}; {serving} serves every"
+                  " request", model=model.name, version=route.version, why=why,
+                  serving=serving)  # fmt: skip
         model.event("canary-rollback", message, version=route.version)
         if pool:
             self.spawn_task(self.retire(pool, drain=True))
@@ -428,10 +435,11 @@ class Supervisor:
         except OSError as exc:
             self._unsaved = True
             retry = "not written" if self.stopping else f"retrying every {REAP_EVERY:g}s"
-            log.error(f"cannot record {what} in {self.store.path}: {exc}; {retry}")
+            log.error("cannot record {what} in {file}: {error}; {retry}", what=what,
+                      file=str(self.store.path), error=str(exc), retry=retry)  # fmt: skip
         else:
             if self._unsaved:
-                log.info(f"{self.store.path} is up to date again")
+                log.info("{file} is up to date again", file=str(self.store.path))
             self._unsaved = False
 
     async def _reap_forever(self) -> None:
@@ -454,10 +462,14 @@ class Supervisor:
                 loading = pool.state is WorkerState.STARTING
                 if not loading and used < idle_since and not pool.inflight:
                     del model.on_demand[version]
-                    log.info(f"model {model.name} {version}: unloading, unused", model=model.name)
+                    log.info(
+                        "model {model} {version}: unloading, unused",
+                        model=model.name,
+                        version=version,
+                    )
                     await self.retire(pool)
         for token in await asyncio.to_thread(self.uploads.sweep):
-            log.warning(f"removed upload {token}: abandoned")
+            log.warning("removed upload {upload}: abandoned", upload=token)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -518,7 +530,7 @@ class Supervisor:
                 ErrorCode.MODEL_UNAVAILABLE,
                 f"model {model.name} {version}: {model.broken[version]}",
             )
-        log.info(f"model {model.name} {version}: loading on demand", model=model.name)
+        log.info("model {model} {version}: loading on demand", model=model.name, version=version)
         model.on_demand[version] = pool
         return pool
 
@@ -732,14 +744,14 @@ class Supervisor:
             if pool.cgroup:
                 self.isolation.apply(pool.cgroup, spec.limits)
             pool.set_spec(dataclasses.replace(pool.spec, limits=spec.limits))
-            log.info(f"model {model.name}: limits updated", model=model.name)
+            log.info("model {model}: limits updated", model=model.name)
             changes.append("limits updated" if pool.cgroup else "limits updated, not enforced")
         if scheduling != pool.scheduling:
             pool.set_scheduling(scheduling)
             manual = self._manual_instances(model.name, scheduling)
             if manual != pool.manual:  # instances.max went below the count set by hand
                 pool.scale(manual)
-            log.info(f"model {model.name}: scheduling updated", model=model.name)
+            log.info("model {model}: scheduling updated", model=model.name)
             changes.append("scheduling updated")
         return ", ".join(changes) or "unchanged"
 

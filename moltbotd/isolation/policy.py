@@ -48,18 +48,19 @@ class Isolation:
         if found:
             if mode == "strict":
                 raise CgroupError("isolation: strict, but " + "; ".join(found))
-            log.warning("running without resource limits (isolation: best-effort): "
-                        + "; ".join(found))  # fmt: skip
+            log.warning("running without resource limits (isolation: best-effort): {why}",
+                        why="; ".join(found))  # fmt: skip
             return cls(mode, models_dir, reason="; ".join(found), sys_root=sys_root)
         isolation = cls(mode, models_dir, Subtree(group), sys_root=sys_root)
         isolation.remove_stale()
-        log.info(f"resource limits enforced in {group}", cgroup=str(group))
+        log.info("resource limits enforced in {cgroup}", cgroup=str(group))
         return isolation
 
     def remove_stale(self) -> None:
         assert self.subtree is not None
         for group in self.subtree.stale_groups():
-            log.warning(f"removing {group.path}, left by a daemon that did not stop cleanly")
+            log.warning("removing {cgroup}, left by a daemon that did not stop cleanly",
+                        cgroup=str(group.path))  # fmt: skip
             release_at_start(group)
 
     @property
@@ -87,7 +88,7 @@ class Isolation:
         except (OSError, ValueError) as exc:
             if self.mode == "strict":
                 raise CgroupError(f"cannot apply io limits: {exc}") from None
-            log.warning(f"io limits not applied: {exc}")
+            log.warning("io limits not applied: {error}", error=str(exc))
             return None
 
     def usage(self, group: Group) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def _removed(group: Group, deadline: float) -> bool:
         return True
     except CgroupError as exc:
         if time.monotonic() > deadline:
-            log.error(str(exc))
+            log.error("giving up on a cgroup: {error}", error=str(exc))
             return True
         return False
 

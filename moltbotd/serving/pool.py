@@ -400,18 +400,14 @@ class Pool:
         target = self.manual if self.manual is not None else self._autoscale(live, now)
         while len(live) < target:
             live.append(self._add_instance())
-            self._event(
-                "scale-up", f"{self.label}: {plural(len(live), 'instance')} ({self._why()})"
-            )
+            self._scaled("scale-up", len(live))
         idle = [w for w in live[1:] if not w.inflight and not w.queued]
         while len(live) > target and idle:
             worker = idle.pop()
             live.remove(worker)
             self._retiring.add(worker)  # before the task runs: the next look must skip it
             asyncio.get_running_loop().create_task(self._retire(worker))
-            self._event(
-                "scale-down", f"{self.label}: {plural(len(live), 'instance')} ({self._why()})"
-            )
+            self._scaled("scale-down", len(live))
             self._share_queue()
 
     def _autoscale(self, live: list[WorkerProcess], now: float) -> int:
@@ -445,10 +441,12 @@ class Pool:
                 self.workers.remove(worker)
                 self.stats.retire(worker.counters)
 
-    def _event(self, kind: str, message: str) -> None:
-        self.log.info(message, instances=len(self.workers))
+    def _scaled(self, kind: str, count: int) -> None:
+        why = self._why()
+        self.log.info("model {model} {version}: {count} instances ({why})", count=count,
+                      why=why, change=kind)  # fmt: skip
         if self.on_event:
-            self.on_event(kind, message)
+            self.on_event(kind, f"{self.label}: {plural(count, 'instance')} ({why})")
 
     # --- status ---------------------------------------------------------------------------
 

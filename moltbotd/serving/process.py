@@ -188,7 +188,8 @@ class WorkerProcess:
         """A bug in supervising must be seen, and must not leave a worker shown serving."""
         if task.cancelled() or task.exception() is None:
             return
-        self.log.error(f"{self.label}: supervising the worker failed", exc_info=task.exception())
+        self.log.error("model {model} {version}: supervising the worker failed",
+                       exc_info=task.exception())  # fmt: skip
         self.error = f"supervising the worker failed: {task.exception()!r}"
         if self._proc and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -206,7 +207,7 @@ class WorkerProcess:
                 ready = await self._spawn_and_load()
             except OSError as exc:  # fork/exec, socketpair or cgroup placement refused
                 self.error = f"cannot start a worker: {exc}"
-                self.log.error(f"{self.label}: {self.error}")
+                self.log.error("model {model} {version}: {error}", error=self.error)
                 await self._kill_and_reap()
                 ready = False
             if ready:
@@ -219,7 +220,8 @@ class WorkerProcess:
             if failures >= self.settings.restart.max_failures:
                 await self._set(S.FATAL)
                 self.log.error(
-                    f"{self.label} failed {failures} times in a row; not restarting",
+                    "model {model} {version} failed {failures} times in a row; not restarting",
+                    failures=failures,
                     error=self.error,
                 )
                 return
@@ -270,7 +272,7 @@ class WorkerProcess:
                            "slow_request": self.spec.slow_request,
                            "scheduling": asdict(self.scheduling)}}  # fmt: skip
         self._channel.transport.write(encode_frame(spec))  # type: ignore[union-attr]
-        self.log.info(f"{self.label} starting", pid=self.pid)
+        self.log.info("model {model} {version} starting", pid=self.pid)
         return await self._await_handshake()
 
     async def _await_handshake(self) -> bool:
@@ -293,7 +295,7 @@ class WorkerProcess:
         if self._handshake.done():  # the worker said its model cannot load
             self.error = f"cannot load {self.spec.path}: {self._handshake.result()['failed']}"
             self.log.error(
-                f"{self.label} failed to load",
+                "model {model} {version} failed to load",
                 error=self.error,
             )
             await self._kill_and_reap()
@@ -308,7 +310,7 @@ class WorkerProcess:
         else:
             self.error = f"did not report ready within {self.settings.start_timeout:g}s"
         self.log.error(
-            f"{self.label} failed to start",
+            "model {model} {version} failed to start",
             error=self.error,
         )
         return False
@@ -320,7 +322,7 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         self.error = None
         self.log.info(
-            f"Model {self.spec.model} {self.spec.version} loaded",
+            "Model {model} {version} loaded",
             pid=self.pid,
             providers=",".join(self.providers),
             load_ms=round(info["load_seconds"] * 1e3, 1),
@@ -328,10 +330,11 @@ class WorkerProcess:
             samples=info["samples"],
         )
         if info["warmup_error"]:
-            self.log.warning(f"{self.label}: warm-up run on zeros failed: {info['warmup_error']}")
+            self.log.warning("model {model} {version}: warm-up run on zeros failed: {error}",
+                             error=info["warmup_error"])  # fmt: skip
         if self.spec.session.device == "cuda" and "CUDAExecutionProvider" not in self.providers:
             self.log.warning(
-                f"{self.label}: CUDA is not available, running on CPU",
+                "model {model} {version}: CUDA is not available, running on CPU",
             )
 
     async def _proc_exit(self) -> None:
@@ -352,7 +355,7 @@ class WorkerProcess:
         if died:
             self.error = f"worker pid {self.pid} {reason}"
             self.log.error(
-                f"{self.label} worker died",
+                "model {model} {version} worker died",
                 pid=self.pid,
                 reason=reason,
             )
@@ -403,7 +406,7 @@ class WorkerProcess:
     def _hang(self, why: str) -> None:
         """Kill a hung worker (SIGKILL reaches a stopped process too); _watch reaps it."""
         self._hung = why
-        self.log.error(f"{self.label} worker hung; killing it", pid=self.pid, why=why)
+        self.log.error("model {model} {version} worker hung; killing it", pid=self.pid, why=why)
         assert self._proc is not None
         with contextlib.suppress(ProcessLookupError):
             self._proc.send_signal(signal.SIGKILL)
@@ -427,7 +430,8 @@ class WorkerProcess:
         )
         self.counters.restarts += 1
         self.log.warning(
-            f"{self.label} restarting in {delay:g}s",
+            "model {model} {version} restarting in {delay:g}s",
+            delay=delay,
             failures=failures,
         )
         with contextlib.suppress(TimeoutError):
@@ -483,7 +487,8 @@ class WorkerProcess:
                          " requests to this socket", {"reason": why})  # fmt: skip
 
     def _log_refusals(self, why: str, count: int) -> None:
-        self.log.warning(f"refused {count} direct channel(s) since the last warning: {why}")
+        self.log.warning("refused {count} direct channel(s) since the last warning: {why}",
+                         count=count, why=why)  # fmt: skip
 
     def close_channels(self, why: str, within: float) -> None:
         """Ask the worker to send its channels' clients back to moltbotd's socket."""
@@ -533,7 +538,8 @@ class WorkerProcess:
         except TimeoutError:
             if grace:
                 self.log.warning(
-                    f"{self.label} did not stop within {grace:g}s; killing it",
+                    "model {model} {version} did not stop within {grace:g}s; killing it",
+                    grace=grace,
                     pid=proc.pid,
                 )
             with contextlib.suppress(ProcessLookupError):
@@ -547,7 +553,7 @@ class WorkerProcess:
     def _enter(self, new: WorkerState) -> None:
         check_transition(self.state, new)
         old, self.state = self.state, new
-        self.log.debug(f"{self.label} {old} -> {new}")
+        self.log.debug("model {model} {version} {old} -> {new}", old=str(old), new=str(new))
         if self.on_state:
             self.on_state(self)
 
@@ -616,7 +622,7 @@ class WorkerProcess:
 
     def on_message(self, message: dict[str, Any] | MoltError) -> None:
         if isinstance(message, MoltError):
-            self.log.error(f"{self.label} sent a bad frame", error=str(message))
+            self.log.error("model {model} {version} sent a bad frame", error=str(message))
             return
         if "stats" in message:
             self._stats(message["stats"])
@@ -654,7 +660,7 @@ class WorkerProcess:
                     self.on_failed(failed)
                 done(failed)
             except Exception:  # one answer's failure must not lose the others' or kill us
-                self.log.exception(f"{self.label}: answering a failed request raised")
+                self.log.exception("model {model} {version}: answering a failed request raised")
 
     async def _relay_output(self, proc: asyncio.subprocess.Process) -> None:
         """onnxruntime and Python write to the worker's stdout/stderr: log it, tagged."""
@@ -662,7 +668,7 @@ class WorkerProcess:
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             if line:
-                self.log.warning(line, pid=proc.pid)
+                self.log.warning("{line}", line=line, pid=proc.pid)
 
     def status(self) -> dict[str, Any]:
         up = time.monotonic() - self.started_at if self.started_at else None

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from moltbotd.journal import AUDIT_MESSAGE_ID, message_id
 from moltbotd.wire.protocol import MoltError
 from moltctl.client import Client
 
@@ -109,10 +110,11 @@ def installed_service() -> None:
     check("systemctl-reload-keeps-main-pid",
           main_pid() == before and sh("systemctl is-active moltbotd") == "active",
           f"{before} -> {main_pid()}")  # fmt: skip
-    security = sh("systemd-analyze security moltbotd --no-pager | tail -1")
-    score = re.search(r"exposure level for moltbotd\.service: (\d+\.\d+) ", security)
+    report = sh("systemd-analyze security moltbotd --no-pager").splitlines()
+    score = re.search(r"exposure level for moltbotd\.service: (\d+\.\d+) ", report[-1])
     exposure = float(score[1]) if score else 10.0  # no score read: the worst
-    check("systemd-analyze-security", exposure <= MAX_EXPOSURE, security)
+    findings = [line.strip() for line in report if line.lstrip().startswith("✗")]
+    check("systemd-analyze-security", exposure <= MAX_EXPOSURE, [report[-1], *findings])
 
 
 # --- roles: who may do what, from the credentials the kernel gives -----------------------
@@ -147,6 +149,43 @@ def roles_by_credentials() -> None:
     check("refusal-audited-under-the-clients-own-uid",
           (uid, "alice", "PERMISSION_DENIED") in theirs
           and (pwd.getpwnam("carol").pw_uid, "carol", "ok") in theirs, theirs)  # fmt: skip
+
+
+# --- the journal: structured fields, and history across restarts ------------------------
+
+
+def journal_records(*matches: str) -> list[dict[str, Any]]:
+    out = sh("journalctl -u moltbotd -o json --no-pager -q " + " ".join(matches))
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def journal_fields() -> None:
+    before = main_pid()
+    sh("moltctl switch v1.0 && moltctl switch v2.0")
+    serving = journal_records(
+        "MODEL=demo", f"MESSAGE_ID={message_id('model {model}: now serving {version}')}"
+    )
+    check("journalctl-finds-entries-by-their-fields",
+          serving and serving[-1]["MESSAGE"] == "model demo: now serving v2.0 previous=v1.0"
+          and serving[-1]["VERSION"] == "v2.0" and serving[-1]["PRIORITY"] == "6",
+          serving[-2:])  # fmt: skip
+    audited = journal_records(f"MESSAGE_ID={AUDIT_MESSAGE_ID}", "OP=switch")
+    check("audit-records-in-the-journal",
+          audited and audited[-1]["OUTCOME"] == "ok" and audited[-1]["CLIENT_UID"] == "0",
+          audited[-1:])  # fmt: skip
+    lines = [r["MESSAGE"] for r in journal_records("_TRANSPORT=stdout")]  # stderr's, as text
+    check("no-log-line-twice", not any("now serving" in str(m) for m in lines), lines[-3:])
+    sh("systemctl restart moltbotd")
+    shown = run("moltctl", "logs", "-m", "demo", "--last", "1h", "-o", "json")
+    entries = [json.loads(line) for line in shown.stdout.splitlines()]
+    runs = {e["pid"] for e in entries if "now serving" in e["message"] or "loaded" in e["message"]}
+    check("moltctl-logs-shows-earlier-runs", {before, main_pid()} <= runs,
+          (before, main_pid(), runs, shown.stderr))  # fmt: skip
+    errors = run("moltctl", "logs", "--filter", "ERROR", "--last", "1h")
+    levels = {line.split("] [")[1] for line in errors.stdout.splitlines() if "] [" in line}
+    check("moltctl-logs-filter-error-last-1h",
+          errors.returncode == 0 and levels <= {"ERROR", "CRITICAL"},
+          (errors.stdout, errors.stderr))  # fmt: skip
 
 
 # --- Prometheus: the package's metrics socket, scraped by Debian's prometheus ---------------
@@ -507,6 +546,7 @@ class Stream(threading.Thread):
 
 def main() -> int:
     for name, scenario in [("installed", installed_service), ("roles", roles_by_credentials),
+                           ("journal", journal_fields),
                            ("prometheus", prometheus_scrape),
                            ("cgroups", cgroup_layout),
                            ("instances", instances_in_one_group),

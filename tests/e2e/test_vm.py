@@ -117,6 +117,12 @@ def test_apt_install_by_name_starts_the_service(vm):
     passed(vm, "service-active-after-install", "socket-0666-group-moltbot", "moltctl-status")
 
 
+def test_structured_journal_and_history_across_restarts(vm):
+    passed(vm, "journalctl-finds-entries-by-their-fields", "audit-records-in-the-journal",
+           "no-log-line-twice", "moltctl-logs-shows-earlier-runs",
+           "moltctl-logs-filter-error-last-1h")  # fmt: skip
+
+
 def test_roles_by_peer_credentials_with_the_packages_groups(vm):
     passed(vm, "group-moltbot-reads-and-infers", "group-moltbot-may-not-switch",
            "group-moltbot-admin-switches-as-documented", "no-group-no-role",
