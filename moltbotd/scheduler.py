@@ -33,9 +33,11 @@ class Pending:
         "outputs",
         "place",
         "priority",
+        "received",
         "reply",
         "rows",
         "started",
+        "taken",
         "timer",
         "trace",
     )  # fmt: skip
@@ -50,6 +52,8 @@ class Pending:
         self.reply = reply
         self.key, self.rows = batch_key(inputs, outputs)
         self.timer: Any = None  # the deadline's timer handle, cancelled once answered
+        self.received = arrived  # when its bytes were read (a worker: before its checks)
+        self.taken: float | None = None  # when a free lane began to make its batch
         self.started: float | None = None  # when it went to a worker
         self.answered = False
         self.on_start: Callable[[], None] | None = None  # told when it starts to run

@@ -42,6 +42,7 @@ from moltbotd.wire.protocol import (
     error_response,
     request,
     response_result,
+    traced,
 )
 from moltbotd.wire.region import HEADER_BYTES, area, put, running
 
@@ -91,6 +92,15 @@ def connect_error(path: Path, exc: OSError) -> ConnectError:
     if path != DEFAULT_SOCKET:
         hint += ", or point --socket / MOLTBOT_SOCKET at the daemon's socket"
     return ConnectError(f"moltbotd is not running at {path} ({hint})")
+
+
+def _deadline_passed(label: str, params: dict[str, Any]) -> MoltError:
+    """The error for a direct request whose worker did not answer by its deadline (and a
+    grace): as the worker would have said it, naming the request if the caller did."""
+    timeout = params["timeout_ms"]
+    why = f"deadline exceeded: {label} did not answer within {timeout:g}ms"
+    return traced(MoltError(ErrorCode.DEADLINE_EXCEEDED, why, {"waited_ms": timeout}),
+                  params.get("request_id"))  # fmt: skip
 
 
 def encode_inputs(inputs: Mapping[str, Any], view: bool = False) -> dict[str, Any]:
@@ -532,9 +542,7 @@ class Client(_Calls):
             if not local:
                 raise ProtocolError(f"no answer from {channel.label} within {wait:g}s") from None
             self._drop(params["model"])
-            why = f"deadline exceeded: {channel.label} did not answer within {timeout:g}ms"
-            error = MoltError(ErrorCode.DEADLINE_EXCEEDED, why, {"waited_ms": timeout})
-            return error_response(req_id, error)
+            return error_response(req_id, _deadline_passed(channel.label, params))
         except (OSError, ProtocolError) as exc:
             if channel.sock.fileno() == -1:  # close() from another thread: not the worker's doing
                 raise ProtocolError(f"this client was closed while its request to"
@@ -762,9 +770,7 @@ class AsyncClient(_Calls):
             async with asyncio.timeout(timeout / 1000 + DEADLINE_GRACE):
                 return await channel.call(message, req_id)
         except TimeoutError:  # its late answer is dropped by id
-            why = f"deadline exceeded: {channel.label} did not answer within {timeout:g}ms"
-            error = MoltError(ErrorCode.DEADLINE_EXCEEDED, why, {"waited_ms": timeout})
-            return error_response(req_id, error)
+            return error_response(req_id, _deadline_passed(channel.label, params))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         decoder = FrameDecoder(MAX_RESPONSE_BYTES)

@@ -51,6 +51,17 @@ def worker_pid(client, model: str) -> int:
     return client.status(model)["models"][0]["worker"]["pid"]
 
 
+async def running(client: AsyncClient, model: str, count: int) -> dict:
+    """Wait until the worker said it runs `count` of the model's relayed requests (they
+    left its queue); its pool's status then."""
+
+    async def pool() -> dict | None:
+        [entry] = [m for m in (await client.status(model))["models"] if m["name"] == model]
+        return entry["worker"] if entry["worker"]["running"] == count else None
+
+    return await wait_until_async(pool, what=f"{count} requests of {model} running")
+
+
 async def dispatched(client: AsyncClient, model: str, count: int) -> dict:
     """Wait until `count` of the model's requests were sent to its worker (in flight);
     its pool's status then."""

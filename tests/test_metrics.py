@@ -3,6 +3,7 @@ request paths (through `moltctl metrics` and over HTTP with curl), and the liste
 answers to what is not a scrape."""
 
 import asyncio
+import hashlib
 import os
 import re
 import signal
@@ -19,12 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moltbotd import __version__
 from moltbotd.config import listen_address
+from moltbotd.demo import save
 from moltbotd.wire.histogram import LATENCY_BUCKETS, Histogram
-from moltbotd.wire.protocol import ErrorCode, MoltError
+from moltbotd.wire.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame, request
 from moltctl.client import AsyncClient, Client, DirectChannel
 from stress.daemon import Daemon
 from tests.conftest import run_moltctl, wait_until
-from tests.test_scheduling import SLOW_N, slow_inputs
+from tests.test_daemon import running
+from tests.test_scheduling import LONG, SLOW_N, rows_inputs, rows_model, slow_inputs
 
 X = np.ones((1, 4), np.float32)
 LISTEN = "metrics: {listen: '127.0.0.1:0'}\n"
@@ -103,7 +106,7 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, check=False)  # fmt: skip
 
 
-def test_every_request_is_counted_once_on_either_path(daemon_factory):
+def test_every_request_is_counted_once_on_either_path(daemon_factory, models_dir):
     daemon = daemon_factory(LISTEN)
     with Client(daemon.socket) as direct, Client(daemon.socket, direct=False) as relayed:
         version = direct.status("demo")["models"][0]["active_version"]
@@ -115,22 +118,28 @@ def test_every_request_is_counted_once_on_either_path(daemon_factory):
             assert bad.value.code is ErrorCode.INVALID_INPUT
         assert isinstance(direct._channels["demo"], DirectChannel)  # the default path was taken
     demo = {"model": "demo", "version": version}
+    sha256 = hashlib.sha256((models_dir / "demo" / version / "model.onnx").read_bytes())
+    info = {**demo, "role": "active", "providers": "CPUExecutionProvider",
+            "sha256": sha256.hexdigest()}  # fmt: skip
 
     def counted() -> Samples | None:
         found = scrape(daemon)
-        return found if value(found, "moltbot_requests_total", code="OK", **demo) == 8 else None
+        hashed = value(found, "moltbot_model_version_info", **info) == 1  # in a thread
+        return found if hashed and value(found, "moltbot_requests_total", code="OK",
+                                         **demo) == 8 else None  # fmt: skip
 
-    found = wait_until(counted, what="8 OK answers in moltbot_requests_total")
+    found = wait_until(counted, what="8 OK answers in moltbot_requests_total, the sha256")
     assert value(found, "moltbot_requests_total", code="INVALID_INPUT", **demo) == 2
-    for series in ("request_latency", "queue_wait", "compute"):
+    for series in ("request_latency", "queue_wait", "batch_wait", "compute", "transfer"):
         assert value(found, f"moltbot_{series}_seconds_count", **demo) == 8, series
         assert value(found, f"moltbot_{series}_seconds_bucket", le="+Inf", **demo) == 8
-        assert value(found, f"moltbot_{series}_seconds_sum", **demo) > 0
+    for series in ("request_latency", "queue_wait", "compute", "transfer"):
+        assert value(found, f"moltbot_{series}_seconds_sum", **demo) > 0, series
+    assert value(found, "moltbot_batch_wait_seconds_sum", **demo) == 0  # no batching
     assert value(found, "moltbot_instances", **demo) == 1
     assert value(found, "moltbot_worker_starts_total", **demo) == 1
     assert value(found, "moltbot_worker_restarts_total", **demo) == 0
     assert value(found, "moltbot_direct_channels", **demo) == 0  # the clients closed theirs
-    info = {**demo, "role": "active", "providers": "CPUExecutionProvider"}
     assert value(found, "moltbot_model_version_info", **info) == 1
     # the same series over HTTP, as Prometheus scrapes them
     web = curl("-f", f"http://{address(daemon)}/metrics")
@@ -158,6 +167,93 @@ def test_batches_are_counted_by_size(daemon_factory):
     assert batches is not None and 3 <= batches <= 24
     assert value(found, "moltbot_batch_size_bucket", le="+Inf", **demo) == batches
     assert value(found, "moltbot_batch_size_bucket", le="8", **demo) == batches
+
+
+HOLDING = """models:
+  rows:
+    channel_threads: 2
+    batching: {max_batch_size: 4, timeout_ms: 200}
+"""
+
+
+def test_a_batch_held_to_fill_counts_its_wait(daemon_factory, models_dir):
+    """One lane runs a long request; the other, free, holds the next request for company
+    (timeout_ms): that wait is batch wait, not queue wait."""
+    save(rows_model(), models_dir, "rows", "v1")
+    daemon = daemon_factory(LISTEN + HOLDING)
+
+    async def scenario() -> None:
+        async with AsyncClient(daemon.socket, direct=False) as client:
+            long = asyncio.ensure_future(
+                client.infer("rows", rows_inputs(np.zeros((1, 3), np.float32), LONG))
+            )
+            await running(client, "rows", 1)  # out of the queue: the next one is alone
+            await client.infer("rows", rows_inputs(np.ones((1, 3), np.float32)))
+            await long
+
+    asyncio.run(scenario())
+    rows = {"model": "rows", "version": "v1"}
+
+    def counted() -> Samples | None:
+        found = scrape(daemon)
+        return found if value(found, "moltbot_batch_wait_seconds_count", **rows) == 2 else None
+
+    found = wait_until(counted, what="2 requests in moltbot_batch_wait_seconds")
+    held = value(found, "moltbot_batch_wait_seconds_sum", **rows)
+    assert held is not None and held > 0
+    # the held request's wait is one of the two; the long one ran at once
+    assert value(found, "moltbot_batch_wait_seconds_bucket", le="1e-05", **rows) == 1
+
+
+def test_switches_canaries_and_scaling_are_counted(daemon_factory):
+    daemon = daemon_factory("models: {demo: {instances: {max: 2}}}\n")
+    with Client(daemon.socket) as client:
+        client.switch("v1.0", "demo")
+        client.switch("v2.0", "demo", canary=0.5)
+        for _ in range(20):
+            client.infer("demo", {"x": X})
+        during = scrape(daemon)
+        client.rollback("demo")  # ends the canary
+        client.scale("demo", 2)
+    events = {kind: value(scrape(daemon), "moltbot_model_events_total", model="demo", kind=kind)
+              for kind in ("switch", "canary", "canary-rollback", "scale", "scale-up")}  # fmt: skip
+    assert events == {"switch": 1, "canary": 1, "canary-rollback": 1, "scale": 1, "scale-up": 1}
+    canary = {"model": "demo", "version": "v2.0"}
+    assert value(during, "moltbot_canary_share", **canary) == 0.5
+    took = value(during, "moltbot_canary_requests_total", outcome="ok", **canary)
+    assert took is not None and 0 < took < 20  # its share of the 20, all answered
+    assert value(during, "moltbot_canary_requests_total", outcome="failed", **canary) == 0
+    assert value(scrape(daemon), "moltbot_canary_share", **canary) is None  # it ended
+
+
+def test_the_socket_counts_what_it_answered_before_any_model_did(daemon):
+    with Client(daemon.socket, direct=False) as client:
+        client.infer("demo", {"x": X})
+        for model in ("nothing", "nothing"):
+            with pytest.raises(MoltError):
+                client.infer(model, {"x": X})
+        client.status()
+    with socket.socket(socket.AF_UNIX) as raw:  # the client library checks ops first
+        raw.connect(str(daemon.socket))
+        raw.sendall(encode_frame(request(1, "no_such_op", {})))
+        decoder, answers = FrameDecoder(), []
+        while not answers:
+            answers = decoder.feed(raw.recv(65536))
+    assert answers[0]["error"]["code"] == ErrorCode.UNKNOWN_OPERATION.value
+    version = {"model": "demo", "version": "v2.0"}
+
+    def reported() -> Samples | None:  # the worker's counts come in its next report
+        found = scrape(daemon)
+        return found if value(found, "moltbot_requests_total", code="OK", **version) else None
+
+    found = wait_until(reported, what="the worker's report of its one answer")
+    answered = {("infer", "OK"): 1, ("infer", "MODEL_NOT_FOUND"): 2,
+                ("unknown", "UNKNOWN_OPERATION"): 1, ("status", "OK"): 1}  # fmt: skip
+    for (op, code), count in answered.items():
+        assert value(found, "moltbot_socket_requests_total", op=op, code=code) == count, (op, code)
+    # the model counted its one answer; the two refused before reaching one are not its
+    assert value(found, "moltbot_requests_total", code="OK", **version) == 1
+    assert value(found, "moltbot_requests_total", code="MODEL_NOT_FOUND", **version) is None
 
 
 def cpu_seconds(pid: int) -> float:

@@ -27,7 +27,7 @@ from moltbotd.wire.protocol import ErrorCode, MoltError
 from moltctl.client import AsyncChannel, AsyncClient, Client
 from tests.conftest import run_moltctl, wait_until, wait_until_async
 from tests.models import busy_loop_body, mlp_model, slow_model
-from tests.test_daemon import direct, dispatched
+from tests.test_daemon import direct, running
 from tests.test_daemon import slow_inputs as daemon_slow_inputs
 
 SLOW_N = 200_000  # Loop iterations of the slow model: a few tenths of a second per request
@@ -258,7 +258,7 @@ def test_requests_with_other_dimensions_are_not_mixed(daemon_factory, models_dir
             blocker = asyncio.ensure_future(
                 c.infer("rows", rows_inputs(np.zeros((1, 3), np.float32), SLOW_N))
             )
-            await dispatched(c, "rows", 1)  # it runs now; what comes next waits for a batch
+            await running(c, "rows", 1)  # it runs now; what comes next waits for a batch
             outs = await asyncio.gather(*(c.infer("rows", rows_inputs(x)) for x in xs))
             return await blocker, outs, await reported(c, "rows", 6)
 

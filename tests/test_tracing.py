@@ -27,6 +27,26 @@ def test_the_answer_carries_the_callers_request_id(daemon, direct):
     assert long.value.code is ErrorCode.BAD_REQUEST and "request_id" in long.value.message
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "socket"])
+def test_an_error_answer_names_the_request_too(daemon, direct):
+    def refused(model: str, inputs: dict, **options) -> MoltError:
+        with pytest.raises(MoltError) as caught:
+            client.infer(model, inputs, **options)
+        return caught.value
+
+    with Client(daemon.socket, direct=direct) as client:
+        client.infer("slow", slow_inputs(1))  # opens the direct channels, where direct
+        checked = refused("demo", {"x": np.ones((1, 3), np.float32)}, request_id="bad-shape")
+        late = refused("slow", slow_inputs(SLOW_N), request_id="late", timeout_ms=1)
+        unknown = refused("nothing", {"x": X}, request_id="lost")
+        unnamed = refused("demo", {"x": np.ones((1, 3), np.float32)})
+        assert (client._channels.get("demo") is not None) == direct  # the path it took
+    assert (checked.code, checked.details["request_id"]) == (ErrorCode.INVALID_INPUT, "bad-shape")
+    assert (late.code, late.details["request_id"]) == (ErrorCode.DEADLINE_EXCEEDED, "late")
+    assert (unknown.code, unknown.details["request_id"]) == (ErrorCode.MODEL_NOT_FOUND, "lost")
+    assert "request_id" not in unnamed.details
+
+
 def test_moltctl_infer_request_id(daemon):
     out = ok(run_moltctl("infer", "demo", "--input", "x=[[1, 2, 3, 4]]", "--request-id", "cli-7",
                          "-o", "json", socket=daemon.socket))  # fmt: skip
@@ -43,6 +63,6 @@ def test_a_slow_request_is_logged_once_with_its_id_and_phases(daemon_factory, di
     daemon.wait_for_log(f"request_id=slow-{path}")
     [line] = [line for line in daemon.log().splitlines() if f"request_id=slow-{path}" in line]
     assert "[WARNING]" in line and "slow request" in line and "model=slow" in line, line
-    for field in ("ms=", "queue_ms=", "compute_ms=", "code=OK"):
+    for field in ("ms=", "queue_ms=", "batch_ms=", "compute_ms=", "transfer_ms=", "code=OK"):
         assert field in line, line
     assert f"quick-{path}" not in daemon.log()  # reported before it, and fast: not logged

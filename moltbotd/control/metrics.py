@@ -6,6 +6,7 @@ collector turns what they hold into series when /metrics or `moltctl metrics` as
 prometheus_client writes the exposition format. docs/observability.md lists the series.
 """
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,14 @@ PHASE_SERIES = {
     "request": ("moltbot_request_latency_seconds",
                 "From a request's arrival at its worker to its answer."),
     "queue": ("moltbot_queue_wait_seconds",
-              "From a request's arrival at its worker to the start of its run."),
-    "compute": ("moltbot_compute_seconds", "From the start of a request's run to its answer."),
+              "From a request's arrival at its worker to a lane taking it into a batch."),
+    "batch": ("moltbot_batch_wait_seconds",
+              "A lane's wait for the request's batch to fill (batching.timeout_ms); 0"
+              " without batching."),
+    "compute": ("moltbot_compute_seconds", "From the start of a request's run to its outcome."),
+    "transfer": ("moltbot_transfer_seconds",
+                 "In the worker: reading and checking a request (its inputs copied out of a"
+                 " shared region), and framing its answer."),
 }  # fmt: skip
 
 
@@ -73,11 +80,12 @@ def _info() -> Metric:
 
 def _versions(pools: Pools) -> Metric:
     family = GaugeMetricFamily("moltbot_model_version_info",
-                               "1 for each loaded version: its role and execution providers.",
-                               labels=[*LABELS, "role", "providers"])  # fmt: skip
+                               "1 for each loaded version: its role, execution providers and"
+                               " model file's sha256 (empty until hashed).",
+                               labels=[*LABELS, "role", "providers", "sha256"])  # fmt: skip
     for model, role, pool in pools:
         providers = ",".join(pool.primary.providers) if pool.workers else ""
-        family.add_metric([model, pool.spec.version, role, providers], 1)
+        family.add_metric([model, pool.spec.version, role, providers, pool.sha256 or ""], 1)
     return family
 
 
@@ -188,7 +196,9 @@ def _canaries(supervisor: "Supervisor") -> Iterator[Metric]:
                                    "Requests the running canary answered, by outcome.",
                                    labels=[*LABELS, "outcome"])  # fmt: skip
     events = CounterMetricFamily("moltbot_model_events",
-                                 "Events of a model: canary-rollback, scale.",
+                                 "Events of a model: switch, promote, rollback, deploy (a"
+                                 " version activated), reload (a restart), canary (started),"
+                                 " canary-rollback, scale, scale-up, scale-down.",
                                  labels=["model", "kind"])  # fmt: skip
     for model in supervisor.models.values():
         if model.canary:
@@ -201,12 +211,32 @@ def _canaries(supervisor: "Supervisor") -> Iterator[Metric]:
     yield from (share, answered, events)
 
 
+class SocketCollector:
+    """What moltbotd's socket answered, by operation and outcome."""
+
+    def __init__(self, answers: Counter[tuple[str, str]]) -> None:
+        self.answers = answers
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "moltbot_socket_requests",
+            "Requests moltbotd's socket answered, by operation and outcome: infer's too"
+            " (those refused before reaching a model, as MODEL_NOT_FOUND or"
+            " PERMISSION_DENIED, are counted only here).",
+            labels=["op", "code"],
+        )
+        for (op, code), count in sorted(self.answers.items()):
+            family.add_metric([op, code], count)
+        yield family
+
+
 class Metrics:
     """The registry behind /metrics and the `metrics` operation."""
 
-    def __init__(self, supervisor: "Supervisor") -> None:
+    def __init__(self, supervisor: "Supervisor", answers: Counter[tuple[str, str]]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(supervisor))  # type: ignore[arg-type]
+        self.registry.register(SocketCollector(answers))  # type: ignore[arg-type]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

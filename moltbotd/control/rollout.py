@@ -254,6 +254,8 @@ class Rollout:
             drained = await self.sup.retire(old, drain=True)
         log.info("model {model}: now serving {version}", model=model.name,
                  version=version, previous=previous)  # fmt: skip
+        kind = phases.operation.split()[0]  # switch, promote, rollback, deploy, reload
+        model.event(kind, f"{previous or 'nothing'} -> {version}", version=version)
         return {"model": model.name, "from": previous, "to": version, "changed": True,
                 "drained": drained, "changes": found.changes, "checksum": found.checksum,
                 "seconds": phases.done()}  # fmt: skip
@@ -270,6 +272,7 @@ class Rollout:
         active = model.active.spec.version if model.active else None
         log.info("model {model}: canary {version} takes {share:.0%} of requests",
                  model=model.name, version=version, share=share)  # fmt: skip
+        model.event("canary", f"{version} takes {share:.0%} of requests", version=version)
         return {"model": model.name, "from": active, "to": version, "changed": True,
                 "canary": share, "changes": found.changes, "checksum": found.checksum,
                 "seconds": phases.done()}  # fmt: skip

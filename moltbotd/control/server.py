@@ -50,6 +50,8 @@ from moltbotd.wire.protocol import (
     ok_response,
     parse_request,
     request_id,
+    trace_of,
+    traced,
 )
 from moltbotd.wire.units import format_size
 
@@ -68,7 +70,9 @@ class Caller:
 
 Handler = Callable[[dict[str, Any], Caller], Awaitable[Any]]
 Emit = Callable[[dict[str, Any]], None]
-Answer = tuple[Any, "asyncio.Future[Any]"]  # a request's id, and its outcome to come
+# a request's id, its outcome to come, and its operation (UNKNOWN: none of the table's)
+Answer = tuple[Any, "asyncio.Future[Any]", str]
+UNKNOWN = "unknown"
 
 
 class Handover(dict[str, Any]):
@@ -306,7 +310,8 @@ class Server:
         self.limits = config.clients
         ring.field_chars = self.limits.log_field_chars
         self.clients = Clients(self.limits)
-        self.metrics = Metrics(rollout.sup)
+        self.answers: collections.Counter[tuple[str, str]] = collections.Counter()  # op, code
+        self.metrics = Metrics(rollout.sup, self.answers)
         trail = config.audit
         self.audit = AuditLog(trail.file or config.state_dir / "audit.jsonl", trail.max_bytes,
                               trail.keep, ring.journal)  # fmt: skip
@@ -366,9 +371,11 @@ class Server:
         names = self.limits.max_name_chars
         req_id = request_id(message, names)
         audited: tuple[str, dict[str, Any]] | None = None  # a change: recorded when it ends
+        name = UNKNOWN
         try:
             request = parse_request(message, names)
             op = lookup(request.op)
+            name = op.name
             audited = (op.name, request.params) if _changes(op.name, request.params) else None
             if not self.accepting:
                 raise MoltError(
@@ -387,33 +394,39 @@ class Server:
                 log.info("{op} requested", op=op.name, peer=peer.describe(), **params)
             caller = self._caller(request.id, params, peer, emit)
             outcome = asyncio.ensure_future(self.handlers[op.name](params, caller))
+            if op.name == "infer" and "request_id" in params:
+                outcome = _traced(outcome, params["request_id"])
         except Exception as exc:
             if isinstance(exc, MoltError):
                 # Its traceback holds this frame, and so the request (a 10 MB parameter)
                 # in a cycle with `outcome` that only the garbage collector would break.
                 exc.__traceback__ = None
+            if type(exc) is MoltError:
+                exc = traced(exc, trace_of(message, names))
             outcome = asyncio.get_running_loop().create_future()
             outcome.set_exception(exc)
         if audited:
             self.audit.watch(*audited, peer, outcome)
-        return req_id, outcome
+        return req_id, outcome, name
 
-    @staticmethod
-    def respond(answer: Answer) -> dict[str, Any]:
-        """The response for a finished request; an unexpected exception is logged."""
-        req_id, outcome = answer
+    def respond(self, answer: Answer) -> dict[str, Any]:
+        """The response for a finished request, counted by operation and outcome; an
+        unexpected exception is logged."""
+        req_id, outcome, op = answer
         try:
-            return ok_response(req_id, outcome.result())
+            response, code = ok_response(req_id, outcome.result()), "OK"
         except RequestError as exc:
-            return error_response(exc.req_id, exc)
+            response, code = error_response(exc.req_id, exc), exc.code.value
         except MoltError as exc:
-            return error_response(req_id, exc)
+            response, code = error_response(req_id, exc), exc.code.value
         except Exception:
             log.exception("internal error while handling a request")
             error = MoltError(
                 ErrorCode.INTERNAL, "internal error in moltbotd; the daemon log has the details"
             )
-            return error_response(req_id, error)
+            response, code = error_response(req_id, error), error.code.value
+        self.answers[op, code] += 1
+        return response
 
     @staticmethod
     def _caller(req_id: Any, params: dict[str, Any], peer: Peer, emit: Emit | None) -> Caller:
@@ -471,6 +484,22 @@ def _claim_socket_path(path: Path) -> None:
     finally:
         probe.close()
     raise StartError(f"another moltbotd is already serving at {path}")
+
+
+def _traced(outcome: "asyncio.Future[Any]", trace: str) -> "asyncio.Future[Any]":
+    """The outcome of an infer the caller named: an error moltbotd gives names it too."""
+    answer = asyncio.get_running_loop().create_future()
+
+    def settle(done: "asyncio.Future[Any]") -> None:
+        if done.cancelled():
+            answer.cancel()
+        elif (exc := done.exception()) is not None:
+            answer.set_exception(traced(exc, trace) if type(exc) is MoltError else exc)
+        else:
+            answer.set_result(done.result())
+
+    outcome.add_done_callback(settle)
+    return answer
 
 
 def _changes(op: str, params: Any) -> bool:

@@ -34,7 +34,7 @@ from moltbotd.serving.process import WorkerProcess, WorkerSpec
 from moltbotd.serving.states import WorkerState
 from moltbotd.versions.repository import RepoModel, read_model_yaml, scan
 from moltbotd.versions.uploads import Uploads
-from moltbotd.wire.files import MODEL_FILE
+from moltbotd.wire.files import MODEL_FILE, sha256_file
 from moltbotd.wire.protocol import ErrorCode, MoltError, Packed, pack_with
 from moltbotd.wire.units import plural
 
@@ -267,7 +267,19 @@ class Supervisor:
         pool.on_event = model.event
         self.pools.add(pool)
         pool.start()
+        self.spawn_task(self._fingerprint(pool))
         return pool
+
+    @staticmethod
+    async def _fingerprint(pool: Pool) -> None:
+        """The sha256 of the model file the version loads, for its info series: hashed in
+        a thread (about a second per GB), while the worker loads it."""
+        try:
+            pool.sha256 = await asyncio.to_thread(sha256_file, pool.spec.path)
+        except OSError as exc:
+            log.warning("model {model} {version}: cannot hash {file}: {error}",
+                        model=pool.spec.model, version=pool.spec.version,
+                        file=str(pool.spec.path), error=str(exc))  # fmt: skip
 
     def _manual_instances(self, name: str, scheduling: Scheduling) -> int | None:
         """The count `moltctl scale` saved, within the version's instances.max (a count

@@ -111,6 +111,7 @@ class Pool:
         self.workers: list[WorkerProcess] = []
         self.queue = Queue(scheduling.max_queue)  # requests waiting for an instance to serve
         self.manual: int | None = None  # instances set by `moltctl scale`; None: autoscale
+        self.sha256: str | None = None  # of the model file, once hashed (metrics' info)
         self.stats = Stats()
         self.on_phase: Callable[[str], None] | None = None  # the first instance's phases
         self.on_event: Callable[[str, str], None] | None = None  # (kind, message) for status

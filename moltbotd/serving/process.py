@@ -679,6 +679,8 @@ class WorkerProcess:
             "error": self.error,
             "providers": self.providers,
             "inflight": self.inflight,
+            # relayed requests its worker said it runs (the others wait in its queue)
+            "running": len(self._inflight) - len(self._orphans),
             "channels": self.channels,
             "uptime": up if self.state in (S.READY, S.DRAINING) else None,
             "requests": self.counters.requests,

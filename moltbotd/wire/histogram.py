@@ -14,7 +14,9 @@ LATENCY_BUCKETS = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-PHASES = ("request", "queue", "compute")  # arrival to answer; arrival to run; the run
+# arrival to answer; arrival to a lane taking it; a lane's wait for its batch to fill;
+# the run; reading and checking the request, framing its answer (worker/hub.py)
+PHASES = ("request", "queue", "batch", "compute", "transfer")
 
 
 class Histogram:

@@ -257,6 +257,23 @@ def request_id(
     return req_id if isinstance(req_id, int) and not isinstance(req_id, bool) else None
 
 
+def trace_of(message: Any, max_chars: int = DEFAULT_MAX_NAME_CHARS) -> str | None:
+    """An infer request's `request_id` when it is a valid one, before or without the
+    parameter check (an answer never echoes an oversized or mistyped one)."""
+    infer = isinstance(message, dict) and message.get("op") == "infer"
+    params = message.get("params") if infer else None
+    trace = params.get("request_id") if isinstance(params, dict) else None
+    return trace if isinstance(trace, str) and len(trace) <= max_chars else None
+
+
+def traced(error: MoltError, trace: str | None) -> MoltError:
+    """The error as the answer to a request the caller named: `details.request_id` says
+    which (a copy: one error may answer several requests)."""
+    if trace is None:
+        return error
+    return MoltError(error.code, error.message, {**error.details, "request_id": trace})
+
+
 def parse_request(message: dict[str, Any], max_name_chars: int = DEFAULT_MAX_NAME_CHARS) -> Request:
     """Check a request's envelope; the RequestError raised carries the id when it is known.
     Sizes are checked before anything is formatted, and messages show values by echo()."""

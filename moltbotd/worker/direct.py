@@ -44,6 +44,8 @@ from moltbotd.wire.protocol import (
     pack_with,
     parse_request,
     request_id,
+    trace_of,
+    traced,
 )
 from moltbotd.wire.region import HEADER_BYTES, SLOTS, nameable
 from moltbotd.wire.relay import relay_frame, started_frame
@@ -74,6 +76,7 @@ class Stream:
         self.out = bytearray()
         self.events = 0  # what the selector watches for: read, or write while answers wait
         self.pending = 0  # requests read and not answered yet
+        self.read_at = 0.0  # when its last bytes were read: its requests' transfer begins
         self.ended = False  # the client half-closed (or went away)
         self.closing_at: float | None = None  # when it is closed even if the client is not done
         # asks the intake to look at it again: room to write, or done (Channels.attach)
@@ -393,6 +396,7 @@ class Channels:
         if not data:
             stream.ended = True
             return
+        stream.read_at = time.monotonic()
         try:
             messages = stream.decoder.feed(data)
         except FrameTooLarge as exc:  # the stream cannot be resynchronised
@@ -414,7 +418,7 @@ class Channels:
                         stream.pending += 1
                         continue
                     except MoltError as exc:  # OVERLOADED
-                        error = exc
+                        error = traced(exc, item.trace)
                 stream.refuse(req_id, error)
                 self.hub.refused(error)
 
@@ -425,7 +429,7 @@ class Channels:
         try:
             return req_id, self._checked(stream, message)
         except MoltError as exc:
-            return req_id, exc
+            return req_id, traced(exc, trace_of(message))
         except Exception as exc:  # a bug in a check must not take the worker down
             traceback.print_exc()
             why = f"the worker could not check this request: {type(exc).__name__}: {exc}"
@@ -457,14 +461,18 @@ class Channels:
         slot: int | None = None  # in the channel's table of running requests, once started
 
         def reply(outcome: bytes | MoltError) -> None:  # under the hub's lock
+            if isinstance(outcome, MoltError):
+                outcome = traced(outcome, trace)
             if slot is not None:
                 stream.table.end(slot)  # type: ignore[union-attr]
             stream.pending -= 1
-            hub.answered(outcome, item, stream.counted)
+            done = time.monotonic() if hub.timing else 0.0
             stream.answer(request.id, outcome, head)
+            hub.answered(outcome, item, stream.counted, done)
             hub.touched.add(stream)
 
         item = Pending(tensors, outputs, priority or self.priority, deadline, now, reply)
+        item.received = stream.read_at
         item.trace = trace
         if "reply_shm" in params:
             item.place = stream.placer(params["reply_shm"])

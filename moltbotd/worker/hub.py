@@ -65,6 +65,18 @@ class Sendable(Protocol):
     def stalled(self) -> None: ...
 
 
+def _phases(item: Pending, done: float, end: float) -> dict[str, float]:
+    """A request's phases: `done` is when its outcome came, `end` when its answer was
+    framed. One answered before it ran (a deadline) has no queue, batch or compute."""
+    phases = {"request": end - item.arrived}
+    if item.started is not None:
+        taken = item.taken if item.taken is not None else item.started
+        phases.update(queue=taken - item.arrived, batch=item.started - taken,
+                      compute=done - item.started)  # fmt: skip
+    phases["transfer"] = (item.arrived - item.received) + (end - done)
+    return phases
+
+
 def outcome_code(outcome: Any) -> str:
     """How metrics name an answer: "OK" (packed outputs) or its error's code."""
     return outcome.code.value if isinstance(outcome, MoltError) else "OK"
@@ -93,21 +105,18 @@ class Counts:
             self.errors += not isinstance(outcome, bytes)
         self.codes[outcome_code(outcome)] += 1
 
-    def slow_one(self, outcome: Any, item: Pending, now: float) -> None:
+    def slow_one(self, outcome: Any, item: Pending, done: float, end: float) -> None:
         if len(self.slow) >= MAX_SLOW:
             self.slow_more += 1
             return
-        queued = (item.started or now) - item.arrived
+        phases = {f"{name}_ms": round(seconds * 1e3, 3)
+                  for name, seconds in _phases(item, done, end).items()}  # fmt: skip
         self.slow.append({"request_id": item.trace, "code": outcome_code(outcome),
-                          "ms": round((now - item.arrived) * 1e3, 3),
-                          "queue_ms": round(queued * 1e3, 3),
-                          "compute_ms": round((now - (item.started or now)) * 1e3, 3)})  # fmt: skip
+                          "ms": phases.pop("request_ms"), **phases})  # fmt: skip
 
-    def timed(self, item: Pending, now: float) -> None:
-        self.phases["request"].observe(now - item.arrived)
-        if item.started is not None:
-            self.phases["queue"].observe(item.started - item.arrived)
-            self.phases["compute"].observe(now - item.started)
+    def timed(self, item: Pending, done: float, end: float) -> None:
+        for name, seconds in _phases(item, done, end).items():
+            self.phases[name].observe(seconds)
 
     def ran(self, batch: list[Pending], concat: bool, now: float) -> None:
         if concat:
@@ -201,21 +210,28 @@ class Hub:
         self.counts.codes[error.code.value] += 1
         self.note()
 
-    def answered(self, outcome: Any, item: Pending, counted: bool) -> None:
+    def answered(self, outcome: Any, item: Pending, counted: bool, done: float) -> None:
+        """Count an answer, now framed; its outcome came at `done` (0.0: not timed)."""
         self.counts.answered(outcome, counted)
-        if self.histograms or self.slow_after:
-            now = time.monotonic()
+        if done:
+            end = time.monotonic()
             if self.histograms:
-                self.counts.timed(item, now)
-            if self.slow_after and now - item.arrived > self.slow_after:
-                self.counts.slow_one(outcome, item, now)
+                self.counts.timed(item, done, end)
+            if self.slow_after and end - item.arrived > self.slow_after:
+                self.counts.slow_one(outcome, item, done, end)
         self.note()
+
+    @property
+    def timing(self) -> bool:
+        """Whether answers are timed (histograms, or a slow-request threshold)."""
+        return self.histograms or bool(self.slow_after)
 
     # --- the lanes --------------------------------------------------------------------------
 
     def next_batch(self) -> list[Pending] | None:
         """Wait for the next batch a lane runs, now marked running; None once stopping.
         A batch waits to fill (timeout_ms, preferred_sizes) only while another runs."""
+        held: float | None = None  # since when this free lane holds a batch back to fill
         with self.lock:
             while not self.stopping:
                 now = time.monotonic()
@@ -225,6 +241,7 @@ class Hub:
                     self.note()
                     self.counts.ran(batch, self.concat, now)
                     for item in batch:
+                        item.taken = now if held is None else max(item.arrived, held)
                         item.started = now
                         if item.on_start:
                             item.on_start()
@@ -232,6 +249,8 @@ class Hub:
                     if self.queue:  # more to run: another lane may take it
                         self._work.notify()
                     return batch
+                if due is not None and held is None:
+                    held = now
                 self._work.wait(None if due is None else max(0.0, due - now))
             return None
 
