@@ -261,6 +261,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def test_queue_inflight_and_channels_move_with_the_load(daemon):
+    """A long request runs, three wait behind it (socket path), a direct channel is open:
+    the gauges show it while it lasts, and go back to zero."""
+    slow = {"model": "slow", "version": "v1"}
+    names = ("inflight_requests", "queue_depth", "direct_channels")
+
+    def gauges() -> tuple[float | None, ...]:
+        found = scrape(daemon)
+        return tuple(value(found, f"moltbot_{name}", **slow) for name in names)
+
+    async def load() -> None:
+        async with AsyncClient(daemon.socket, direct=False) as relayed:
+            long = asyncio.ensure_future(relayed.infer("slow", slow_inputs(LONG)))
+            await running(relayed, "slow", 1)
+            waiting = [asyncio.ensure_future(relayed.infer("slow", slow_inputs(1)))
+                       for _ in range(3)]  # fmt: skip
+            await asyncio.to_thread(wait_until, lambda: gauges() == (4, 3, 1),
+                                    what="4 in flight, 3 queued, 1 channel")  # fmt: skip
+            await asyncio.gather(long, *waiting)
+
+    with Client(daemon.socket) as direct:
+        direct.infer("slow", slow_inputs(1))  # opens its direct channel, kept open
+        asyncio.run(load())
+    wait_until(lambda: gauges() == (0, 0, 0), what="the gauges back to zero")
+
+
 def test_a_request_running_when_its_worker_dies_is_counted_by_the_daemon(daemon):
     with Client(daemon.socket, direct=False) as client:
         [entry] = client.status("slow")["models"]

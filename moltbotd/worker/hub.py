@@ -95,6 +95,8 @@ class Counts:
         self.waits: list[float] = []
         self.codes: Counter[str] = Counter()  # "OK" or the error's code
         self.phases = {phase: Histogram() for phase in PHASES}
+        self._histograms = tuple(self.phases[name] for name in
+                                 ("request", "queue", "batch", "compute", "transfer"))  # fmt: skip
         self.slow: list[dict[str, Any]] = []  # requests over the slow threshold, described
         self.slow_more = 0  # and those past MAX_SLOW, counted
         self.changed = False
@@ -115,8 +117,16 @@ class Counts:
                           "ms": phases.pop("request_ms"), **phases})  # fmt: skip
 
     def timed(self, item: Pending, done: float, end: float) -> None:
-        for name, seconds in _phases(item, done, end).items():
-            self.phases[name].observe(seconds)
+        """_phases(), observed without building it: this runs for every request."""
+        request, queue, batch, compute, transfer = self._histograms
+        arrived, started = item.arrived, item.started
+        request.observe(end - arrived)
+        if started is not None:
+            taken = started if item.taken is None else item.taken
+            queue.observe(taken - arrived)
+            batch.observe(started - taken)
+            compute.observe(done - started)
+        transfer.observe((arrived - item.received) + (end - done))
 
     def ran(self, batch: list[Pending], concat: bool, now: float) -> None:
         if concat:
@@ -139,6 +149,7 @@ class Hub:
         self.label = label
         self.histograms = histograms  # count each request's phases (metrics.histograms)
         self.slow_after = slow_after  # seconds; a request slower is described (0: never)
+        self.timing = histograms or bool(slow_after)  # answers are timed
         self.send: Callable[[dict[str, Any]], None] = lambda report: None  # Lanes sets it
         self.lock = threading.Lock()
         self.queue = Queue(scheduling["max_queue"])
@@ -220,11 +231,6 @@ class Hub:
             if self.slow_after and end - item.arrived > self.slow_after:
                 self.counts.slow_one(outcome, item, done, end)
         self.note()
-
-    @property
-    def timing(self) -> bool:
-        """Whether answers are timed (histograms, or a slow-request threshold)."""
-        return self.histograms or bool(self.slow_after)
 
     # --- the lanes --------------------------------------------------------------------------
 

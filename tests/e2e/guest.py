@@ -496,9 +496,30 @@ def oom_kill_contained() -> None:
         f"state {hog['state']}, restarts {hog['restarts']}, usage {hog.get('usage')}",
     )
     check("oom-kill-counted", hog["usage"]["oom_kills"] >= 2, hog["usage"])
+    cgroup_series()
     check("others-serve-with-zero-errors", stream.errors == [] and stream.count > 20,
           f"{stream.count} requests, errors {stream.errors[:3]}")  # fmt: skip
     check("unit-survives-oom", sh("systemctl is-active moltbotd") == "active")
+
+
+def cgroup_series() -> None:
+    """The version's cgroup, as the metrics show it after its OOM kills."""
+    with Client(SOCKET) as c:
+        version = c.status("hog")["models"][0]["active_version"]
+    text = sh("moltctl metrics")
+    labels = f'model="hog",version="{version}"'
+
+    def sample(name: str) -> float:
+        found = re.search(rf"^{name}{{{labels}}} (\S+)$", text, re.MULTILINE)
+        return float(found[1]) if found else -1.0
+
+    got = {name: sample(f"moltbot_cgroup_{name}") for name in
+           ("oom_kills_total", "memory_limit_bytes", "memory_bytes", "cpu_seconds_total",
+            "pids", "io_read_bytes_total")}  # fmt: skip
+    check("cgroup-series-move",
+          got["oom_kills_total"] >= 2 and got["memory_limit_bytes"] == 300 * 2**20
+          and got["memory_bytes"] > 0 and got["cpu_seconds_total"] > 0 and got["pids"] >= 1
+          and got["io_read_bytes_total"] >= 0, got)  # fmt: skip
 
 
 # --- the chaos soak under systemd ------------------------------------------------------------

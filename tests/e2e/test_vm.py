@@ -177,6 +177,7 @@ def test_chaos_soak_with_oom_kills_through_cgroups(vm):
 
 def test_oom_kill_is_contained(vm):
     passed(vm, "oom-request-gets-RESOURCE_EXHAUSTED", "oom-worker-restarts", "oom-kill-counted",
+           "cgroup-series-move",
            "others-serve-with-zero-errors", "unit-survives-oom")  # fmt: skip
 
 
