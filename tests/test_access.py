@@ -126,7 +126,7 @@ def test_a_refusal_names_the_role_and_the_group_that_has_it():
     rights = table.rights(Peer(1, STRANGER, STRANGER))
     error = refusal(rights, "switch", version="v2")
     assert error.message == (
-        f"uid {STRANGER} may not switch: it needs the role 'operate', which access.operate"
+        f"uid {STRANGER} may not use 'switch': it needs the role 'operate', which access.operate"
         " gives to group root or 4343 (add the user with: sudo adduser USER root, then log"
         " in again)"
     )
@@ -225,7 +225,7 @@ def test_each_role_is_enforced_for_real_clients_and_refusals_are_audited(roles_d
     denied = moltctl_as(socket, reader, "switch", "demo", "v1.0")
     assert denied.returncode == EXIT_DENIED and "Traceback" not in denied.stderr
     assert denied.stderr.strip() == (
-        f"moltctl: uid {READER} may not switch: it needs the role 'operate', which"
+        f"moltctl: uid {READER} may not use 'switch': it needs the role 'operate', which"
         f" access.operate gives to group {ADMINS} [PERMISSION_DENIED]"
     )
     for args in (("status",), ("logs",), ("infer", "demo", "-i", "x=[[1,2,3,4]]")):

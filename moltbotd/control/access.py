@@ -97,7 +97,7 @@ class Rights:
         if role not in self.roles:
             raise MoltError(
                 ErrorCode.PERMISSION_DENIED,
-                f"{self.who} may not {op.name}: it needs the role '{role}', {self.how[role]}",
+                f"{self.who} may not use '{op.name}': it needs the role '{role}', {self.how[role]}",
                 {"role": str(role), "roles": sorted(self.roles)},
             )
         model = params.get("model")
