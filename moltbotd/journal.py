@@ -96,7 +96,6 @@ class Journal:
     next entry that goes through."""
 
     def __init__(self, path: Path = SOCKET) -> None:
-        self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(str(path))

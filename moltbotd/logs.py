@@ -69,7 +69,7 @@ class Ring:
 
     def add(self, event: dict[str, Any]) -> None:
         self.seq += 1
-        fields = {k: v for k, v in event.items() if k not in _RESERVED}
+        fields = _fields(event)
         self.entries.append(
             Entry(
                 self.seq,
@@ -123,6 +123,11 @@ def select(
 _RESERVED = {"time", "level", "component", "event"}
 
 
+def _fields(event: dict[str, Any]) -> dict[str, Any]:
+    """An event's own fields: all but what structlog and stamp() put in every event."""
+    return {k: v for k, v in event.items() if k not in _RESERVED}
+
+
 def bound_fields(event: dict[str, Any], chars: int) -> dict[str, Any]:
     """The event with every field at most `chars` characters long (a traceback
     TRACEBACK_SHARE times as much, its end); containers shown by a bounded repr, so that
@@ -151,13 +156,13 @@ def _render_json(_: Any, __: str, event: dict[str, Any]) -> str:
         .astimezone()
         .isoformat(timespec="milliseconds")
     )
-    fields = {k: v for k, v in event.items() if k not in _RESERVED}
+    fields = _fields(event)
     message = fill(str(event["event"]), fields)[0]
     return json.dumps({**event, "time": stamp, "message": message}, default=str)
 
 
 def _render_text(_: Any, __: str, event: dict[str, Any]) -> str:
-    fields = {k: v for k, v in event.items() if k not in _RESERVED}
+    fields = _fields(event)
     component = event.get("component", "moltbotd")
     return render_text(event["time"], event["level"], component, str(event["event"]), fields)
 
@@ -167,7 +172,7 @@ def _to_journal(journal: Journal, fallback: Any) -> Any:
     take is rendered for stderr."""
 
     def render(logger: Any, method: str, event: dict[str, Any]) -> str:
-        fields = {k: v for k, v in event.items() if k not in _RESERVED}
+        fields = _fields(event)
         template, level = str(event["event"]), event["level"]
         component = event.get("component", "moltbotd")
         message = render_message(template, fields)

@@ -53,7 +53,8 @@ class Pending:
         self.key, self.rows = batch_key(inputs, outputs)
         self.timer: Any = None  # the deadline's timer handle, cancelled once answered
         self.received = arrived  # when its bytes were read (a worker: before its checks)
-        self.taken: float | None = None  # when a free lane began to make its batch
+        # when a lane took it (or, for a batch held back to fill, when the holding began)
+        self.taken: float | None = None
         self.started: float | None = None  # when it went to a worker
         self.answered = False
         self.on_start: Callable[[], None] | None = None  # told when it starts to run

@@ -632,38 +632,33 @@ def logs(session: _Session, priority: str | None, filter_text: str | None, since
              "model": model, "contains": contains,
              "limit": lines or (10 if follow else None)}  # fmt: skip
     with until_ctrl_c(repeating=follow):
-        result = None if source == "journal" else _ring_or_none(session, source)
-        in_journal = result is None or (
-            source == "auto" and result.get("journal") and _journal_readable(source)
-        )
-        if not in_journal:
+        if _from_journal(session, source):
+            _show_journal(journal.entries(low, high, start, end, model, contains,
+                                          query["limit"], follow), output)  # fmt: skip
+        else:
             _follow_ring(session(), query, output, follow)
-            return
-        if source == "journal" and (why := journal.why_unreadable()):
-            _fail(f"cannot read the journal: {why}", EXIT_ERROR)
-        _show_journal(journal.entries(low, high, start, end, model, contains, query["limit"],
-                                      follow), output)  # fmt: skip
 
 
-def _ring_or_none(session: _Session, source: str) -> dict[str, Any] | None:
-    """What the daemon says of its log (none of its entries yet); None when it cannot
-    be reached and the journal can be read instead."""
-    try:
-        return session().logs(limit=0)
-    except ConnectError:  # its history may still be in the journal
-        if source == "auto" and journal.why_unreadable() is None and journal.has_entries():
-            return None
-        raise
-
-
-def _journal_readable(source: str) -> bool:
+def _from_journal(session: _Session, source: str) -> bool:
+    """Whether the entries come from the journal: asked for; or (auto) moltbotd logs
+    there, or cannot be reached and did log there, and this user may read it."""
+    if source == "daemon":
+        return False
     why = journal.why_unreadable()
-    if why is None:
+    if source == "journal":
+        if why:
+            _fail(f"cannot read the journal: {why}", EXIT_ERROR)
         return True
-    if source == "auto":
+    try:
+        logs_there = bool(session().logs(limit=0).get("journal"))
+    except ConnectError:  # its history may still be in the journal
+        if why is None and journal.has_entries():
+            return True
+        raise
+    if logs_there and why:
         click.echo(f"moltctl: showing the entries moltbotd keeps in memory, since it"
                    f" started: {why}", err=True)  # fmt: skip
-    return False
+    return logs_there and why is None
 
 
 def _follow_ring(client: Client, query: dict[str, Any], output: str, follow: bool) -> None:

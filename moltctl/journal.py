@@ -1,7 +1,6 @@
 """moltbotd's log in the journal, read with journalctl for `moltctl logs`: the entries of
 earlier runs too, filtered as the daemon's ring is and shown in its form."""
 
-import datetime
 import grp
 import json
 import os
@@ -10,7 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
-from moltbotd.wire.loglines import LEVELS
+from moltbotd.wire.loglines import LEVELS, line
 
 UNIT = "moltbotd.service"
 # Groups whose members journald lets read the system journal.
@@ -119,8 +118,7 @@ def to_entry(record: dict[str, Any]) -> dict[str, Any]:
 
 def render(entry: dict[str, Any]) -> str:
     """The ring's text form: the message already holds the fields it did not fill in."""
-    stamp = datetime.datetime.fromtimestamp(entry["time"]).strftime("%Y-%m-%d %H:%M:%S")
-    return f"[{stamp}] [{entry['level'].upper()}] [{entry['logger']}] {entry['message']}"
+    return line(entry["time"], entry["level"], entry["logger"], entry["message"])
 
 
 def _text(value: Any) -> str:

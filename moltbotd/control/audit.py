@@ -101,8 +101,7 @@ class AuditLog:
         if self.dropped and not self._writes:  # caught up: say what is missing
             why = (f"{self.dropped} records came while {MAX_PENDING} waited for the disk;"
                    f" they were not written")  # fmt: skip
-            log.error("audit: {dropped} records came while {waiting} waited for the disk; they"
-                      " were not written", dropped=self.dropped, waiting=MAX_PENDING)  # fmt: skip
+            log.error("audit records lost: {why}", why=why, dropped=self.dropped)
             me = Peer(os.getpid(), os.getuid(), os.getgid()).identity()
             self._queue({"time": time.time(), "op": "audit", "params": {"dropped": self.dropped},
                          "who": me, "outcome": "DROPPED", "error": why, "ms": 0.0})  # fmt: skip

@@ -25,8 +25,14 @@ def parse_level(text: str) -> str:
 
 
 def render_text(ts: float, level: str, logger: str, event: str, fields: dict[str, Any]) -> str:
+    return line(ts, level, logger, render_message(event, fields))
+
+
+def line(ts: float, level: str, logger: str, message: str) -> str:
+    """`[ts] [LEVEL] [logger] message`: the form of every entry, from the ring or the
+    journal (whose MESSAGE is render_message's)."""
     stamp = datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-    return f"[{stamp}] [{level.upper()}] [{logger}] {render_message(event, fields)}"
+    return f"[{stamp}] [{level.upper()}] [{logger}] {message}"
 
 
 def render_message(event: str, fields: dict[str, Any]) -> str:

@@ -65,16 +65,19 @@ class Sendable(Protocol):
     def stalled(self) -> None: ...
 
 
-def _phases(item: Pending, done: float, end: float) -> dict[str, float]:
-    """A request's phases: `done` is when its outcome came, `end` when its answer was
-    framed. One answered before it ran (a deadline) has no queue, batch or compute."""
-    phases = {"request": end - item.arrived}
-    if item.started is not None:
-        taken = item.taken if item.taken is not None else item.started
-        phases.update(queue=taken - item.arrived, batch=item.started - taken,
-                      compute=done - item.started)  # fmt: skip
-    phases["transfer"] = (item.arrived - item.received) + (end - done)
-    return phases
+RAN = ("queue", "batch", "compute")  # the phases of a request that ran
+
+
+def _phases(item: Pending, done: float, end: float) -> tuple[float, tuple[float, ...], float]:
+    """A request's phases: arrival to answer, RAN's (none for one answered before it ran,
+    at a deadline), and transfer. `done` is when its outcome came, `end` when its answer
+    was framed. Tuples: this runs for every request."""
+    arrived, started = item.arrived, item.started
+    transfer = (arrived - item.received) + (end - done)
+    if started is None:
+        return end - arrived, (), transfer
+    taken = started if item.taken is None else item.taken
+    return end - arrived, (taken - arrived, started - taken, done - started), transfer
 
 
 def outcome_code(outcome: Any) -> str:
@@ -95,8 +98,6 @@ class Counts:
         self.waits: list[float] = []
         self.codes: Counter[str] = Counter()  # "OK" or the error's code
         self.phases = {phase: Histogram() for phase in PHASES}
-        self._histograms = tuple(self.phases[name] for name in
-                                 ("request", "queue", "batch", "compute", "transfer"))  # fmt: skip
         self.slow: list[dict[str, Any]] = []  # requests over the slow threshold, described
         self.slow_more = 0  # and those past MAX_SLOW, counted
         self.changed = False
@@ -111,22 +112,22 @@ class Counts:
         if len(self.slow) >= MAX_SLOW:
             self.slow_more += 1
             return
-        phases = {f"{name}_ms": round(seconds * 1e3, 3)
-                  for name, seconds in _phases(item, done, end).items()}  # fmt: skip
+        request, ran, transfer = _phases(item, done, end)
+        phases = dict(zip(RAN, ran, strict=False)) | {"transfer": transfer}
+        shown = {f"{name}_ms": round(seconds * 1e3, 3) for name, seconds in phases.items()}
         self.slow.append({"request_id": item.trace, "code": outcome_code(outcome),
-                          "ms": phases.pop("request_ms"), **phases})  # fmt: skip
+                          "ms": round(request * 1e3, 3), **shown})  # fmt: skip
 
     def timed(self, item: Pending, done: float, end: float) -> None:
-        """_phases(), observed without building it: this runs for every request."""
-        request, queue, batch, compute, transfer = self._histograms
-        arrived, started = item.arrived, item.started
-        request.observe(end - arrived)
-        if started is not None:
-            taken = started if item.taken is None else item.taken
-            queue.observe(taken - arrived)
-            batch.observe(started - taken)
-            compute.observe(done - started)
-        transfer.observe((arrived - item.received) + (end - done))
+        request, ran, transfer = _phases(item, done, end)
+        phases = self.phases  # unpacked, not looped over: this runs for every request
+        phases["request"].observe(request)
+        if ran:
+            queue, batch, compute = ran
+            phases["queue"].observe(queue)
+            phases["batch"].observe(batch)
+            phases["compute"].observe(compute)
+        phases["transfer"].observe(transfer)
 
     def ran(self, batch: list[Pending], concat: bool, now: float) -> None:
         if concat:
