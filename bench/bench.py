@@ -84,7 +84,7 @@ from tests.models import cnn_model, mlp_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 16
-METRICS_ROUNDS = 5  # metrics on/off pairs: the median pair is judged
+METRICS_ROUNDS = 6  # metrics on/off pairs, half of them off first: the median is judged
 Roles = dict[str, list[int]]  # client, supervisor, worker (every instance): their pids
 BATCH = 32  # the in-process batched run
 VERSION = "v1"
@@ -877,11 +877,13 @@ def metrics_cost(workdir: Path, case: Case, limits: Limits,
                  batching: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """tiny_batched at c=16 through AsyncClient with the latency histograms counted and
     not (metrics.histograms): METRICS_ROUNDS rounds of a daemon with them, then one
-    without. Each round's cost compares two runs seconds apart, and the median round is
-    judged: this machine's rate drifts between runs by more than the cost."""
+    without, or the other way round in every other round: a run's rate depends on the run
+    before it, and a fixed order would charge that to one side. Each round's cost compares
+    two runs seconds apart, and the median round is judged: this machine's rate drifts
+    between runs by more than the cost."""
     rates: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(METRICS_ROUNDS):
-        for histograms in (True, False):
+    for round_ in range(METRICS_ROUNDS):
+        for histograms in (True, False) if round_ % 2 == 0 else (False, True):
             settings = {**daemon_config([case], batching), "metrics": {"histograms": histograms}}
             print(f"moltbotd: {case.name}{BATCHED} with metrics.histograms {histograms} ...",
                   flush=True)  # fmt: skip
