@@ -7,7 +7,7 @@ RUN_DIR ?= $(CURDIR)/run
 SOCKET := $(RUN_DIR)/moltbotd.sock
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo check lint test e2e e2e-deps bench bench-switch clean
+.PHONY: venv run demo check lint test e2e e2e-deps bench bench-switch clean proto
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -51,6 +51,11 @@ e2e-deps:
 	  echo "installing $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# The gRPC messages of the Open Inference Protocol, from moltbotd/network/oip.proto
+# (tests/test_oip.py fails when the committed module is stale).
+proto: venv
+	cd moltbotd/network && ../../$(PY) -m grpc_tools.protoc -I. --python_out=. oip.proto
 
 bench: venv
 	$(PY) bench/bench.py

@@ -6,6 +6,7 @@ table in docs/configuration.md all follow from these declarations.
 """
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -202,6 +203,15 @@ def listen_address(value: Any) -> tuple[str, int] | None:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:8474) or null, got {text!r}")
     return host, int(port)
+
+
+def optional_text(value: Any) -> str | None:
+    """text, or null"""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string or null, got {value!r}")
+    return value
 
 
 def optional_name(value: Any) -> str | None:
@@ -644,6 +654,91 @@ class AuditSettings:
     )
 
 
+def optional_paths(value: Any) -> tuple[Path, ...]:
+    """list of file paths"""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of file paths, got {value!r}")
+    return tuple(Path(v) for v in value)
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """JWT bearer tokens on the network listeners (network/tokens.py)."""
+
+    keys: tuple[Path, ...] = setting(
+        (),
+        optional_paths,
+        "files of the keys that verify tokens: a PEM public key (RSA: RS256, EC P-256:"
+        " ES256) or a secret of 32 bytes or more (HS256); empty: no tokens, every network"
+        " client may read and infer",
+    )
+    issuer: str | None = setting(None, optional_text, "the `iss` a token must carry")
+    audience: str | None = setting(None, optional_text, "the `aud` a token must carry")
+    leeway: float = setting(30.0, duration, "clock skew allowed on exp and nbf")
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The Open Inference Protocol listeners (docs/network.md); both off by default."""
+
+    http: tuple[str, int] | None = setting(
+        None,
+        listen_address,
+        "HOST:PORT serving the Open Inference Protocol over HTTP (e.g. 0.0.0.0:8080; null:"
+        " off, or the socket moltbotd-http.socket passes)",
+    )
+    grpc: tuple[str, int] | None = setting(
+        None, listen_address, "HOST:PORT serving it over gRPC (e.g. 0.0.0.0:8001; null: off)"
+    )
+    tls_cert: Path | None = setting(
+        None,
+        optional_path,
+        "PEM certificate chain: TLS 1.2 or newer on both listeners (without it, only a"
+        " loopback address may listen)",
+    )
+    tls_key: Path | None = setting(None, optional_path, "PEM private key of tls_cert")
+    tls_client_ca: Path | None = setting(
+        None, optional_path, "PEM CA bundle: clients must present a certificate it signed (mTLS)"
+    )
+    tokens: TokenSettings = section(TokenSettings, "JWT bearer tokens and their scopes")
+    max_connections: int = setting(
+        256, integer(1, 100_000), "HTTP connections open at once; more are answered 503"
+    )
+    idle_timeout: float = setting(
+        60.0, duration, "an HTTP connection idle this long between requests is closed"
+    )
+    max_streams: int = setting(
+        1024, integer(1, 1_000_000), "gRPC calls in progress at once; more get RESOURCE_EXHAUSTED"
+    )
+
+    def problems(self) -> list[str]:
+        """Settings that contradict each other, each naming the setting to change."""
+        found = []
+        if (self.tls_cert is None) != (self.tls_key is None):
+            found.append("network.tls_cert and network.tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            found.append("network.tls_client_ca needs network.tls_cert and network.tls_key")
+        for key in ("http", "grpc"):
+            where = getattr(self, key)
+            if where and not self.tls_cert and not is_loopback(where[0]):
+                found.append(
+                    f"network.{key}: plain TCP on {where[0]} would send requests and tokens"
+                    " in the clear; listen on a loopback address or set network.tls_cert and"
+                    " network.tls_key"
+                )
+        return found
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can reach it."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 MEMBERS = (Grant("group:moltbot"), Grant("group:moltbot-admin"))
 ADMINS = (Grant("group:moltbot-admin"),)
 
@@ -727,6 +822,9 @@ class Config:
     metrics: MetricsSettings = section(MetricsSettings, "the Prometheus endpoint")
     audit: AuditSettings = section(AuditSettings, "the audit trail of every change")
     access: AccessSettings = section(AccessSettings, "roles: who may read, infer, operate, deploy")
+    network: NetworkSettings = section(
+        NetworkSettings, "the Open Inference Protocol over HTTP and gRPC, TLS, tokens"
+    )
     uploads: UploadSettings = section(UploadSettings, "deploys on their way in: sizes, free space")
     scheduling: Scheduling = section(
         Scheduling, "queues, priorities, batching, instances (models.NAME overrides)"
@@ -795,7 +893,7 @@ def load(config_path: Path | None) -> Config:
         raise ConfigError(f"{config_path}: cannot read the config file: {exc.strerror}") from None
     data = _parse_yaml(config_path, text)
     config = _build(Config, data, str(config_path), "", base=config_path.parent)
-    problems = config.scheduling.problems(None)
+    problems = config.scheduling.problems(None) + config.network.problems()
     for name in config.models:
         try:
             config.scheduling_for(name, Overrides())
@@ -883,10 +981,17 @@ def _build(cls: type, data: Any, where: str, prefix: str, base: Path) -> Any:
         elif key == "models" and cls is Config:
             values[key] = _build_models(raw, where)
         else:
-            values[key] = _convert(f, raw, where, key_path)
-            if isinstance(values[key], Path) and not values[key].is_absolute():
-                values[key] = base / values[key]
+            values[key] = _relative_to(base, _convert(f, raw, where, key_path))
     return cls(**values)
+
+
+def _relative_to(base: Path, value: Any) -> Any:
+    """A path setting, or a list of them, as absolute (relative to the config's folder)."""
+    if isinstance(value, Path):
+        return base / value
+    if isinstance(value, tuple) and value and all(isinstance(v, Path) for v in value):
+        return tuple(base / v for v in value)
+    return value
 
 
 def _build_models(data: Any, where: str) -> dict[str, ModelConfig]:
@@ -974,7 +1079,7 @@ def _show(value: Any, convert: Converter) -> str:
     """A default as one would write it in the file."""
     if value is None:
         shown = {threads: "auto", optional_name: "none", listen_address: "null",
-                 optional_path: "null"}  # fmt: skip
+                 optional_path: "null", optional_text: "null"}  # fmt: skip
         return shown.get(convert, "max")
     if convert in (duration, cpu_period):
         return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
@@ -988,6 +1093,8 @@ def _show(value: Any, convert: Converter) -> str:
         return f'"0{value:o}"'
     if convert is batch_sizes:
         return str(list(value))
+    if convert is optional_paths:
+        return "[" + ", ".join(map(str, value)) + "]"
     if isinstance(value, tuple) and all(isinstance(v, Grant) for v in value):
         return "[" + ", ".join(map(str, value)) + "]"
     return str(value)

@@ -46,7 +46,7 @@ NPY_MAGIC = b"\x93NUMPY"
 COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
             "infer": ("infer", "channel", "channel_ended"), "scale": ("scale",),
             "switch": ("switch",), "rollback": ("rollback",), "promote": ("promote",),
-            "versions": ("versions",),
+            "versions": ("versions",), "metadata": ("metadata",),
             "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",),
             "metrics": ("metrics",), "audit": ("audit",)}  # fmt: skip
 
@@ -179,6 +179,27 @@ def models(session: _Session, output: str, no_legend: bool) -> None:
         return
     columns = [("MODEL", "name"), ("ACTIVE", "active"), ("VERSIONS", "versions")]
     click.echo(table(report["models"], columns, not no_legend))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--version", help="a loaded version (default: the active one)")
+@output_options
+@click.pass_obj
+def metadata(session: _Session, model: str, version: str | None, output: str,
+             no_legend: bool) -> None:  # fmt: skip
+    """MODEL's inputs and outputs: names, dtypes, shapes (None: a dynamic dimension)."""
+    report = session().metadata(model, version)
+    if output == "json":
+        click.echo(to_json(report))
+        return
+    ready = "ready" if report["ready"] else "not ready"
+    click.echo(f"{report['model']} {report['version']} ({ready})")
+    signature = report["signature"] or {"inputs": [], "outputs": []}
+    rows = [{"kind": kind[:-1], **spec, "dtype": spec["dtype"] or spec["type"]}
+            for kind in ("inputs", "outputs") for spec in signature[kind]]  # fmt: skip
+    columns = [("KIND", "kind"), ("NAME", "name"), ("DTYPE", "dtype"), ("SHAPE", "shape")]
+    click.echo(table(rows, columns, not no_legend))
 
 
 # --- infer -----------------------------------------------------------------------------------
@@ -717,6 +738,8 @@ def audit(session: _Session, since: str | None, last: str | None, until: str | N
 def _audit_row(record: dict[str, Any]) -> dict[str, Any]:
     who = record.get("who") or {}
     name = who.get("user") or f"uid {who.get('uid')}"
+    if "transport" in who:  # a network client: no uid, its address
+        name = f"{who['transport']} {who['address']}"
     exe = os.path.basename(who.get("exe") or "") or "?"
     params = " ".join(f"{k}={json.dumps(v)}" for k, v in (record.get("params") or {}).items())
     outcome = record.get("outcome")

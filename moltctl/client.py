@@ -155,6 +155,9 @@ class _Calls:
     def models(self) -> Any:
         return self._call("models", {})
 
+    def metadata(self, model: str, version: str | None = None) -> Any:
+        return self._call("metadata", {"model": model, "version": version})
+
     def infer(
         self,
         model: str,

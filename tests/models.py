@@ -156,3 +156,31 @@ def cnn_model(size: int = 224, classes: int = 10, seed: int = 0) -> "helper.Mode
         ],
     )
     return finish(graph)
+
+
+# The Open Inference Protocol's datatypes and the ONNX element types they map to.
+OIP_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def every_dtype_model() -> "helper.ModelProto":
+    """out_T = in_T for each datatype T of OIP_TYPES, shape [N, 2]."""
+    nodes, inputs, outputs = [], [], []
+    for name, element in OIP_TYPES.items():
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", element, ["N", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", element, ["N", 2]))
+    return finish(helper.make_graph(nodes, "every_dtype", inputs, outputs))

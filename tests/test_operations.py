@@ -125,7 +125,7 @@ def test_lookup_unknown_operation_lists_the_known_ones():
     assert "unknown operation 'reboot'" in info.value.message
     assert info.value.message.endswith(
         "(known: hello, health, status, models, infer, channel, channel_ended, scale, switch,"
-        " rollback, promote, versions, upload, deploy, reload, metrics, audit, logs)"
+        " rollback, promote, metadata, versions, upload, deploy, reload, metrics, audit, logs)"
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from moltbotd.config import AccessSettings, Grant
 from moltbotd.logs import get_logger
-from moltbotd.wire.operations import Operation, Role
+from moltbotd.wire.operations import Operation, Refusals, Role
 from moltbotd.wire.protocol import ErrorCode, MoltError, echo
 
 log = get_logger("access")
@@ -74,7 +74,7 @@ def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
 
 
 @dataclass
-class Rights:
+class Rights(Refusals):
     """What one connection's client may do: its roles, and the models its infer grants
     cover; and the operations it was refused (the audit records the first of each)."""
 
@@ -83,11 +83,6 @@ class Rights:
     models: tuple[str, ...] | None  # infer's globs; None: every model
     how: dict[Role, str]  # how to get each role (which groups have it)
     refused: set[str] = field(default_factory=set)
-
-    def first_refusal(self, op: str) -> bool:
-        first = op not in self.refused
-        self.refused.add(op)
-        return first
 
     def check(self, op: Operation, params: dict[str, Any]) -> None:
         """Raise PERMISSION_DENIED unless this client may run op with these parameters."""

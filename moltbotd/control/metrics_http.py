@@ -14,6 +14,7 @@ from collections.abc import Callable
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from moltbotd.logs import get_logger
+from moltbotd.network.listening import StreamListener
 
 log = get_logger("metrics")
 
@@ -24,54 +25,20 @@ HEAD_TIMEOUT = 10.0  # seconds for a request head to arrive, the first or the ne
 Render = Callable[[], bytes]
 
 
-class MetricsListener:
+class MetricsListener(StreamListener):
     def __init__(self, render: Render) -> None:
+        super().__init__(MAX_CONNECTIONS, _response(503, b"too many connections\n", close=True),
+                         limit=MAX_HEAD_BYTES)  # fmt: skip
         self.render = render
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, where: tuple[str, int] | socket.socket) -> None:
-        """Listen at (host, port), or on a listening socket systemd passed; OSError (the
-        port is taken, the address is not ours) is the caller's."""
-        if isinstance(where, socket.socket):
-            self._server = await asyncio.start_server(self._serve, sock=where,
-                                                      limit=MAX_HEAD_BYTES)  # fmt: skip
-        else:
-            self._server = await asyncio.start_server(self._serve, *where,
-                                                      limit=MAX_HEAD_BYTES)  # fmt: skip
+        await super().start(where)
         log.info("metrics at http://{address}/metrics", address=self.address)
 
-    @property
-    def address(self) -> str:
-        """Where it listens (the port the kernel chose when 0 was asked)."""
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._connections) >= MAX_CONNECTIONS:
-            writer.write(_response(503, b"too many connections\n", close=True))
-            await _close(writer)
-            return
-        self._connections.add(task)
-        try:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.LimitOverrunError):
             while await self._one(reader, writer):
                 pass
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass  # the scraper went away, or sent something we answered and closed
-        finally:
-            self._connections.discard(task)
-            await _close(writer)
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the connection ends."""
@@ -115,9 +82,3 @@ def _response(status: int, body: bytes, close: bool, head_only: bool = False) ->
             f"Content-Length: {len(body)}\r\n{allow}"
             f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n")  # fmt: skip
     return head.encode() + (b"" if head_only else body)
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()

@@ -31,10 +31,13 @@ from moltbotd.config import ClientLimits, Config
 from moltbotd.control.access import Access, Peer, Rights
 from moltbotd.control.audit import AuditLog
 from moltbotd.control.catalog import Catalog
+from moltbotd.control.front_door import FrontDoor, FrontDoorError
 from moltbotd.control.metrics import Metrics
 from moltbotd.control.metrics_http import MetricsListener
 from moltbotd.control.rollout import Progress, Rollout, no_progress
 from moltbotd.logs import Entry, Ring, get_logger, select
+from moltbotd.network.tls import TlsError
+from moltbotd.network.tokens import KeyFileError
 from moltbotd.scheduler import request_options
 from moltbotd.wire.loglines import LEVELS, parse_level
 from moltbotd.wire.operations import OPERATIONS, lookup
@@ -131,6 +134,9 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
     async def models(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return await supervisor.repository()
 
+    async def metadata(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        return supervisor.metadata(p["model"], p.get("version"))
+
     def infer(p: dict[str, Any], _: Caller) -> Awaitable[Any]:
         priority, timeout = request_options(p)
         return supervisor.infer(p, priority, timeout)
@@ -206,6 +212,7 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
         "health": health,
         "status": status,
         "models": models,
+        "metadata": metadata,
         "infer": infer,
         "channel": channel,
         "channel_ended": channel_ended,
@@ -318,6 +325,7 @@ class Server:
         self.handlers = make_handlers(rollout, ring, config, reload_config, self.clients,
                                       self.metrics, self.audit)  # fmt: skip
         self.metrics_listener: MetricsListener | None = None
+        self.front = FrontDoor(self, config, self.activated)
         if self.handlers.keys() != OPERATIONS.keys():
             raise RuntimeError(
                 f"handlers {sorted(self.handlers)} != operations {sorted(OPERATIONS)}"
@@ -346,6 +354,10 @@ class Server:
         elif self.config.metrics.listen:
             host, port = self.config.metrics.listen
             await self._listen_for_metrics((host, port), f"{host}:{port} (metrics.listen)")
+        try:
+            await self.front.open()
+        except (FrontDoorError, TlsError, KeyFileError) as exc:
+            raise StartError(str(exc)) from None
 
     async def _listen_for_metrics(self, where: tuple[str, int] | socket.socket,
                                   named: str) -> None:  # fmt: skip
@@ -445,12 +457,14 @@ class Server:
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let requests in flight finish (up to timeout), close everything."""
         self.accepting = False
+        self.front.close()
         if self._server:
             self._server.close()
         if any(c.pending for c in self.clients.connections):
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
+        await self.front.drain(timeout)
         unfinished = sum(c.pending for c in self.clients.connections)
         if unfinished:
             log.warning("{count} requests still running after {timeout:g}s; closing anyway",
@@ -461,6 +475,7 @@ class Server:
             self.config.socket.unlink()
         if self.metrics_listener:
             await self.metrics_listener.stop()
+        await self.front.stop()
         await self.audit.close()
 
 

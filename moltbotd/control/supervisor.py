@@ -780,6 +780,27 @@ class Supervisor:
             "models": [m.status(self.isolation) for m in models],
         }
 
+    def metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        """A loaded version's signature (the active one's by default) and readiness."""
+        model = self.model(name)
+        loaded = model.loaded()
+        pool = self._serving(model) if version is None else loaded.get(version)
+        if pool is None:
+            raise MoltError(
+                ErrorCode.VERSION_NOT_LOADED,
+                f"version {version!r} of {name} is not loaded"
+                f" (loaded: {', '.join(loaded) or 'none'})",
+                {"model": name, "version": version, "loaded": list(loaded)},
+            )
+        signature = pool.signature
+        return {
+            "model": name,
+            "version": pool.spec.version,
+            "loaded": sorted(loaded),
+            "ready": pool.state is WorkerState.READY,
+            "signature": signature and signature.to_wire(),
+        }
+
     def health(self) -> dict[str, Any]:
         states = {
             n: (m.active.state.value if m.active else "failed") for n, m in self.models.items()

@@ -91,6 +91,18 @@ class Role(enum.StrEnum):
     DEPLOY = "deploy"  # add versions: upload, deploy
 
 
+class Refusals:
+    """Remembers the operations a connection was refused: the audit records the first
+    of each (the rights classes of the Unix socket and of tokens both keep `refused`)."""
+
+    refused: set[str]
+
+    def first_refusal(self, op: str) -> bool:
+        first = op not in self.refused
+        self.refused.add(op)
+        return first
+
+
 @dataclass(frozen=True, slots=True)
 class Operation:
     name: str
@@ -287,6 +299,15 @@ OPERATIONS: dict[str, Operation] = {
             (_ONE_MODEL, _PROGRESS),
             mutating=True,
             role=Role.OPERATE,
+        ),
+        Operation(
+            "metadata",
+            "A loaded version's signature: its inputs and outputs with dtypes and shapes, and"
+            " whether it is ready (the Open Inference Protocol's model metadata).",
+            (
+                Param("model", (str,), required=True, help="model name"),
+                Param("version", (str,), help="a loaded version (default: the active one)"),
+            ),
         ),
         Operation(
             "versions",
