@@ -36,8 +36,8 @@ LISTEN = "metrics: {listen: '127.0.0.1:0'}\n"
 ACTIVATE = """import os, sys
 os.dup2(int(sys.argv[1]), 3)
 os.close(int(sys.argv[1]))
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="metrics")
-os.execv(sys.argv[2], sys.argv[2:])
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES=sys.argv[2])
+os.execv(sys.argv[3], sys.argv[3:])
 """
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -372,7 +372,7 @@ def test_a_socket_systemd_passes_serves_metrics(tmp_path, models_dir):
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         port = listening.getsockname()[1]
-        hand_over = (sys.executable, "-c", ACTIVATE, str(listening.fileno()))
+        hand_over = (sys.executable, "-c", ACTIVATE, str(listening.fileno()), "metrics")
         daemon = Daemon(tmp_path, models_dir, "metrics: {listen: '127.0.0.1:1'}\n",
                         wrapper=hand_over, pass_fds=(listening.fileno(),))  # fmt: skip
         try:

@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from moltbotd.demo import save
 from stress.daemon import Daemon
 from tests.conftest import run_moltctl
 from tests.models import OIP_TYPES, every_dtype_model
+from tests.test_metrics import ACTIVATE
 from tests.test_oip import public_pem
 
 LOOPBACK = "network: {http: '127.0.0.1:0', grpc: '127.0.0.1:0'}\n"
@@ -52,12 +54,17 @@ def typed_models(models_dir: Path) -> Path:
     return models_dir
 
 
+def addresses_http(daemon: Daemon) -> str:
+    found = re.search(r"Open Inference Protocol at https?://(\S+)/v2", daemon.log())
+    assert found, daemon.log()
+    return found.group(1)
+
+
 def addresses(daemon: Daemon) -> tuple[str, str]:
     """The HTTP listener's host:port and the gRPC one's, as the daemon logged them."""
-    http = re.search(r"Open Inference Protocol at https?://(\S+)/v2", daemon.log())
     rpc = re.search(r"Open Inference Protocol over gRPC at (\S+)", daemon.log())
-    assert http and rpc, daemon.log()
-    return http.group(1), rpc.group(1)
+    assert rpc, daemon.log()
+    return addresses_http(daemon), rpc.group(1)
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -254,6 +261,32 @@ def test_the_listener_bounds_what_a_client_sends(daemon_factory):
         for sock in held:
             sock.close()
     assert status_and_body(f"{url}/v2/health/live")[0] == 200
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_socket_systemd_passes_serves_http_on_loopback_only(tmp_path, models_dir, host):
+    """moltbotd-http.socket's socket, as systemd hands it over; off loopback without TLS
+    the daemon refuses to start, as it refuses network.http there."""
+    with socket.socket() as listening:
+        listening.bind((host, 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        hand_over = (sys.executable, "-c", ACTIVATE, str(listening.fileno()), "http")
+        daemon = Daemon(tmp_path, models_dir, None, wrapper=hand_over,
+                        pass_fds=(listening.fileno(),))  # fmt: skip
+        try:
+            if host == "0.0.0.0":
+                daemon.start(wait=False)
+                assert daemon.proc.wait(60) != 0
+                assert f"the socket systemd passed for http listens on 0.0.0.0:{port}" in (
+                    daemon.log()
+                )
+                return
+            daemon.start()
+            assert addresses_http(daemon) == f"127.0.0.1:{port}"
+            assert status_and_body(f"http://127.0.0.1:{port}/v2/health/live")[0] == 200
+        finally:
+            daemon.stop()
 
 
 # --- gRPC --------------------------------------------------------------------------------

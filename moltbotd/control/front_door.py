@@ -4,10 +4,11 @@ elsewhere while the requests already here finish."""
 
 import asyncio
 import contextlib
+import errno
 import socket
 from collections.abc import Awaitable
 
-from moltbotd.config import Config
+from moltbotd.config import Config, is_loopback
 from moltbotd.logs import get_logger
 from moltbotd.network.gateway import Gateway
 from moltbotd.network.rest import HttpListener
@@ -46,6 +47,8 @@ class FrontDoor:
                 "network: no token keys and no client CA: any client that reaches the"
                 " listener may read and infer (set network.tokens.keys)"
             )
+        if given is not None and not settings.tls_cert:
+            _refuse_plain(given)
         limit = self.config.max_frame_bytes
         if http is not None:
             self.http = HttpListener(self.gateway, settings, tokens, tls, limit)
@@ -80,4 +83,25 @@ async def _listening(start: Awaitable[None], named: str) -> None:
     try:
         await start
     except OSError as exc:
-        raise FrontDoorError(f"cannot listen on {named}: {exc.strerror or exc}") from None
+        hint = ""
+        if exc.errno in (None, errno.EAFNOSUPPORT, errno.EPERM):  # gRPC's bind names no errno
+            hint = f" ({SANDBOXED})"
+        raise FrontDoorError(f"cannot listen on {named}: {exc.strerror or exc}{hint}") from None
+
+
+SANDBOXED = (
+    "under systemd, moltbotd.service has no network of its own: add the drop-in"
+    " /usr/share/moltbot/systemd/network.conf, or use moltbotd-http.socket (network.md)"
+)
+
+
+def _refuse_plain(given: socket.socket) -> None:
+    """The rule network.http's check applies, for a socket systemd passed."""
+    host, port = given.getsockname()[:2]
+    if not is_loopback(host):
+        raise FrontDoorError(
+            f"the socket systemd passed for http listens on {host or '*'}:{port}: plain TCP there"
+            " would send requests and tokens in the clear; set network.tls_cert and"
+            " network.tls_key, or ListenStream=127.0.0.1:PORT (systemctl edit"
+            " moltbotd-http.socket)"
+        )

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -110,11 +111,16 @@ def installed_service() -> None:
     check("systemctl-reload-keeps-main-pid",
           main_pid() == before and sh("systemctl is-active moltbotd") == "active",
           f"{before} -> {main_pid()}")  # fmt: skip
-    report = sh("systemd-analyze security moltbotd --no-pager").splitlines()
-    score = re.search(r"exposure level for moltbotd\.service: (\d+\.\d+) ", report[-1])
-    exposure = float(score[1]) if score else 10.0  # no score read: the worst
+    exposure, findings = security("moltbotd.service")
+    check("systemd-analyze-security", exposure <= MAX_EXPOSURE, findings)
+
+
+def security(unit: str) -> tuple[float, list[str]]:
+    """systemd-analyze security's exposure for a unit, and its summary and findings."""
+    report = sh(f"systemd-analyze security {unit} --no-pager").splitlines()
+    score = re.search(rf"exposure level for {re.escape(unit)}: (\d+\.\d+) ", report[-1])
     findings = [line.strip() for line in report if line.lstrip().startswith("✗")]
-    check("systemd-analyze-security", exposure <= MAX_EXPOSURE, [report[-1], *findings])
+    return (float(score[1]) if score else 10.0), [report[-1], *findings]  # no score: the worst
 
 
 # --- roles: who may do what, from the credentials the kernel gives -----------------------
@@ -385,6 +391,146 @@ def versions_under_systemd() -> None:
           active_version("demo") == "v2.0" and gone, out)  # fmt: skip
 
 
+# --- the network front door: socket activation, and a fleet behind HAProxy ------------------
+
+MAX_EXPOSURE_WITH_NETWORK = 2.0  # the issue's bound with the network drop-in on
+FLEET = {"node1": 8081, "node2": 8082}
+HAPROXY = 8080
+X = [[1.0, 2.0, 3.0, 4.0]]
+
+
+def http_get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def http_socket_activation() -> None:
+    """moltbotd-http.socket on a loopback port: served, and the unit keeps its sandbox."""
+    dropin = Path("/etc/systemd/system/moltbotd-http.socket.d")
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "port.conf").write_text("[Socket]\nListenStream=\nListenStream=127.0.0.1:8090\n")
+    sh("systemctl daemon-reload && systemctl enable --now moltbotd-http.socket")
+    sh("systemctl restart moltbotd")
+    ready = wait_until(lambda: http_get("http://127.0.0.1:8090/v2/health/ready") == 200, 60)
+    exposure, findings = security("moltbotd.service")
+    check("http-socket-activation-keeps-the-sandbox", ready and exposure <= MAX_EXPOSURE,
+          [sh("journalctl -u moltbotd -n 3 --no-pager"), *findings])  # fmt: skip
+    sh("systemctl stop moltbotd")  # PartOf: the socket goes with it, the port closes
+    closed = http_get("http://127.0.0.1:8090/v2/health/live") == 0
+    sh("systemctl start moltbotd")  # WantedBy=moltbotd.service: the socket comes back
+    back = wait_until(lambda: http_get("http://127.0.0.1:8090/v2/health/ready") == 200, 60)
+    check("http-socket-follows-the-service", closed and back,
+          sh("systemctl is-active moltbotd-http.socket"))  # fmt: skip
+    sh("systemctl disable --now moltbotd-http.socket && systemctl restart moltbotd")
+
+
+def start_fleet() -> None:
+    """moltbotd@node1 and @node2 (the package's template unit) with the network drop-in,
+    each serving demo on its own loopback port; HAProxy from the shipped example."""
+    dropin = Path("/etc/systemd/system/moltbotd@.service.d")
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "network.conf").unlink(missing_ok=True)
+    (dropin / "network.conf").symlink_to("/usr/share/moltbot/systemd/network.conf")
+    for node, port in FLEET.items():
+        models = Path(f"/var/lib/moltbot-{node}/models")
+        shutil.copytree(MODELS / "demo" / "v2.0", models / "demo" / "v2.0", dirs_exist_ok=True)
+        sh(f"chown -R moltbot:moltbot /var/lib/moltbot-{node}")
+        Path(f"/etc/moltbot/{node}.yaml").write_text(
+            f"network: {{http: '127.0.0.1:{port}'}}\nisolation: strict\n"
+        )
+    sh("systemctl daemon-reload")
+    for node in FLEET:
+        sh(f"systemctl start moltbotd@{node}")
+    example = Path("/usr/share/doc/moltbot/examples/haproxy/haproxy.cfg").read_text()
+    servers = "".join(f"    server {n} 127.0.0.1:{p} check\n" for n, p in FLEET.items())
+    config = re.sub(r"(    server node\d .*\n)+", servers, example)
+    Path("/etc/haproxy/haproxy.cfg").write_text(config)
+    sh("systemctl restart haproxy")
+
+
+class Through(threading.Thread):
+    """tritonclient over HTTP, through HAProxy: requests one after another, each
+    answer's version counted, every failure kept."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.versions: dict[str, int] = {}
+        self.errors: list[str] = []
+        self.running = True
+
+    def run(self) -> None:
+        import tritonclient.http as triton  # copied into the share (test_vm.py)
+
+        client = triton.InferenceServerClient(f"127.0.0.1:{HAPROXY}", network_timeout=60)
+        x = triton.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.array(X, np.float32))
+        while self.running:
+            try:
+                result = client.infer("demo", [x])
+                version = result.get_response()["model_version"]
+                self.versions[version] = self.versions.get(version, 0) + 1
+            except Exception as exc:  # every failure counts against the fleet
+                self.errors.append(repr(exc))
+
+    @property
+    def answered(self) -> int:
+        return sum(self.versions.values())
+
+    def wait_for(self, more: int, seconds: float = 120) -> bool:
+        """Until `more` requests were answered (or failed) from now."""
+        target = self.answered + len(self.errors) + more
+        return wait_until(lambda: self.answered + len(self.errors) >= target, seconds)
+
+    def stop(self) -> None:
+        self.running = False
+        self.join(120)
+
+
+def fleet_behind_haproxy() -> None:
+    start_fleet()
+    up = wait_until(lambda: http_get(f"http://127.0.0.1:{HAPROXY}/v2/health/ready") == 200, 60)
+    exposure, findings = security("moltbotd@node1.service")
+    check("network-drop-in-security", exposure <= MAX_EXPOSURE_WITH_NETWORK, findings)
+    check("haproxy-checks-the-example-config", up, sh("haproxy -c -f /etc/haproxy/haproxy.cfg"))
+    streams = [Through() for _ in range(4)]
+    for stream in streams:
+        stream.start()
+    steps = []
+    for node in FLEET:  # a restart of each node, while requests flow
+        streams[0].wait_for(50)
+        steps.append(sh(f"systemctl stop moltbotd@{node}"))
+        streams[0].wait_for(50)
+        steps.append(sh(f"systemctl start moltbotd@{node}"))
+    source = Path("/root/demo-v3.0")
+    source.mkdir(exist_ok=True)
+    shutil.copy(MODELS / "demo" / "v1.0" / "model.onnx", source / "model.onnx")
+    for node in FLEET:  # a rollout, node by node
+        streams[0].wait_for(50)
+        socket = f"/run/moltbot-{node}/moltbotd.sock"
+        steps.append(sh(f"MOLTBOT_SOCKET={socket} moltctl deploy --model-path {source}"
+                        " --model demo --version v3.0 --activate"))  # fmt: skip
+    streams[0].wait_for(50)
+    for stream in streams:
+        stream.stop()
+    versions: dict[str, int] = {}
+    for stream in streams:
+        for version, count in stream.versions.items():
+            versions[version] = versions.get(version, 0) + count
+    errors = [e for stream in streams for e in stream.errors]
+    answered = sum(versions.values())
+    seen = f"answered {answered} {versions}, failed {len(errors)} {errors[:3]}"
+    check("fleet-loses-no-request", not errors and answered > 0 and "v3.0" in versions,
+          f"{seen}; steps: {steps}")  # fmt: skip
+    for node in FLEET:
+        sh(f"systemctl stop moltbotd@{node}")
+    sh("systemctl stop haproxy")
+
+
 # --- limits that the kernel enforces ----------------------------------------------------------
 
 LIMITED = """models_dir: /var/lib/moltbot/models
@@ -572,6 +718,8 @@ def main() -> int:
                            ("cgroups", cgroup_layout),
                            ("instances", instances_in_one_group),
                            ("versions", versions_under_systemd),
+                           ("http-socket", http_socket_activation),
+                           ("fleet", fleet_behind_haproxy),
                            ("test-models", install_test_models), ("cpu", cpu_quota),
                            ("io", io_limits), ("reload", live_reload),
                            ("oom", oom_kill_contained), ("soak", soak_with_oom_kills)]:  # fmt: skip

@@ -91,6 +91,12 @@ def vm(built: Path, tmp_path_factory) -> dict:
     # and onnx, which builds those models: the package leaves it out (the `demo` extra)
     for name in ("onnx", "ml_dtypes", "typing_extensions"):
         copy_module(name, share)
+    # and NVIDIA's tritonclient, the fleet's client (the same CPython 3.11 and glibc as here)
+    for name in ("tritonclient", "geventhttpclient", "gevent", "greenlet", "rapidjson",
+                 "brotli", "_brotli", "certifi"):  # fmt: skip
+        copy_module(name, share)
+    zope = Path(importlib.util.find_spec("zope.event").origin).parent.parent  # a namespace
+    shutil.copytree(zope, share / "zope", ignore=shutil.ignore_patterns("__pycache__"))
     done = boot(share, "guest.sh")
     results = share / "results.json"
     assert results.exists(), f"the VM run left no results (exit {done.returncode})"
@@ -143,6 +149,15 @@ def test_versions_survive_kill_9_and_deploy_crosses_the_sandbox(vm):
     passed(vm, "state-file-records-the-switch", "kill-9-restart-serves-the-switched-version",
            "deploy-from-a-home-folder-activates",
            "rollback-returns-and-removes-the-group")  # fmt: skip
+
+
+def test_http_socket_activation_keeps_the_sandbox(vm):
+    passed(vm, "http-socket-activation-keeps-the-sandbox", "http-socket-follows-the-service")
+
+
+def test_a_fleet_behind_haproxy_loses_no_request(vm):
+    passed(vm, "network-drop-in-security", "haproxy-checks-the-example-config",
+           "fleet-loses-no-request")  # fmt: skip
 
 
 def test_systemd_reload_and_security(vm):
