@@ -59,6 +59,7 @@ proto: venv
 
 bench: venv
 	$(PY) bench/bench.py
+	$(PY) bench/oip.py
 
 # Memory, fds and threads of the daemon across 200 version switches (docs/performance.md).
 bench-switch: venv

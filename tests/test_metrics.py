@@ -21,8 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from moltbotd import __version__
 from moltbotd.config import listen_address
 from moltbotd.demo import save
-from moltbotd.wire.histogram import LATENCY_BUCKETS, Histogram
+from moltbotd.scheduler import Pending
+from moltbotd.wire.histogram import LATENCY_BUCKETS, PHASES, Histogram
 from moltbotd.wire.protocol import ErrorCode, FrameDecoder, MoltError, encode_frame, request
+from moltbotd.worker.hub import Counts, _phases
 from moltctl.client import AsyncClient, Client, DirectChannel
 from stress.daemon import Daemon
 from tests.conftest import run_moltctl, wait_until
@@ -404,3 +406,31 @@ def test_the_shipped_alerts_and_dashboard_use_only_exported_series(daemon):
     used = {name for file in files for name in re.findall(r"moltbot_[a-z_]+", file.read_text())}
     assert len(used) >= 15, used
     assert used <= exported, f"not exported: {sorted(used - exported)}"
+
+
+def test_phases_folded_at_once_match_one_request_at_a_time():
+    """The worker keeps each request's times and counts them at its report (Counts.fold):
+    the histograms are those of _phases applied to each request in turn."""
+    rng = np.random.default_rng(3)
+    items = []
+    for index in range(500):
+        item = Pending({}, None, "normal", None, 10.0 + index, lambda _: None)
+        item.received = item.arrived - rng.uniform(0, 1e-3)
+        if index % 5:  # a fifth never ran (answered at a deadline)
+            item.taken = None if index % 7 == 0 else item.arrived + rng.uniform(0, 1e-2)
+            item.started = (item.taken or item.arrived) + rng.uniform(0, 1e-3)
+        items.append(item)
+    folded, expected = Counts(), {phase: Histogram() for phase in PHASES}
+    for item in items:
+        done = (item.started or item.arrived) + rng.uniform(0, 0.5)
+        end = done + rng.uniform(0, 1e-4)
+        folded.timed(item, done, end)
+        request, ran, transfer = _phases(item, done, end)
+        for phase, seconds in zip(PHASES, (request, *ran), strict=False):
+            expected[phase].observe(seconds)
+        expected["transfer"].observe(transfer)
+    folded.fold()
+    for phase in PHASES:
+        assert folded.phases[phase].counts == expected[phase].counts, phase
+        assert folded.phases[phase].sum == pytest.approx(expected[phase].sum), phase
+    assert expected["compute"].counts != Histogram().counts  # the test measured something

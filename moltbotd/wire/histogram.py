@@ -8,12 +8,15 @@ reports into its own histograms, which /metrics exposes (control/metrics.py).
 from bisect import bisect_left
 from typing import Any
 
+import numpy as np
+
 # Upper bounds in seconds, 10 us to 30 s: a tiny model's run sits at the bottom, a cold
 # start or a stuck queue at the top. Prometheus's histogram_quantile interpolates within one.
 LATENCY_BUCKETS = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+_BOUNDS = np.array(LATENCY_BUCKETS)
 # arrival to answer; arrival to a lane taking it; a lane's wait for its batch to fill;
 # the run; reading and checking the request, framing its answer (worker/hub.py)
 PHASES = ("request", "queue", "batch", "compute", "transfer")
@@ -31,6 +34,15 @@ class Histogram:
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
+
+    def observe_many(self, seconds: np.ndarray) -> None:
+        """observe() for each value, at once (the bucket of each: bisect_left's)."""
+        if not len(seconds):
+            return
+        found = np.bincount(np.searchsorted(_BOUNDS, seconds, side="left"),
+                            minlength=len(self.counts))  # fmt: skip
+        self.counts = [a + int(b) for a, b in zip(self.counts, found, strict=True)]
+        self.sum += float(seconds.sum())
 
     def add(self, wire: Any) -> None:
         """Add a report's counts; a report of another shape is ignored (not ours)."""

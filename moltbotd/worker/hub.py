@@ -24,6 +24,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
+
 from moltbotd.config import Batching
 from moltbotd.scheduler import Pending, Queue, deadline_exceeded
 from moltbotd.wire.histogram import PHASES, Histogram
@@ -35,6 +37,8 @@ EXIT_LANE_FAILED = 70
 REPORT_EVERY = 0.25  # seconds between stats messages while requests come
 MAX_WAITS = 256  # queue times per stats message (a sample, for the percentiles)
 MAX_SLOW = 16  # slow requests described per stats message; the others only counted
+MAX_STAMPS = 32768  # timed requests kept (about 3 MB) before they are counted at once
+NAN = float("nan")
 # answered requests' deadlines stay in the heap until due, or until it doubles past this
 SWEEP_AT = 2048
 
@@ -71,7 +75,7 @@ RAN = ("queue", "batch", "compute")  # the phases of a request that ran
 def _phases(item: Pending, done: float, end: float) -> tuple[float, tuple[float, ...], float]:
     """A request's phases: arrival to answer, RAN's (none for one answered before it ran,
     at a deadline), and transfer. `done` is when its outcome came, `end` when its answer
-    was framed. Tuples: this runs for every request."""
+    was framed (a slow request's; Counts.fold does the same on arrays)."""
     arrived, started = item.arrived, item.started
     transfer = (arrived - item.received) + (end - done)
     if started is None:
@@ -98,6 +102,7 @@ class Counts:
         self.waits: list[float] = []
         self.codes: Counter[str] = Counter()  # "OK" or the error's code
         self.phases = {phase: Histogram() for phase in PHASES}
+        self.stamps: list[tuple[float, ...]] = []  # timed requests not yet in phases
         self.slow: list[dict[str, Any]] = []  # requests over the slow threshold, described
         self.slow_more = 0  # and those past MAX_SLOW, counted
         self.changed = False
@@ -119,15 +124,29 @@ class Counts:
                           "ms": round(request * 1e3, 3), **shown})  # fmt: skip
 
     def timed(self, item: Pending, done: float, end: float) -> None:
-        request, ran, transfer = _phases(item, done, end)
-        phases = self.phases  # unpacked, not looped over: this runs for every request
-        phases["request"].observe(request)
-        if ran:
-            queue, batch, compute = ran
-            phases["queue"].observe(queue)
-            phases["batch"].observe(batch)
-            phases["compute"].observe(compute)
-        phases["transfer"].observe(transfer)
+        """Keep a request's times, to be counted into the histograms by fold(), outside
+        the hub's lock this runs under (a monotonic time is never 0: `or NAN` marks
+        the phases a request never reached)."""
+        self.stamps.append((item.received, item.arrived, item.taken or NAN,
+                            item.started or NAN, done, end))  # fmt: skip
+        if len(self.stamps) >= MAX_STAMPS:
+            self.fold()
+
+    def fold(self) -> None:
+        """The kept times into the histograms, all at once: _phases' arithmetic on
+        arrays, one searchsorted per phase."""
+        if not self.stamps:
+            return
+        received, arrived, taken, started, done, end = np.array(self.stamps).T
+        self.stamps = []
+        ran = ~np.isnan(started)
+        taken = np.where(np.isnan(taken), started, taken)[ran]
+        phases = self.phases
+        phases["request"].observe_many(end - arrived)
+        phases["queue"].observe_many(taken - arrived[ran])
+        phases["batch"].observe_many(started[ran] - taken)
+        phases["compute"].observe_many(done[ran] - started[ran])
+        phases["transfer"].observe_many((arrived - received) + (end - done))
 
     def ran(self, batch: list[Pending], concat: bool, now: float) -> None:
         if concat:
@@ -136,6 +155,7 @@ class Counts:
             self.waits.extend(now - item.arrived for item in batch[: MAX_WAITS - len(self.waits)])
 
     def to_wire(self) -> dict[str, Any]:
+        self.fold()
         return {"requests": self.requests, "errors": self.errors,
                 "sizes": dict(self.sizes), "waits": self.waits, "codes": dict(self.codes),
                 "phases": {name: h.to_wire() for name, h in self.phases.items()},
@@ -300,10 +320,9 @@ class Hub:
         the lock: the control socket may block."""
         self.reported = now
         counts, self.counts = self.counts, Counts()
-        report = {"stats": {**counts.to_wire(), "queued": len(self.queue),
-                            "by_priority": self.queue.depths()}}  # fmt: skip
-        self.lock.release()
+        queued, by_priority = len(self.queue), self.queue.depths()
+        self.lock.release()  # the lanes answer on while the counts are folded and sent
         try:
-            self.send(report)
+            self.send({"stats": {**counts.to_wire(), "queued": queued, "by_priority": by_priority}})
         finally:
             self.lock.acquire()
