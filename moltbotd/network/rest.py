@@ -183,6 +183,10 @@ class Connection:
         except MoltError as exc:
             status = oip.STATUS.get(exc.code, (500, ""))[0]
             return status, oip.error_body(exc.message), [("Moltbot-Error-Code", exc.code.value)]
+        except Exception:  # a bug: answered as the socket answers one, and logged
+            log.exception("internal error answering {path}", path=path[:200])
+            message = "internal error in moltbotd; the daemon log has the details"
+            return 500, oip.error_body(message), [("Moltbot-Error-Code", "INTERNAL")]
 
     def _rights_of(self, request: h11.Request) -> Callable[[], TokenRights]:
         def rights() -> TokenRights:

@@ -22,6 +22,7 @@ from moltbotd.wire.protocol import MoltError
 log = get_logger("network")
 
 SERVICE = "inference.GRPCInferenceService"
+INTERNAL = "INTERNAL: internal error in moltbotd; the daemon log has the details"
 # datatype -> the InferTensorContents field holding its values (FP16: raw only)
 CONTENTS = {
     "BOOL": "bool_contents",
@@ -125,6 +126,9 @@ class GrpcListener:
             except MoltError as exc:
                 code = oip.STATUS.get(exc.code, (500, "INTERNAL"))[1]
                 await context.abort(grpc.StatusCode[code], f"{exc.code.value}: {exc.message}")
+            except Exception:  # a bug: said as the socket says it, and logged
+                log.exception("internal error in a gRPC call", call=method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL)
 
         return guarded
 
