@@ -446,7 +446,8 @@ def start_fleet() -> None:
     sh("systemctl daemon-reload")
     for node in FLEET:
         sh(f"systemctl start moltbotd@{node}")
-    example = Path("/usr/share/doc/moltbot/examples/haproxy/haproxy.cfg").read_text()
+    # the package's example (the image's dpkg leaves /usr/share/doc out: the share's copy)
+    example = (HOST / "examples" / "haproxy" / "haproxy.cfg").read_text()
     servers = "".join(f"    server {n} 127.0.0.1:{p} check\n" for n, p in FLEET.items())
     config = re.sub(r"(    server node\d .*\n)+", servers, example)
     Path("/etc/haproxy/haproxy.cfg").write_text(config)
