@@ -465,7 +465,7 @@ class Through(threading.Thread):
         self.running = True
 
     def run(self) -> None:
-        import tritonclient.http as triton  # copied into the share (test_vm.py)
+        import tritonclient.http as triton
 
         client = triton.InferenceServerClient(f"127.0.0.1:{HAPROXY}", network_timeout=60)
         x = triton.InferInput("x", [1, 4], "FP32")
@@ -493,6 +493,9 @@ class Through(threading.Thread):
 
 
 def fleet_behind_haproxy() -> None:
+    import tritonclient.http  # copied into the share (test_vm.py): a missing module fails here
+
+    assert tritonclient.http.InferenceServerClient
     start_fleet()
     up = wait_until(lambda: http_get(f"http://127.0.0.1:{HAPROXY}/v2/health/ready") == 200, 60)
     exposure, findings = security("moltbotd@node1.service")

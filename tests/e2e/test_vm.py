@@ -93,7 +93,7 @@ def vm(built: Path, tmp_path_factory) -> dict:
         copy_module(name, share)
     # and NVIDIA's tritonclient, the fleet's client (the same CPython 3.11 and glibc as here)
     for name in ("tritonclient", "geventhttpclient", "gevent", "greenlet", "rapidjson",
-                 "brotli", "_brotli", "certifi"):  # fmt: skip
+                 "brotli", "_brotli", "certifi", "six"):  # fmt: skip
         copy_module(name, share)
     zope = Path(importlib.util.find_spec("zope.event").origin).parent.parent  # a namespace
     shutil.copytree(zope, share / "zope", ignore=shutil.ignore_patterns("__pycache__"))
