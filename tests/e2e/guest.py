@@ -11,6 +11,7 @@ import os
 import pwd
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -454,6 +455,19 @@ def start_fleet() -> None:
     sh("systemctl restart haproxy")
 
 
+def haproxy_stats() -> dict[str, dict[str, str]]:
+    """Per server of the backend: requests sent, retries and redispatches (show stat)."""
+    with socket.socket(socket.AF_UNIX) as admin:
+        admin.connect("/run/haproxy/admin.sock")
+        admin.sendall(b"show stat\n")
+        text = b"".join(iter(lambda: admin.recv(65536), b"")).decode()
+    header, *rows = [line for line in text.splitlines() if line]
+    names = header.lstrip("# ").split(",")
+    stats = [dict(zip(names, row.split(","), strict=False)) for row in rows]
+    return {s["svname"]: {k: s[k] for k in ("stot", "wretr", "wredis")}
+            for s in stats if s["pxname"] == "moltbot"}  # fmt: skip
+
+
 class Through(threading.Thread):
     """tritonclient over HTTP, through HAProxy: requests one after another, each
     answer's version counted, every failure kept."""
@@ -515,8 +529,8 @@ def fleet_behind_haproxy() -> None:
     shutil.copy(MODELS / "demo" / "v1.0" / "model.onnx", source / "model.onnx")
     for node in FLEET:  # a rollout, node by node
         streams[0].wait_for(50)
-        socket = f"/run/moltbot-{node}/moltbotd.sock"
-        steps.append(sh(f"MOLTBOT_SOCKET={socket} moltctl deploy --model-path {source}"
+        unix = f"/run/moltbot-{node}/moltbotd.sock"
+        steps.append(sh(f"MOLTBOT_SOCKET={unix} moltctl deploy --model-path {source}"
                         " --model demo --version v3.0 --activate"))  # fmt: skip
     streams[0].wait_for(50)
     for stream in streams:
@@ -527,7 +541,8 @@ def fleet_behind_haproxy() -> None:
             versions[version] = versions.get(version, 0) + count
     errors = [e for stream in streams for e in stream.errors]
     answered = sum(versions.values())
-    seen = f"answered {answered} {versions}, failed {len(errors)} {errors[:3]}"
+    seen = (f"answered {answered} {versions}, failed {len(errors)} {errors[:3]};"
+            f" haproxy {haproxy_stats()}")  # fmt: skip
     check("fleet-loses-no-request", not errors and answered > 0 and "v3.0" in versions,
           f"{seen}; steps: {steps}")  # fmt: skip
     for node in FLEET:
