@@ -12,7 +12,6 @@ ends after --seconds. docs/performance.md has the figures.
 """
 
 import argparse
-import collections
 import contextlib
 import functools
 import importlib.metadata
@@ -43,6 +42,7 @@ from bench import (
     FULL,
     QUICK,
     Case,
+    CpuMeter,
     Limits,
     Target,
     build_repository,
@@ -62,6 +62,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # Triton's Python backend embeds this one's 
 TRITON_PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime")
 START_TIMEOUT = 300.0
 PROTOCOLS = ("http", "grpc")
+CPU: dict[tuple[str, str, str], dict[str, float]] = {}  # us of CPU per request, by role
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,15 @@ class Server:
     name: str
     http: str  # host:port
     grpc: str
+    group: int  # its process group: every process serving (the CPU they use is shown)
+
+    def pids(self) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if entry.name.isdigit() and os.getpgid(int(entry.name)) == self.group:
+                    found.append(int(entry.name))
+        return found
 
 
 # --- the servers -------------------------------------------------------------------------
@@ -108,7 +118,7 @@ def running_triton(cases: list[Case], workdir: Path) -> Iterator[Server]:
                                 start_new_session=True)  # fmt: skip
     try:
         wait_for(lambda: all(_ready(ports["http"], name) for name in models), proc, log)
-        yield Server("Triton", f"127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['grpc']}")
+        yield Server("Triton", f"127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['grpc']}", proc.pid)
     finally:
         stop(proc)
 
@@ -124,7 +134,7 @@ def running_moltbotd(cases: list[Case], workdir: Path,
         grpc = re.search(r"Open Inference Protocol over gRPC at (\S+)", text)
         if not (http and grpc):
             raise RuntimeError(f"moltbotd logged no listener addresses:\n{text[-3000:]}")
-        yield Server("moltbotd", http.group(1), grpc.group(1))
+        yield Server("moltbotd", http.group(1), grpc.group(1), daemon.proc.pid)
 
 
 def _ready(port: int, model: str) -> bool:
@@ -161,7 +171,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def client_for(server: Server, protocol: str) -> Any:
     if protocol == "http":
-        return triton_http.InferenceServerClient(server.http, concurrency=CONCURRENCY)
+        return triton_http.InferenceServerClient(server.http)
     return triton_grpc.InferenceServerClient(server.grpc)
 
 
@@ -173,51 +183,37 @@ def inputs_for(protocol: str, case: Case) -> list[Any]:
     return [tensor]
 
 
-def closed_loop(client: Any, protocol: str, model: str, inputs: list[Any],
+def closed_loop(server: Server, protocol: str, model: str, case: Case,
                 seconds: float) -> float:  # fmt: skip
-    """CONCURRENCY requests in flight for `seconds`, through tritonclient's own async
-    calls (gevent on HTTP, callbacks on gRPC); answers per second."""
-    if protocol == "http":
-        return _http_loop(client, model, inputs, seconds)
-    return _grpc_loop(client, model, inputs, seconds)
+    """CONCURRENCY threads, each with a client of its own calling infer in a loop, for
+    `seconds`; answers per second. (tritonclient's HTTP async_infer, on gevent, managed
+    under 100 requests a second here against either server: threads are what a Python
+    program gets concurrency from.)"""
+    counts = [0] * CONCURRENCY
+    clients = [client_for(server, protocol) for _ in range(CONCURRENCY)]
+    going = threading.Event()
+    going.set()
 
+    def run(index: int) -> None:
+        client, inputs = clients[index], inputs_for(protocol, case)
+        while going.is_set():
+            client.infer(model, inputs)
+            counts[index] += 1
 
-def _http_loop(client: Any, model: str, inputs: list[Any], seconds: float) -> float:
-    pending = collections.deque(client.async_infer(model, inputs) for _ in range(CONCURRENCY))
-    answered, started = 0, time.perf_counter()
-    end = started + seconds
-    while time.perf_counter() < end:
-        pending.popleft().get_result()
-        answered += 1
-        pending.append(client.async_infer(model, inputs))
-    elapsed = time.perf_counter() - started
-    for request in pending:
-        request.get_result()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(CONCURRENCY)]
+    for thread in threads:
+        thread.start()
+    start, started = sum(counts), time.perf_counter()
+    with CpuMeter({"client": [os.getpid()], "server": server.pids()}) as cpu:
+        time.sleep(seconds)
+    answered, elapsed = sum(counts) - start, time.perf_counter() - started
+    CPU[(server.name, protocol, model)] = cpu.per_request(answered)
+    going.clear()
+    for thread in threads:
+        thread.join()
+    for client in clients:
+        client.close()
     return answered / elapsed
-
-
-def _grpc_loop(client: Any, model: str, inputs: list[Any], seconds: float) -> float:
-    room = threading.BoundedSemaphore(CONCURRENCY)
-    errors: list[Any] = []
-    answered = [0]
-
-    def done(result: Any, error: Any) -> None:
-        if error is not None:
-            errors.append(error)
-        answered[0] += 1
-        room.release()
-
-    started = time.perf_counter()
-    end = started + seconds
-    while time.perf_counter() < end:
-        room.acquire()
-        client.async_infer(model, inputs, done)
-    count, elapsed = answered[0], time.perf_counter() - started
-    for _ in range(CONCURRENCY):
-        room.acquire()
-    if errors:
-        raise RuntimeError(f"{len(errors)} gRPC requests failed: {errors[0]}")
-    return count / elapsed
 
 
 def measure(server: Server, cases: list[Case], limits: Limits) -> dict[str, dict[str, float]]:
@@ -235,8 +231,8 @@ def measure(server: Server, cases: list[Case], limits: Limits) -> dict[str, dict
                 row["tiny_p50_us"] = measure_latency(call, limits, roles).p50_us
             name = case.name + BATCHED
             print(f"{server.name} {protocol}: {name} at c={CONCURRENCY} ...", flush=True)
-            closed_loop(client, protocol, name, inputs, limits.warmup_seconds)
-            row[f"{case.name}_rps"] = closed_loop(client, protocol, name, inputs, limits.seconds)
+            closed_loop(server, protocol, name, case, limits.warmup_seconds)
+            row[f"{case.name}_rps"] = closed_loop(server, protocol, name, case, limits.seconds)
         client.close()
         found[protocol] = row
     return found
@@ -286,6 +282,10 @@ def table(local: dict[str, float], results: dict[str, dict[str, dict[str, float]
             )
     shown = ", ".join(f"{k[:-7]} p50 {v:,.1f} us" for k, v in local.items())
     lines.append(f"in-process onnxruntime (one thread): {shown}")
+    lines.append(f"CPU per request at c={CONCURRENCY} (us; server: every process of its group):")
+    for (server, protocol, model), used in CPU.items():
+        lines.append(f"  {server:<9} {protocol:<5} {model:<13} client {used['client']:>6,.0f}"
+                     f"  server {used['server']:>6,.0f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -311,7 +311,8 @@ def main(argv: list[str]) -> int:
             results["Triton"] = measure(server, cases, limits)
     print("\n" + "\n\n".join([
         format_machine(info),
-        f"tritonclient {importlib.metadata.version('tritonclient')} with default settings;"
+        f"tritonclient {importlib.metadata.version('tritonclient')} with default settings"
+        f" (c={CONCURRENCY}: as many threads, a client each);"
         f" {limits.seconds:g} s per measurement; batching {DEFAULT_BATCHING} on both",
         table(local, results),
         format_targets(targets(results["moltbotd"], results["Triton"])),
