@@ -54,6 +54,7 @@ import datetime
 import functools
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import selectors
@@ -84,7 +85,7 @@ from tests.models import cnn_model, mlp_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 16
-METRICS_ROUNDS = 6  # metrics on/off pairs, half of them off first: the median is judged
+METRICS_ROUNDS = 9  # metrics on/off pairs measured side by side: the median is judged
 Roles = dict[str, list[int]]  # client, supervisor, worker (every instance): their pids
 BATCH = 32  # the in-process batched run
 VERSION = "v1"
@@ -325,17 +326,26 @@ def shared_session_throughput(case: Case, limits: Limits, threads: int, batch: i
 
 
 async def library_throughput(
-    daemon: "Daemon", model: str, case: Case, limits: Limits, seconds: float, direct: bool
+    daemon: "Daemon",
+    model: str,
+    case: Case,
+    limits: Limits,
+    seconds: float,
+    direct: bool,
+    together: Any = None,
 ) -> Throughput:
     """CONCURRENCY asyncio tasks calling through one AsyncClient, pipelined on its direct
     channel (the default: the warm-up waits until it is granted), or with direct=False on
-    its connection to moltbotd's socket."""
+    its connection to moltbotd's socket. `together`: a barrier the measured part waits
+    at, once warm (another process measures another daemon at the same time)."""
     roles = daemon.roles(model)
     async with AsyncClient(daemon.socket, direct=direct) as client:
         for _ in range(min(limits.warmup, 20)):
             await client.infer(model, case.inputs)
         while direct and not daemon.status(model)["worker"]["channels"]:  # no task runs yet
             await client.infer(model, case.inputs)
+        if together is not None:
+            together.wait()
         tickets = itertools.count()
         end = time.perf_counter() + seconds
 
@@ -852,7 +862,10 @@ def check_targets(local: dict[str, Any], served: dict[str, Any]) -> list[Target]
             f"metrics cost at c={CONCURRENCY}, AsyncClient(), tiny batched: histograms on vs"
             " off <= 3 %",
             f"{cost:+.1f} % (median of {METRICS_ROUNDS} rounds: {rounds} %; median rates"
-            f" {found['on']:,.0f} vs {found['off']:,.0f} req/s)", cost <= 3, cost, 3))  # fmt: skip
+            f" {found['on']:,.0f} vs {found['off']:,.0f} req/s, each with half the machine;"
+            f" worker CPU per request {found['worker_us'][0]:.0f} vs"
+            f" {found['worker_us'][1]:.0f} us, {found['worker_cpu']:+.1f} %)", cost <= 3, cost,
+            3))  # fmt: skip
     if "mlp" in served and "lanes" in local["mlp"]:
         lanes, batch = local["mlp"]["lanes"]
         base = local["mlp"]["lanes_run"].samples_per_s
@@ -876,28 +889,59 @@ def check_targets(local: dict[str, Any], served: dict[str, Any]) -> list[Target]
 def metrics_cost(workdir: Path, case: Case, limits: Limits,
                  batching: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """tiny_batched at c=16 through AsyncClient with the latency histograms counted and
-    not (metrics.histograms): METRICS_ROUNDS rounds of a daemon with them, then one
-    without, or the other way round in every other round: a run's rate depends on the run
-    before it, and a fixed order would charge that to one side. Each round's cost compares
-    two runs seconds apart, and the median round is judged: this machine's rate drifts
-    between runs by more than the cost."""
+    not (metrics.histograms), METRICS_ROUNDS times: two daemons, one of each, measured at
+    the same time by a client process each. Whatever the machine does meanwhile (its
+    rate drifts between runs seconds apart by more than the cost), both see it."""
     rates: dict[bool, list[float]] = {True: [], False: []}
+    worker_us: dict[bool, list[float]] = {True: [], False: []}
     for round_ in range(METRICS_ROUNDS):
-        for histograms in (True, False) if round_ % 2 == 0 else (False, True):
-            settings = {**daemon_config([case], batching), "metrics": {"histograms": histograms}}
-            print(f"moltbotd: {case.name}{BATCHED} with metrics.histograms {histograms} ...",
-                  flush=True)  # fmt: skip
-            with running_daemon(workdir / "models", workdir, settings) as daemon:
-                run = asyncio.run(library_throughput(daemon, case.name + BATCHED, case, limits,
-                                                     limits.seconds, direct=True))  # fmt: skip
+        print(f"moltbotd: {case.name}{BATCHED}, metrics.histograms on and off at once,"
+              f" round {round_ + 1} ...", flush=True)  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            daemons = {}
+            for histograms in (True, False):
+                folder = workdir / f"metrics-{histograms}"
+                folder.mkdir(exist_ok=True)
+                settings = {**daemon_config([case], batching),
+                            "metrics": {"histograms": histograms}}  # fmt: skip
+                daemons[histograms] = stack.enter_context(
+                    running_daemon(workdir / "models", folder, settings))  # fmt: skip
+            runs = side_by_side(daemons, case.name + BATCHED, case, limits)
+        for histograms, run in runs.items():
             rates[histograms].append(run.rps)
+            worker_us[histograms].append(run.cpu_us["worker"])
     costs = sorted((1 - on / off) * 100 for on, off in zip(rates[True], rates[False], strict=True))
+    cpu = sorted((on / off - 1) * 100 for on, off in zip(worker_us[True], worker_us[False],
+                                                          strict=True))  # fmt: skip
     return {
         "cost": statistics.median(costs),
         "costs": costs,
         "on": statistics.median(rates[True]),
         "off": statistics.median(rates[False]),
+        "worker_cpu": statistics.median(cpu),
+        "worker_us": (statistics.median(worker_us[True]), statistics.median(worker_us[False])),
     }
+
+
+def side_by_side(daemons: dict[Any, "Daemon"], model: str, case: Case,
+                 limits: Limits) -> dict[Any, Throughput]:  # fmt: skip
+    """library_throughput against each daemon, in a process of its own (forked), the
+    measured parts started together."""
+    context = multiprocessing.get_context("fork")
+    together, results = context.Barrier(len(daemons)), context.Queue()
+
+    def measure(key: Any, daemon: "Daemon") -> None:
+        run = asyncio.run(library_throughput(daemon, model, case, limits, limits.seconds,
+                                             direct=True, together=together))  # fmt: skip
+        results.put((key, run))
+
+    children = [context.Process(target=measure, args=item) for item in daemons.items()]
+    for child in children:
+        child.start()
+    found = dict(results.get(timeout=START_TIMEOUT) for _ in children)
+    for child in children:
+        child.join()
+    return found
 
 
 def lanes_baseline(case: Case, limits: Limits, served: dict[str, Any]) -> dict[str, Any]:
