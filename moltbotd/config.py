@@ -630,7 +630,7 @@ class MetricsSettings:
         True,
         boolean,
         "count each request's phases into the latency histograms (false: only the counts"
-        " by outcome; saves the workers about a microsecond of CPU per request)",
+        " by outcome; saves the workers under a microsecond of CPU per request)",
     )
     slow_request: float = setting(
         1.0,
