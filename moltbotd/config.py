@@ -1093,8 +1093,8 @@ def _show(value: Any, convert: Converter) -> str:
         return f'"0{value:o}"'
     if convert is batch_sizes:
         return str(list(value))
-    if convert is optional_paths:
-        return "[" + ", ".join(map(str, value)) + "]"
-    if isinstance(value, tuple) and all(isinstance(v, Grant) for v in value):
+    if convert is optional_paths or (
+        isinstance(value, tuple) and all(isinstance(v, Grant) for v in value)
+    ):
         return "[" + ", ".join(map(str, value)) + "]"
     return str(value)

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import Awaitable
+from typing import Any
 
 from moltbotd.config import Config, is_loopback
 from moltbotd.logs import get_logger
@@ -64,19 +65,23 @@ class FrontDoor:
             self.http.close()
 
     async def drain(self, timeout: float) -> None:
-        """Wait (up to timeout) for the requests being answered; gRPC's calls get the
-        same time, then are cancelled."""
+        """Wait (up to timeout) for the requests being answered, on both listeners at
+        once; gRPC refuses new calls from the start and cancels those left at the end."""
+        waits = [self.grpc.stop(timeout)] if self.grpc else []
         if self.http:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.http.idle.wait(), timeout)
-        if self.grpc:
-            await self.grpc.stop(timeout)
+            waits.append(_within(self.http.idle.wait(), timeout))
+        await asyncio.gather(*waits)
 
     async def stop(self) -> None:
         if self.http:
             await self.http.stop()
         if self.grpc:
             await self.grpc.stop(0)
+
+
+async def _within(wait: Awaitable[Any], timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wait, timeout)
 
 
 async def _listening(start: Awaitable[None], named: str) -> None:

@@ -454,17 +454,20 @@ class Server:
         if not any(c.pending for c in self.clients.connections):
             self._idle.set()
 
+    async def _drained(self, timeout: float) -> None:
+        """Until the socket's requests in flight are answered, or timeout."""
+        if any(c.pending for c in self.clients.connections):
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let requests in flight finish (up to timeout), close everything."""
         self.accepting = False
         self.front.close()
         if self._server:
             self._server.close()
-        if any(c.pending for c in self.clients.connections):
-            self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout)
-        await self.front.drain(timeout)
+        await asyncio.gather(self._drained(timeout), self.front.drain(timeout))
         unfinished = sum(c.pending for c in self.clients.connections)
         if unfinished:
             log.warning("{count} requests still running after {timeout:g}s; closing anyway",

@@ -61,3 +61,10 @@ async def ready_or_not(metadata: Awaitable[dict[str, Any]]) -> bool:
         if exc.code is ErrorCode.VERSION_NOT_LOADED:
             return False
         raise
+
+
+async def health(gateway: Gateway, peer: NetPeer) -> dict[str, Any]:
+    """The health operation, which the protocol's readiness checks ask with no token:
+    its answer tells only whether each model is ready."""
+    rights = TokenRights("a health check", frozenset({"read"}))
+    return await call(gateway, "health", {}, rights, peer)  # type: ignore[no-any-return]

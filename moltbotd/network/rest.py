@@ -13,7 +13,6 @@ import json
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -22,7 +21,7 @@ import h11
 from moltbotd import __version__
 from moltbotd.config import NetworkSettings
 from moltbotd.logs import get_logger
-from moltbotd.network.gateway import Gateway, NetPeer, call, ready_or_not
+from moltbotd.network.gateway import Gateway, NetPeer, call, health, ready_or_not
 from moltbotd.network.listening import StreamListener
 from moltbotd.network.tokens import TokenRights, Tokens, Unauthenticated
 from moltbotd.wire import oip
@@ -37,20 +36,23 @@ JSON = "application/json"
 EXTENSIONS = ["binary_tensor_data"]
 
 Reply = tuple[int, bytes, list[tuple[str, str]]]  # status, body, extra headers
-Route = Callable[["Exchange"], Awaitable[Reply]]
 
 
 class Exchange:
     """One request: what it asked, and who asked."""
 
-    def __init__(self, request: h11.Request, body: bytes, peer: NetPeer,
-                 rights: Callable[[], TokenRights], parts: dict[str, str]) -> None:  # fmt: skip
+    def __init__(self, request: h11.Request, body: bytes, connection: "Connection",
+                 parts: dict[str, str]) -> None:  # fmt: skip
         self.headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
         self.body = body
-        self.peer = peer
-        self.rights = rights
+        self.peer = connection.peer
+        self._tokens, self._refused = connection.listener.tokens, connection.refused
         self.model = parts.get("model", "")
         self.version = parts.get("version") or None
+
+    def rights(self) -> TokenRights:
+        """What the request's token allows; raises Unauthenticated."""
+        return self._tokens.rights(self.headers.get("authorization"), self._refused)
 
 
 class HttpListener(StreamListener):
@@ -174,7 +176,7 @@ class Connection:
         if isinstance(found, tuple) and isinstance(found[0], int):
             return found  # type: ignore[return-value]
         handler, parts = found  # type: ignore[misc]
-        exchange = Exchange(request, body, self.peer, self._rights_of(request), parts)
+        exchange = Exchange(request, body, self, parts)
         try:
             return await handler(self.listener, exchange)
         except Unauthenticated as exc:
@@ -187,14 +189,6 @@ class Connection:
             log.exception("internal error answering {path}", path=path[:200])
             message = "internal error in moltbotd; the daemon log has the details"
             return 500, oip.error_body(message), [("Moltbot-Error-Code", "INTERNAL")]
-
-    def _rights_of(self, request: h11.Request) -> Callable[[], TokenRights]:
-        def rights() -> TokenRights:
-            header = next((v for k, v in request.headers if k == b"authorization"), None)
-            value = header.decode("latin-1") if header is not None else None
-            return self.listener.tokens.rights(value, self.refused)
-
-        return rights
 
     async def _reply(self, status: int, body: bytes, headers: list[tuple[str, str]],
                      close: bool = False, head: bool = False) -> None:  # fmt: skip
@@ -230,9 +224,9 @@ async def live(_: HttpListener, __: Exchange) -> Reply:
 
 async def ready(listener: HttpListener, x: Exchange) -> Reply:
     """Every served model ready, and not shutting down (what a load balancer asks)."""
-    health = await call(listener.gateway, "health", {}, _internal(), x.peer)
-    ok = health["status"] == "ok"
-    return (200 if ok else 503), json.dumps({"ready": ok, **health}).encode(), []
+    found = await health(listener.gateway, x.peer)
+    ok = found["status"] == "ok"
+    return (200 if ok else 503), json.dumps({"ready": ok, **found}).encode(), []
 
 
 async def server_metadata(_: HttpListener, __: Exchange) -> Reply:
@@ -314,11 +308,6 @@ def _match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> dict[str, str
         elif want != got:
             return None
     return parts
-
-
-def _internal() -> TokenRights:
-    """For the health endpoints, which need no token: they tell only ready or not."""
-    return TokenRights("a health check", frozenset({"read"}))
 
 
 def _head_bytes(request: h11.Request) -> int:

@@ -12,7 +12,7 @@ from moltbotd import __version__
 from moltbotd.config import NetworkSettings
 from moltbotd.logs import get_logger
 from moltbotd.network import oip_pb2 as pb
-from moltbotd.network.gateway import Gateway, NetPeer, call, ready_or_not
+from moltbotd.network.gateway import Gateway, NetPeer, call, health, ready_or_not
 from moltbotd.network.rest import EXTENSIONS
 from moltbotd.network.tls import read_pem
 from moltbotd.network.tokens import TokenRights, Tokens, Unauthenticated
@@ -146,8 +146,8 @@ class GrpcListener:
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(self, _: Any, __: Context, peer: NetPeer) -> Any:
-        health = await call(self.gateway, "health", {}, _health_check(), peer)
-        return pb.ServerReadyResponse(ready=health["status"] == "ok")
+        found = await health(self.gateway, peer)
+        return pb.ServerReadyResponse(ready=found["status"] == "ok")
 
     async def server_metadata(self, _: Any, __: Context, ___: NetPeer) -> Any:
         return pb.ServerMetadataResponse(
@@ -179,10 +179,6 @@ class GrpcListener:
         return infer_response(result, request.id)
 
 
-def _health_check() -> TokenRights:
-    return TokenRights("a health check", frozenset({"read"}))
-
-
 def infer_params(request: Any) -> dict[str, Any]:
     """A ModelInferRequest as the infer operation's parameters."""
     if not request.inputs:
@@ -204,14 +200,9 @@ def infer_params(request: Any) -> dict[str, Any]:
             tensors[tensor.name] = oip.from_raw(where, dtype, shape, raw[index])
         else:
             tensors[tensor.name] = oip.from_json(where, dtype, shape, _values(where, tensor))
-    params: dict[str, Any] = {"model": request.model_name, "inputs": tensors}
-    if request.model_version:
-        params["version"] = request.model_version
-    if request.id:
-        params["request_id"] = request.id
-    if request.outputs:
-        params["outputs"] = [o.name for o in request.outputs]
-    return params
+    outputs = [o.name for o in request.outputs]
+    return oip.infer_params(request.model_name, request.model_version, tensors, request.id,
+                            outputs)  # fmt: skip
 
 
 def _values(where: str, tensor: Any) -> list[Any]:

@@ -86,13 +86,13 @@ class TokenRights(Refusals):
         model = params.get("model")
         if op.role is Role.INFER and self._covers(model):
             return
-        needed = f"{INFER}<a glob matching {echo(model)}>" if op.role is Role.INFER else READ
-        if op.role not in (Role.READ, Role.INFER):
-            needed = ADMIN
-        for_model = f" for model {echo(model)}" if op.role is Role.INFER else ""
+        if op.role is Role.INFER:
+            needed = f"{INFER}<a glob matching {echo(model)}> for model {echo(model)}"
+        else:
+            needed = READ if op.role is Role.READ else ADMIN
         raise MoltError(
             ErrorCode.PERMISSION_DENIED,
-            f"{self.who} lacks the scope {needed}{for_model}, which '{op.name}' needs"
+            f"{self.who} lacks the scope {needed}, which '{op.name}' needs"
             f" (its scopes: {', '.join(sorted(self.scopes)) or 'none'})",
             {"role": str(op.role), "scopes": sorted(self.scopes)},
         )

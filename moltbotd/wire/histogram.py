@@ -5,7 +5,6 @@ its periodic stats report (hub.py), never a message per request; the daemon adds
 reports into its own histograms, which /metrics exposes (control/metrics.py).
 """
 
-from bisect import bisect_left
 from typing import Any
 
 import numpy as np
@@ -31,12 +30,9 @@ class Histogram:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sum += seconds
-
     def observe_many(self, seconds: np.ndarray) -> None:
-        """observe() for each value, at once (the bucket of each: bisect_left's)."""
+        """Count each value in its bucket: the first whose bound is >= it (a bound counts
+        in its own bucket), past the last bound the +Inf one."""
         if not len(seconds):
             return
         found = np.bincount(np.searchsorted(_BOUNDS, seconds, side="left"),

@@ -118,13 +118,22 @@ def parse_infer(body: bytes, header_length: int | None, model: str,
             f"{len(binary)} bytes of binary data follow the JSON, but the inputs'"
             f" binary_data_size parameters add up to {taken}"
         )
+    request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    names, wanted = _outputs(doc)
+    return infer_params(model, version, tensors, request_id, names), wanted
+
+
+def infer_params(model: str, version: str | None, tensors: dict[str, Any],
+                 request_id: str | None, outputs: list[str] | None) -> dict[str, Any]:  # fmt: skip
+    """The infer operation's parameters, on either protocol (an empty field: not given)."""
     params: dict[str, Any] = {"model": model, "inputs": tensors}
     if version:
         params["version"] = version
-    if isinstance(doc.get("id"), str) and doc["id"]:
-        params["request_id"] = doc["id"]
-    wanted = _outputs(doc, params)
-    return params, wanted
+    if request_id:
+        params["request_id"] = request_id
+    if outputs:
+        params["outputs"] = outputs
+    return params
 
 
 def _json_object(text: bytes) -> dict[str, Any]:
@@ -161,21 +170,21 @@ def _input(index: int, item: Any, binary: memoryview) -> tuple[str, dict[str, An
     return name, from_raw(where, dtype, shape, bytes(binary[:size])), size
 
 
-def _outputs(doc: dict[str, Any], params: dict[str, Any]) -> Wanted:
+def _outputs(doc: dict[str, Any]) -> tuple[list[str] | None, Wanted]:
+    """The outputs asked for by name (None: all), and which come back binary."""
     wanted = Wanted(bool(_parameters(doc).get("binary_data_output", False)))
     outputs = doc.get("outputs")
     if outputs is None:
-        return wanted
+        return None, wanted
     if not isinstance(outputs, list) or not all(
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
     ):
         raise invalid(f"'outputs' must be a list of objects with a 'name', got {echo(outputs)}")
-    params["outputs"] = [o["name"] for o in outputs]
     for output in outputs:
         binary = _parameters(output).get("binary_data")
         if binary is not None:
             wanted.binary[output["name"]] = bool(binary)
-    return wanted
+    return [o["name"] for o in outputs], wanted
 
 
 def _parameters(obj: dict[str, Any]) -> dict[str, Any]:
