@@ -408,6 +408,27 @@ class Instances:
 
 
 @dataclass(frozen=True)
+class SessionStore:
+    """Where a stateful model's sessions live (a model.yaml with `state:`): docs/sessions.md."""
+
+    hot_bytes: int = setting(
+        256 << 20,
+        size,
+        "session states kept in the worker's memory; the least recently used"
+        " spill to disk past this",
+    )
+    spill_after: float = setting(
+        1800.0, duration, "a session idle this long is compressed to disk (state_dir/sessions)"
+    )
+    ttl: float = setting(86400.0, duration, "a session idle this long is gone")
+    disk_bytes: int = setting(
+        4 << 30,
+        size,
+        "spilled sessions per model on disk; past it the least recently used are gone",
+    )
+
+
+@dataclass(frozen=True)
 class Scheduling:
     """How requests for one model queue, batch and spread over its worker processes."""
 
@@ -424,6 +445,7 @@ class Scheduling:
     )
     batching: Batching = section(Batching, "dynamic batching")
     instances: Instances = section(Instances, "worker processes per version, and autoscaling")
+    sessions: SessionStore = section(SessionStore, "sessions of stateful models")
     direct: bool = setting(
         True,
         boolean,
@@ -480,13 +502,15 @@ class Overrides:
     """What a model.yaml or a models.<name> entry sets: session keys and limits, partially.
 
     Only a model.yaml has `samples`: inputs (name -> nested lists) the version must
-    answer before it serves; without them it warms up on zeros.
+    answer before it serves; without them it warms up on zeros. And `state`: the pairs
+    of a stateful model (output -> the input it feeds on the session's next request).
     """
 
     session: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     scheduling: Mapping[str, Any] = field(default_factory=dict)
     samples: tuple[Mapping[str, Any], ...] = ()
+    state: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -941,8 +965,10 @@ def parse_model_yaml(file: Path) -> Overrides:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
     data = _parse_yaml(file, text)
     samples = data.pop("samples", None) if isinstance(data, dict) else None
+    state = data.pop("state", None) if isinstance(data, dict) else None
     overrides = parse_overrides(data, str(file))
-    return dataclasses.replace(overrides, samples=_samples(samples, str(file)))
+    return dataclasses.replace(overrides, samples=_samples(samples, str(file)),
+                               state=_state(state, str(file)))  # fmt: skip
 
 
 def _samples(data: Any, where: str) -> tuple[Mapping[str, Any], ...]:
@@ -955,6 +981,32 @@ def _samples(data: Any, where: str) -> tuple[Mapping[str, Any], ...]:
     ):
         raise ConfigError(f"{where}: samples: expected {expected}, got {data!r}"[:300])
     return tuple(data)
+
+
+def _state(data: Any, where: str) -> tuple[Mapping[str, Any], ...]:
+    """State pairs: {input, output, shape (optional)}; the worker checks them against the
+    model."""
+    if data is None:
+        return ()
+    expected = ("a list of {input: NAME, output: NAME, shape: [dims] (optional: the first"
+                " value's, zeros)}")  # fmt: skip
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{where}: state: expected {expected}, got {data!r}"[:300])
+    for pair in data:
+        ok = (isinstance(pair, dict) and set(pair) <= {"input", "output", "shape"}
+              and all(isinstance(pair.get(k), str) for k in ("input", "output"))
+              and _dims(pair.get("shape")))  # fmt: skip
+        if not ok:
+            raise ConfigError(f"{where}: state: expected {expected}, got {pair!r}"[:300])
+    inputs = [pair["input"] for pair in data]
+    if len(set(inputs)) < len(inputs):
+        raise ConfigError(f"{where}: state: an input is fed by two pairs: {inputs}"[:300])
+    return tuple(data)
+
+
+def _dims(shape: Any) -> bool:
+    return shape is None or (isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape))  # fmt: skip
 
 
 def _parse_yaml(file: Path, text: str) -> Any:

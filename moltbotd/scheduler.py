@@ -26,6 +26,7 @@ class Pending:
     __slots__ = (
         "answered",
         "arrived",
+        "conversation",
         "deadline",
         "inputs",
         "key",
@@ -61,6 +62,7 @@ class Pending:
         # lays out its outputs before they are packed (a direct channel's shared region)
         self.place: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.trace: str | None = None  # the caller's request_id, for the log of a slow one
+        self.conversation: Any = None  # its session, for a stateful model (worker/sessions.py)
 
     def live(self, now: float) -> bool:
         """Whether its deadline (if any) is still ahead; expired ones wait for their timer."""

@@ -47,6 +47,8 @@ COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
             "infer": ("infer", "channel", "channel_ended"), "scale": ("scale",),
             "switch": ("switch",), "rollback": ("rollback",), "promote": ("promote",),
             "versions": ("versions",), "metadata": ("metadata",),
+            "sessions": ("sessions",), "end-session": ("end_session",),
+            "reset-session": ("reset_session",),
             "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",),
             "metrics": ("metrics",), "audit": ("audit",)}  # fmt: skip
 
@@ -202,6 +204,54 @@ def metadata(session: _Session, model: str, version: str | None, output: str,
     click.echo(table(rows, columns, not no_legend))
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--limit", type=click.IntRange(0, 10_000), default=100, show_default=True,
+              help="sessions listed, the least idle first")  # fmt: skip
+@output_options
+@click.pass_obj
+def sessions(session: _Session, model: str, limit: int, output: str, no_legend: bool) -> None:
+    """A stateful model's sessions: hot (in its worker), spilled (on disk) or lost."""
+    report = session().sessions(model, limit)
+    if output == "json":
+        click.echo(to_json(report))
+        return
+    click.echo(f"{report['model']} {report['version']}: {report['hot']} hot"
+               f" ({format_size(report['hot_bytes'])} of {format_size(report['hot_limit'])}),"
+               f" {report['spilled']} spilled, {report['lost']} lost"
+               f" ({format_size(report['disk_bytes'])} of {format_size(report['disk_limit'])}"
+               " on disk)")  # fmt: skip
+    rows = [{**row, "bytes": format_size(row["bytes"]), "idle": format_duration(row["idle"]),
+             "turns": "-" if row["turns"] is None else row["turns"]}
+            for row in report["sessions"]]  # fmt: skip
+    columns = [("SESSION", "session"), ("WHERE", "where"), ("BYTES", "bytes"),
+               ("IDLE", "idle"), ("TURNS", "turns")]  # fmt: skip
+    click.echo(table(rows, columns, not no_legend))
+
+
+@cli.command("end-session")
+@click.argument("model")
+@click.argument("conversation", metavar="SESSION")
+@click.pass_obj
+def end_session(session: _Session, model: str, conversation: str) -> None:
+    """Forget SESSION of MODEL: its state, in memory and on disk, is gone."""
+    _said(session().end_session(model, conversation), "ended")
+
+
+@cli.command("reset-session")
+@click.argument("model")
+@click.argument("conversation", metavar="SESSION")
+@click.pass_obj
+def reset_session(session: _Session, model: str, conversation: str) -> None:
+    """Start SESSION of MODEL over: its next request gets the first state."""
+    _said(session().reset_session(model, conversation), "reset")
+
+
+def _said(result: dict[str, Any], done: str) -> None:
+    what = f"session {result['session']} of {result['model']} {result['version']}"
+    click.echo(f"{what}: {done}" if result["found"] else f"{what}: no such session (nothing to do)")
+
+
 # --- infer -----------------------------------------------------------------------------------
 
 
@@ -273,16 +323,19 @@ def like_the_model(client: Client, model: str, feeds: dict[str, Any]) -> dict[st
               " worker (fails if moltbotd grants none, and says why)")  # fmt: skip
 @click.option("--request-id", help="your id for the request: in the answer, and in moltbotd's"
               " log if it is slow")  # fmt: skip
+@click.option("--session", "conversation", metavar="ID", help="a stateful model's session:"
+              " moltbotd feeds it the state its previous request left")  # fmt: skip
 @output_options
 @click.pass_obj
 def infer(session: _Session, model: str, inputs: tuple[str, ...], version: str | None,
           output_names: tuple[str, ...], priority: str | None, timeout_ms: float | None,
-          direct: bool, request_id: str | None, output: str, no_legend: bool) -> None:  # fmt: skip
+          direct: bool, request_id: str | None, conversation: str | None, output: str,
+          no_legend: bool) -> None:  # fmt: skip
     """Run MODEL on the given inputs and show its outputs."""
     feeds = like_the_model(session(), model, dict(parse_input(text) for text in inputs))
     session.client.direct = session.client.strict_direct = direct
     result = session().infer(model, feeds, version, list(output_names) or None, priority,
-                             timeout_ms, request_id)  # fmt: skip
+                             timeout_ms, request_id, conversation)  # fmt: skip
     if output == "json":
         answer = {"model": result.model, "version": result.version,
                   "fallback_for": result.fallback_for}  # fmt: skip

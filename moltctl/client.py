@@ -167,11 +167,13 @@ class _Calls:
         priority: str | None = None,
         timeout_ms: float | None = None,
         request_id: str | None = None,
+        session: str | None = None,
     ) -> Any:
         """priority: high, normal or low; timeout_ms: a deadline, after which the daemon
         answers DEADLINE_EXCEEDED (a request still queued then is never run); request_id:
         the caller's id, back in the answer (Outputs.request_id) and in moltbotd's log of
-        a slow request."""
+        a slow request; session: a stateful model's conversation, whose state moltbotd
+        keeps from one request to the next (docs/sessions.md)."""
         params = {
             "model": model,
             "inputs": encode_inputs(inputs, self.views),
@@ -180,8 +182,19 @@ class _Calls:
             "priority": priority,
             "timeout_ms": timeout_ms,
             "request_id": request_id,
+            "session": session,
         }
         return self._call("infer", params, decode_outputs)
+
+    def sessions(self, model: str, limit: int | None = None) -> Any:
+        """A stateful model's sessions: counts, bytes, and the least idle ones."""
+        return self._call("sessions", {"model": model, "limit": limit})
+
+    def end_session(self, model: str, session: str) -> Any:
+        return self._call("end_session", {"model": model, "session": session})
+
+    def reset_session(self, model: str, session: str) -> Any:
+        return self._call("reset_session", {"model": model, "session": session})
 
     def channel_ended(self, model: str, pid: int) -> Any:
         """The MoltError moltbotd's socket gave for the death of worker `pid`."""

@@ -184,3 +184,43 @@ def every_dtype_model() -> "helper.ModelProto":
         inputs.append(helper.make_tensor_value_info(f"in_{name}", element, ["N", 2]))
         outputs.append(helper.make_tensor_value_info(f"out_{name}", element, ["N", 2]))
     return finish(helper.make_graph(nodes, "every_dtype", inputs, outputs))
+
+
+def gru_model(inputs: int = 4, hidden: int = 8, seed: int = 0) -> "helper.ModelProto":
+    """A stateful model: one GRU step over a sequence, batch first.
+
+    Inputs: x float32 [N, T, inputs], h float32 [N, hidden] (the state). Outputs: y
+    float32 [N, 2] (a projection of the new state), h_next float32 [N, hidden]. A session
+    feeds h_next back into h; model.yaml: state: [{input: h, output: h_next}].
+    """
+    rng = np.random.default_rng(seed)
+    weights = {
+        "W": rng.standard_normal((1, 3 * hidden, inputs)),
+        "R": rng.standard_normal((1, 3 * hidden, hidden)) / np.sqrt(hidden),
+        "B": rng.standard_normal((1, 6 * hidden)) * 0.1,
+        "P": rng.standard_normal((hidden, 2)),
+        "axis0": np.array([0]),
+    }
+    inits = [numpy_helper.from_array(v.astype(np.int64 if k == "axis0" else np.float32), k)
+             for k, v in weights.items()]  # fmt: skip
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node("Unsqueeze", ["h", "axis0"], ["h0"]),
+        helper.make_node("GRU", ["xt", "W", "R", "B", "", "h0"], ["", "hn"], hidden_size=hidden),
+        helper.make_node("Squeeze", ["hn", "axis0"], ["h_next"]),
+        helper.make_node("MatMul", ["h_next", "P"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gru",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", inputs]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info("h_next", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        inits,
+    )
+    return finish(graph)

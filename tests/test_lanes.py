@@ -71,7 +71,7 @@ def test_two_lanes_run_two_requests_of_one_channel_at_once():
 
     def runner(batch, concat):
         meet.wait(timeout=10)
-        return [msgpack.packb({})] * len(batch)
+        return [(msgpack.packb({}), None)] * len(batch)
 
     hub = Hub("model m v1", SCHEDULING)
     ours, theirs = socket.socketpair()

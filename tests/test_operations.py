@@ -31,7 +31,7 @@ def test_valid_params_are_returned_unchanged():
 def test_unknown_param_is_named_with_the_known_ones():
     err = bad_request("infer", {"model": "demo", "inputs": {}, "bogus": 1})
     assert "operation 'infer' takes no parameter 'bogus'" in err.message
-    takes = "model, inputs, version, outputs, priority, request_id, timeout_ms, reply_shm"
+    takes = "model, inputs, version, outputs, priority, request_id, timeout_ms, session, reply_shm"
     assert f"(it takes: {takes})" in err.message
 
 
@@ -125,7 +125,8 @@ def test_lookup_unknown_operation_lists_the_known_ones():
     assert "unknown operation 'reboot'" in info.value.message
     assert info.value.message.endswith(
         "(known: hello, health, status, models, infer, channel, channel_ended, scale, switch,"
-        " rollback, promote, metadata, versions, upload, deploy, reload, metrics, audit, logs)"
+        " rollback, promote, metadata, sessions, end_session, reset_session, versions, upload,"
+        " deploy, reload, metrics, audit, logs)"
     )
 
 

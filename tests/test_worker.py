@@ -49,7 +49,7 @@ def test_a_worker_whose_daemon_closes_its_channel_while_loading_exits_quietly(tm
     handoff, their_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     model = tmp_path / "demo" / "v1" / "model.onnx"
     spec = {"path": str(model), **dataclasses.asdict(SessionSettings()),
-            "intra_op_threads": 1, "samples": [], "batched": False,
+            "intra_op_threads": 1, "samples": [], "batched": False, "state": [],
             "direct": {"model": "demo", "version": "v1", "max_frame_bytes": 1 << 20,
                        "scheduling": dataclasses.asdict(Scheduling())}}  # fmt: skip
     relay, their_relay = socket.socketpair()

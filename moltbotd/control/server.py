@@ -35,6 +35,7 @@ from moltbotd.control.front_door import FrontDoor, FrontDoorError
 from moltbotd.control.metrics import Metrics
 from moltbotd.control.metrics_http import MetricsListener
 from moltbotd.control.rollout import Progress, Rollout, no_progress
+from moltbotd.control.supervisor import Supervisor
 from moltbotd.logs import Entry, Ring, get_logger, select
 from moltbotd.network.tls import TlsError
 from moltbotd.network.tokens import KeyFileError
@@ -60,6 +61,7 @@ from moltbotd.wire.units import format_size
 
 log = get_logger("server")
 MAX_AUDIT_RECORDS = 100_000  # one `audit` answer's records: well under max_frame_bytes
+SHOWN_SESSIONS, MAX_SHOWN_SESSIONS = 100, 10_000  # sessions one `sessions` answer describes
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,32 @@ class StartError(Exception):
 
 
 Reloader = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def session_handlers(supervisor: Supervisor) -> dict[str, Handler]:
+    """The operations on a stateful model's sessions, which its worker answers."""
+
+    async def sessions(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        limit = p.get("limit", SHOWN_SESSIONS)
+        if not 0 <= limit <= MAX_SHOWN_SESSIONS:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"limit must be from 0 to"
+                            f" {MAX_SHOWN_SESSIONS}, got {limit}")  # fmt: skip
+        return await supervisor.sessions(p["model"], {"sessions": {"list": limit}})
+
+    def forget(reset: bool) -> Handler:
+        """end_session, or reset_session: the session starts over."""
+
+        async def handler(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+            order = {"session": p["session"], "reset": reset}
+            return await supervisor.sessions(p["model"], {"sessions": order})
+
+        return handler
+
+    return {
+        "sessions": sessions,
+        "end_session": forget(reset=False),
+        "reset_session": forget(reset=True),
+    }
 
 
 def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader,
@@ -213,6 +241,7 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
         "status": status,
         "models": models,
         "metadata": metadata,
+        **session_handlers(supervisor),
         "infer": infer,
         "channel": channel,
         "channel_ended": channel_ended,

@@ -300,13 +300,25 @@ class Supervisor:
         threads = intra_op_threads(session.intra_op_threads, limits)
         session = dataclasses.replace(session, intra_op_threads=threads)
         scheduling = self.config.scheduling_for(name, model_yaml)
+        if model_yaml.state:
+            scheduling = self._one_instance(name, version, scheduling)
         batched = scheduling.batching.max_batch_size > 1
         path = version_dir / MODEL_FILE
         spec = WorkerSpec(name, version, path, session, limits, model_yaml.samples, batched,
                           self.config.max_frame_bytes, memory_how,
                           self.config.metrics.histograms,
-                          self.config.metrics.slow_request)  # fmt: skip
+                          self.config.metrics.slow_request, model_yaml.state,
+                          self.config.state_dir / "sessions" / name)  # fmt: skip
         return spec, scheduling
+
+    def _one_instance(self, name: str, version: str, scheduling: Scheduling) -> Scheduling:
+        """A stateful version runs one instance: its sessions live in that worker."""
+        if scheduling.instances.max > 1:
+            log.warning("model {model} {version} keeps sessions: one instance, not up to"
+                        " {most}", model=name, version=version,
+                        most=scheduling.instances.max)  # fmt: skip
+        one = dataclasses.replace(scheduling.instances, min=1, max=1)
+        return dataclasses.replace(scheduling, instances=one)
 
     async def retire(self, pool: Pool, drain: bool = False) -> bool:
         """Stop a pool for good (after its requests, with drain) and remove its group
@@ -800,6 +812,16 @@ class Supervisor:
             "ready": pool.state is WorkerState.READY,
             "signature": signature and signature.to_wire(),
         }
+
+    async def sessions(self, name: str, order: dict[str, Any]) -> dict[str, Any]:
+        """Ask the worker of MODEL's active version about its sessions: list them, end one
+        or reset one (worker/sessions.py)."""
+        pool = self._serving(self.model(name))
+        worker = next((w for w in pool.workers if w.state is WorkerState.READY), None)
+        if worker is None:
+            raise MoltError(ErrorCode.MODEL_UNAVAILABLE, f"{pool.label} has no ready worker"
+                            " to ask about its sessions; retry once it is ready")  # fmt: skip
+        return {"model": name, "version": pool.spec.version, **await worker.ask(order)}
 
     def health(self) -> dict[str, Any]:
         states = {

@@ -42,6 +42,7 @@ from moltbotd.wire.signature import Signature
 
 log = get_logger("worker")
 S = WorkerState
+ASK_TIMEOUT = 10.0  # seconds a worker has to answer a question (its sessions)
 Done = Callable[[bytes | MoltError], None]  # a relayed request's packed outputs, or error
 
 
@@ -66,6 +67,8 @@ class WorkerSpec:
     memory_auto: str | None = None  # how an `auto` memory limit was derived
     histograms: bool = True  # the worker counts each request's phases (metrics.histograms)
     slow_request: float = 0.0  # seconds; slower requests are logged (metrics.slow_request)
+    state: tuple[Mapping[str, Any], ...] = ()  # model.yaml's state pairs: a stateful model
+    sessions_dir: Path | None = None  # where its sessions spill (state_dir/sessions/MODEL)
 
     @property
     def label(self) -> str:
@@ -137,6 +140,8 @@ class WorkerProcess:
         self._idle = asyncio.Event()  # set while nothing is in flight
         self._idle.set()
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
+        self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}  # questions, by number
+        self._asks = itertools.count(1)
         self._channel: _Link | None = None
         self._handoff: socket.socket | None = None  # direct channels' ends go to it this way
         self._no_channels = asyncio.Event()
@@ -265,6 +270,7 @@ class WorkerProcess:
         self._handshake = loop.create_future()
         spec = {"path": str(self.spec.path), **asdict(self.spec.session),
                 "samples": list(self.spec.samples), "batched": self.spec.batched,
+                "state": list(self.spec.state), "sessions_dir": str(self.spec.sessions_dir),
                 "heartbeat": self.settings.heartbeat,
                 "direct": {"model": self.spec.model, "version": self.spec.version,
                            "max_frame_bytes": self.spec.max_frame_bytes,
@@ -496,6 +502,25 @@ class WorkerProcess:
             message = {"close_channels": why, "within": within}
             self._channel.transport.write(encode_frame(message))
 
+    async def ask(self, order: dict[str, Any]) -> dict[str, Any]:
+        """A question for the worker (its sessions), answered on the control socket."""
+        if self.state is not S.READY or not self.serving_channel():
+            raise self.unavailable()
+        number = next(self._asks)
+        self._asked[number] = answer = asyncio.get_running_loop().create_future()
+        try:
+            self._channel.transport.write(encode_frame({"ask": number, **order}))  # type: ignore[union-attr]
+            async with asyncio.timeout(ASK_TIMEOUT):
+                reply = await answer
+        except TimeoutError:
+            raise MoltError(ErrorCode.WORKER_HUNG, f"{self.label} (pid {self.pid}) did not"
+                            f" answer within {ASK_TIMEOUT:.0f}s") from None  # fmt: skip
+        finally:
+            del self._asked[number]
+        if "error" in reply:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"{self.label}: {reply['error']}")
+        return reply["result"]
+
     def set_scheduling(self, scheduling: Scheduling) -> None:
         self.scheduling = scheduling
         if self.state is S.READY and self.serving_channel():
@@ -629,6 +654,10 @@ class WorkerProcess:
         elif "phase" in message:
             if self.on_phase:
                 self.on_phase(message["phase"])
+        elif "answer" in message:
+            answer = self._asked.get(message["answer"])
+            if answer is not None and not answer.done():
+                answer.set_result(message)
         elif self._handshake and not self._handshake.done():
             self._handshake.set_result(message)
 
@@ -646,6 +675,9 @@ class WorkerProcess:
         never ran goes back to the pool's queue."""
         inflight, self._inflight = self._inflight, {}
         orphans, self._orphans = self._orphans, {}
+        for answer in self._asked.values():
+            if not answer.done():
+                answer.set_exception(MoltError(error.code, error.message, error.details))
         self._idle.set()
         self.queued, self.queued_by_priority = 0, {}  # the process is gone, its queue too
         # the latest first: each orphan goes back to the front of the pool's queue

@@ -57,6 +57,7 @@ STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.FRAME_TOO_LARGE: (413, "RESOURCE_EXHAUSTED"),
     ErrorCode.CONFLICT: (409, "ABORTED"),
     ErrorCode.ALREADY_EXISTS: (409, "ALREADY_EXISTS"),
+    ErrorCode.SESSION_LOST: (409, "FAILED_PRECONDITION"),
     ErrorCode.DEADLINE_EXCEEDED: (504, "DEADLINE_EXCEEDED"),
     # Retryable on another node: HAProxy's retry-on 503 sends these elsewhere.
     ErrorCode.OVERLOADED: (503, "UNAVAILABLE"),

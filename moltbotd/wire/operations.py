@@ -235,6 +235,12 @@ OPERATIONS: dict[str, Operation] = {
                     " never run if still queued) after this many milliseconds",
                 ),
                 Param(
+                    "session",
+                    (str,),
+                    help="a stateful model's session: the state its previous request left"
+                    " feeds this one, kept by moltbotd (docs/sessions.md)",
+                ),
+                Param(
                     "reply_shm",
                     (list,),
                     help="on a direct channel: [offset, size] of its shared region where"
@@ -308,6 +314,33 @@ OPERATIONS: dict[str, Operation] = {
                 Param("model", (str,), required=True, help="model name"),
                 Param("version", (str,), help="a loaded version (default: the active one)"),
             ),
+        ),
+        Operation(
+            "sessions",
+            "A stateful model's sessions: how many are hot, spilled or lost, their bytes, and"
+            " the LIMIT least idle with where each lives and how long it has been idle.",
+            (
+                Param("model", (str,), required=True, help="model name"),
+                Param("limit", (int,), help="sessions described, the least idle first (100)"),
+            ),
+        ),
+        Operation(
+            "end_session",
+            "Forget a session of a stateful model: its state, hot or on disk, is gone.",
+            (
+                Param("model", (str,), required=True, help="model name"),
+                Param("session", (str,), required=True, help="the session's id"),
+            ),
+            role=Role.INFER,
+        ),
+        Operation(
+            "reset_session",
+            "Start a session of a stateful model over: its next request gets the first state.",
+            (
+                Param("model", (str,), required=True, help="model name"),
+                Param("session", (str,), required=True, help="the session's id"),
+            ),
+            role=Role.INFER,
         ),
         Operation(
             "versions",

@@ -51,6 +51,7 @@ from moltbotd.wire.region import HEADER_BYTES, SLOTS, nameable
 from moltbotd.wire.relay import relay_frame, started_frame
 from moltbotd.wire.signature import Signature, check_inputs, check_output_names
 from moltbotd.worker.hub import Hub
+from moltbotd.worker.sessions import check_id
 
 INFER = OPERATIONS["infer"]
 Place = Callable[[dict[str, Any]], dict[str, Any]]  # a request's outputs, as they are sent
@@ -414,13 +415,26 @@ class Channels:
                 error = item
                 if isinstance(item, Pending):
                     try:
-                        self.hub.push(item)
+                        self._push(item)
                         stream.pending += 1
                         continue
                     except MoltError as exc:  # OVERLOADED
                         error = traced(exc, item.trace)
                 stream.refuse(req_id, error)
                 self.hub.refused(error)
+
+    def _push(self, item: Pending) -> None:
+        """Queue a request (under the hub's lock), or have it wait for its session's turn."""
+        hub, session = self.hub, item.conversation
+        if session is None:
+            hub.push(item)
+            return
+        if hub.sessions.admit(item, session):  # type: ignore[union-attr]
+            try:
+                hub.push(item)
+            except MoltError:
+                hub.sessions.release(item, hub.push)  # type: ignore[union-attr]
+                raise
 
     def _check(self, stream: Stream, message: dict[str, Any] | MoltError) -> Checked:
         if isinstance(message, MoltError):  # a frame that is not a request: no id to answer
@@ -447,6 +461,7 @@ class Channels:
             raise MoltError(ErrorCode.BAD_REQUEST, f"this direct channel serves {self.label},"
                             f" not {asked}: ask moltbotd's socket for it"[:300])  # fmt: skip
         priority, timeout = request_options(params)
+        session = self._session(params)
         tensors = check_inputs(self.label, self.signature, stream.shared(params["inputs"]))
         outputs = params.get("outputs")
         if outputs:
@@ -470,8 +485,11 @@ class Channels:
             stream.answer(request.id, outcome, head)
             hub.answered(outcome, item, stream.counted, done)
             hub.touched.add(stream)
+            if item.conversation is not None and item.started is None:  # it never ran
+                hub.sessions.release(item, hub.push)  # type: ignore[union-attr]
 
         item = Pending(tensors, outputs, priority or self.priority, deadline, now, reply)
+        item.conversation = session  # its id: _push admits it, with its Conversation
         item.received = stream.read_at
         item.trace = trace
         if "reply_shm" in params:
@@ -491,3 +509,14 @@ class Channels:
 
             item.on_start = mark_running
         return item
+
+    def _session(self, params: dict[str, Any]) -> str | None:
+        """The request's session id, checked; None without one."""
+        session = params.get("session")
+        if session is None:
+            return None
+        if self.hub.sessions is None:
+            raise MoltError(ErrorCode.BAD_REQUEST, f"{self.label} keeps no sessions: its"
+                            " model.yaml declares no `state:`; send the request without"
+                            " 'session'")  # fmt: skip
+        return check_id(session)

@@ -30,6 +30,7 @@ from moltbotd.config import Batching
 from moltbotd.scheduler import Pending, Queue, deadline_exceeded
 from moltbotd.wire.histogram import PHASES, Histogram
 from moltbotd.wire.protocol import MoltError
+from moltbotd.worker.sessions import Sessions
 
 # A thread that failed leaves requests nobody answers: the whole worker exits
 # (EX_SOFTWARE), so its clients see EOF and the supervisor restarts it.
@@ -175,6 +176,8 @@ class Hub:
         self.lock = threading.Lock()
         self.queue = Queue(scheduling["max_queue"])
         self.lanes = 1  # how many take batches (Lanes sets it)
+        # a stateful model's sessions: its requests pass their gate under this lock
+        self.sessions: Sessions | None = None
         self.running = 0  # lanes in a run
         self.stopping = False
         self.touched: set[Sendable] = set()  # channels answered into, not yet flushed

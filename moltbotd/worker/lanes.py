@@ -34,8 +34,9 @@ from moltbotd.worker.hub import Counts, Hub, fatal_thread
 
 Result = bytes | dict[str, Any]  # a request's outputs, packed for the client; or its error
 Place = Callable[[dict[str, Any]], dict[str, Any]] | None  # lays out a request's outputs
-Batch = list[tuple[dict[str, Any], list[str] | None, Place]]  # each request's inputs, outputs
-Runner = Callable[[Batch, bool], list[Result]]
+# a request's result, and what keeps its session's next state once it is answered
+Done = tuple[Result, Callable[[], None] | None]
+Runner = Callable[[list[Pending], bool], list[Done]]
 Order = Callable[[Channels], None]  # what the intake's thread does to its channels
 Send = Callable[[dict[str, Any]], None]  # a message to the daemon
 Closed = Callable[[Stream], None]  # told of each channel the intake closed
@@ -100,19 +101,24 @@ class Lane:
             self._run(batch)
 
     def _run(self, batch: list[Pending]) -> None:
-        """Run a batch; answer each request unless its deadline answered it meanwhile."""
+        """Run a batch; answer each request unless its deadline answered it meanwhile (then
+        its session keeps its old state: the client never saw this turn)."""
         hub = self.hub
-        results = self.runner([(i.inputs, i.outputs, i.place) for i in batch], hub.concat)
+        results = self.runner(batch, hub.concat)
         with hub.lock:
             now = time.monotonic()
-            for item, result in zip(batch, results, strict=True):
+            for item, (result, keep) in zip(batch, results, strict=True):
                 if not item.live(now):  # the client stopped waiting: a late result is dropped
                     item.answer(deadline_exceeded(hub.label, item, now, queued=False))
                 elif isinstance(result, bytes):
+                    if keep is not None and not item.answered:
+                        keep()
                     item.answer(result)
                 else:
                     message = f"{hub.label}: {result['message']}"
                     item.answer(MoltError(ErrorCode(result["code"]), message))
+                if item.conversation is not None:
+                    hub.sessions.release(item, hub.push)  # type: ignore[union-attr]
             hub.ran()
             hub.flush()
 

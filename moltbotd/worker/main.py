@@ -14,12 +14,15 @@ alike, from one queue (hub.py).
 import contextlib
 import ctypes
 import functools
+import itertools
 import selectors
 import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from operator import methodcaller
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -28,6 +31,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from moltbotd.malloc import keep_freed_memory
+from moltbotd.scheduler import Pending
 from moltbotd.wire.handoff import HANDOFF
 from moltbotd.wire.protocol import (
     RECV_BYTES,
@@ -46,8 +50,11 @@ from moltbotd.wire.signature import Signature, check_inputs, spec_from_ort
 from moltbotd.worker import heartbeat
 from moltbotd.worker.direct import Channels, Poller, RelayStream, Stream
 from moltbotd.worker.hub import Hub
-from moltbotd.worker.lanes import Batch, Lanes, Place, Result
+from moltbotd.worker.lanes import Done, Lanes, Place, Result
+from moltbotd.worker.sessions import Janitor, Sessions, State, StateError, StateSpec, resolve
+from moltbotd.worker.sessions import state_key as key_of
 
+Job = tuple[dict[str, Any], list[str] | None, Place, State | None]  # inputs, outputs, place
 EXIT_LOAD_FAILED = 3  # gunicorn's idea: a model that cannot load is not a crash to retry
 _PR_SET_PDEATHSIG = 1
 _OPT_LEVELS = {
@@ -138,12 +145,39 @@ def load_session(spec: dict[str, Any]) -> tuple[Any, list[str]]:
     return session, session.get_providers()
 
 
-def run(session: Any, names: list[str], inputs: dict[str, Any],
-        wanted: list[str] | None) -> dict[str, Any]:  # fmt: skip
-    """The outputs `wanted` (all of the model's `names` when None), encoded."""
-    feeds = {name: decode_tensor(t) for name, t in inputs.items()}
-    values = session.run(wanted, feeds)
-    return {name: encode_value(v) for name, v in zip(wanted or names, values, strict=True)}
+@dataclass(frozen=True)
+class Served:
+    """The loaded session and what a run asks of it: the outputs a client gets by
+    default, and a stateful model's state pairs and sessions."""
+
+    session: Any
+    names: list[str]  # every output (asked for once: onnxruntime builds its list anew)
+    states: tuple[StateSpec, ...] = ()
+    sessions: Sessions | None = None
+
+    @functools.cached_property
+    def shown(self) -> list[str]:
+        """The outputs a client gets when it names none: all but the state's."""
+        feeding = {spec.output for spec in self.states}
+        return [name for name in self.names if name not in feeding]
+
+    def outputs(self, wanted: list[str] | None) -> tuple[list[str], list[str] | None]:
+        """The outputs answered, and those the run asks for (None: all of them)."""
+        shown = wanted or self.shown
+        if not self.states:
+            return shown, wanted or None
+        return shown, shown + [s.output for s in self.states if s.output not in shown]
+
+    def run(self, inputs: dict[str, Any], wanted: list[str] | None,
+            state: State | None) -> tuple[dict[str, Any], State | None]:  # fmt: skip
+        """The outputs a client asked for, encoded, and the session's next state."""
+        feeds = {name: decode_tensor(t) for name, t in inputs.items()}
+        if state:
+            feeds.update(state)
+        shown, asked = self.outputs(wanted)
+        values = dict(zip(asked or self.names, self.session.run(asked, feeds), strict=True))
+        following = {s.input: values[s.output] for s in self.states} if self.states else None
+        return {name: encode_value(values[name]) for name in shown}, following
 
 
 def classify(exc: Exception) -> ErrorCode:
@@ -153,13 +187,14 @@ def classify(exc: Exception) -> ErrorCode:
     )
 
 
-def run_samples(session: Any, signature: Signature, samples: list[dict[str, Any]]) -> None:
-    """Run model.yaml's warm-up samples; a sample that fails means the version is broken."""
+def run_samples(served: Served, signature: Signature, samples: list[dict[str, Any]]) -> None:
+    """Run model.yaml's warm-up samples (a stateful model's from its first state); a sample
+    that fails means the version is broken."""
+    first = served.sessions.initial() if served.sessions else None
     for number, sample in enumerate(samples, 1):
         where = f"warm-up sample {number} of {len(samples)}"
         try:
-            feeds = check_inputs(where, signature, sample)
-            run(session, [spec.name for spec in signature.outputs], feeds, None)
+            served.run(check_inputs(where, signature, sample), None, first)
         except MoltError as exc:
             raise LoadFailed(exc.message) from None
         except Exception as exc:
@@ -211,7 +246,7 @@ def serve(channel: DaemonLink, handoff: socket.socket, lanes: Lanes,
                 return
             else:
                 for message in messages:
-                    obey(lanes, message)
+                    obey(lanes, message, channel)
 
 
 def take_handoffs(poller: Poller, handoff: socket.socket, lanes: Lanes, max_frame: int) -> None:
@@ -232,45 +267,105 @@ def take_handoffs(poller: Poller, handoff: socket.socket, lanes: Lanes, max_fram
             return
 
 
-def obey(lanes: Lanes, message: dict[str, Any]) -> None:
-    """An order from the daemon, for the direct channels or the whole queue."""
+def obey(lanes: Lanes, message: dict[str, Any], channel: DaemonLink) -> None:
+    """An order from the daemon, for the direct channels, the whole queue or the
+    sessions (those are questions: the answer carries the order's `ask`)."""
     if "close_channels" in message:
         lanes.tell(methodcaller("close_all", message["close_channels"], message["within"]))
     elif "scheduling" in message:
         lanes.configure(message["scheduling"])
+    elif "sessions" in message:
+        channel.send({"answer": message["ask"], **ask_sessions(lanes.hub.sessions,
+                                                               message["sessions"])})  # fmt: skip
 
 
-def run_batch(session: Any, names: list[str], batch: Batch, concat: bool) -> list[Result]:
-    """Each request's result: run one by one, or concatenated and run once. `names`: the
-    model's outputs (asked for once: onnxruntime builds the list anew at every call)."""
-    if concat and len(batch) > 1:
+def ask_sessions(sessions: Sessions | None, order: dict[str, Any]) -> dict[str, Any]:
+    """`sessions` (list), `end_session`, `reset_session`: the result, or the error."""
+    if sessions is None:
+        return {"error": "it keeps no sessions: its model.yaml declares no `state:`"}
+    if "list" in order:
+        return {"result": sessions.describe(order["list"])}
+    found = sessions.end(order["session"], reset=order["reset"])
+    return {"result": {"session": order["session"], "found": found}}
+
+
+def run_batch(served: Served, batch: list[Pending], concat: bool) -> list[Done]:
+    """Each request's result, and what keeps its session's next state: run one by one,
+    or concatenated and run once."""
+    sessions = served.sessions
+    if sessions is None:
+        jobs = [(item.inputs, item.outputs, item.place, None) for item in batch]
+        return [(result, None) for result, _ in run_jobs(served, jobs, concat)]
+    done: list[Done | None] = [None] * len(batch)
+    taken, jobs = [], []
+    for number, item in enumerate(batch):
+        try:
+            state, generation = sessions.checkout(item.conversation)
+        except MoltError as exc:  # lost, or held by a worker that does not let go
+            done[number] = ({"code": exc.code, "message": exc.message}, None)
+            continue
+        taken.append((number, item.conversation, generation))
+        jobs.append((item.inputs, item.outputs, item.place, state))
+    for (number, conv, generation), (result, state) in zip(
+        taken, run_jobs(served, jobs, concat), strict=True
+    ):
+        done[number] = keep_state(sessions, conv, generation, result, state)
+    return done  # type: ignore[return-value]
+
+
+def keep_state(sessions: Sessions, conv: Any, generation: int, result: Result,
+               state: State | None) -> Done:  # fmt: skip
+    """A stateful request's result, and what keeps its next state once it is answered."""
+    if conv is None or state is None or not isinstance(result, bytes):
+        return result, None
+    if (error := sessions.too_big(conv.id, state)) is not None:
+        return {"code": error.code, "message": error.message}, None
+    return result, functools.partial(sessions.commit, conv, state, generation)
+
+
+def run_jobs(served: Served, jobs: list[Job], concat: bool) -> list[tuple[Result, State | None]]:
+    if concat and len(jobs) > 1:
         # one request may be at fault: then each runs alone, so only it fails
         with contextlib.suppress(Exception):
-            return run_together(session, names, batch)
-    return [run_one(session, names, inputs, outputs, place) for inputs, outputs, place in batch]
+            return run_together(served, jobs)
+    return [run_one(served, *job) for job in jobs]
 
 
-def run_one(session: Any, names: list[str], inputs: dict[str, Any], wanted: list[str] | None,
-            place: Place) -> Result:  # fmt: skip
+def run_one(served: Served, inputs: dict[str, Any], wanted: list[str] | None, place: Place,
+            state: State | None) -> tuple[Result, State | None]:  # fmt: skip
     try:
-        return pack(run(session, names, inputs, wanted or None), place)
+        outputs, following = served.run(inputs, wanted or None, state)
+        return pack(outputs, place), following
     except Exception as exc:  # a failed run is the request's error, not the worker's
-        return {"code": classify(exc), "message": str(exc)}
+        return {"code": classify(exc), "message": str(exc)}, None
 
 
-def run_together(session: Any, outputs: list[str], batch: Batch) -> list[Result]:
-    """Concatenate along the first dimension, run once, split every output back."""
-    wanted = batch[0][1] or None
-    names = wanted or outputs
-    feeds = {name: join_tensors([item[0][name] for item in batch]) for name in batch[0][0]}
-    rows = [next(iter(inputs.values()))["shape"][0] for inputs, _, _ in batch]
-    values = session.run(wanted, feeds)
+def run_together(served: Served, jobs: list[Job]) -> list[tuple[Result, State | None]]:
+    """Concatenate along the first dimension (states too), run once, split every output
+    back."""
+    shown, asked = served.outputs(jobs[0][1] or None)
+    feeds = {name: join_tensors([job[0][name] for job in jobs]) for name in jobs[0][0]}
+    for name in jobs[0][3] or ():
+        feeds[name] = np.concatenate([job[3][name] for job in jobs])  # type: ignore[index]
+    rows = [next(iter(inputs.values()))["shape"][0] for inputs, _, _, _ in jobs]
+    values = dict(zip(asked or served.names, served.session.run(asked, feeds), strict=True))
     total = sum(rows)
-    if not all(isinstance(v, np.ndarray) and v.shape[:1] == (total,) for v in values):
+    if not all(isinstance(v, np.ndarray) and v.shape[:1] == (total,) for v in values.values()):
         raise ValueError("an output does not have the batch as its first dimension")
-    parts = zip(*(split_tensor(v, rows) for v in values), strict=True)
-    return [pack(dict(zip(names, maps, strict=True)), place)
-            for maps, (_, _, place) in zip(parts, batch, strict=True)]  # fmt: skip
+    parts = zip(*(split_tensor(values[name], rows) for name in shown), strict=True)
+    ends = list(itertools.accumulate(rows))[:-1]
+    states = [dict(zip([s.input for s in served.states], slices, strict=True))
+              for slices in zip(*(np.split(values[s.output], ends) for s in served.states),
+                                strict=True)] or [None] * len(jobs)  # fmt: skip
+    return [
+        (pack(dict(zip(shown, maps, strict=True)), job[2]), _copied(state))
+        for maps, job, state in zip(parts, jobs, states, strict=True)
+    ]
+
+
+def _copied(state: State | None) -> State | None:
+    """A session's rows on their own: a view would keep the whole batch's output alive."""
+    return None if state is None else {name: value.copy() for name, value in state.items()}
 
 
 def pack(outputs: dict[str, Any], place: Place) -> bytes:
@@ -299,18 +394,19 @@ def main(argv: list[str]) -> int:
 def load_and_serve(channel: DaemonLink, handoff: socket.socket, relay: socket.socket,
                    spec: dict[str, Any]) -> int:  # fmt: skip
     try:
-        session, signature, ready = load_and_warm(channel, spec)
+        served, signature, ready = load_and_warm(channel, spec)
     except LoadFailed as exc:
         channel.send({"failed": str(exc)})
         return EXIT_LOAD_FAILED
     channel.send({"ready": ready})
     runs = heartbeat.Runs()
-    names = [spec.name for spec in signature.outputs]
-    runner = runs.track(functools.partial(run_batch, session, names))
+    runner = runs.track(functools.partial(run_batch, served))
     heartbeat.start(handoff, runs, spec["heartbeat"])
     settings = spec["direct"]
     hub = Hub(f"model {settings['model']} {settings['version']}", settings["scheduling"],
               settings["histograms"], settings["slow_request"])  # fmt: skip
+    hub.sessions = served.sessions
+    janitor = Janitor(served.sessions) if served.sessions else None
     channels = Channels(settings, signature, hub)
     # trusted like the control channel: any frame the header allows
     stream = RelayStream(relay, 2**32 - 1)
@@ -320,12 +416,16 @@ def load_and_serve(channel: DaemonLink, handoff: socket.socket, relay: socket.so
         serve(channel, handoff, lanes, settings)
     finally:
         lanes.stop()
+        if janitor:
+            janitor.stop()  # every hot session to disk, for the next worker
     return 0
 
 
 def load_and_warm(
     channel: DaemonLink, spec: dict[str, Any]
-) -> tuple[Any, Signature, dict[str, Any]]:
+) -> tuple[Served, Signature, dict[str, Any]]:
+    """The loaded, warmed model; the signature clients see (a stateful model's without
+    the inputs its sessions feed); the ready message."""
     started = time.monotonic()
     try:
         session, providers = load_session(spec)
@@ -337,15 +437,41 @@ def load_and_warm(
     )
     if spec["batched"] and (problem := signature.batch_problem()):
         raise LoadFailed(f"batching is configured (max_batch_size above 1), but {problem}")
+    served, shown = with_sessions(session, signature, spec)
     loaded = time.monotonic()
     channel.send({"phase": "warming"})
     warmup_error = None
     if spec["samples"]:
-        run_samples(session, signature, spec["samples"])
+        run_samples(served, shown, spec["samples"])
     else:
         warmup_error = warm_up(session, signature)
-    ready = {"signature": signature.to_wire(), "providers": providers,
+    ready = {"signature": shown.to_wire(), "providers": providers,
              "load_seconds": loaded - started, "warmup_error": warmup_error,
              "samples": len(spec["samples"]),
              "warmup_seconds": time.monotonic() - loaded}  # fmt: skip
-    return session, signature, ready
+    if served.sessions:
+        ready["state"] = {"key": key_of(served.states),
+                          "pairs": [s.to_wire() for s in served.states]}  # fmt: skip
+    return served, shown, ready
+
+
+def with_sessions(session: Any, signature: Signature,
+                  spec: dict[str, Any]) -> tuple[Served, Signature]:  # fmt: skip
+    """The model served, with its sessions when model.yaml declares `state:`; and its
+    signature less the inputs the sessions feed."""
+    names = [output.name for output in signature.outputs]
+    if not spec["state"]:
+        return Served(session, names), signature
+    try:
+        states = resolve(spec["state"], signature)
+    except StateError as exc:
+        raise LoadFailed(str(exc)) from None
+    label = f"model {spec['direct']['model']} {spec['direct']['version']}"
+    folder = Path(spec["sessions_dir"]) / key_of(states)
+    try:
+        sessions = Sessions(states, spec["direct"]["scheduling"]["sessions"], folder, label)
+    except OSError as exc:
+        raise LoadFailed(f"sessions: cannot use {folder}: {exc.strerror or exc}") from None
+    fed = {state.input for state in states}
+    shown = Signature(tuple(i for i in signature.inputs if i.name not in fed), signature.outputs)
+    return Served(session, names, states, sessions), shown
