@@ -35,10 +35,11 @@ def turns(count: int, seed: int) -> list[np.ndarray]:
     return [rng.standard_normal((1, 3, 4)).astype(np.float32) for _ in range(count)]
 
 
-def in_process(models_dir: Path, xs: list[np.ndarray], version: str = "v1") -> list[np.ndarray]:
+def in_process(models_dir: Path, xs: list[np.ndarray], version: str = "v1",
+               hidden: int = HIDDEN) -> list[np.ndarray]:  # fmt: skip
     """The same conversation in process: the caller passes the state by hand."""
     session = ort.InferenceSession(str(models_dir / "gru" / version / "model.onnx"))
-    h, ys = np.zeros((1, HIDDEN), np.float32), []
+    h, ys = np.zeros((1, hidden), np.float32), []
     for x in xs:
         y, h = session.run(["y", "h_next"], {"x": x, "h": h})
         ys.append(y)
@@ -204,3 +205,83 @@ def test_a_state_that_does_not_fit_the_model_fails_its_load(models_dir, daemon_f
         "state: output 'y' (shape [N, 2]) cannot feed input 'h' (shape [N, 8])"
         in (status["worker"]["error"])
     )
+
+
+def test_a_switch_with_the_same_state_goes_on_another_needs_force(gru_dir, daemon_factory):
+    """v2 serves first (the newest); v1 has the same weights and state; v0 another state."""
+    add_gru(gru_dir, "v2")
+    add_gru(gru_dir, "v0", hidden=16)
+    # the old version waits this long for the idle direct channel of `client` to close
+    daemon = daemon_factory("drain_timeout: 2s\n" + CONFIG % "30m")
+    xs = turns(4, seed=8)
+    with Client(daemon.socket) as client:
+        got = [say(client, "hana", x) for x in xs[:2]]
+        switched = client.switch("v1", "gru")
+        assert switched["sessions_reset"] is False
+        [folder] = (daemon.state_dir / "sessions" / "gru").iterdir()
+        switched_key = folder.name
+        got += [say(client, "hana", x) for x in xs[2:]]
+        assert np.array_equal(np.concatenate(got), np.concatenate(in_process(gru_dir, xs)))
+        refused = run_moltctl("switch", "gru", "v0", socket=daemon.socket)
+        assert refused.returncode != 0
+        assert "its session state changes (was h_next -> h [1, 8]; now h_next -> h [1, 16])" in (
+            refused.stderr
+        )
+        forced = client.switch("v0", "gru", force=True)
+        assert forced["sessions_reset"] is True
+        assert client.sessions("gru")["hot"] == 0
+        fresh = client.infer("gru", {"x": xs[0]}, session="hana")["y"]
+    assert np.array_equal(fresh, in_process(gru_dir, xs[:1], "v0", hidden=16)[0])
+    [kept] = (daemon.state_dir / "sessions" / "gru").iterdir()  # v1 and v2's are gone
+    assert kept.name != switched_key
+
+
+def rss_bytes(pid: int) -> int:
+    """Anonymous memory resident: the heap, not the libraries' pages (onnxruntime's code
+    for batches of new sizes is paged in as they first run)."""
+    fields = Path(f"/proc/{pid}/status").read_text().split("RssAnon:")[1].split()
+    return int(fields[0]) * 1024
+
+
+def test_ten_thousand_sessions_stay_within_the_hot_budget(models_dir, daemon_factory):
+    """10,000 sessions of 2 KiB each through a hot budget of 1 MiB: the worker keeps 512,
+    spills the rest, its memory grows by less than half their states once the budget is
+    full, and a sample of the spilled sessions comes back right."""
+    hidden, count, warm = 512, 10_000, 2_000
+    add_gru(models_dir, hidden=hidden)
+    daemon = daemon_factory(
+        "models:\n  gru:\n    batching: {max_batch_size: 8}\n    sessions: {hot_bytes: 1MiB}\n"
+    )
+    rng = np.random.default_rng(9)
+    firsts = rng.standard_normal((count, 1, 3, 4)).astype(np.float32)
+    second = turns(1, seed=10)[0]
+
+    async def talk(xs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        async with AsyncClient(daemon.socket) as client:
+            answers = [client.infer("gru", {"x": x}, session=f"s{n}") for n, x in xs.items()]
+            return dict(zip(xs, [r["y"] for r in await asyncio.gather(*answers)], strict=True))
+
+    with Client(daemon.socket) as client:
+        pid = worker_pid(client, "gru")
+        rss = [rss_bytes(pid)]
+        for start in range(0, count, 100):
+            asyncio.run(talk({n: firsts[n] for n in range(start, start + 100)}))
+            if start + 100 in (warm, count):
+                rss.append(rss_bytes(pid))
+        listed = client.sessions("gru", 0)
+    state_bytes = hidden * 4
+    print(f"worker RssAnon {rss[0] / 2**20:.1f} MiB at start, {rss[1] / 2**20:.1f} MiB after"
+          f" {warm} sessions, {rss[2] / 2**20:.1f} MiB after {count}"
+          f" ({count * state_bytes / 2**20:.1f} MiB of state); hot {listed['hot']}"
+          f" ({listed['hot_bytes'] / 2**20:.1f} MiB), spilled {listed['spilled']}")  # fmt: skip
+    assert listed["hot_bytes"] <= 1 << 20 and listed["hot"] == (1 << 20) // state_bytes
+    assert listed["spilled"] + listed["hot"] == count
+    assert rss[2] - rss[1] < (count - warm) * state_bytes / 2  # they are not all in memory
+    sample = [int(n) for n in rng.choice(count, 50, replace=False)]
+    got = asyncio.run(talk(dict.fromkeys(sample, second)))
+    session, zeros = ort.InferenceSession(str(models_dir / "gru" / "v1" / "model.onnx")), 0.0
+    for n in sample:
+        h = np.full((1, hidden), zeros, np.float32)
+        _, h = session.run(["y", "h_next"], {"x": firsts[n], "h": h})
+        [want] = session.run(["y"], {"x": second, "h": h})
+        assert np.array_equal(got[n], want), n

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -230,6 +231,8 @@ class Rollout:
         changes = []
         if old and old.signature and new.signature and old is not new:
             changes = compare(old.signature, new.signature)
+        if (reset := sessions_reset(old, new)) is not None:
+            changes.append(reset)
         if new.primary.ready_info.get("warmup_error"):
             changes.append(
                 f"the warm-up run on zeros failed ({new.primary.ready_info['warmup_error']}); give"
@@ -249,16 +252,19 @@ class Rollout:
                            keeps)  # fmt: skip
         self.sup.activate(model, new)
         drained = True
+        reset = sessions_reset(old, new) is not None
         if old:
             phases("draining", f"{plural(old.inflight, 'request')} in flight on {previous}")
             drained = await self.sup.retire(old, drain=True)
+            if reset:  # its sessions cannot go on in the new version: they are gone
+                await asyncio.to_thread(shutil.rmtree, sessions_dir(old), True)
         log.info("model {model}: now serving {version}", model=model.name,
                  version=version, previous=previous)  # fmt: skip
         kind = phases.operation.split()[0]  # switch, promote, rollback, deploy, reload
         model.event(kind, f"{previous or 'nothing'} -> {version}", version=version)
         return {"model": model.name, "from": previous, "to": version, "changed": True,
                 "drained": drained, "changes": found.changes, "checksum": found.checksum,
-                "seconds": phases.done()}  # fmt: skip
+                "sessions_reset": reset, "seconds": phases.done()}  # fmt: skip
 
     async def _start_canary(
         self, model: Model, found: Candidate, share: float, phases: Phases
@@ -470,3 +476,29 @@ def _canary_in_progress(model: Model) -> MoltError:
         f" or end it (moltctl rollback {model.name}) first",
         {"model": model.name, "operation": f"canary {model.canary.version}"},
     )
+
+
+def _state_of(pool: Pool | None) -> dict[str, Any] | None:
+    """A stateful version's state pairs and their key, as its worker reported them."""
+    return pool.primary.ready_info.get("state") if pool and pool.workers else None
+
+
+def sessions_reset(old: Pool | None, new: Pool) -> str | None:
+    """Why the old version's sessions cannot go on in the new one, if they cannot: its
+    state pairs differ (the new version finds the sessions only under the same key)."""
+    was, now = _state_of(old), _state_of(new)
+    if was is None or old is new or (now is not None and now["key"] == was["key"]):
+        return None
+    return (f"its session state changes (was {_pairs(was)}; now {_pairs(now)}): every session"
+            " starts over")  # fmt: skip
+
+
+def _pairs(state: dict[str, Any] | None) -> str:
+    if state is None:
+        return "none"
+    return ", ".join(f"{p['output']} -> {p['input']} {p['shape']}" for p in state["pairs"])
+
+
+def sessions_dir(pool: Pool) -> Path:
+    """Where a stateful version's sessions spill (worker/sessions.py)."""
+    return Path(str(pool.spec.sessions_dir)) / _state_of(pool)["key"]  # type: ignore[index]

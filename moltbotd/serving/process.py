@@ -460,6 +460,8 @@ class WorkerProcess:
         if self.state is S.READY:
             await self._set(S.DRAINING)
         self.close_channels("the version is being replaced", timeout)
+        if self.spec.state and self.serving_channel():  # its sessions, to the next version
+            self._channel.transport.write(encode_frame({"hand_over": True}))  # type: ignore[union-attr]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):  # one deadline for both
                 await self._idle.wait()

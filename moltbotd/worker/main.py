@@ -274,6 +274,8 @@ def obey(lanes: Lanes, message: dict[str, Any], channel: DaemonLink) -> None:
         lanes.tell(methodcaller("close_all", message["close_channels"], message["within"]))
     elif "scheduling" in message:
         lanes.configure(message["scheduling"])
+    elif "hand_over" in message and lanes.hub.sessions:
+        lanes.hub.sessions.handing_over = True  # the janitor spills each session it can
     elif "sessions" in message:
         channel.send({"answer": message["ask"], **ask_sessions(lanes.hub.sessions,
                                                                message["sessions"])})  # fmt: skip

@@ -7,8 +7,8 @@ state lives in one of three places:
 
 - hot: in this worker's memory, an LRU bounded by `sessions.hot_bytes`;
 - spilled: idle for `spill_after` (or pushed out of the LRU), compressed with zstd into
-  `DIR/ID.state` (write, fsync, rename), counted against `disk_bytes`; restored when
-  the session comes back;
+  `DIR/ID.state` (write, rename), counted against `disk_bytes`; restored when the
+  session comes back;
 - gone: idle for `ttl`, ended, or among the least recently used spilled ones once the
   disk budget is spent.
 
@@ -18,7 +18,8 @@ pairs starts afresh. While a session is hot, `DIR/ID.hot` names the worker's pid
 worker that starts and finds the mark of a pid that is gone knows that session's newest
 turns died with it (SIGKILL, an OOM kill), marks it `ID.lost`, and its next request is
 refused SESSION_LOST instead of going on from an older state. A mark of a live pid (the
-old version during a switch) is waited for: that worker spills its sessions as it stops.
+old version during a switch) is waited for: told it is being replaced (`hand_over`), that
+worker spills each session as soon as its request in flight is answered.
 
 A session's requests run one at a time, in order (`admit`, `release`, under the hub's
 lock); requests of different sessions run together in one batch, their states
@@ -40,7 +41,6 @@ import msgpack
 import numpy as np
 import zstandard
 
-from moltbotd.durable import atomic_write
 from moltbotd.scheduler import Pending
 from moltbotd.wire.protocol import WIRE_DTYPES, ErrorCode, MoltError, decode_tensor, encode_value
 from moltbotd.wire.signature import Signature, format_shape
@@ -49,6 +49,7 @@ from moltbotd.wire.units import format_size
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # also a file name
 MAX_WAITING = 64  # requests of one session queued behind the one it runs
 HELD_WAIT = 10.0  # seconds a request waits for another worker to spill its session
+HANDING_OVER = 0.02  # seconds between spills while the next version waits for them
 DISK_SCAN_EVERY = 10.0  # seconds between scans of the spilled sessions (a stat each)
 SHOWN = 100  # sessions `sessions` describes by default, the least idle first
 State = dict[str, np.ndarray]  # input name -> the value it gets on the next request
@@ -129,10 +130,30 @@ def check_id(value: Any) -> str:
     return value
 
 
+class Codecs(threading.local):
+    """One zstd context per thread (lanes, the janitor), made once: a context is about a
+    megabyte, and one made per spill would leave the heap in pieces."""
+
+    def __init__(self) -> None:
+        self.made: tuple[Any, Any] | None = None
+
+    def compressor(self) -> "zstandard.ZstdCompressor":
+        return self._made()[0]
+
+    def decompressor(self) -> "zstandard.ZstdDecompressor":
+        return self._made()[1]
+
+    def _made(self) -> tuple[Any, Any]:
+        if self.made is None:
+            self.made = (zstandard.ZstdCompressor(level=3), zstandard.ZstdDecompressor())
+        return self.made
+
+
 class Conversation:
     """One session as the worker knows it: its state once loaded, and its requests."""
 
-    __slots__ = ("busy", "generation", "id", "nbytes", "state", "turns", "used", "waiting")
+    __slots__ = ("busy", "generation", "id", "nbytes", "spilling", "state", "turns", "used",
+                 "waiting")  # fmt: skip
 
     def __init__(self, session: str) -> None:
         self.id = session
@@ -143,6 +164,7 @@ class Conversation:
         self.busy: Pending | None = None  # the request of it that is queued or running
         self.waiting: deque[Pending] = deque()
         self.generation = 0  # a reset or an end while a request ran: its result is not kept
+        self.spilling = False  # a thread is writing it to disk
 
 
 class Sessions:
@@ -160,6 +182,8 @@ class Sessions:
         self.hot: OrderedDict[str, Conversation] = OrderedDict()  # loaded: the LRU
         self.hot_bytes = 0
         self.scanned = 0.0  # when the disk's sessions were last counted against the budgets
+        self.handing_over = False  # being replaced: every session spills once it is idle
+        self._codecs = Codecs()
         self.counts = {"restored": 0, "spilled": 0, "expired": 0, "dropped": 0, "lost": 0}
         directory.mkdir(parents=True, exist_ok=True)
         self._mark_the_dead()
@@ -217,6 +241,7 @@ class Sessions:
         if spilled:
             with contextlib.suppress(FileNotFoundError):
                 spilled.unlink()  # stale from now on: the hot mark covers the session
+        self.make_room()
         return state, generation
 
     def too_big(self, session: str, state: State) -> MoltError | None:
@@ -263,7 +288,7 @@ class Sessions:
             data = path.read_bytes()
         except FileNotFoundError:
             return self.initial(), None
-        saved = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(data))
+        saved = msgpack.unpackb(self._codecs.decompressor().decompress(data))
         with self.lock:
             self.counts["restored"] += 1
             if (conv := self.known.get(session)) is not None:
@@ -325,6 +350,8 @@ class Sessions:
         forget those idle past ttl; keep the disk within disk_bytes."""
         now = time.time()
         spill_after, ttl = self.settings["spill_after"], self.settings["ttl"]
+        if self.handing_over:
+            spill_after = 0.0
         with self.lock:
             over = self.hot_bytes - self.settings["hot_bytes"]
             chosen = []
@@ -346,23 +373,53 @@ class Sessions:
     def spill(self, conv: Conversation) -> None:
         """Write a hot session's state to disk and let go of it (unless it ran meanwhile)."""
         with self.lock:
-            state, turns, used, generation = conv.state, conv.turns, conv.used, conv.generation
-        if state is None:
-            return
-        tensors = {name: encode_value(value) for name, value in state.items()}
-        record = {"session": conv.id, "turns": turns, "state": tensors}
-        data = zstandard.ZstdCompressor(level=3).compress(msgpack.packb(record))
-        path = self._path(conv.id, "state")
-        atomic_write(path, data, 0o600)
-        os.utime(path, (used, used))  # its age on disk is its session's idle time
-        with self.lock:
-            if conv.busy is not None or conv.generation != generation or conv.turns != turns:
-                path.unlink()  # it came back meanwhile: the hot state is the newer
+            if conv.state is None or conv.spilling:
                 return
-            self._drop(conv)
-            self.counts["spilled"] += 1
-            with contextlib.suppress(FileNotFoundError):
-                self._path(conv.id, "hot").unlink()  # under the lock: a restore marks anew
+            conv.spilling = True
+            state, turns, used, generation = conv.state, conv.turns, conv.used, conv.generation
+        try:
+            path = self._write(conv.id, turns, state, used)
+            with self.lock:
+                if conv.busy is not None or conv.generation != generation or conv.turns != turns:
+                    path.unlink()  # it came back meanwhile: the hot state is the newer
+                    return
+                self._drop(conv)
+                self.counts["spilled"] += 1
+                with contextlib.suppress(FileNotFoundError):
+                    self._path(conv.id, "hot").unlink()  # under the lock: a restore marks anew
+        finally:
+            conv.spilling = False
+
+    def make_room(self) -> None:
+        """Spill the least recently used idle sessions until the hot ones fit in hot_bytes:
+        the lane that brought a session in pays for it, so the budget holds under any load
+        (the janitor alone could fall behind)."""
+        while True:
+            with self.lock:
+                if self.hot_bytes <= self.settings["hot_bytes"]:
+                    return
+                victim = next((c for c in self.hot.values() if c.busy is None), None)
+            if victim is None:
+                return  # every hot session has a request in flight
+            self.spill(victim)
+
+    def _write(self, session: str, turns: int, state: State, used: float) -> Path:
+        """The state, compressed, in place of the session's file: a crash of this process
+        leaves the old file or the new one. Not fsynced: a spill outlives the worker and
+        moltbotd, not a power loss (fsyncs would cap spills at the disk's flush rate)."""
+        tensors = {name: encode_value(value) for name, value in state.items()}
+        record = {"session": session, "turns": turns, "state": tensors}
+        data = self._codecs.compressor().compress(msgpack.packb(record))
+        path = self._path(session, "state")
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.utime(tmp, (used, used))  # its age on disk is its session's idle time
+        os.replace(tmp, path)
+        return path
 
     def spill_all(self) -> None:
         """At a stop: every hot session to disk, for the next worker or version."""
@@ -458,7 +515,7 @@ class Janitor:
         self.thread.start()
 
     def _run(self) -> None:
-        while not self.stopped.wait(1.0):
+        while not self.stopped.wait(HANDING_OVER if self.sessions.handing_over else 1.0):
             try:
                 self.sessions.tidy()
             except OSError as exc:  # a full disk: the sessions stay hot, and it says so
