@@ -109,7 +109,15 @@ def scheduling_detail(pool: dict[str, Any]) -> list[str]:
            else f"autoscaling {scaling['min']}-{scaling['max']}")  # fmt: skip
     each = ", ".join(f"{i['pid']} {i['state']} ({i['inflight']} in flight, {i['requests']} run)"
                      for i in pool["instances"])  # fmt: skip
-    return [*lines, f"instances {len(pool['instances'])} ({how}): {each}"]
+    lines.append(f"instances {len(pool['instances'])} ({how}): {each}")
+    if sessions := pool.get("sessions"):
+        counts = sessions["counts"]
+        lines.append(f"sessions {sessions['hot']} hot ({format_size(sessions['hot_bytes'])}),"
+                     f" {sessions['spilled']} spilled ({format_size(sessions['disk_bytes'])}),"
+                     f" {sessions['lost']} lost; since start {counts['spilled']} spills,"
+                     f" {counts['restored']} restores, {counts['expired']} expired,"
+                     f" {counts['dropped']} dropped (moltctl sessions MODEL)")  # fmt: skip
+    return lines
 
 
 def limits_text(lim: dict[str, Any]) -> str:

@@ -163,6 +163,24 @@ def test_end_forgets_and_reset_starts_over(gru_dir, daemon_factory):
     assert "gru v1: 1 hot" in listed.stdout and "gina" in listed.stdout
 
 
+def test_status_and_metrics_show_the_sessions(gru_dir, daemon_factory):
+    daemon = daemon_factory(CONFIG % "200ms")
+    xs = turns(2, seed=11)
+    with Client(daemon.socket) as client:
+        for name in ("ivan", "jill"):
+            say(client, name, xs[0])
+        wait_until(lambda: where(client, "ivan") == "spilled", what="ivan spilled")
+        say(client, "ivan", xs[1])  # restored
+        counted = wait_until(lambda: (s := client.status("gru")["models"][0]["worker"]["sessions"])
+                             and s["counts"]["restored"] == 1 and s, what="the report")  # fmt: skip
+        metrics = client.metrics()
+    assert counted["counts"]["spilled"] >= 2
+    assert 'moltbot_session_restores_total{model="gru",version="v1"} 1.0' in metrics
+    assert 'moltbot_sessions_hot{model="gru",version="v1"}' in metrics
+    shown = run_moltctl("status", "gru", socket=daemon.socket)
+    assert shown.returncode == 0 and "1 restores" in shown.stdout, shown.stdout + shown.stderr
+
+
 def test_a_request_without_a_session_starts_from_the_first_state(gru_dir, daemon_factory):
     daemon = daemon_factory(CONFIG % "30m")
     [x] = turns(1, seed=7)

@@ -60,6 +60,7 @@ class PoolCollector:
         yield from _gauges(pools)
         yield from _workers(pools)
         yield from _cgroups(pools)
+        yield from _sessions(pools)
         yield from _canaries(self.supervisor)
 
 
@@ -145,6 +146,38 @@ def _workers(pools: Pools) -> Iterator[Metric]:
         family = CounterMetricFamily(f"moltbot_worker_{name}", help_text, labels=LABELS)
         for model, _, pool in pools:
             family.add_metric([model, pool.spec.version], pool.stats.total(pool.workers, name))
+        yield family
+
+
+# (series, help, key in the worker's sessions report, counter?): a stateful version's
+SESSION_SERIES = (
+    ("moltbot_sessions_hot", "Sessions whose state is in the worker's memory.", "hot", False),
+    ("moltbot_sessions_hot_bytes", "Bytes of the hot sessions' states.", "hot_bytes", False),
+    ("moltbot_sessions_spilled", "Sessions on disk (as the worker last counted them).",
+     "spilled", False),
+    ("moltbot_sessions_lost", "Sessions lost with a worker that died holding them.",
+     "lost", False),
+    ("moltbot_sessions_disk_bytes", "Bytes of the sessions on disk.", "disk_bytes", False),
+    ("moltbot_session_spills", "Sessions written to disk (idle, or out of the hot budget).",
+     "spilled", True),
+    ("moltbot_session_restores", "Sessions read back from disk.", "restored", True),
+    ("moltbot_session_expiries", "Sessions gone after the ttl.", "expired", True),
+    ("moltbot_session_drops", "Sessions gone to keep the disk within sessions.disk_bytes.",
+     "dropped", True),
+)  # fmt: skip
+
+
+def _sessions(pools: Pools) -> Iterator[Metric]:
+    """A stateful version's sessions, as its worker reports them (counters count from its
+    worker's start: a restart is a counter reset)."""
+    reports = [(model, pool.spec.version, report) for model, _, pool in pools
+               for report in [pool.primary.sessions] if report]  # fmt: skip
+    for name, help_text, key, counter in SESSION_SERIES:
+        kind = CounterMetricFamily if counter else GaugeMetricFamily
+        family = kind(name, help_text, labels=LABELS)
+        for model, version, report in reports:
+            value = report["counts"][key] if counter else report[key]
+            family.add_metric([model, version], value)
         yield family
 
 

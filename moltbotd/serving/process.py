@@ -140,6 +140,8 @@ class WorkerProcess:
         self._idle = asyncio.Event()  # set while nothing is in flight
         self._idle.set()
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
+        # a stateful model's sessions as its worker last reported them (worker/sessions.py)
+        self.sessions: dict[str, int] | None = None
         self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}  # questions, by number
         self._asks = itertools.count(1)
         self._channel: _Link | None = None
@@ -548,6 +550,8 @@ class WorkerProcess:
         self.by_uid = Counter(stats["by_uid"])
         if "queued" in stats:  # a refused channel's report says nothing of the queue
             self.queued, self.queued_by_priority = stats["queued"], stats["by_priority"]
+        if "sessions" in stats:
+            self.sessions = stats["sessions"]
         if self.on_stats:
             self.on_stats(stats)
 
@@ -721,6 +725,7 @@ class WorkerProcess:
             "errors": self.counters.errors,
             "restarts": self.counters.restarts,
             "signature": self.signature.to_wire() if self.signature else None,
+            "sessions": self.sessions,
             "session": asdict(self.spec.session),
             "limits": describe(self.spec.limits, self.spec.memory_auto),
         }

@@ -240,6 +240,11 @@ class Hub:
             self.counts.changed = True
             self._timer.notify()
 
+    def note_locked(self) -> None:
+        """note(), from a thread that does not hold the lock (the sessions' janitor)."""
+        with self.lock:
+            self.note()
+
     def refused(self, error: MoltError) -> None:
         """A request answered without being queued (a failed check, a full queue)."""
         self.counts.codes[error.code.value] += 1
@@ -325,7 +330,10 @@ class Hub:
         counts, self.counts = self.counts, Counts()
         queued, by_priority = len(self.queue), self.queue.depths()
         self.lock.release()  # the lanes answer on while the counts are folded and sent
+        stats = {**counts.to_wire(), "queued": queued, "by_priority": by_priority}
+        if self.sessions:
+            stats["sessions"] = self.sessions.gauges()
         try:
-            self.send({"stats": {**counts.to_wire(), "queued": queued, "by_priority": by_priority}})
+            self.send({"stats": stats})
         finally:
             self.lock.acquire()

@@ -408,7 +408,7 @@ def load_and_serve(channel: DaemonLink, handoff: socket.socket, relay: socket.so
     hub = Hub(f"model {settings['model']} {settings['version']}", settings["scheduling"],
               settings["histograms"], settings["slow_request"])  # fmt: skip
     hub.sessions = served.sessions
-    janitor = Janitor(served.sessions) if served.sessions else None
+    janitor = Janitor(served.sessions, hub.note_locked) if served.sessions else None
     channels = Channels(settings, signature, hub)
     # trusted like the control channel: any frame the header allows
     stream = RelayStream(relay, 2**32 - 1)

@@ -33,6 +33,7 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,7 @@ class Sessions:
         self.hot: OrderedDict[str, Conversation] = OrderedDict()  # loaded: the LRU
         self.hot_bytes = 0
         self.scanned = 0.0  # when the disk's sessions were last counted against the budgets
+        self.disk = {"spilled": 0, "lost": 0, "disk_bytes": 0}  # as last scanned
         self.handing_over = False  # being replaced: every session spills once it is idle
         self._codecs = Codecs()
         self.counts = {"restored": 0, "spilled": 0, "expired": 0, "dropped": 0, "lost": 0}
@@ -343,11 +345,19 @@ class Sessions:
                           "turns": turns} for sid, kind, size, used, turns in rows[:limit]],
         }  # fmt: skip
 
+    def gauges(self) -> dict[str, Any]:
+        """What the worker's reports carry (metrics, status): cheap, no disk scan; the
+        disk's figures are the janitor's last scan's."""
+        with self.lock:
+            return {"hot": len(self.hot), "hot_bytes": self.hot_bytes, **self.disk,
+                    "counts": dict(self.counts)}  # fmt: skip
+
     # --- the janitor: spill the idle, expire the old, keep within the budgets -------------
 
-    def tidy(self) -> None:
+    def tidy(self) -> bool:
         """Spill hot sessions idle for spill_after, or least recently used past hot_bytes;
-        forget those idle past ttl; keep the disk within disk_bytes."""
+        forget those idle past ttl; keep the disk within disk_bytes. Whether anything was
+        done (the daemon's figures changed)."""
         now = time.time()
         spill_after, ttl = self.settings["spill_after"], self.settings["ttl"]
         if self.handing_over:
@@ -369,6 +379,8 @@ class Sessions:
         if chosen or now - self.scanned >= DISK_SCAN_EVERY:
             self.scanned = now
             self._expire_on_disk(now)
+            return True
+        return False
 
     def spill(self, conv: Conversation) -> None:
         """Write a hot session's state to disk and let go of it (unless it ran meanwhile)."""
@@ -462,8 +474,12 @@ class Sessions:
                 break
             with contextlib.suppress(FileNotFoundError):
                 self._path(sid, "state" if where == "spilled" else "lost").unlink()
+            del on_disk[sid]
             total -= size
             self.counts["expired" if expired else "dropped"] += 1
+        lost = sum(where == "lost" for where, _, _ in on_disk.values())
+        with self.lock:
+            self.disk = {"spilled": len(on_disk) - lost, "lost": lost, "disk_bytes": total}
 
     # --- files ----------------------------------------------------------------------------
 
@@ -506,10 +522,12 @@ def _alive(pid: int) -> bool:
 
 
 class Janitor:
-    """The worker's thread that tidies its sessions every second, until stopped."""
+    """The worker's thread that tidies its sessions every second, until stopped; it
+    counts what is on disk at least every DISK_SCAN_EVERY."""
 
-    def __init__(self, sessions: Sessions) -> None:
+    def __init__(self, sessions: Sessions, changed: Callable[[], None]) -> None:
         self.sessions = sessions
+        self.changed = changed  # a report with the new figures goes to the daemon
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sessions", daemon=True)
         self.thread.start()
@@ -517,7 +535,8 @@ class Janitor:
     def _run(self) -> None:
         while not self.stopped.wait(HANDING_OVER if self.sessions.handing_over else 1.0):
             try:
-                self.sessions.tidy()
+                if self.sessions.tidy():
+                    self.changed()
             except OSError as exc:  # a full disk: the sessions stay hot, and it says so
                 print(f"{self.sessions.label}: sessions: cannot spill: {exc}", flush=True)
 
