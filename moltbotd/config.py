@@ -429,6 +429,19 @@ class SessionStore:
 
 
 @dataclass(frozen=True)
+class ResultCacheSettings:
+    """A version's result cache, in its worker: docs/sessions.md."""
+
+    max_bytes: int = setting(
+        0,
+        size,
+        "answers kept for requests whose inputs come again, least recently used"
+        " first (0: no cache)",
+    )
+    ttl: float = setting(60.0, duration, "an answer is given from the cache this long at most")
+
+
+@dataclass(frozen=True)
 class Scheduling:
     """How requests for one model queue, batch and spread over its worker processes."""
 
@@ -446,6 +459,7 @@ class Scheduling:
     batching: Batching = section(Batching, "dynamic batching")
     instances: Instances = section(Instances, "worker processes per version, and autoscaling")
     sessions: SessionStore = section(SessionStore, "sessions of stateful models")
+    cache: ResultCacheSettings = section(ResultCacheSettings, "the result cache")
     direct: bool = setting(
         True,
         boolean,

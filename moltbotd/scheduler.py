@@ -26,6 +26,7 @@ class Pending:
     __slots__ = (
         "answered",
         "arrived",
+        "cache_key",
         "conversation",
         "deadline",
         "inputs",
@@ -63,6 +64,7 @@ class Pending:
         self.place: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.trace: str | None = None  # the caller's request_id, for the log of a slow one
         self.conversation: Any = None  # its session, for a stateful model (worker/sessions.py)
+        self.cache_key: bytes | None = None  # its inputs' digest, where a cache is on
 
     def live(self, now: float) -> bool:
         """Whether its deadline (if any) is still ahead; expired ones wait for their timer."""

@@ -110,6 +110,12 @@ def scheduling_detail(pool: dict[str, Any]) -> list[str]:
     each = ", ".join(f"{i['pid']} {i['state']} ({i['inflight']} in flight, {i['requests']} run)"
                      for i in pool["instances"])  # fmt: skip
     lines.append(f"instances {len(pool['instances'])} ({how}): {each}")
+    if (cache := pool.get("cache")) and cache["max_bytes"]:
+        ratio = "-" if cache["hit_ratio"] is None else f"{cache['hit_ratio']:.1%}"
+        lines.append(f"cache    hit ratio {ratio} ({cache['hits']} hits, {cache['misses']}"
+                     f" misses); {cache['entries']} answers, {format_size(cache['bytes'])} of"
+                     f" {format_size(cache['max_bytes'])}; ttl"
+                     f" {format_duration(cache['ttl'])}")  # fmt: skip
     if sessions := pool.get("sessions"):
         counts = sessions["counts"]
         lines.append(f"sessions {sessions['hot']} hot ({format_size(sessions['hot_bytes'])}),"

@@ -61,6 +61,7 @@ class PoolCollector:
         yield from _workers(pools)
         yield from _cgroups(pools)
         yield from _sessions(pools)
+        yield from _caches(pools)
         yield from _canaries(self.supervisor)
 
 
@@ -178,6 +179,23 @@ def _sessions(pools: Pools) -> Iterator[Metric]:
         for model, version, report in reports:
             value = report["counts"][key] if counter else report[key]
             family.add_metric([model, version], value)
+        yield family
+
+
+def _caches(pools: Pools) -> Iterator[Metric]:
+    """Result caches (versions with cache.max_bytes above 0, or that held answers)."""
+    shown = [(model, pool.spec.version, pool.cache_status()) for model, _, pool in pools
+             if pool.scheduling.cache.max_bytes or pool.cache_status()["hits"]]  # fmt: skip
+    series = (
+        ("moltbot_cache_hits", "Requests the result cache answered.", "hits", True),
+        ("moltbot_cache_misses", "Requests the result cache had no answer for.", "misses", True),
+        ("moltbot_cache_bytes", "Bytes the result cache holds.", "bytes", False),
+    )
+    for name, help_text, key, counter in series:
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, help_text,
+                                                                         labels=LABELS)  # fmt: skip
+        for model, version, cache in shown:
+            family.add_metric([model, version], cache[key])
         yield family
 
 

@@ -457,6 +457,16 @@ class Pool:
             depths.update(worker.queued_by_priority)
         return {priority: depths[priority] for priority in self.queue.depths()}
 
+    def cache_status(self) -> dict[str, Any]:
+        """The result cache of every instance together: settings, hits, bytes held."""
+        hits = sum(w.counters.cache_hits for w in self.workers)
+        misses = sum(w.counters.cache_misses for w in self.workers)
+        return {"max_bytes": self.scheduling.cache.max_bytes, "ttl": self.scheduling.cache.ttl,
+                "hits": hits, "misses": misses,
+                "hit_ratio": hits / (hits + misses) if hits + misses else None,
+                "bytes": sum(w.cache_held[0] for w in self.workers),
+                "entries": sum(w.cache_held[1] for w in self.workers)}  # fmt: skip
+
     def status(self) -> dict[str, Any]:
         """The first instance's status (what a single worker showed), with every instance,
         the queue, batching and scaling."""
@@ -483,4 +493,5 @@ class Pool:
             },
             "priority": self.scheduling.priority,
             "fallback": self.scheduling.fallback,
+            "cache": self.cache_status(),
         }

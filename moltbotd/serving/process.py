@@ -52,6 +52,8 @@ class Counters:
     errors: int = 0
     restarts: int = 0
     starts: int = 0  # processes spawned, the first one included
+    cache_hits: int = 0  # requests its result cache answered (worker/cache.py)
+    cache_misses: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class WorkerProcess:
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         # a stateful model's sessions as its worker last reported them (worker/sessions.py)
         self.sessions: dict[str, int] | None = None
+        self.cache_held = (0, 0)  # its result cache's bytes and entries, as last reported
         self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}  # questions, by number
         self._asks = itertools.count(1)
         self._channel: _Link | None = None
@@ -552,6 +555,11 @@ class WorkerProcess:
             self.queued, self.queued_by_priority = stats["queued"], stats["by_priority"]
         if "sessions" in stats:
             self.sessions = stats["sessions"]
+        if "cache" in stats:
+            cache = stats["cache"]
+            self.counters.cache_hits += cache["hits"]
+            self.counters.cache_misses += cache["misses"]
+            self.cache_held = (cache["bytes"], cache["entries"])
         if self.on_stats:
             self.on_stats(stats)
 

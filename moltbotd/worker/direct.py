@@ -50,6 +50,7 @@ from moltbotd.wire.protocol import (
 from moltbotd.wire.region import HEADER_BYTES, SLOTS, nameable
 from moltbotd.wire.relay import relay_frame, started_frame
 from moltbotd.wire.signature import Signature, check_inputs, check_output_names
+from moltbotd.worker.cache import ResultCache
 from moltbotd.worker.hub import Hub
 from moltbotd.worker.sessions import check_id
 
@@ -415,17 +416,22 @@ class Channels:
                 error = item
                 if isinstance(item, Pending):
                     try:
+                        stream.pending += 1  # before a cached answer answers it
                         self._push(item)
-                        stream.pending += 1
                         continue
                     except MoltError as exc:  # OVERLOADED
+                        stream.pending -= 1
                         error = traced(exc, item.trace)
                 stream.refuse(req_id, error)
                 self.hub.refused(error)
 
     def _push(self, item: Pending) -> None:
-        """Queue a request (under the hub's lock), or have it wait for its session's turn."""
+        """Queue a request (under the hub's lock), answer it from the cache, or have it
+        wait for its session's turn."""
         hub, session = self.hub, item.conversation
+        if item.cache_key is not None and (cached := hub.cache.get(item.cache_key)):
+            item.answer(cached)
+            return
         if session is None:
             hub.push(item)
             return
@@ -492,8 +498,7 @@ class Channels:
         item.conversation = session  # its id: _push admits it, with its Conversation
         item.received = stream.read_at
         item.trace = trace
-        if "reply_shm" in params:
-            item.place = stream.placer(params["reply_shm"])
+        self._answer_from(item, stream, params)
         if isinstance(stream, RelayStream):
 
             def started() -> None:  # under the hub's lock
@@ -509,6 +514,27 @@ class Channels:
 
             item.on_start = mark_running
         return item
+
+    def _answer_from(self, item: Pending, stream: Stream, params: dict[str, Any]) -> None:
+        """Where a request's answer may go and come from besides a run: its large outputs
+        laid out in its channel's region (`reply_shm`), and the cache, for a request
+        without a session (an answer that points into a region is not kept)."""
+        if item.conversation is None and self.hub.cache.on:
+            item.cache_key = ResultCache.key(item.inputs, item.outputs)
+        if "reply_shm" not in params:
+            return
+        place = stream.placer(params["reply_shm"])
+        if item.cache_key is None:
+            item.place = place
+            return
+
+        def place_uncached(outputs: dict[str, Any]) -> dict[str, Any]:  # in the lane
+            laid = place(outputs)
+            if any(laid[name] is not tensor for name, tensor in outputs.items()):
+                item.cache_key = None
+            return laid
+
+        item.place = place_uncached
 
     def _session(self, params: dict[str, Any]) -> str | None:
         """The request's session id, checked; None without one."""

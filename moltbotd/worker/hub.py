@@ -30,6 +30,7 @@ from moltbotd.config import Batching
 from moltbotd.scheduler import Pending, Queue, deadline_exceeded
 from moltbotd.wire.histogram import PHASES, Histogram
 from moltbotd.wire.protocol import MoltError
+from moltbotd.worker.cache import ResultCache
 from moltbotd.worker.sessions import Sessions
 
 # A thread that failed leaves requests nobody answers: the whole worker exits
@@ -178,6 +179,7 @@ class Hub:
         self.lanes = 1  # how many take batches (Lanes sets it)
         # a stateful model's sessions: its requests pass their gate under this lock
         self.sessions: Sessions | None = None
+        self.cache = ResultCache(scheduling["cache"])  # looked up and filled under the lock
         self.running = 0  # lanes in a run
         self.stopping = False
         self.touched: set[Sendable] = set()  # channels answered into, not yet flushed
@@ -196,6 +198,7 @@ class Hub:
         with self.lock:
             self.batching = Batching(**scheduling["batching"])
             self.queue.limit = scheduling["max_queue"]
+            self.cache.configure(scheduling["cache"])
             self._work.notify_all()  # a batch waiting to fill may go now
 
     @property
@@ -333,6 +336,8 @@ class Hub:
         stats = {**counts.to_wire(), "queued": queued, "by_priority": by_priority}
         if self.sessions:
             stats["sessions"] = self.sessions.gauges()
+        if self.cache.on or self.cache.entries:
+            stats["cache"] = self.cache.report()
         try:
             self.send({"stats": stats})
         finally:

@@ -114,6 +114,8 @@ class Lane:
                     if keep is not None and not item.answered:
                         keep()
                     item.answer(result)
+                    if item.cache_key is not None:
+                        hub.cache.put(item.cache_key, result)
                 else:
                     message = f"{hub.label}: {result['message']}"
                     item.answer(MoltError(ErrorCode(result["code"]), message))
