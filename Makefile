@@ -60,7 +60,7 @@ proto: venv
 bench: venv
 	$(PY) bench/bench.py
 	$(PY) bench/oip.py
-	$(PY) bench/sessions.py
+	$(PY) bench/chat.py
 
 # Memory, fds and threads of the daemon across 200 version switches (docs/performance.md).
 bench-switch: venv

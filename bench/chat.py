@@ -1,7 +1,8 @@
-"""A conversation's turn with server-side state against the client re-sending the state,
-for a state of 1 MiB, beside in-process onnxruntime passing the state by hand.
+"""What a chatbot's requests cost: a conversation's turn with server-side state against
+the client re-sending the state, for a state of 1 MiB, beside in-process onnxruntime
+passing the state by hand; and a request the result cache answers.
 
-    .venv/bin/python bench/sessions.py [--quick]      (make bench runs it; about 30 s)
+    .venv/bin/python bench/chat.py [--quick]      (make bench runs it; about 30 s)
 
 The model, `carry`: x float32 [N, 16] and the state s float32 [N, 262144] (1 MiB a row);
 s_next = s / 2 + mean(x), y = mean(s_next). It is in the repository twice: `carry`, whose
@@ -15,6 +16,9 @@ default settings (a direct channel):
                 the worker and s_next comes back, 1 MiB each way
   restored      server-side, cycling through 8 sessions with hot_bytes 4 MiB: every turn
                 restores its session from disk and spills another (a diagnostic)
+
+And `tiny` (y = 2x, x float32 [1, 4]) with and without `cache: {max_bytes: 1MiB}`, the
+same input every time: in process, run by moltbotd, answered from the cache.
 
 The target: a server-side turn's p50 below a re-sent one's. docs/performance.md has the
 figures.
@@ -45,7 +49,7 @@ from bench import (
     measure_latency,
     running_daemon,
 )
-from moltbotd.demo import finish, save
+from moltbotd.demo import finish, save, scale_model
 from moltctl.client import Client
 
 STATE = 262_144  # floats: 1 MiB a row
@@ -76,23 +80,29 @@ def carry_model() -> Any:
     return finish(graph)
 
 
-def build(models_dir: Path) -> Path:
+def build(models_dir: Path) -> tuple[Path, Path]:
     path = save(carry_model(), models_dir, "carry", "v1")
     (path.parent / "model.yaml").write_text("state: [{input: s, output: s_next}]\n")
     save(carry_model(), models_dir, "carry_resend", "v1")
-    return path
+    tiny = save(scale_model(2.0), models_dir, "tiny", "v1")
+    save(scale_model(2.0), models_dir, "tiny_cached", "v1")
+    return path, tiny
 
 
-def in_process(path: Path, limits: Limits, x: np.ndarray) -> Latency:
+def in_process(path: Path, tiny: Path, limits: Limits, x: np.ndarray) -> dict[str, Latency]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    small = ort.InferenceSession(str(tiny), options, providers=["CPUExecutionProvider"])
     state = [np.zeros((1, STATE), np.float32)]
 
     def turn() -> None:
         _, state[0] = session.run(["y", "s_next"], {"x": x, "s": state[0]})
 
-    return measure_latency(turn, limits, {})
+    def tiny_run() -> None:
+        small.run(None, {"x": x[:, :4]})
+
+    return {"turn": measure_latency(turn, limits, {}), "tiny": measure_latency(tiny_run, limits, {})}
 
 
 def served(client: Client, limits: Limits, x: np.ndarray) -> dict[str, Latency]:
@@ -106,6 +116,8 @@ def served(client: Client, limits: Limits, x: np.ndarray) -> dict[str, Latency]:
         "server-side": lambda: client.infer("carry", {"x": x}, session="one"),
         "re-sent": resend,
         "restored": lambda: client.infer("carry", {"x": x}, session=next(names)),
+        "tiny run": lambda: client.infer("tiny", {"x": x[:, :4]}),
+        "tiny from the cache": lambda: client.infer("tiny_cached", {"x": x[:, :4]}),
     }
     results = {}
     for name, turn in turns.items():
@@ -114,14 +126,14 @@ def served(client: Client, limits: Limits, x: np.ndarray) -> dict[str, Latency]:
     return results
 
 
-def table(local: Latency, results: dict[str, Latency]) -> str:
-    lines = [f"{'turn (c=1, 1 MiB state)':<28} {'p50 us':>9} {'p99 us':>9} {'x in-proc':>10}",
-             f"{'in-process (state by hand)':<28} {local.p50_us:>9.0f} {local.p99_us:>9.0f}"
-             f" {1:>10.2f}"]  # fmt: skip
-    for name, got in results.items():
-        ratio = got.p50_us / local.p50_us
-        lines.append(f"{'moltbotd ' + name:<28} {got.p50_us:>9.0f} {got.p99_us:>9.0f}"
-                     f" {ratio:>10.2f}")  # fmt: skip
+def table(local: dict[str, Latency], results: dict[str, Latency]) -> str:
+    lines = [f"{'c=1, Client()':<30} {'p50 us':>9} {'p99 us':>9} {'x in-proc':>10}"]
+    for name, got in [("in-process turn (state by hand)", local["turn"]), *results.items(),
+                      ("in-process tiny", local["tiny"])]:  # fmt: skip
+        base = local["tiny" if name.startswith(("tiny", "in-process tiny")) else "turn"]
+        label = name if name.startswith("in-process") else f"moltbotd {name}"
+        lines.append(f"{label:<30} {got.p50_us:>9.0f} {got.p99_us:>9.0f}"
+                     f" {got.p50_us / base.p50_us:>10.2f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -140,12 +152,13 @@ def main(argv: list[str]) -> int:
     x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="moltbench-sessions-") as tmp:
         workdir = Path(tmp)
-        path = build(workdir / "models")
+        path, tiny = build(workdir / "models")
         print("in-process onnxruntime ...", flush=True)
-        local = in_process(path, limits, x)
+        local = in_process(path, tiny, limits, x)
         one = {"intra_op_threads": 1}  # as in process
         settings = {"models": {"carry": {**one, "sessions": {"hot_bytes": "4MiB"}},
-                               "carry_resend": one}}  # fmt: skip
+                               "carry_resend": one, "tiny": one,
+                               "tiny_cached": {**one, "cache": {"max_bytes": "1MiB"}}}}  # fmt: skip
         with (
             running_daemon(workdir / "models", workdir, settings) as daemon,
             Client(daemon.socket) as client,
