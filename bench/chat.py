@@ -102,7 +102,10 @@ def in_process(path: Path, tiny: Path, limits: Limits, x: np.ndarray) -> dict[st
     def tiny_run() -> None:
         small.run(None, {"x": x[:, :4]})
 
-    return {"turn": measure_latency(turn, limits, {}), "tiny": measure_latency(tiny_run, limits, {})}
+    return {
+        "turn": measure_latency(turn, limits, {}),
+        "tiny": measure_latency(tiny_run, limits, {}),
+    }
 
 
 def served(client: Client, limits: Limits, x: np.ndarray) -> dict[str, Latency]:
