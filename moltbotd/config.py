@@ -205,6 +205,23 @@ def listen_address(value: Any) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def optional_count(value: Any) -> int | None:
+    """integer 1.., or null (no limit)"""
+    return None if value is None else integer(1, 2**62)(value)
+
+
+def optional_amount(value: Any) -> float | None:
+    """number above 0, or null (no limit)"""
+    return None if value is None else amount(value)
+
+
+def amount(value: Any) -> float:
+    """number, 0 or more"""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e18:
+        raise ValueError(f"expected a number from 0, got {value!r}")
+    return float(value)
+
+
 def optional_text(value: Any) -> str | None:
     """text, or null"""
     if value is None:
@@ -442,6 +459,48 @@ class ResultCacheSettings:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What one request may ask and what a caller may spend (control/budgets.py)."""
+
+    max_tokens: int | None = setting(
+        None,
+        optional_count,
+        "a request's size along tokens_dim of tokens_input, at most;"
+        " more: BUDGET_EXCEEDED (null: no limit)",
+    )
+    tokens_input: str | None = setting(
+        None,
+        optional_text,
+        "the input whose dimension counts tokens (null: the request's first input)",
+    )
+    tokens_dim: int = setting(1, integer(0, 31), "which dimension of it counts tokens")
+    cost_limit: float | None = setting(
+        None,
+        optional_amount,
+        "what a caller (its uid, or its token's subject) may spend per"
+        " period; then BUDGET_EXCEEDED, or the fallback answers (null: no limit)",
+    )
+    period: str = setting("month", choice("month", "day", "hour"),
+                          "the cost_limit's period, a calendar one in UTC")  # fmt: skip
+    per_caller: bool = setting(
+        True, boolean, "each caller has its own cost_limit (false: one for the whole model)"
+    )
+    cost_per_request: float = setting(1.0, amount, "what each request costs...")
+    cost_per_token: float = setting(0.0, amount, "...plus this per token...")
+    cost_per_element: float = setting(0.0, amount, "...plus this per input element")
+    reserve: float = setting(
+        0.01,
+        fraction,
+        "the share of cost_limit written ahead to the ledger at a time: a"
+        " crash can cost a caller at most this much, never let it spend more",
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.max_tokens is not None or self.cost_limit is not None
+
+
+@dataclass(frozen=True)
 class Scheduling:
     """How requests for one model queue, batch and spread over its worker processes."""
 
@@ -460,6 +519,7 @@ class Scheduling:
     instances: Instances = section(Instances, "worker processes per version, and autoscaling")
     sessions: SessionStore = section(SessionStore, "sessions of stateful models")
     cache: ResultCacheSettings = section(ResultCacheSettings, "the result cache")
+    budget: Budget = section(Budget, "request size and spending limits")
     direct: bool = setting(
         True,
         boolean,
@@ -509,6 +569,7 @@ class Scheduling:
 
 
 SCHEDULING_KEYS = frozenset(f.name for f in dataclasses.fields(Scheduling))
+BUDGET_SHORTHAND = frozenset({"max_tokens", "cost_limit"})  # under a model_pool entry
 
 
 @dataclass(frozen=True)
@@ -929,7 +990,7 @@ def load(config_path: Path | None) -> Config:
         text = config_path.read_text()
     except OSError as exc:
         raise ConfigError(f"{config_path}: cannot read the config file: {exc.strerror}") from None
-    data = _parse_yaml(config_path, text)
+    data = _model_pool(_parse_yaml(config_path, text), str(config_path))
     config = _build(Config, data, str(config_path), "", base=config_path.parent)
     problems = config.scheduling.problems(None) + config.network.problems()
     for name in config.models:
@@ -940,6 +1001,22 @@ def load(config_path: Path | None) -> Config:
     if problems:
         raise ConfigError(f"{config_path}: {'; '.join(problems)}")
     return config
+
+
+def _model_pool(data: Any, where: str) -> Any:
+    """The product's documents spell `models:` as `model_pool:`, with `max_tokens` and
+    `cost_limit` directly under a model's name: both are read as they are written."""
+    if not isinstance(data, dict) or "model_pool" not in data:
+        return data
+    if "models" in data:
+        raise ConfigError(f"{where}: model_pool and models are one setting: use one of them")
+    data = {("models" if key == "model_pool" else key): value for key, value in data.items()}
+    for entry in (data["models"] or {}).values():
+        if isinstance(entry, dict) and entry.keys() & BUDGET_SHORTHAND:
+            budget = entry.setdefault("budget", {})
+            if isinstance(budget, dict):
+                budget.update({key: entry.pop(key) for key in BUDGET_SHORTHAND & entry.keys()})
+    return data
 
 
 def parse_overrides(data: Any, where: str, prefix: str = "") -> Overrides:

@@ -47,7 +47,7 @@ COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
             "infer": ("infer", "channel", "channel_ended"), "scale": ("scale",),
             "switch": ("switch",), "rollback": ("rollback",), "promote": ("promote",),
             "versions": ("versions",), "metadata": ("metadata",),
-            "sessions": ("sessions",), "end-session": ("end_session",),
+            "sessions": ("sessions",), "end-session": ("end_session",), "budgets": ("budgets",),
             "reset-session": ("reset_session",),
             "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",),
             "metrics": ("metrics",), "audit": ("audit",)}  # fmt: skip
@@ -229,6 +229,25 @@ def sessions(session: _Session, model: str, limit: int, output: str, no_legend: 
     click.echo(table(rows, columns, not no_legend))
 
 
+@cli.command()
+@click.argument("model", required=False)
+@output_options
+@click.pass_obj
+def budgets(session: _Session, model: str | None, output: str, no_legend: bool) -> None:
+    """What each caller spent of each model's cost_limit this period, and what remains."""
+    report = session().budgets(model)
+    if output == "json":
+        click.echo(to_json(report))
+        return
+    rows = [{**row, "spent": f"{row['spent']:g}",
+             "limit": "-" if row["limit"] is None else f"{row['limit']:g}",
+             "remaining": "-" if row["remaining"] is None else f"{row['remaining']:g}"}
+            for row in report["usage"]]  # fmt: skip
+    columns = [("MODEL", "model"), ("CALLER", "caller"), ("PERIOD", "period"),
+               ("SPENT", "spent"), ("LIMIT", "limit"), ("REMAINING", "remaining")]  # fmt: skip
+    click.echo(table(rows, columns, not no_legend))
+
+
 @cli.command("end-session")
 @click.argument("model")
 @click.argument("conversation", metavar="SESSION")
@@ -338,14 +357,16 @@ def infer(session: _Session, model: str, inputs: tuple[str, ...], version: str |
                              timeout_ms, request_id, conversation)  # fmt: skip
     if output == "json":
         answer = {"model": result.model, "version": result.version,
-                  "fallback_for": result.fallback_for}  # fmt: skip
+                  "fallback_for": result.fallback_for,
+                  "fallback_reason": result.fallback_reason}  # fmt: skip
         if result.request_id is not None:
             answer["request_id"] = result.request_id
         answer["outputs"] = {n: _describe(v) for n, v in result.items()}
         click.echo(to_json(answer))
         return
     if result.fallback_for and not no_legend:
-        click.echo(f"{result.fallback_for} could not answer; its fallback did", err=True)
+        why = (result.fallback_reason or {}).get("message", "")
+        click.echo(f"{result.fallback_for} could not answer ({why}); its fallback did", err=True)
     rows = [{"name": n, **_describe(v), "value": preview(v)} for n, v in result.items()]
     for row in rows:
         row["shape"] = row["shape"] and "[" + ", ".join(map(str, row["shape"])) + "]"

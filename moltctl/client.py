@@ -69,12 +69,14 @@ class Outputs(dict[str, Any]):
     """A model's outputs by name (numpy arrays, or lists/dicts for non-tensor outputs)."""
 
     def __init__(self, model: str, version: str, outputs: dict[str, Any],
-                 fallback_for: str | None = None,
-                 request_id: str | None = None) -> None:  # fmt: skip
+                 fallback_for: str | None = None, request_id: str | None = None,
+                 fallback_reason: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(outputs)
         self.model = model  # the model that answered: the fallback, when fallback_for is set
         self.version = version
         self.fallback_for = fallback_for  # the model asked for, when its fallback answered
+        # why that model did not: {"code": "BUDGET_EXCEEDED", "message": ...}
+        self.fallback_reason = fallback_reason
         self.request_id = request_id  # the caller's, as the answer carried it back
 
 
@@ -113,7 +115,7 @@ def encode_inputs(inputs: Mapping[str, Any], view: bool = False) -> dict[str, An
 def decode_outputs(result: dict[str, Any]) -> Outputs:
     outputs = {name: decode_value(v) for name, v in result["outputs"].items()}
     return Outputs(result["model"], result["version"], outputs, result.get("fallback_for"),
-                   result.get("request_id"))  # fmt: skip
+                   result.get("request_id"), result.get("fallback_reason"))  # fmt: skip
 
 
 def _same(result: Any) -> Any:
@@ -185,6 +187,10 @@ class _Calls:
             "session": session,
         }
         return self._call("infer", params, decode_outputs)
+
+    def budgets(self, model: str | None = None) -> Any:
+        """What each caller spent of each model's cost_limit this period, and what remains."""
+        return self._call("budgets", {"model": model})
 
     def sessions(self, model: str, limit: int | None = None) -> Any:
         """A stateful model's sessions: counts, bytes, and the least idle ones."""

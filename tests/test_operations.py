@@ -125,8 +125,8 @@ def test_lookup_unknown_operation_lists_the_known_ones():
     assert "unknown operation 'reboot'" in info.value.message
     assert info.value.message.endswith(
         "(known: hello, health, status, models, infer, channel, channel_ended, scale, switch,"
-        " rollback, promote, metadata, sessions, end_session, reset_session, versions, upload,"
-        " deploy, reload, metrics, audit, logs)"
+        " rollback, promote, metadata, sessions, end_session, reset_session, budgets, versions,"
+        " upload, deploy, reload, metrics, audit, logs)"
     )
 
 
@@ -147,12 +147,13 @@ CALLER = server.Caller("test", no_progress)
 CLIENTS = server.Clients(Config().clients)
 METRICS = object()
 AUDIT = object()
+BUDGETS = object()
 
 
 def handlers() -> dict:
     # make_handlers only closes over its arguments: stand-ins are enough.
     return server.make_handlers(ROLLOUT, Ring(100), Config(), object(), CLIENTS,  # type: ignore[arg-type]
-                                METRICS, AUDIT)  # fmt: skip
+                                METRICS, AUDIT, BUDGETS)  # fmt: skip
 
 
 def test_every_operation_has_a_server_handler():
@@ -186,7 +187,7 @@ def test_logs_handler_queries_the_ring():
     ring.add({"time": 1.0, "level": "info", "event": "one", "component": "t"})
     ring.add({"time": 2.0, "level": "error", "event": "two", "component": "t"})
     logs = server.make_handlers(ROLLOUT, ring, Config(), object(), CLIENTS,  # type: ignore[arg-type]
-                                METRICS, AUDIT)["logs"]  # fmt: skip
+                                METRICS, AUDIT, BUDGETS)["logs"]  # fmt: skip
     result = asyncio.run(logs({"min_level": "warn"}, CALLER))
     assert [e["event"] for e in result["entries"]] == ["two"]
     assert result["last_seq"] == 2

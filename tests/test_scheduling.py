@@ -628,6 +628,7 @@ def test_a_model_that_cannot_load_falls_back_unless_the_version_is_pinned(
         assert pool_status(c.status("broken"), "broken")["state"] == "fatal"
         out = c.infer("broken", slow_inputs(n=1, x=3))
         assert (out.model, out.fallback_for) == ("quick", "broken")
+        assert out.fallback_reason["code"] == "MODEL_UNAVAILABLE"
         np.testing.assert_array_equal(out["y"], np.full(4, 6.0))
         with pytest.raises(MoltError) as err:
             c.infer("broken", slow_inputs(n=1), version="v1")
@@ -635,7 +636,8 @@ def test_a_model_that_cannot_load_falls_back_unless_the_version_is_pinned(
     result = run_moltctl("infer", "broken", "-i", "n=1", "-i", "x=[1, 1, 1, 1]",
                          socket=daemon.socket)  # fmt: skip
     assert result.returncode == 0, result
-    assert "broken could not answer; its fallback did" in result.stderr
+    assert "broken could not answer (model broken v1 is not serving" in result.stderr
+    assert "its fallback did" in result.stderr
     assert "model quick v1" in result.stdout
 
 

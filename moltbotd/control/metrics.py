@@ -20,6 +20,7 @@ from prometheus_client.core import (
 )
 
 from moltbotd import __version__
+from moltbotd.control.budgets import Budgets
 from moltbotd.isolation.limits import Usage
 from moltbotd.serving.pool import Pool
 
@@ -281,13 +282,39 @@ class SocketCollector:
         yield family
 
 
+class BudgetCollector:
+    """What each caller spent of each model's cost_limit this period (control/budgets.py)."""
+
+    def __init__(self, budgets: Budgets) -> None:
+        self.budgets = budgets
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "caller", "period"]
+        spent = GaugeMetricFamily(
+            "moltbot_budget_spent",
+            "What the caller spent this period (*: a model whose limit all callers share).",
+            labels=labels,
+        )
+        limit = GaugeMetricFamily(
+            "moltbot_budget_limit", "The model's cost_limit per caller and period.", labels=labels
+        )
+        for row in self.budgets.report(None)["usage"]:
+            key = [row["model"], row["caller"], row["period"]]
+            spent.add_metric(key, row["spent"])
+            if row["limit"] is not None:
+                limit.add_metric(key, row["limit"])
+        yield from (spent, limit)
+
+
 class Metrics:
     """The registry behind /metrics and the `metrics` operation."""
 
-    def __init__(self, supervisor: "Supervisor", answers: Counter[tuple[str, str]]) -> None:
+    def __init__(self, supervisor: "Supervisor", answers: Counter[tuple[str, str]],
+                 budgets: Budgets) -> None:  # fmt: skip
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(supervisor))  # type: ignore[arg-type]
         self.registry.register(SocketCollector(answers))  # type: ignore[arg-type]
+        self.registry.register(BudgetCollector(budgets))  # type: ignore[arg-type]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,6 +30,7 @@ from moltbotd import __version__
 from moltbotd.config import ClientLimits, Config
 from moltbotd.control.access import Access, Peer, Rights
 from moltbotd.control.audit import AuditLog
+from moltbotd.control.budgets import LEDGER, Budgets, LedgerError
 from moltbotd.control.catalog import Catalog
 from moltbotd.control.front_door import FrontDoor, FrontDoorError
 from moltbotd.control.metrics import Metrics
@@ -71,6 +72,7 @@ class Caller:
     peer: str
     progress: Progress
     uid: int = -1  # SO_PEERCRED's, for bounds per user; -1: not a socket client
+    account: str = ""  # whose budget it spends: "uid 1000", "the token of 'alice'"
 
 
 Handler = Callable[[dict[str, Any], Caller], Awaitable[Any]]
@@ -123,8 +125,8 @@ def session_handlers(supervisor: Supervisor) -> dict[str, Handler]:
 
 
 def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader,
-                  clients: "Clients", metrics: Metrics,
-                  audit: AuditLog) -> dict[str, Handler]:  # fmt: skip
+                  clients: "Clients", metrics: Metrics, audit: AuditLog,
+                  budgets: Budgets) -> dict[str, Handler]:  # fmt: skip
     """The daemon's half of every operation in OPERATIONS (the server checks it is complete)."""
     supervisor = rollout.sup
     catalog = Catalog(supervisor)
@@ -165,9 +167,15 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
     async def metadata(p: dict[str, Any], _: Caller) -> dict[str, Any]:
         return supervisor.metadata(p["model"], p.get("version"))
 
-    def infer(p: dict[str, Any], _: Caller) -> Awaitable[Any]:
+    def infer(p: dict[str, Any], c: Caller) -> Awaitable[Any]:
         priority, timeout = request_options(p)
-        return supervisor.infer(p, priority, timeout)
+        return budgets.infer(p, c.account, lambda refused: supervisor.infer(p, priority, timeout,
+                                                                            refused))  # fmt: skip
+
+    async def budget_usage(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        if p.get("model"):
+            supervisor.model(p["model"])  # MODEL_NOT_FOUND names the models served
+        return budgets.report(p.get("model"))
 
     async def channel(p: dict[str, Any], c: Caller) -> "Handover":
         pool, worker = supervisor.channel(p["model"])
@@ -242,6 +250,7 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
         "models": models,
         "metadata": metadata,
         **session_handlers(supervisor),
+        "budgets": budget_usage,
         "infer": infer,
         "channel": channel,
         "channel_ended": channel_ended,
@@ -347,12 +356,13 @@ class Server:
         ring.field_chars = self.limits.log_field_chars
         self.clients = Clients(self.limits)
         self.answers: collections.Counter[tuple[str, str]] = collections.Counter()  # op, code
-        self.metrics = Metrics(rollout.sup, self.answers)
+        self.budgets = Budgets(rollout.sup.budget)
+        self.metrics = Metrics(rollout.sup, self.answers, self.budgets)
         trail = config.audit
         self.audit = AuditLog(trail.file or config.state_dir / "audit.jsonl", trail.max_bytes,
                               trail.keep, ring.journal)  # fmt: skip
         self.handlers = make_handlers(rollout, ring, config, reload_config, self.clients,
-                                      self.metrics, self.audit)  # fmt: skip
+                                      self.metrics, self.audit, self.budgets)  # fmt: skip
         self.metrics_listener: MetricsListener | None = None
         self.front = FrontDoor(self, config, self.activated)
         if self.handlers.keys() != OPERATIONS.keys():
@@ -367,6 +377,10 @@ class Server:
         self._idle = asyncio.Event()
 
     async def listen(self) -> None:
+        try:
+            self.budgets.open(self.config.state_dir / LEDGER)
+        except (LedgerError, OSError) as exc:
+            raise StartError(str(exc)) from None
         path = self.config.socket
         _claim_socket_path(path)
         self.clients.fd_ceiling = _descriptor_ceiling(self.limits)
@@ -433,7 +447,7 @@ class Server:
                 audited = (op.name, params)
             if op.mutating:  # an upload's chunk (its data) is not logged
                 log.info("{op} requested", op=op.name, peer=peer.describe(), **params)
-            caller = self._caller(request.id, params, peer, emit)
+            caller = self._caller(request.id, params, peer, emit, rights.who)
             outcome = asyncio.ensure_future(self.handlers[op.name](params, caller))
             if op.name == "infer" and "request_id" in params:
                 outcome = _traced(outcome, params["request_id"])
@@ -470,14 +484,15 @@ class Server:
         return response
 
     @staticmethod
-    def _caller(req_id: Any, params: dict[str, Any], peer: Peer, emit: Emit | None) -> Caller:
+    def _caller(req_id: Any, params: dict[str, Any], peer: Peer, emit: Emit | None,
+                account: str) -> Caller:  # fmt: skip
         if not (params.get("progress") and emit):
-            return Caller(peer.describe(), no_progress, peer.uid)
+            return Caller(peer.describe(), no_progress, peer.uid, account)
 
         def progress(phase: str, detail: str) -> None:
             emit({"id": req_id, "progress": {"phase": phase, "detail": detail}})
 
-        return Caller(peer.describe(), progress, peer.uid)
+        return Caller(peer.describe(), progress, peer.uid, account)
 
     def request_done(self) -> None:
         if not any(c.pending for c in self.clients.connections):
@@ -509,6 +524,7 @@ class Server:
             await self.metrics_listener.stop()
         await self.front.stop()
         await self.audit.close()
+        self.budgets.close()
 
 
 def _claim_socket_path(path: Path) -> None:

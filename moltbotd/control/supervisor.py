@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moltbotd.config import Config, ConfigError, Overrides, Scheduling
+from moltbotd.config import Budget, Config, ConfigError, Overrides, Scheduling
 from moltbotd.control.canary import CanaryRoute
 from moltbotd.control.state import ModelState, State, StateStore
 from moltbotd.durable import storage_error
@@ -38,6 +38,7 @@ from moltbotd.wire.files import MODEL_FILE, sha256_file
 from moltbotd.wire.protocol import ErrorCode, MoltError, Packed, pack_with
 from moltbotd.wire.units import plural
 
+FallbackFor = tuple[str, MoltError]  # the model a fallback answers for, and why
 log = get_logger("supervisor")
 # Settings a reload applies at once; any other change waits for a restart of the daemon.
 LIVE_SETTINGS = frozenset({"limits", "defaults", "models", "drain_timeout", "canary",
@@ -573,16 +574,21 @@ class Supervisor:
         return pool
 
     def infer(self, params: dict[str, Any], priority: str | None = None,
-              timeout_ms: float | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
+              timeout_ms: float | None = None,
+              refused: MoltError | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
         """Relay a request (an infer's checked params) to the version that serves it;
         the future gives its packed result. Its worker checks its inputs, as it checks
-        a direct channel's (the first request for a version still loading waits for it)."""
+        a direct channel's (the first request for a version still loading waits for it).
+        `refused`: why the model itself may not answer it (its caller's budget is spent):
+        its fallback does, or that is the answer."""
         name, version = params["model"], params.get("version")
         model = self.model(name)
         arrived = time.monotonic()
         deadline = arrived + timeout_ms / 1000 if timeout_ms else None
         request = (params, priority, arrived, deadline)
         try:
+            if refused is not None:
+                raise refused
             pool = self.route(model, version)
             if pool is None:  # a pinned version not loaded yet: load it, then run this
                 return asyncio.ensure_future(self._submit_when_ready(model, version, request))
@@ -596,7 +602,7 @@ class Supervisor:
             if version is not None:
                 raise
             fallback = self._fallback(model, exc)
-            return self._submit(fallback, fallback.active, request, fallback_for=name)  # type: ignore[arg-type]
+            return self._submit(fallback, fallback.active, request, fallback_for=(name, exc))  # type: ignore[arg-type]
         return self._submit(model, pool, request)
 
     async def _submit_when_ready(self, model: Model, version: str | None,
@@ -615,6 +621,11 @@ class Supervisor:
             raise error
         return other  # type: ignore[return-value]
 
+    def budget(self, name: str) -> Budget:
+        """A served model's budget (none for a model not served: its request fails)."""
+        model = self.models.get(name)
+        return self._scheduling(model).budget if model else Budget()
+
     def _scheduling(self, model: Model) -> Scheduling:
         """The serving version's settings; the config's for a model with no version."""
         if model.active:
@@ -625,12 +636,14 @@ class Supervisor:
             return self.config.scheduling
 
     def _submit(self, model: Model, pool: Pool, request: tuple[Any, ...],
-                fallback_for: str | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
+                fallback_for: FallbackFor | None = None) -> "asyncio.Future[Packed]":  # fmt: skip
+        """`fallback_for`: the model this one answers for, and why that one did not."""
         params, priority, arrived, deadline = request
         canary = model.canary if pool is model.canary_pool else None
         fields = {"model": model.name, "version": pool.spec.version}
         if fallback_for:
-            fields["fallback_for"] = fallback_for
+            fields["fallback_for"], why = fallback_for[0], fallback_for[1]
+            fields["fallback_reason"] = {"code": why.code.value, "message": why.message}
         if "request_id" in params:
             fields["request_id"] = params["request_id"]
         may_fall_back = fallback_for is None and params.get("version") is None
@@ -656,7 +669,7 @@ class Supervisor:
         """Answer a request its model's worker refused as overloaded by its fallback."""
         try:
             other = self._fallback(model, error)
-            answer = self._submit(other, other.active, request, fallback_for=model.name)  # type: ignore[arg-type]
+            answer = self._submit(other, other.active, request, fallback_for=(model.name, error))  # type: ignore[arg-type]
         except MoltError as exc:
             future.set_exception(exc)
             return
@@ -672,6 +685,8 @@ class Supervisor:
             why = "direct channels are turned off for it (scheduling.direct)"
         elif pool.scheduling.fallback:
             why = f"its fallback ({pool.scheduling.fallback}) needs every request to pass here"
+        elif pool.scheduling.budget.on:
+            why = "its budget (max_tokens, cost_limit) is checked here"
         elif model.canary:
             why = "a canary runs: moltbotd splits its requests"
         if why:

@@ -58,6 +58,7 @@ STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.CONFLICT: (409, "ABORTED"),
     ErrorCode.ALREADY_EXISTS: (409, "ALREADY_EXISTS"),
     ErrorCode.SESSION_LOST: (409, "FAILED_PRECONDITION"),
+    ErrorCode.BUDGET_EXCEEDED: (429, "RESOURCE_EXHAUSTED"),
     ErrorCode.DEADLINE_EXCEEDED: (504, "DEADLINE_EXCEEDED"),
     # Retryable on another node: HAProxy's retry-on 503 sends these elsewhere.
     ErrorCode.OVERLOADED: (503, "UNAVAILABLE"),

@@ -343,6 +343,11 @@ OPERATIONS: dict[str, Operation] = {
             role=Role.INFER,
         ),
         Operation(
+            "budgets",
+            "What each caller spent of each model's cost_limit this period, and what remains.",
+            (_MODEL,),
+        ),
+        Operation(
             "versions",
             "The versions on disk with state, size, sha256 and deploy time.",
             (_MODEL,),
