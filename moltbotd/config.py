@@ -501,6 +501,55 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class CircuitSettings:
+    """When a version's own failures open its circuit (serving/circuit.py)."""
+
+    max_failure_rate: float = setting(
+        0.2,
+        fraction,
+        "the circuit opens when more of the version's requests than this fail within"
+        " `window` (its own failures: a client's bad input never counts; 100%: never opens)",
+    )
+    min_requests: int = setting(
+        20, integer(1, 10**9), "requests answered within the window before the share is judged"
+    )
+    window: float = setting(60.0, duration, "the failure share is measured over this window")
+    cooldown: float = setting(
+        30.0, duration, "an open circuit lets probe requests through again after this long"
+    )
+    probes: int = setting(
+        3,
+        integer(1, 1000),
+        "requests a half-open circuit lets through: as many successes close it, one failure"
+        " opens it again",
+    )
+    deadlines: bool = setting(
+        False,
+        boolean,
+        "DEADLINE_EXCEEDED counts as a failure (queued or running: the workers' counts do"
+        " not tell them apart, and a client's own short deadlines would count)",
+    )
+
+
+@dataclass(frozen=True)
+class HealthCheckSettings:
+    """The daemon's own requests to each serving instance (serving/checks.py)."""
+
+    interval: float = setting(
+        30.0,
+        duration,
+        "each serving instance runs the version's warm-up input (model.yaml samples, else"
+        " zeros) this often, at low priority, one at a time (0: no checks)",
+    )
+    timeout: float = setting(
+        10.0, duration, "a check still running this long after it was sent has failed"
+    )
+    restart_after: int = setting(
+        3, integer(0, 1000), "failed checks in a row that restart the instance (0: never)"
+    )
+
+
+@dataclass(frozen=True)
 class Scheduling:
     """How requests for one model queue, batch and spread over its worker processes."""
 
@@ -550,6 +599,10 @@ class Scheduling:
         "direct channels of one user (uid, from SO_PEERCRED) one worker serves at once,"
         " however many connections the user opened and closed since",
     )
+    circuit: CircuitSettings = section(CircuitSettings, "the circuit breaker of each version")
+    health_check: HealthCheckSettings = section(
+        HealthCheckSettings, "active health checks of each serving instance"
+    )
 
     def problems(self, model: str | None) -> list[str]:
         """Contradictions between settings, phrased for the config's reader (model None:
@@ -565,6 +618,9 @@ class Scheduling:
                          f" max_batch_size {self.batching.max_batch_size}")  # fmt: skip
         if model and self.fallback == model:
             found.append(f"{prefix}fallback: a model cannot fall back on itself")
+        if not self.health_check.timeout:
+            found.append(f"{prefix}health_check: timeout must be above 0 (a check's"
+                         " deadline); to turn the checks off, set interval: 0")  # fmt: skip
         return found
 
 
@@ -1222,7 +1278,8 @@ def _show(value: Any, convert: Converter) -> str:
     """A default as one would write it in the file."""
     if value is None:
         shown = {threads: "auto", optional_name: "none", listen_address: "null",
-                 optional_path: "null", optional_text: "null"}  # fmt: skip
+                 optional_path: "null", optional_text: "null", optional_count: "null",
+                 optional_amount: "null"}  # fmt: skip
         return shown.get(convert, "max")
     if convert in (duration, cpu_period):
         return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"

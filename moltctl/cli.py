@@ -5,7 +5,9 @@ command checks the protocol version first). Exit codes:
   0 success, 1 the daemon reported an error (or is unhealthy), 2 usage error,
   3 moltbotd cannot be reached, 4 the daemon's answer could not be read,
   5 deploy refused for lack of room (disk space, upload limits: RESOURCE_EXHAUSTED),
-  6 the user lacks the role the command needs (PERMISSION_DENIED).
+  6 the user lacks the role the command needs (PERMISSION_DENIED),
+  7 the model's circuit is open (CIRCUIT_OPEN: it fails; the message says when it is
+    tried again).
 """
 
 import contextlib
@@ -39,6 +41,9 @@ EXIT_UNAVAILABLE = 3
 EXIT_PROTOCOL = 4
 EXIT_NO_ROOM = 5  # a deploy the daemon has no room for: retrying as is cannot help
 EXIT_DENIED = 6  # PERMISSION_DENIED: the user lacks the role (the message says which group)
+EXIT_CIRCUIT_OPEN = 7  # CIRCUIT_OPEN: the model fails; retry after details.retry_after
+# the daemon's errors that have an exit code of their own; any other one exits EXIT_ERROR
+EXIT_BY_CODE = {ErrorCode.PERMISSION_DENIED: EXIT_DENIED, ErrorCode.CIRCUIT_OPEN: EXIT_CIRCUIT_OPEN}
 FOLLOW_POLL_SECONDS = 0.5
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -62,8 +67,7 @@ class Cli(click.Group):
         except ConnectError as exc:
             _fail(str(exc), EXIT_UNAVAILABLE)
         except MoltError as exc:
-            denied = exc.code == ErrorCode.PERMISSION_DENIED
-            _fail(f"{exc.message} [{exc.code}]", EXIT_DENIED if denied else EXIT_ERROR)
+            _fail(f"{exc.message} [{exc.code}]", EXIT_BY_CODE.get(exc.code, EXIT_ERROR))
         except ProtocolError as exc:
             _fail(str(exc), EXIT_PROTOCOL)
         except KeyboardInterrupt:

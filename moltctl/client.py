@@ -170,12 +170,14 @@ class _Calls:
         timeout_ms: float | None = None,
         request_id: str | None = None,
         session: str | None = None,
+        cache: bool | None = None,
     ) -> Any:
         """priority: high, normal or low; timeout_ms: a deadline, after which the daemon
         answers DEADLINE_EXCEEDED (a request still queued then is never run); request_id:
         the caller's id, back in the answer (Outputs.request_id) and in moltbotd's log of
         a slow request; session: a stateful model's conversation, whose state moltbotd
-        keeps from one request to the next (docs/sessions.md)."""
+        keeps from one request to the next (docs/sessions.md); cache: False runs the
+        model even where its result cache has the answer."""
         params = {
             "model": model,
             "inputs": encode_inputs(inputs, self.views),
@@ -185,6 +187,7 @@ class _Calls:
             "timeout_ms": timeout_ms,
             "request_id": request_id,
             "session": session,
+            "cache": cache,
         }
         return self._call("infer", params, decode_outputs)
 

@@ -55,7 +55,7 @@ def _headline(report: dict[str, Any]) -> str:
 def _row(m: dict[str, Any], role: str | None = None) -> dict[str, Any]:
     w = m["worker"] or {}
     usage = w.get("usage") or {}
-    detail = (role or m["operation"] or w.get("error") or m["error"]
+    detail = (role or m["operation"] or trouble(w) or w.get("error") or m["error"]
               or ",".join(w.get("providers", [])))  # fmt: skip
     cpu = usage.get("cpu_percent")
     return {"model": m["name"], "version": m["active_version"],
@@ -70,10 +70,46 @@ def _row(m: dict[str, Any], role: str | None = None) -> dict[str, Any]:
             "detail": detail}  # fmt: skip
 
 
+def trouble(pool: dict[str, Any]) -> str | None:
+    """A circuit not closed, or a failed health check, in a few words for the table."""
+    circuit, check = pool.get("circuit"), pool.get("health_check")
+    if circuit and circuit["state"] != "closed":
+        retry = circuit["retry_in"]
+        again = "" if retry is None else f", tried again in {format_duration(retry)}"
+        return f"circuit {circuit['state']}{again}: {circuit['why']}"
+    if check and check["unhealthy"]:
+        return f"unhealthy: {check['unhealthy']}"
+    return None
+
+
+def circuit_detail(pool: dict[str, Any]) -> list[str]:
+    """The circuit and the health checks of one version, for `moltctl status MODEL`
+    (none from a daemon older than them)."""
+    circuit, check = pool.get("circuit"), pool.get("health_check")
+    if circuit is None or check is None:
+        return []
+    most, least = circuit["max_failure_rate"], circuit["min_requests"]
+    lines = [f"circuit  {circuit['state']}: {circuit['failures']} of {circuit['requests']}"
+             f" failed within {format_duration(circuit['window'])} (opens above {most:.0%}"
+             f" once {least} came)"]  # fmt: skip
+    if circuit["why"]:
+        lines.append(f"         opened: {circuit['why']}")
+    outcomes = ", ".join(f"{n} {k}" for k, n in check["outcomes"].items())
+    every = f"off ({check['off']})" if check["off"] else (
+        f"every {format_duration(check['interval'])} on {check['input']}")  # fmt: skip
+    health = f"; unhealthy: {check['unhealthy']}" if check["unhealthy"] else ""
+    return [*lines, f"checks   {every}: {outcomes}{health}"]
+
+
 def model_detail(worker: dict[str, Any]) -> list[str]:
     """Limits in force and the kernel's counters, for `moltctl status MODEL`."""
     lim, use = worker["limits"], worker.get("usage")
-    lines = ["", *scheduling_detail(worker), f"limits   {limits_text(lim)}"]
+    lines = [
+        "",
+        *scheduling_detail(worker),
+        *circuit_detail(worker),
+        f"limits   {limits_text(lim)}",
+    ]
     if not use:
         return [*lines, "usage    not measured: no cgroup (see isolation above)"]
     cpu = use["cpu_percent"]

@@ -35,6 +35,7 @@ def test_a_repeated_request_is_answered_from_the_cache(daemon_factory, direct):
         again = client.infer("demo", {"x": X})["y"]
         other = client.infer("demo", {"x": [[5.0, 6.0, 7.0, 8.0]]})["y"]
         only_y = client.infer("demo", {"x": X}, outputs=["y"])["y"]  # another key: outputs
+        client.infer("demo", {"x": X}, cache=False)  # runs: neither a hit nor a miss
         cache = counted(client, hits=1, misses=3)
         metrics = client.metrics()
     assert np.array_equal(first, again) and np.array_equal(first, only_y)

@@ -31,7 +31,10 @@ def test_valid_params_are_returned_unchanged():
 def test_unknown_param_is_named_with_the_known_ones():
     err = bad_request("infer", {"model": "demo", "inputs": {}, "bogus": 1})
     assert "operation 'infer' takes no parameter 'bogus'" in err.message
-    takes = "model, inputs, version, outputs, priority, request_id, timeout_ms, session, reply_shm"
+    takes = (
+        "model, inputs, version, outputs, priority, request_id, timeout_ms, cache, session,"
+        " reply_shm"
+    )
     assert f"(it takes: {takes})" in err.message
 
 

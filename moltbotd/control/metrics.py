@@ -22,6 +22,7 @@ from prometheus_client.core import (
 from moltbotd import __version__
 from moltbotd.control.budgets import Budgets
 from moltbotd.isolation.limits import Usage
+from moltbotd.serving.circuit import CircuitState
 from moltbotd.serving.pool import Pool
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class PoolCollector:
         yield from _cgroups(pools)
         yield from _sessions(pools)
         yield from _caches(pools)
+        yield from _circuits(pools)
         yield from _canaries(self.supervisor)
 
 
@@ -240,6 +242,28 @@ def _cgroups(pools: Pools) -> Iterator[Metric]:
     yield limit
 
 
+def _circuits(pools: Pools) -> Iterator[Metric]:
+    state = GaugeMetricFamily("moltbot_circuit_state",
+                              "1 for the state the version's circuit is in, 0 for the others.",
+                              labels=[*LABELS, "state"])  # fmt: skip
+    moved = CounterMetricFamily("moltbot_circuit_transitions",
+                                "Changes of the version's circuit, by the state entered.",
+                                labels=[*LABELS, "state"])  # fmt: skip
+    checks = CounterMetricFamily("moltbot_health_checks",
+                                 "The daemon's health checks of the version, by outcome: passed,"
+                                 " failed, inconclusive (it did not get to run). The workers"
+                                 " count their answers in moltbot_requests too.",
+                                 labels=[*LABELS, "outcome"])  # fmt: skip
+    for model, _, pool in pools:
+        labels = [model, pool.spec.version]
+        for each in CircuitState:
+            state.add_metric([*labels, each.value], float(pool.circuit.state is each))
+            moved.add_metric([*labels, each.value], pool.circuit.transitions[each])
+        for outcome, count in sorted(pool.checks.outcomes.items()):
+            checks.add_metric([*labels, outcome], count)
+    yield from (state, moved, checks)
+
+
 def _canaries(supervisor: "Supervisor") -> Iterator[Metric]:
     share = GaugeMetricFamily("moltbot_canary_share",
                               "The share of a model's requests its canary version gets.",
@@ -250,7 +274,9 @@ def _canaries(supervisor: "Supervisor") -> Iterator[Metric]:
     events = CounterMetricFamily("moltbot_model_events",
                                  "Events of a model: switch, promote, rollback, deploy (a"
                                  " version activated), reload (a restart), canary (started),"
-                                 " canary-rollback, scale, scale-up, scale-down.",
+                                 " canary-rollback, scale, scale-up, scale-down, circuit-open,"
+                                 " circuit-half-open, circuit-closed, health-check-failed,"
+                                 " health-restart.",
                                  labels=["model", "kind"])  # fmt: skip
     for model in supervisor.models.values():
         if model.canary:

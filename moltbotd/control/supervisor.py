@@ -28,6 +28,7 @@ from moltbotd.isolation.limits import host_memory, intra_op_threads, resolve
 from moltbotd.isolation.policy import Isolation
 from moltbotd.logs import get_logger
 from moltbotd.scheduler import overloaded
+from moltbotd.serving.circuit import CircuitState
 from moltbotd.serving.exits import Exits
 from moltbotd.serving.pool import Pool, Relayed
 from moltbotd.serving.process import WorkerProcess, WorkerSpec
@@ -516,7 +517,8 @@ class Supervisor:
         canary = model.canary_pool
         route = model.canary
         ready = canary and route and not route.suspended and canary.state is WorkerState.READY
-        if ready and route.takes_next():  # type: ignore[union-attr]
+        # a canary whose circuit is open leaves its share to the active version
+        if ready and route.takes_next() and canary.admits():  # type: ignore[union-attr]
             return canary
         return self._serving(model)
 
@@ -598,6 +600,8 @@ class Supervisor:
                 return asyncio.ensure_future(self._submit_when_ready(model, version, request))
             if version is None and pool.overloaded():
                 raise overloaded(pool.label, len(pool.queue), pool.queue.limit)
+            if not pool.admits():  # last: a half-open circuit counts what it lets through
+                raise pool.circuit_open()
         except MoltError as exc:
             if version is not None:
                 raise
@@ -611,11 +615,13 @@ class Supervisor:
         return await self._submit(model, pool, request)
 
     def _fallback(self, model: Model, error: MoltError) -> Model:
-        """The model that answers for an overloaded or failed one; else the error."""
+        """The model that answers for an overloaded, failed or open-circuited one; else
+        the error."""
         name = self._scheduling(model).fallback
         other = self.models.get(name) if name else None
         pool = other.active if other else None
-        if pool is None or pool.signature is None or pool.failed() or pool.overloaded():
+        if (pool is None or pool.signature is None or pool.failed() or pool.overloaded()
+                or not pool.admits()):  # fmt: skip
             if name:
                 error.message += f" (its fallback {name} cannot answer either)"
             raise error
@@ -689,6 +695,8 @@ class Supervisor:
             why = "its budget (max_tokens, cost_limit) is checked here"
         elif model.canary:
             why = "a canary runs: moltbotd splits its requests"
+        elif pool.circuit.state is not CircuitState.CLOSED:
+            why = f"its circuit is {pool.circuit.state}: moltbotd routes its requests"
         if why:
             raise MoltError(ErrorCode.CONFLICT, f"model {name} has no direct channel: {why};"
                             " send its requests to this socket", {"reason": why})  # fmt: skip
@@ -839,9 +847,7 @@ class Supervisor:
         return {"model": name, "version": pool.spec.version, **await worker.ask(order)}
 
     def health(self) -> dict[str, Any]:
-        states = {
-            n: (m.active.state.value if m.active else "failed") for n, m in self.models.items()
-        }
+        states = {n: _health(m.active) for n, m in self.models.items()}
         healthy = all(s == WorkerState.READY.value for s in states.values())
         return {"status": "ok" if healthy else "degraded", "models": states}
 
@@ -863,6 +869,15 @@ class Supervisor:
                 for n, m in repo.items()
             ],
         }
+
+
+def _health(pool: Pool | None) -> str:
+    """A served version's state; `unhealthy` when serving but failing its health checks."""
+    if pool is None:
+        return "failed"
+    if pool.state is WorkerState.READY and pool.unhealthy():
+        return "unhealthy"
+    return pool.state.value
 
 
 def _overloaded(outcome: bytes | MoltError) -> bool:

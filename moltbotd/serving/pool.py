@@ -26,6 +26,8 @@ from moltbotd.config import Batching, Scheduling, WorkerSettings
 from moltbotd.isolation.cgroups import Group
 from moltbotd.logs import get_logger
 from moltbotd.scheduler import Pending, Queue, Reply, deadline_exceeded
+from moltbotd.serving.checks import HealthChecks
+from moltbotd.serving.circuit import Breaker, CircuitState, Transition
 from moltbotd.serving.exits import Exits
 from moltbotd.serving.process import Counters, WorkerProcess, WorkerSpec
 from moltbotd.serving.states import WorkerState
@@ -116,6 +118,9 @@ class Pool:
         self.on_phase: Callable[[str], None] | None = None  # the first instance's phases
         self.on_event: Callable[[str, str], None] | None = None  # (kind, message) for status
         self.log = log.bind(model=spec.model, version=spec.version)
+        self.circuit = Breaker(scheduling.circuit, self._circuit_changed)
+        self.checks = HealthChecks(spec, scheduling.health_check, self._check_failed)
+        self.checks.on_event = self._event
         self._closed = False
         self._signature: Signature | None = None
         self._crowded_since: float | None = None
@@ -181,6 +186,8 @@ class Pool:
     def set_scheduling(self, scheduling: Scheduling) -> None:
         self.scheduling = scheduling
         self.queue.limit = scheduling.max_queue
+        self.circuit.configure(scheduling.circuit)
+        self.checks.settings = scheduling.health_check
         self._share_queue()
         if not scheduling.direct or scheduling.fallback:
             self.close_channels("direct channels were turned off")
@@ -358,6 +365,7 @@ class Pool:
 
     def _worker_stats(self, stats: dict[str, Any]) -> None:
         self.stats.add(stats)
+        self.circuit.record(time.monotonic(), stats.get("codes", {}))
         for slow in stats.get("slow", []):
             self.log.warning("slow request", **slow)
         if stats.get("slow_more"):
@@ -367,6 +375,7 @@ class Pool:
         """An error moltbotd answers a request with itself, counted for metrics (a worker
         counts the answers it gives)."""
         self.stats.codes[error.code.value] += 1
+        self.circuit.record(time.monotonic(), {error.code.value: 1})
         return error
 
     def _expire(self, item: Pending) -> None:
@@ -391,9 +400,16 @@ class Pool:
         self.rescale(time.monotonic())
 
     async def _scale_forever(self) -> None:
+        """Autoscaling, the circuit's cooldown and the health checks, every SCALE_EVERY."""
         while True:
             await asyncio.sleep(SCALE_EVERY)
-            self.rescale(time.monotonic())
+            now = time.monotonic()
+            try:
+                self.rescale(now)
+                self.circuit.tick(now)
+                self.checks.tick(now, self.workers, self.signature)
+            except Exception:  # a bug here must not end them for good
+                self.log.exception("model {model} {version}: scaling or health checks failed")
 
     def rescale(self, now: float) -> None:
         # A FATAL instance keeps its place: replacing it would restart what cannot start.
@@ -446,8 +462,43 @@ class Pool:
         why = self._why()
         self.log.info("model {model} {version}: {count} instances ({why})", count=count,
                       why=why, change=kind)  # fmt: skip
+        self._event(kind, f"{self.label}: {plural(count, 'instance')} ({why})")
+
+    def _event(self, kind: str, message: str) -> None:
         if self.on_event:
-            self.on_event(kind, f"{self.label}: {plural(count, 'instance')} ({why})")
+            self.on_event(kind, message)
+
+    # --- the circuit ----------------------------------------------------------------------
+
+    def admits(self) -> bool:
+        """Whether the version's circuit lets a request through now (a probe, half-open);
+        a closed one without reading the clock, as it is asked for every request."""
+        return self.circuit.state is CircuitState.CLOSED or self.circuit.admit(time.monotonic())
+
+    def circuit_open(self) -> MoltError:
+        return self.circuit.refusal(time.monotonic(), self.spec.model, self.spec.version)
+
+    def unhealthy(self) -> str | None:
+        """Why an instance failed its latest health check; None when none did."""
+        return self.checks.unhealthy()
+
+    def _check_failed(self, why: str) -> None:
+        self.circuit.trip(time.monotonic(), why)
+
+    def _circuit_changed(self, change: Transition) -> None:
+        """Log and show each move; an open circuit sends the direct channels' clients to
+        the socket, where routing sees their requests (channels stay refused until it
+        closes: Supervisor.channel)."""
+        if change.new is CircuitState.OPEN:
+            self.log.warning("model {model} {version}: circuit opened: {why}; its requests"
+                             " fail fast or go to its fallback for {cooldown:g}s",
+                             why=change.why,
+                             cooldown=self.circuit.settings.cooldown)  # fmt: skip
+            self.close_channels("its circuit opened")
+        else:
+            self.log.info("model {model} {version}: circuit {state}: {why}",
+                          state=str(change.new), why=change.why)  # fmt: skip
+        self._event(f"circuit-{change.new}", f"{self.label}: circuit {change.new}: {change.why}")
 
     # --- status ---------------------------------------------------------------------------
 
@@ -494,4 +545,6 @@ class Pool:
             "priority": self.scheduling.priority,
             "fallback": self.scheduling.fallback,
             "cache": self.cache_status(),
+            "circuit": self.circuit.status(time.monotonic()),
+            "health_check": self.checks.status(self.workers),
         }

@@ -158,7 +158,9 @@ class WorkerProcess:
         self._task: asyncio.Task[None] | None = None
         self._requests: _RelayLink | None = None  # the relay: socket requests go this way
         self._output: asyncio.Task[None] | None = None
-        self._hung: str | None = None  # why the current process was killed as hung
+        # how the daemon killed the current process, and the code its requests get
+        self._killed: tuple[str, ErrorCode] | None = None
+        self._unseen: set[int] = set()  # relayed requests of the daemon's own (health checks)
         self._beat_at = 0.0  # monotonic time of its latest heartbeat
         self._oldest_run: float | None = None  # its oldest run's age at that beat
 
@@ -378,14 +380,14 @@ class WorkerProcess:
     async def _watch(self) -> int:
         """Wait for the READY process to exit, killing it if it hangs; its exit code."""
         assert self._proc is not None
-        self._hung = None
+        self._killed = None
         self._beat_at, self._oldest_run = time.monotonic(), None
         if self._handoff:
             asyncio.get_running_loop().add_reader(self._handoff.fileno(), self._read_beats)
         while True:
             with contextlib.suppress(TimeoutError):
                 return await asyncio.wait_for(self._proc.wait(), self.settings.heartbeat)
-            if not self._hung and (why := self._why_hung()):
+            if not self._killed and (why := self._why_hung()):
                 self._hang(why)
 
     def _read_beats(self) -> None:
@@ -416,8 +418,22 @@ class WorkerProcess:
 
     def _hang(self, why: str) -> None:
         """Kill a hung worker (SIGKILL reaches a stopped process too); _watch reaps it."""
-        self._hung = why
         self.log.error("model {model} {version} worker hung; killing it", pid=self.pid, why=why)
+        self._kill(f"as hung ({why})", ErrorCode.WORKER_HUNG)
+
+    def restart(self, why: str) -> bool:
+        """Kill a serving process that must start over (its health checks fail): it is
+        restarted as one that died, its running requests get WORKER_FAILED saying why.
+        False when it is not serving, or on its way out already."""
+        if self.state is not S.READY or self._killed or self._proc is None:
+            return False
+        self.log.error("model {model} {version}: restarting worker pid {pid}: {why}",
+                       pid=self.pid, why=why)  # fmt: skip
+        self._kill(f"by moltbotd to restart it ({why})", ErrorCode.WORKER_FAILED)
+        return True
+
+    def _kill(self, how: str, code: ErrorCode) -> None:
+        self._killed = (how, code)
         assert self._proc is not None
         with contextlib.suppress(ProcessLookupError):
             self._proc.send_signal(signal.SIGKILL)
@@ -622,15 +638,20 @@ class WorkerProcess:
 
     # --- requests ----------------------------------------------------------------------
 
-    def relay(self, params: dict[str, Any], done: Done, orphaned: Callable[[], None]) -> None:
+    def relay(self, params: dict[str, Any], done: Done, orphaned: Callable[[], None],
+              counted: bool = True) -> None:  # fmt: skip
         """Relay a socket request (an infer's params, its model and version set) to the
         worker's queue; done(outcome) gets its packed outputs or its error, a MoltError
         if the process dies while it runs; orphaned() is told instead if the process dies
-        before it started (it may run elsewhere)."""
+        before it started (it may run elsewhere). A request not `counted` (the daemon's
+        own: a health check) is left out of the counters and does not make it used."""
         if not self.serving:
             raise self.unavailable()
         relay_id = next(self._ids)
-        self.last_used = time.monotonic()
+        if counted:
+            self.last_used = time.monotonic()
+        else:
+            self._unseen.add(relay_id)
         self._inflight[relay_id] = done
         self._orphans[relay_id] = orphaned
         self._idle.clear()
@@ -647,7 +668,9 @@ class WorkerProcess:
             return
         self._orphans.pop(relay_id, None)
         done = self._inflight.pop(relay_id, None)
-        if ending is not Ending.REFUSED:
+        if relay_id in self._unseen:
+            self._unseen.discard(relay_id)
+        elif ending is not Ending.REFUSED:
             self.counters.requests += 1
             self.counters.errors += ending is Ending.FAILED
         if not self._inflight:
@@ -677,8 +700,9 @@ class WorkerProcess:
 
     def _exit_reason(self, code: int) -> tuple[str, ErrorCode]:
         """How the process ended; a kill by the kernel's OOM killer in its group says so."""
-        if self._hung:
-            return f"was killed as hung ({self._hung})", ErrorCode.WORKER_HUNG
+        if self._killed:
+            how, error_code = self._killed
+            return f"was killed {how}", error_code
         if code == -signal.SIGKILL and self.cgroup and self.cgroup.oom_kills() > self._oom_kills:
             limit = memory_limit_text(self.spec.limits)
             return f"was killed by its memory limit {limit}", ErrorCode.RESOURCE_EXHAUSTED
@@ -692,6 +716,7 @@ class WorkerProcess:
         for answer in self._asked.values():
             if not answer.done():
                 answer.set_exception(MoltError(error.code, error.message, error.details))
+        unseen, self._unseen = self._unseen, set()
         self._idle.set()
         self.queued, self.queued_by_priority = 0, {}  # the process is gone, its queue too
         # the latest first: each orphan goes back to the front of the pool's queue
@@ -700,10 +725,11 @@ class WorkerProcess:
                 if relay_id in orphans:  # it never ran: it may run on the next process
                     orphans[relay_id]()
                     continue
-                self.counters.errors += 1
                 failed = MoltError(error.code, error.message, error.details)
-                if self.on_failed:
-                    self.on_failed(failed)
+                if relay_id not in unseen:
+                    self.counters.errors += 1
+                    if self.on_failed:
+                        self.on_failed(failed)
                 done(failed)
             except Exception:  # one answer's failure must not lose the others' or kill us
                 self.log.exception("model {model} {version}: answering a failed request raised")

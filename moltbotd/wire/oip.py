@@ -62,6 +62,7 @@ STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.DEADLINE_EXCEEDED: (504, "DEADLINE_EXCEEDED"),
     # Retryable on another node: HAProxy's retry-on 503 sends these elsewhere.
     ErrorCode.OVERLOADED: (503, "UNAVAILABLE"),
+    ErrorCode.CIRCUIT_OPEN: (503, "UNAVAILABLE"),
     ErrorCode.MODEL_UNAVAILABLE: (503, "UNAVAILABLE"),
     ErrorCode.SHUTTING_DOWN: (503, "UNAVAILABLE"),
     ErrorCode.WORKER_FAILED: (503, "UNAVAILABLE"),

@@ -235,6 +235,11 @@ OPERATIONS: dict[str, Operation] = {
                     " never run if still queued) after this many milliseconds",
                 ),
                 Param(
+                    "cache",
+                    (bool,),
+                    help="false: run the model even where its result cache has the answer",
+                ),
+                Param(
                     "session",
                     (str,),
                     help="a stateful model's session: the state its previous request left"

@@ -518,8 +518,9 @@ class Channels:
     def _answer_from(self, item: Pending, stream: Stream, params: dict[str, Any]) -> None:
         """Where a request's answer may go and come from besides a run: its large outputs
         laid out in its channel's region (`reply_shm`), and the cache, for a request
-        without a session (an answer that points into a region is not kept)."""
-        if item.conversation is None and self.hub.cache.on:
+        without a session that does not say `cache: false` (an answer that points into a
+        region is not kept)."""
+        if item.conversation is None and self.hub.cache.on and params.get("cache", True):
             item.cache_key = ResultCache.key(item.inputs, item.outputs)
         if "reply_shm" not in params:
             return
