@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from tritonclient.utils import InferenceServerException
 
 from moltbotd.demo import save
+from moltctl.client import Client
 from stress.daemon import Daemon
 from tests.conftest import run_moltctl
 from tests.models import OIP_TYPES, every_dtype_model
@@ -539,3 +540,20 @@ def test_moltctl_metadata_shows_the_signature(daemon):
     assert re.search(r"input\s+x\s+float32\s+N, 4", result.stdout), result.stdout
     missing = run_moltctl("metadata", "demo", "--version", "v9", socket=daemon.socket)
     assert missing.returncode != 0 and "version 'v9' of demo is not loaded" in missing.stderr
+
+
+def test_a_budget_counts_each_token_subject_as_a_caller(daemon_factory, keys):
+    """On the network listener the caller is the token's subject: alice's spending does
+    not touch bob's cost_limit, and past it the refusal is 429 naming her."""
+    budget = "models:\n  demo:\n    budget: {cost_limit: 2}\n"
+    daemon = daemon_factory(tokens_config(keys) + budget)
+    url = f"http://{addresses(daemon)[0]}"
+    alice, bob = token(keys), token(keys, sub="bob")
+    assert [infer_with(url, alice)[0] for _ in range(2)] == [200, 200]
+    status, body = infer_with(url, alice)
+    assert status == 429
+    assert "the token of 'alice' spent 2 of model demo's cost_limit 2 this month" in body
+    assert infer_with(url, bob)[0] == 200
+    with Client(daemon.socket) as client:
+        usage = {row["caller"]: row["spent"] for row in client.budgets("demo")["usage"]}
+    assert usage == {"the token of 'alice'": 2.0, "the token of 'bob'": 1.0}

@@ -303,3 +303,28 @@ def test_ten_thousand_sessions_stay_within_the_hot_budget(models_dir, daemon_fac
         _, h = session.run(["y", "h_next"], {"x": firsts[n], "h": h})
         [want] = session.run(["y"], {"x": second, "h": h})
         assert np.array_equal(got[n], want), n
+
+
+def test_sessions_batched_together_each_get_their_own_state(gru_dir, daemon_factory):
+    """Eight sessions' turns sent at once are batched, their states concatenated and
+    split again: each conversation still matches its own, run alone in process."""
+    daemon = daemon_factory(CONFIG % "30m")
+    talks = {f"t{n}": turns(5, seed=20 + n) for n in range(8)}
+
+    async def converse() -> dict[str, list[np.ndarray]]:
+        got: dict[str, list[np.ndarray]] = {name: [] for name in talks}
+        async with AsyncClient(daemon.socket, direct=False) as client:
+            for turn in range(5):
+                sent = [client.infer("gru", {"x": xs[turn]}, session=name)
+                        for name, xs in talks.items()]  # fmt: skip
+                for name, result in zip(talks, await asyncio.gather(*sent), strict=True):
+                    got[name].append(result["y"])
+        return got
+
+    got = asyncio.run(converse())
+    with Client(daemon.socket) as client:
+        sizes = client.status("gru")["models"][0]["worker"]["batching"]["batch_sizes"]
+    assert any(int(size) > 1 for size in sizes), sizes
+    for name, xs in talks.items():
+        want = in_process(gru_dir, xs)
+        assert all(np.array_equal(g, w) for g, w in zip(got[name], want, strict=True)), name

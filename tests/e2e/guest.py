@@ -566,6 +566,51 @@ models:
 """
 
 
+SESSIONS = """
+models:
+  gru:
+    sessions: {spill_after: 1s}
+    budget: {cost_limit: 1000}
+"""
+
+
+def sessions_under_systemd() -> None:
+    """A stateful model under the hardened unit: its worker spills to state_dir, a
+    SIGKILLed worker's successor restores, the budget ledger is written; each turn as
+    the same conversation gives in process."""
+    import onnxruntime as ort  # the package's own, as its workers use it
+
+    shutil.copytree(HOST / "models" / "gru", MODELS / "gru", dirs_exist_ok=True)
+    sh("chown -R moltbot:moltbot /var/lib/moltbot/models")
+    restart_with(SESSIONS)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1, 3, 4)).astype(np.float32) for _ in range(4)]
+    local, h, want = ort.InferenceSession(str(MODELS / "gru/v1/model.onnx")), None, []
+    for x in xs:
+        h = np.zeros((1, 8), np.float32) if h is None else h
+        y, h = local.run(["y", "h_next"], {"x": x, "h": h})
+        want.append(y)
+    with Client(SOCKET, timeout=60) as c:
+        got = [c.infer("gru", {"x": x}, session="vm-1")["y"] for x in xs[:2]]
+        spilled = wait_until(lambda: any(r["session"] == "vm-1" and r["where"] == "spilled"
+                                         for r in c.sessions("gru")["sessions"]), 30)  # fmt: skip
+        files = list(Path("/var/lib/moltbot/state/sessions/gru").glob("*/vm-1.state"))
+        pid = worker(c, "gru")["pid"]
+        os.kill(pid, 9)
+        back = wait_until(lambda: worker(c, "gru")["pid"] not in (None, pid)
+                          and worker(c, "gru")["state"] == "ready", 60)  # fmt: skip
+        got += [c.infer("gru", {"x": x}, session="vm-1")["y"] for x in xs[2:]]
+        usage = c.budgets("gru")["usage"]
+    modes = [(f.owner(), oct(stat.S_IMODE(f.stat().st_mode))) for f in files]
+    check("sessions-spill-under-the-unit", spilled and modes == [("moltbot", "0o600")], modes)
+    same = [bool(np.array_equal(g, w)) for g, w in zip(got, want, strict=True)]
+    check("sessions-survive-a-worker-kill-bit-identical", back and all(same), same)
+    ledger = Path("/var/lib/moltbot/state/budgets.json")
+    check("budget-ledger-written-by-the-unit",
+          ledger.exists() and ledger.owner() == "moltbot"
+          and [(u["caller"], u["spent"]) for u in usage] == [("uid 0", 4.0)], usage)  # fmt: skip
+
+
 def install_test_models() -> None:
     for model in ("slow", "hog"):
         shutil.copytree(HOST / "models" / model, MODELS / model, dirs_exist_ok=True)
@@ -739,6 +784,7 @@ def main() -> int:
                            ("versions", versions_under_systemd),
                            ("http-socket", http_socket_activation),
                            ("fleet", fleet_behind_haproxy),
+                           ("sessions", sessions_under_systemd),
                            ("test-models", install_test_models), ("cpu", cpu_quota),
                            ("io", io_limits), ("reload", live_reload),
                            ("oom", oom_kill_contained), ("soak", soak_with_oom_kills)]:  # fmt: skip

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from moltbotd.demo import save
-from tests.models import memory_hog_model, slow_model
+from tests.models import gru_model, memory_hog_model, slow_model
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]  # one VM boot takes minutes
 HERE = Path(__file__).resolve().parent
@@ -80,6 +80,10 @@ def vm(built: Path, tmp_path_factory) -> dict:
     shutil.copytree(built / "apt", share / "apt")
     save(slow_model(), share / "models", "slow", "v1")
     save(memory_hog_model(), share / "models", "hog", "v1")
+    save(gru_model(), share / "models", "gru", "v1")
+    (share / "models" / "gru" / "v1" / "model.yaml").write_text(
+        "state: [{input: h, output: h_next}]\n"
+    )
     for name in ("guest.sh", "guest.py"):
         shutil.copy(HERE / name, share / name)
     shutil.copytree(ROOT / "examples", share / "examples")  # the alerts promtool checks
@@ -117,6 +121,11 @@ def passed(vm: dict, *names: str) -> None:
     failed = {n: vm["results"].get(n, {"ok": False, "detail": "not run"}) for n in names}
     failed = {n: r["detail"] for n, r in failed.items() if not r["ok"]}
     assert not failed, failed
+
+
+def test_sessions_and_the_budget_ledger_under_the_hardened_unit(vm):
+    passed(vm, "sessions-spill-under-the-unit", "sessions-survive-a-worker-kill-bit-identical",
+           "budget-ledger-written-by-the-unit")  # fmt: skip
 
 
 def test_apt_install_by_name_starts_the_service(vm):
