@@ -322,8 +322,13 @@ def test_sessions_batched_together_each_get_their_own_state(gru_dir, daemon_fact
         return got
 
     got = asyncio.run(converse())
-    with Client(daemon.socket) as client:
+
+    def batches() -> dict[str, int] | None:  # once the worker reported all 40 requests
         sizes = client.status("gru")["models"][0]["worker"]["batching"]["batch_sizes"]
+        return sizes if sum(int(size) * n for size, n in sizes.items()) == 40 else None
+
+    with Client(daemon.socket) as client:
+        sizes = wait_until(batches, what="the batches reported")
     assert any(int(size) > 1 for size in sizes), sizes
     for name, xs in talks.items():
         want = in_process(gru_dir, xs)
