@@ -194,6 +194,10 @@ _PROGRESS = Param(
     "progress", (bool,), help="also send {id, progress: {phase, detail}} frames as it goes"
 )
 _FORCE = Param("force", (bool,), help="accept a changed signature or a failed warm-up on zeros")
+_ONE_SESSION = (
+    Param("model", (str,), required=True, help="model name"),
+    Param("session", (str,), required=True, help="the session's id"),
+)
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -332,19 +336,13 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "end_session",
             "Forget a session of a stateful model: its state, hot or on disk, is gone.",
-            (
-                Param("model", (str,), required=True, help="model name"),
-                Param("session", (str,), required=True, help="the session's id"),
-            ),
+            _ONE_SESSION,
             role=Role.INFER,
         ),
         Operation(
             "reset_session",
             "Start a session of a stateful model over: its next request gets the first state.",
-            (
-                Param("model", (str,), required=True, help="model name"),
-                Param("session", (str,), required=True, help="the session's id"),
-            ),
+            _ONE_SESSION,
             role=Role.INFER,
         ),
         Operation(
