@@ -86,6 +86,8 @@ def vm(built: Path, tmp_path_factory) -> dict:
     )
     for name in ("guest.sh", "guest.py"):
         shutil.copy(HERE / name, share / name)
+    if os.environ.get("MOLTBOT_VM_SCENARIOS"):  # e.g. installed,sessions: the rest not run
+        (share / "scenarios").write_text(os.environ["MOLTBOT_VM_SCENARIOS"])
     shutil.copytree(ROOT / "examples", share / "examples")  # the alerts promtool checks
     # the soak's package and the test models it imports, for the package's own Python
     shutil.copytree(ROOT / "stress", share / "stress", ignore=shutil.ignore_patterns("__pycache__"))
