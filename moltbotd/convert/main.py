@@ -74,20 +74,8 @@ def run(job: dict[str, Any], link: Link) -> dict[str, Any]:
     original = gate.session(source, threads)
     signature = Signature(tuple(map(spec_from_ort, original.get_inputs())),
                           tuple(map(spec_from_ort, original.get_outputs())))  # fmt: skip
-    calibration = _feeds(job, "calibration", signature)
-    evaluation, used = _feeds(job, "eval", signature), "--eval files"
-    if not evaluation:
-        evaluation = calibration
-        used = "--calibration files" if job["calibration"] else "model.yaml samples"
-    if not evaluation:
-        raise MoltError(ErrorCode.BAD_REQUEST, f"{job['label']} has nothing to evaluate the"
-                        " result on: give --eval DIR (.npy or .npz files), --calibration DIR,"
-                        " or model.yaml samples")  # fmt: skip
+    calibration, evaluation, used = _inputs(job, signature)
     if job["method"] == "int8-static":
-        if not calibration:
-            raise MoltError(ErrorCode.BAD_REQUEST, "static quantization needs calibration"
-                            f" inputs: give --calibration DIR, or samples in {job['label']}'s"
-                            " model.yaml")  # fmt: skip
         link.progress("calibrating", f"on {len(calibration)} inputs, then quantizing")
     else:
         link.progress(_WORK[job["method"]], job["method"])
@@ -105,6 +93,27 @@ def run(job: dict[str, Any], link: Link) -> dict[str, Any]:
     report["size_ratio"] = report["size"]["candidate"] / report["size"]["source"]
     report["latency_ms"] = gate.latency(original, candidate, evaluation[0], job["batch"])
     return {"report": report, "made": made}
+
+
+def _inputs(
+    job: dict[str, Any], signature: Signature
+) -> tuple[list[data.Feed], list[data.Feed], str]:
+    """The calibration and evaluation inputs, checked before any work, and where the
+    evaluation inputs came from."""
+    calibration = _feeds(job, "calibration", signature)
+    if job["method"] == "int8-static" and not calibration:
+        raise MoltError(ErrorCode.BAD_REQUEST, "static quantization needs calibration"
+                        f" inputs: give --calibration DIR, or samples in {job['label']}'s"
+                        " model.yaml")  # fmt: skip
+    evaluation, used = _feeds(job, "eval", signature), "--eval files"
+    if not evaluation:
+        evaluation = calibration
+        used = "--calibration files" if job["calibration"] else "model.yaml samples"
+    if not evaluation:
+        raise MoltError(ErrorCode.BAD_REQUEST, f"{job['label']} has nothing to evaluate the"
+                        " result on: give --eval DIR (.npy or .npz files), --calibration DIR,"
+                        " or model.yaml samples")  # fmt: skip
+    return calibration, evaluation, used
 
 
 def _feeds(job: dict[str, Any], what: str, signature: Signature) -> list[data.Feed]:
