@@ -143,7 +143,7 @@ def test_damaging_calibration_is_refused_with_the_report(daemon, tmp_path, model
     assert "fails the accuracy gate: output 'y': relative error" in out.stderr
     assert "nothing was published" in out.stderr and "[VALIDATION_FAILED]" in out.stderr
     assert sorted(p.name for p in (models_dir / "mlp").iterdir()) == ["v1"]
-    assert not list((models_dir / ".incoming").iterdir())
+    assert not list((models_dir / ".incoming").iterdir())  # the staging and the data upload
     with daemon.client() as client:
         assert client.status("mlp")["models"][0]["active_version"] == "v1"
     forced = passes(quantize(daemon, "mlp", "--int8", "--static", "--calibration",
@@ -193,6 +193,9 @@ def test_refusals_before_any_work(daemon, tmp_path):
     out = refused(quantize(daemon, "mlp", "--int8", "--calibration", str(calibration), "--as",
                          "v1"))  # fmt: skip
     assert "[ALREADY_EXISTS]" in out.stderr
+    passes(quantize(daemon, "mlp", "--fp16", "--calibration", str(calibration), "--activate"))
+    out = refused(quantize(daemon, "mlp", "--int8", "--calibration", str(calibration)))
+    assert "mlp v1-fp16 is already fp16 (made from v1): convert v1 instead" in out.stderr
 
 
 def test_the_job_and_the_table_know_the_same_methods():

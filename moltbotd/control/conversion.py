@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from moltbotd.config import NAME_PATTERN, NAME_RULE
+from moltbotd.config import NAME_PATTERN, NAME_RULE, ConfigError
 from moltbotd.control.rollout import Phases, Progress, Rollout, canary_in_progress
 from moltbotd.control.supervisor import Model, version_not_found
 from moltbotd.durable import storage_error
@@ -47,6 +47,8 @@ class Conversions:
         """The `convert` operation; the data upload it names is used up either way."""
         try:
             return await self._convert(p, peer, progress)
+        except ConfigError as exc:  # the source's model.yaml
+            raise MoltError(ErrorCode.INVALID_CONFIG, str(exc)) from None
         finally:
             if p.get("data"):
                 await asyncio.to_thread(self.sup.uploads.discard, p["data"])
@@ -62,6 +64,7 @@ class Conversions:
         source = p.get("version") or self._active(name, repo_model)
         if source not in repo_model.versions:
             raise version_not_found(name, source, repo_model)
+        await asyncio.to_thread(_check_source, repo_model, source, p["method"])
         target = p.get("to") or _derived_name(source, p["method"], repo_model)
         if not NAME_PATTERN.match(target):
             raise MoltError(ErrorCode.BAD_REQUEST, f"version {target[:80]!r}: must be {NAME_RULE}")
@@ -171,6 +174,17 @@ def _check_options(p: dict[str, Any]) -> None:
                         f" (10% is 0.1), got {canary!r}")  # fmt: skip
     if canary and p.get("activate"):
         raise MoltError(ErrorCode.BAD_REQUEST, "give activate or canary, not both")
+
+
+def _check_source(repo_model: RepoModel, source: str, method: str) -> None:
+    """Quantizing a version that is already quantized compounds the error and the
+    quantizer fails on its own output: name the version it was made from instead."""
+    made = repo_model.model_yaml(source).made or {}
+    if method != "optimize" and made.get("method", "optimize") != "optimize":
+        origin = made.get("source", {}).get("version", "?")
+        raise MoltError(ErrorCode.BAD_REQUEST, f"model {repo_model.name} {source} is already"
+                        f" {made['method']} (made from {origin}): convert {origin} instead"
+                        f" (moltctl quantize {repo_model.name} {origin} ...)")  # fmt: skip
 
 
 def _derived_name(source: str, method: str, repo_model: RepoModel) -> str:

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
                               "details": exc.details}})  # fmt: skip
         return 1
     except Exception as exc:  # onnxruntime's and the converters' own errors
-        message = f"{type(exc).__name__}: {exc}"[:2000]
+        message = f"{job['method']} of {job['label']} failed: {type(exc).__name__}: {exc}"[:2000]
         link.send({"failed": {"code": ErrorCode.VALIDATION_FAILED.value, "message": message,
                               "details": {}}})  # fmt: skip
         return 1
