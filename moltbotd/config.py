@@ -635,6 +635,7 @@ class Overrides:
     Only a model.yaml has `samples`: inputs (name -> nested lists) the version must
     answer before it serves; without them it warms up on zeros. And `state`: the pairs
     of a stateful model (output -> the input it feeds on the session's next request).
+    And `made`: how `moltctl quantize` or `optimize` made the version (a record only).
     """
 
     session: Mapping[str, Any] = field(default_factory=dict)
@@ -642,6 +643,7 @@ class Overrides:
     scheduling: Mapping[str, Any] = field(default_factory=dict)
     samples: tuple[Mapping[str, Any], ...] = ()
     state: tuple[Mapping[str, Any], ...] = ()
+    made: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -750,6 +752,28 @@ class CanarySettings:
     window: float = setting(60.0, duration, "the error rate is measured over this window")
     min_requests: int = setting(
         20, integer(1, 10**9), "requests in the window before the error rate is judged"
+    )
+
+
+@dataclass(frozen=True)
+class ConversionSettings:
+    """`moltctl quantize` and `moltctl optimize`: the accuracy gate a converted version
+    must pass before it is published (a request may set its own bounds), and how long
+    the conversion job may take."""
+
+    min_top1_agreement: float = setting(
+        0.99,
+        fraction,
+        "share of rows whose top-1 class must stay the source's, for classifier-shaped"
+        " outputs ([N, classes] from Softmax, Gemm, MatMul or Add)",
+    )
+    max_relative_error: float = setting(
+        0.05,
+        fraction,
+        "for every other output: mean absolute error over the source output's mean magnitude",
+    )
+    timeout: float = setting(
+        1800.0, duration, "a conversion job still running after this long is killed"
     )
 
 
@@ -981,6 +1005,9 @@ class Config:
         NetworkSettings, "the Open Inference Protocol over HTTP and gRPC, TLS, tokens"
     )
     uploads: UploadSettings = section(UploadSettings, "deploys on their way in: sizes, free space")
+    conversion: ConversionSettings = section(
+        ConversionSettings, "quantize and optimize: the accuracy gate, the job's time"
+    )
     scheduling: Scheduling = section(
         Scheduling, "queues, priorities, batching, instances (models.NAME overrides)"
     )
@@ -1113,9 +1140,13 @@ def parse_model_yaml(file: Path) -> Overrides:
     data = _parse_yaml(file, text)
     samples = data.pop("samples", None) if isinstance(data, dict) else None
     state = data.pop("state", None) if isinstance(data, dict) else None
+    made = data.pop("made", None) if isinstance(data, dict) else None
+    if made is not None and not isinstance(made, dict):
+        raise ConfigError(f"{file}: made: expected a map (written by moltctl quantize), got"
+                          f" {made!r}"[:300])  # fmt: skip
     overrides = parse_overrides(data, str(file))
     return dataclasses.replace(overrides, samples=_samples(samples, str(file)),
-                               state=_state(state, str(file)))  # fmt: skip
+                               state=_state(state, str(file)), made=made)  # fmt: skip
 
 
 def _samples(data: Any, where: str) -> tuple[Mapping[str, Any], ...]:

@@ -7,7 +7,8 @@ command checks the protocol version first). Exit codes:
   5 deploy refused for lack of room (disk space, upload limits: RESOURCE_EXHAUSTED),
   6 the user lacks the role the command needs (PERMISSION_DENIED),
   7 the model's circuit is open (CIRCUIT_OPEN: it fails; the message says when it is
-    tried again).
+    tried again), 8 quantize or optimize made a version that fails the accuracy gate
+    (nothing was published; the report says why).
 """
 
 import contextlib
@@ -25,11 +26,20 @@ import numpy as np
 
 from moltbotd import __version__
 from moltbotd.wire.loglines import LEVELS, parse_level, render_text
+from moltbotd.wire.operations import OPTIMIZATION_LEVELS
 from moltbotd.wire.protocol import PRIORITIES, ErrorCode, MoltError
 from moltbotd.wire.units import format_duration, format_size, parse_percent, plural
 from moltctl import journal
 from moltctl.client import Client, ConnectError, ProtocolError
-from moltctl.deploying import DeployError, folder_files, next_version, send_folder
+from moltctl.deploying import (
+    DeployError,
+    data_files,
+    folder_files,
+    next_version,
+    send_files,
+    send_folder,
+)
+from moltctl.gate_view import report_lines, summary
 from moltctl.render import preview, table, to_json
 from moltctl.status_view import status_table
 from moltctl.when import parse_when
@@ -42,6 +52,7 @@ EXIT_PROTOCOL = 4
 EXIT_NO_ROOM = 5  # a deploy the daemon has no room for: retrying as is cannot help
 EXIT_DENIED = 6  # PERMISSION_DENIED: the user lacks the role (the message says which group)
 EXIT_CIRCUIT_OPEN = 7  # CIRCUIT_OPEN: the model fails; retry after details.retry_after
+EXIT_GATE = 8  # a conversion failed its accuracy gate: its report is shown, nothing published
 # the daemon's errors that have an exit code of their own; any other one exits EXIT_ERROR
 EXIT_BY_CODE = {ErrorCode.PERMISSION_DENIED: EXIT_DENIED, ErrorCode.CIRCUIT_OPEN: EXIT_CIRCUIT_OPEN}
 FOLLOW_POLL_SECONDS = 0.5
@@ -54,7 +65,8 @@ COMMANDS = {"health": ("health",), "status": ("status",), "models": ("models",),
             "versions": ("versions",), "metadata": ("metadata",),
             "sessions": ("sessions",), "end-session": ("end_session",), "budgets": ("budgets",),
             "reset-session": ("reset_session",),
-            "deploy": ("upload", "deploy"), "reload": ("reload",), "logs": ("logs",),
+            "deploy": ("upload", "deploy"), "quantize": ("upload", "convert"),
+            "optimize": ("upload", "convert"), "reload": ("reload",), "logs": ("logs",),
             "metrics": ("metrics",), "audit": ("audit",)}  # fmt: skip
 
 
@@ -500,10 +512,12 @@ def versions(session: _Session, model: str | None, output: str, no_legend: bool)
         return
     rows = [{"model": m["name"], **v, "size": format_size(v["size"]),
              "sha256": v["sha256"][:12] + ("" if v["verified"] is not False else " (changed!)"),
-             "deployed": _when_deployed(v), "detail": v.get("error") or v.get("problem")}
+             "deployed": _when_deployed(v), "made": summary(v.get("report")),
+             "detail": v.get("error") or v.get("problem")}
             for m in report["models"] for v in m["versions"]]  # fmt: skip
     columns = [("MODEL", "model"), ("VERSION", "version"), ("STATE", "state"), ("SIZE", "size"),
-               ("SHA256", "sha256"), ("DEPLOYED", "deployed"), ("DETAIL", "detail")]  # fmt: skip
+               ("SHA256", "sha256"), ("DEPLOYED", "deployed"), ("MADE", "made"),
+               ("DETAIL", "detail")]  # fmt: skip
     click.echo(table(rows, columns, not no_legend))
 
 
@@ -551,9 +565,7 @@ def deploy(session: _Session, path: Path | None, model_path: Path | None, model:
         result = send_folder(client, folder, files, model, version,
                              {"activate": activate, "force": force},
                              session.server["max_frame_bytes"],  # type: ignore[index]
-                             lambda name, size: click.echo(f"  sending     {name}"
-                                                           f" ({format_size(size)})", err=True),
-                             show_progress)  # fmt: skip
+                             _sending, show_progress)  # fmt: skip
     except OSError as exc:  # a file changed or vanished while it was read
         raise click.UsageError(str(exc)) from None
     except MoltError as exc:
@@ -561,6 +573,10 @@ def deploy(session: _Session, path: Path | None, model_path: Path | None, model:
             raise
         _fail(f"{exc.message} [{exc.code}]", EXIT_NO_ROOM)
     show_outcome(result, output)
+
+
+def _sending(name: str, size: int) -> None:
+    click.echo(f"  sending     {name} ({format_size(size)})", err=True)
 
 
 def _deploy_names(client: Client, folder: Path, model: str | None,
@@ -591,6 +607,126 @@ def _model_of(folder: Path, repo: list[dict[str, Any]]) -> str:
                                f" and none is named {named!r} like the folder:"
                                " name the model with --model")  # fmt: skip
     return served[0]
+
+
+# --- quantize, optimize: a cheaper version, proven by the accuracy gate ----------------------
+
+
+def conversion_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """What quantize and optimize share: names, evaluation, the gate, the rollout."""
+    folder = click.Path(path_type=Path, file_okay=False, exists=True)
+    for option in reversed((
+        click.argument("model"),
+        click.argument("version", required=False),
+        click.option("--as", "to", metavar="VERSION",
+                     help="the new version's name (default: VERSION-int8, -fp16, -opt)"),
+        click.option("--eval", "eval_dir", type=folder, help="evaluation inputs: .npy (the"
+                     " only input) or .npz (one array per input) files (default: the"
+                     " calibration files, else model.yaml samples)"),
+        click.option("--min-top1", metavar="PERCENT", help="the gate's top-1 agreement for"
+                     " classifier outputs (default: conversion.min_top1_agreement, 99%)"),
+        click.option("--max-error", metavar="PERCENT", help="the gate's relative error for the"
+                     " other outputs (default: conversion.max_relative_error, 5%)"),
+        click.option("--force", is_flag=True,
+                     help="publish even if the gate fails or the signature changes"),
+        click.option("--activate", is_flag=True, help="switch to it once published"),
+        click.option("--canary", "share", metavar="PERCENT",
+                     help="once published, send it this share of requests (5%)"),
+        output_options,
+        click.pass_obj,
+    )):  # fmt: skip
+        func = option(func)
+    return func
+
+
+@cli.command()
+@conversion_options
+@click.option("--int8", is_flag=True, help="8-bit integer weights (and activations with --static)")
+@click.option("--fp16", is_flag=True, help="16-bit floats, inputs and outputs kept as they are")
+@click.option("--static/--dynamic", default=False, help="INT8: calibrated activation ranges"
+              " (--calibration DIR or model.yaml samples), or computed per run")  # fmt: skip
+@click.option("--calibration", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="calibration inputs: .npy or .npz files, as --eval")  # fmt: skip
+@click.option("--per-channel", is_flag=True, help="INT8: one scale per output channel")
+@click.option("--exclude", multiple=True, metavar="NODE_OR_OP",
+              help="a node name or operator type to leave as it is (repeatable)")  # fmt: skip
+def quantize(session: _Session, int8: bool, fp16: bool, static: bool, calibration: Path | None,
+             per_channel: bool, exclude: tuple[str, ...], **common: Any) -> None:  # fmt: skip
+    """Make an INT8 or FP16 version of MODEL's VERSION (default: the active one).
+
+    The work runs in a job inside the model's cgroup; the result and its source then run
+    the same inputs, and it is published only if it passes the accuracy gate:
+    `moltctl quantize mlp v1 --int8 --static --calibration ./calib --canary 5%`.
+    """
+    if int8 == fp16:
+        raise click.UsageError("give --int8 or --fp16")
+    if fp16 and (static or per_channel):
+        raise click.UsageError("--static and --per-channel apply to --int8")
+    method = "fp16" if fp16 else "int8-static" if static else "int8-dynamic"
+    options = {"per_channel": per_channel or None, "exclude": list(exclude) or None}
+    _convert(session, method, options, calibration, **common)
+
+
+@cli.command()
+@conversion_options
+@click.option("--level", type=click.Choice(OPTIMIZATION_LEVELS), default="extended",
+              show_default=True, help="onnxruntime's graph optimization level; `all` adds"
+              " layout changes for this machine's CPU")  # fmt: skip
+def optimize(session: _Session, level: str, **common: Any) -> None:
+    """Make a version of MODEL's VERSION with onnxruntime's graph optimizations applied
+    offline (fused operators, folded constants), proven by the same accuracy gate."""
+    _convert(session, "optimize", {"level": level}, None, **common)
+
+
+def _convert(session: _Session, method: str, options: dict[str, Any], calibration: Path | None,
+             model: str, version: str | None, to: str | None, eval_dir: Path | None,
+             min_top1: str | None, max_error: str | None, force: bool, activate: bool,
+             share: str | None, output: str, no_legend: bool) -> None:  # fmt: skip
+    if activate and share:
+        raise click.UsageError("give --activate or --canary, not both")
+    try:
+        files = data_files({"calibration": calibration, "eval": eval_dir})
+    except DeployError as exc:
+        raise click.UsageError(str(exc)) from None
+    client = session()
+    data = None
+    if files:
+        max_frame = session.server["max_frame_bytes"]  # type: ignore[index]
+        data, _ = send_files(client, files, max_frame, _sending)
+    bounds = {"min_top1": _share(min_top1, "--min-top1"),
+              "max_error": _share(max_error, "--max-error")}  # fmt: skip
+    try:
+        result = client.convert(model, method, show_progress, version=version, to=to, data=data,
+                                force=force or None, activate=activate or None,
+                                canary=parse_share(share), **options, **bounds)  # fmt: skip
+    except MoltError as exc:
+        if "report" not in exc.details:
+            raise
+        _show_report(exc.details["report"], output, err=True)
+        _fail(f"{exc.message} [{exc.code}]", EXIT_GATE)
+    click.echo(f"{model}: made {result['to']} from {result['report']['source']}", err=True)
+    if output == "json":
+        click.echo(to_json(result))
+        return
+    _show_report(result["report"], output)
+    show_outcome(result, output)
+
+
+def _show_report(report: dict[str, Any], output: str, err: bool = False) -> None:
+    if output == "json":
+        click.echo(to_json(report))
+    else:
+        for line in report_lines(report):
+            click.echo(f"  {line}", err=err)
+
+
+def _share(text: str | None, option: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_percent(text, "a share such as 99% or 0.99", lambda share: 0 <= share <= 1)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 @cli.command()

@@ -242,6 +242,15 @@ class _Calls:
                   "source": source}  # fmt: skip
         return self._call("deploy", params, on_progress=on_progress)
 
+    def convert(self, model: str, method: str, on_progress: OnProgress | None = None,
+                **options: Any) -> Any:  # fmt: skip
+        """A new version of MODEL made by `method` (int8-dynamic, int8-static, fp16,
+        optimize), published if it passes the accuracy gate. Options as the operation
+        names them: version, to, data (an upload of calibration/ and eval/ files),
+        per_channel, exclude, level, min_top1, max_error, force, activate, canary."""
+        params = {"model": model, "method": method, **options}
+        return self._call("convert", params, on_progress=on_progress)
+
     def reload(self) -> Any:
         return self._call("reload", {})
 

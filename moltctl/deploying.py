@@ -2,7 +2,7 @@
 
 moltctl hashes every file as it reads it; the daemon hashes what it received and
 refuses the deploy when the two differ, so a damaged or partial upload never becomes
-a version.
+a version. `moltctl quantize` sends its calibration and evaluation files the same way.
 """
 
 import re
@@ -16,6 +16,7 @@ from moltctl.client import Client, OnProgress
 CHUNK_BYTES = 4 * 2**20
 FRAME_OVERHEAD = 64 * 1024  # the request's envelope around a chunk
 _FIRST_NUMBER = re.compile(r"\d+")
+DATA_SUFFIXES = (".npy", ".npz")  # calibration and evaluation inputs
 
 
 class DeployError(Exception):
@@ -61,10 +62,22 @@ def chunks(path: Path, size: int) -> Iterator[bytes]:
             yield chunk
 
 
-def send_folder(client: Client, folder: Path, files: dict[str, Path], model: str, version: str,
-                options: dict[str, Any], max_frame: int, on_file: Callable[[str, int], None],
-                on_progress: OnProgress | None) -> Any:  # fmt: skip
-    """Upload files (folder_files of folder), then deploy them; options: activate, force."""
+def data_files(folders: dict[str, Path | None]) -> dict[str, Path]:
+    """The .npy and .npz files of each folder given, as KIND/NAME: calibration/a.npy."""
+    files = {}
+    for kind, folder in folders.items():
+        if folder is None:
+            continue
+        found = sorted(p for p in folder.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+        if not found:
+            raise DeployError(f"{folder} has no .npy or .npz file for --{kind}")
+        files.update({f"{kind}/{path.name}": path for path in found})
+    return files
+
+
+def send_files(client: Client, files: dict[str, Path], max_frame: int,
+               on_file: Callable[[str, int], None]) -> tuple[str, dict[str, str]]:  # fmt: skip
+    """Upload files in chunks; the upload's token and each file's sha256 as read."""
     size = max(1, min(CHUNK_BYTES, max_frame - FRAME_OVERHEAD))
     token: str | None = None
     hashes = {}
@@ -79,6 +92,14 @@ def send_folder(client: Client, folder: Path, files: dict[str, Path], model: str
             offset += len(chunk)
         hashes[relative] = sha256_file(path)
     assert token is not None
+    return token, hashes
+
+
+def send_folder(client: Client, folder: Path, files: dict[str, Path], model: str, version: str,
+                options: dict[str, Any], max_frame: int, on_file: Callable[[str, int], None],
+                on_progress: OnProgress | None) -> Any:  # fmt: skip
+    """Upload files (folder_files of folder), then deploy them; options: activate, force."""
+    token, hashes = send_files(client, files, max_frame, on_file)
     activate, force = options.get("activate", False), options.get("force", False)
     source = str(folder.resolve())
     return client.deploy(token, model, version, hashes, activate, force, source, on_progress)

@@ -186,6 +186,14 @@ def test_group_names_of_different_versions_never_collide():
     assert group_name("a", "b-c") == "model-a-b--c"
 
 
+def test_a_job_group_is_beside_its_version_and_never_a_version_group(tmp_path):
+    subtree = Subtree(fake_group(tmp_path))
+    job = subtree.group("a", "v1", "convert")
+    assert job.path.name == "model-a-v1-convert"
+    assert group_name("a", "v1-convert") == "model-a-v1--convert"  # a version never meets it
+    assert job in subtree.stale_groups()  # a killed daemon's job group is removed at start
+
+
 def test_group_name_is_one_directory_level():
     assert "/" not in group_name("../../etc", "v/1")
 

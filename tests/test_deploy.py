@@ -353,7 +353,7 @@ def test_versions_table_and_json(daemon, tmp_path, models_dir):
 
     lines = ok(run_moltctl("versions", "demo", socket=daemon.socket)).splitlines()
     assert lines[0].split() == ["MODEL", "VERSION", "STATE", "SIZE", "SHA256", "DEPLOYED",
-                                "DETAIL"]  # fmt: skip
+                                "MADE", "DETAIL"]  # fmt: skip
     rows = {line.split()[1]: line for line in lines[1:]}
     assert list(rows) == ["v3.0", "v2.0", "v1.0"]
     for version, row in rows.items():

@@ -129,13 +129,13 @@ def test_lookup_unknown_operation_lists_the_known_ones():
     assert info.value.message.endswith(
         "(known: hello, health, status, models, infer, channel, channel_ended, scale, switch,"
         " rollback, promote, metadata, sessions, end_session, reset_session, budgets, versions,"
-        " upload, deploy, reload, metrics, audit, logs)"
+        " upload, deploy, convert, reload, metrics, audit, logs)"
     )
 
 
 def test_operations_that_change_what_serves_are_mutating():
     mutating = [name for name, op in OPERATIONS.items() if op.mutating]
-    assert mutating == ["scale", "switch", "rollback", "promote", "deploy", "reload"]
+    assert mutating == ["scale", "switch", "rollback", "promote", "deploy", "convert", "reload"]
 
 
 def test_every_operation_name_matches_its_key():

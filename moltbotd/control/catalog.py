@@ -1,17 +1,19 @@
-"""`moltctl versions`: every version on disk, its state, size, checksum and deploy time.
+"""`moltctl versions`: every version on disk, its state, size, checksum and deploy time,
+and for a version `moltctl quantize` or `optimize` made, its accuracy gate's report.
 
 Hashing a model is slow (a second per GB), so a file's sha256 is remembered by its
 path, size and modification time, and hashing runs in a thread, off the event loop.
 """
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 from moltbotd.control.supervisor import Model, Supervisor
 from moltbotd.versions.manifest import Manifest, ManifestError, read_manifest, tree_size
 from moltbotd.versions.repository import RepoModel
-from moltbotd.wire.files import MODEL_FILE, sha256_file
+from moltbotd.wire.files import MODEL_FILE, REPORT_FILE, sha256_file
 
 
 class Catalog:
@@ -51,7 +53,8 @@ class Catalog:
         )
         return {"size": tree_size(version_dir), "sha256": sha256, "verified": verified,
                 "problem": problem, "deployed_at": deployed_at,
-                "deployed_by": manifest.deployed_by if manifest else None}  # fmt: skip
+                "deployed_by": manifest.deployed_by if manifest else None,
+                "report": _report(version_dir)}  # fmt: skip
 
     def _sha256(self, file: Path) -> str:
         stat = file.stat()
@@ -59,6 +62,18 @@ class Catalog:
         if key not in self._hashes:
             self._hashes[key] = sha256_file(file)
         return self._hashes[key]
+
+
+def _report(version_dir: Path) -> dict[str, Any] | None:
+    """The accuracy gate's report of a converted version (None for any other); one that
+    cannot be read says so rather than hiding the version."""
+    try:
+        report = json.loads((version_dir / REPORT_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"problem": f"{REPORT_FILE} cannot be read: {exc}"}
+    return report if isinstance(report, dict) else {"problem": f"{REPORT_FILE} is no object"}
 
 
 def _state(model: Model | None, version: str, entry: dict[str, Any]) -> dict[str, Any]:

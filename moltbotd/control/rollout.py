@@ -16,7 +16,7 @@ import errno
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ class Rollout:
         what = f"canary {version}" if canary else f"switch to {version}"
         async with self.sup.changing(name, what) as model:
             if model.canary:
-                raise _canary_in_progress(model)
+                raise canary_in_progress(model)
             repo_model = repo.get(name)
             if repo_model is None or version not in repo_model.versions:
                 raise version_not_found(name, version, repo_model)
@@ -344,6 +344,16 @@ class Rollout:
             raise _already_exists(name, version, target)
         phases("receiving", f"sha256 of {plural(len(files), 'file')}")
         manifest = await self._received(folder, name, version, files, source, peer)
+        return await self.publish(model, upload, manifest, force, phases, activate)
+
+    async def publish(self, model: Model, upload: str, manifest: Manifest, force: bool,
+                      phases: Phases, activate: bool = False,
+                      canary: float | None = None) -> dict[str, Any]:  # fmt: skip
+        """Prove a staged version (an upload, a conversion's result) like a switch would,
+        publish it with one rename, then switch to it, start it as a canary, or stop it."""
+        name, version = model.name, manifest.version
+        target = self.sup.config.models_dir / name / version
+        folder = self.sup.uploads.folder(upload)
         found = await self._candidate(model, version, folder, force, phases, manifest)
         phases("publishing", f"{target}")
         async with self._or_retire(found):
@@ -352,19 +362,27 @@ class Rollout:
             except OSError as exc:
                 raise storage_error(exc, f"cannot publish {target}") from None
             found.pool.set_spec(dataclasses.replace(found.pool.spec, path=target / MODEL_FILE))
-            log.info("model {model} {version} deployed", model=name, version=version, peer=peer)
-            if activate:
-                result = await self._activate_deployed(model, found, phases, target)
-        if not activate:
+            log.info("model {model} {version} deployed", model=name, version=version,
+                     peer=manifest.deployed_by)  # fmt: skip
+            if canary:
+                result = await self._published_as(model, found, target,
+                                                  self._start_canary(model, found, canary,
+                                                                     phases))  # fmt: skip
+            elif activate:
+                result = await self._published_as(model, found, target,
+                                                  self._cut_over(model, found, phases))  # fmt: skip
+        if not (activate or canary):
             await self.sup.retire(found.pool)
             result = {"model": name, "to": version, "changed": False,
                       "changes": found.changes, "seconds": phases.done()}  # fmt: skip
         return {**result, "deployed": str(target), "sha256": manifest.model_sha256}
 
-    async def _activate_deployed(self, model: Model, found: Candidate, phases: Phases,
-                                 target: Path) -> dict[str, Any]:  # fmt: skip
+    @staticmethod
+    async def _published_as(model: Model, found: Candidate, target: Path,
+                            routing: Awaitable[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+        """A published version's switch or canary; one that fails leaves it published."""
         try:
-            return await self._cut_over(model, found, phases)
+            return await routing
         except MoltError as exc:  # published all the same: say so, a retry needs a switch
             raise MoltError(exc.code, f"{target} was deployed but not activated: {exc.message}"
                             f" (moltctl switch {model.name} {found.pool.spec.version} once"
@@ -467,7 +485,7 @@ def _already_exists(name: str, version: str, target: Path) -> MoltError:
     )
 
 
-def _canary_in_progress(model: Model) -> MoltError:
+def canary_in_progress(model: Model) -> MoltError:
     assert model.canary is not None
     return MoltError(
         ErrorCode.CONFLICT,

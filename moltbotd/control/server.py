@@ -32,6 +32,7 @@ from moltbotd.control.access import Access, Peer, Rights
 from moltbotd.control.audit import AuditLog
 from moltbotd.control.budgets import LEDGER, Budgets, LedgerError
 from moltbotd.control.catalog import Catalog
+from moltbotd.control.conversion import Conversions
 from moltbotd.control.front_door import FrontDoor, FrontDoorError
 from moltbotd.control.metrics import Metrics
 from moltbotd.control.metrics_http import MetricsListener
@@ -124,12 +125,33 @@ def session_handlers(supervisor: Supervisor) -> dict[str, Handler]:
     }
 
 
+def version_handlers(rollout: Rollout) -> dict[str, Handler]:
+    """The operations that list versions and add them: deploys and conversions."""
+    catalog, conversions = Catalog(rollout.sup), Conversions(rollout)
+
+    async def versions(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        return await catalog.versions(p.get("model"))
+
+    async def upload(p: dict[str, Any], _: Caller) -> dict[str, Any]:
+        return await rollout.sup.uploads.receive(p.get("upload"), p["path"], p["offset"],
+                                                 p["data"], p.get("total"))  # fmt: skip
+
+    async def deploy(p: dict[str, Any], c: Caller) -> dict[str, Any]:
+        return await rollout.deploy(p["upload"], p["model"], p["version"], p["files"],
+                                    p.get("activate", False), p.get("force", False),
+                                    p.get("source", ""), c.peer, c.progress)  # fmt: skip
+
+    async def convert(p: dict[str, Any], c: Caller) -> dict[str, Any]:
+        return await conversions.convert(p, c.peer, c.progress)
+
+    return {"versions": versions, "upload": upload, "deploy": deploy, "convert": convert}
+
+
 def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: Reloader,
                   clients: "Clients", metrics: Metrics, audit: AuditLog,
                   budgets: Budgets) -> dict[str, Handler]:  # fmt: skip
     """The daemon's half of every operation in OPERATIONS (the server checks it is complete)."""
     supervisor = rollout.sup
-    catalog = Catalog(supervisor)
 
     async def hello(p: dict[str, Any], _: Caller) -> dict[str, Any]:
         wanted = p.get("protocol", PROTOCOL_VERSION)
@@ -215,18 +237,6 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
     async def promote(p: dict[str, Any], c: Caller) -> dict[str, Any]:
         return await rollout.promote(p.get("model"), c.progress)
 
-    async def versions(p: dict[str, Any], _: Caller) -> dict[str, Any]:
-        return await catalog.versions(p.get("model"))
-
-    async def upload(p: dict[str, Any], _: Caller) -> dict[str, Any]:
-        return await supervisor.uploads.receive(p.get("upload"), p["path"], p["offset"],
-                                                p["data"], p.get("total"))  # fmt: skip
-
-    async def deploy(p: dict[str, Any], c: Caller) -> dict[str, Any]:
-        return await rollout.deploy(p["upload"], p["model"], p["version"], p["files"],
-                                    p.get("activate", False), p.get("force", False),
-                                    p.get("source", ""), c.peer, c.progress)  # fmt: skip
-
     async def reload(_: dict[str, Any], __: Caller) -> dict[str, Any]:
         return await reload_config()
 
@@ -258,9 +268,7 @@ def make_handlers(rollout: Rollout, ring: Ring, config: Config, reload_config: R
         "switch": switch,
         "rollback": rollback,
         "promote": promote,
-        "versions": versions,
-        "upload": upload,
-        "deploy": deploy,
+        **version_handlers(rollout),
         "reload": reload,
         "metrics": metrics_text,
         "audit": audit_trail,

@@ -4,6 +4,7 @@ Layout (design.md): the daemon's own group G (a systemd service with Delegate=) 
   G/supervisor/                the daemon itself: the "no internal processes" rule forbids
                                processes in a group whose children have controllers on
   G/model-<name>-<version>/    one per loaded model version, its worker(s) inside
+  G/model-<name>-<version>-convert/  a conversion job of that version (moltctl quantize)
 Every path is a parameter, so the tests run the same code against a folder of files.
 """
 
@@ -93,8 +94,10 @@ class Subtree:
         """Model groups a previous daemon left behind (it was killed before it could clean up)."""
         return [Group(p) for p in sorted(self.path.glob(GROUP_PREFIX + "*")) if p.is_dir()]
 
-    def group(self, model: str, version: str) -> "Group":
-        path = self.path / group_name(model, version)
+    def group(self, model: str, version: str, job: str = "") -> "Group":
+        """A version's group; with `job`, a sibling for a job on the version (a third
+        '-' part, which no version's group name has: they never meet)."""
+        path = self.path / (group_name(model, version) + (f"-{job}" if job else ""))
         path.mkdir(exist_ok=True)
         return Group(path)
 

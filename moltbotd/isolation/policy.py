@@ -67,12 +67,14 @@ class Isolation:
     def enforced(self) -> bool:
         return self.subtree is not None
 
-    def place(self, model: str, version: str, limits: Limits) -> Group | None:
-        """The version's group with its limits written, or None where nothing is enforced."""
+    def place(self, model: str, version: str, limits: Limits, job: str = "") -> Group | None:
+        """The version's group (or, with `job`, its job's: the same limits, apart from
+        the serving workers, so a job's OOM kill never takes them) with its limits
+        written, or None where nothing is enforced."""
         if self.subtree is None:
             return None
         files = files_for(limits, self._io_device(limits))
-        group = self.subtree.group(model, version)
+        group = self.subtree.group(model, version, job)
         group.write(files)
         return group
 

@@ -90,6 +90,12 @@ class Uploads:
             self.discard(token)  # a first chunk that fails leaves no upload behind
             raise
 
+    def stage(self) -> str:
+        """A new, empty upload the daemon fills itself (a conversion's result): staged,
+        bounded in time and published like one a client sent."""
+        with self._lock:
+            return self._open_upload(None)
+
     def folder(self, token: str) -> Path:
         folder = self.root / token
         if not (_TOKEN.fullmatch(token) and token in self._open and folder.is_dir()):

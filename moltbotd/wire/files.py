@@ -10,6 +10,7 @@ from typing import Any
 MODEL_FILE = "model.onnx"
 MODEL_YAML = "model.yaml"
 MANIFEST_FILE = "manifest.json"  # in the version folder, next to model.onnx
+REPORT_FILE = "report.json"  # a converted version's accuracy gate (moltctl quantize)
 BLOCK = 1 << 20  # models can be gigabytes: hash and copy them 1 MiB at a time
 _DIGITS = re.compile(r"(\d+)")
 

@@ -198,6 +198,9 @@ _ONE_SESSION = (
     Param("model", (str,), required=True, help="model name"),
     Param("session", (str,), required=True, help="the session's id"),
 )
+# How `convert` makes a cheaper version (moltbotd/convert/methods.py does each).
+CONVERSIONS = ("int8-dynamic", "int8-static", "fp16", "optimize")
+OPTIMIZATION_LEVELS = ("basic", "extended", "all")  # onnxruntime's offline graph levels
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -387,6 +390,40 @@ OPERATIONS: dict[str, Operation] = {
                 Param(
                     "source", (str,), help="where the folder came from, for the manifest", size=TEXT
                 ),
+                _PROGRESS,
+            ),
+            mutating=True,
+            role=Role.DEPLOY,
+        ),
+        Operation(
+            "convert",
+            "Make a new version of MODEL from VERSION (INT8, FP16 or an optimized graph) in a"
+            " job inside the model's cgroup; published like a deploy only if it passes the"
+            " accuracy gate against VERSION (or with force); optionally activated or a canary.",
+            (
+                Param("model", (str,), required=True, help="model name"),
+                Param("method", (str,), required=True, help=" | ".join(CONVERSIONS)),
+                Param("version", (str,), help="the source version (default: the active one)"),
+                Param("to", (str,), help="the new version's name (default: VERSION-int8, ...)"),
+                Param(
+                    "data",
+                    (str,),
+                    help="an upload's token: its calibration/ and eval/ .npy or .npz files",
+                ),
+                Param("per_channel", (bool,), help="INT8: a scale per output channel"),
+                Param("exclude", (list,), help="node names or operator types left unconverted"),
+                Param("level", (str,), help="optimize: " + " | ".join(OPTIMIZATION_LEVELS)),
+                Param(
+                    "min_top1", (float,), help="the gate's bound (conversion.min_top1_agreement)"
+                ),
+                Param(
+                    "max_error", (float,), help="the gate's bound (conversion.max_relative_error)"
+                ),
+                Param(
+                    "force", (bool,), help="publish even if the gate or the signature check fails"
+                ),
+                Param("activate", (bool,), help="switch to it once published"),
+                Param("canary", (float,), help="once published, its share of requests (0 to 1)"),
                 _PROGRESS,
             ),
             mutating=True,

@@ -12,7 +12,6 @@ alike, from one queue (hub.py).
 """
 
 import contextlib
-import ctypes
 import functools
 import itertools
 import selectors
@@ -30,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from moltbotd.lifeline import die_with_parent
 from moltbotd.malloc import keep_freed_memory
 from moltbotd.scheduler import Pending
 from moltbotd.wire.handoff import HANDOFF
@@ -56,7 +56,6 @@ from moltbotd.worker.sessions import state_key as key_of
 
 Job = tuple[dict[str, Any], list[str] | None, Place, State | None]  # inputs, outputs, place
 EXIT_LOAD_FAILED = 3  # gunicorn's idea: a model that cannot load is not a crash to retry
-_PR_SET_PDEATHSIG = 1
 _OPT_LEVELS = {
     "disable": "ORT_DISABLE_ALL",
     "basic": "ORT_ENABLE_BASIC",
@@ -118,12 +117,6 @@ class DaemonLink:
         data = b"".join(map(encode_frame, messages))
         with self.lock:
             self.sock.sendall(data)
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when the daemon dies, even by SIGKILL: no orphans."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def load_session(spec: dict[str, Any]) -> tuple[Any, list[str]]:
