@@ -72,6 +72,33 @@ def mlp_model(width: int = 64, layers: int = 3, seed: int = 0) -> "helper.ModelP
     return finish(graph)
 
 
+def outlier_model(width: int = 16, seed: int = 0) -> "helper.ModelProto":
+    """x [N, width] -> Mul "mask" -> MatMul "wide" -> MatMul "head" -> Relu -> y. wide's
+    weights hold one outlier (1000) on the input the mask zeroes: harmless in float, but
+    INT8's per-tensor scale then rounds every other weight of wide to zero. head is ordinary."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones(width, np.float32)
+    mask[0] = 0
+    wide = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    wide[0, 0] = 1000
+    head = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((mask, "m"), (wide, "w"), (head, "v"))]
+    nodes = [
+        helper.make_node("Mul", ["x", "m"], ["masked"], name="mask"),
+        helper.make_node("MatMul", ["masked", "w"], ["h"], name="wide"),
+        helper.make_node("MatMul", ["h", "v"], ["z"], name="head"),
+        helper.make_node("Relu", ["z"], ["y"], name="relu"),  # not a classifier's output
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outlier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        inits,
+    )
+    return finish(graph)
+
+
 def multi_io_model() -> "helper.ModelProto":
     """Two inputs of different dtypes: a int64 [2, 3], b float64 [N]; sum and scaled copy."""
     graph = helper.make_graph(

@@ -15,7 +15,7 @@ from moltbotd.demo import save
 from moltbotd.wire.operations import CONVERSIONS, OPTIMIZATION_LEVELS
 from moltctl.cli import EXIT_ERROR, EXIT_GATE, EXIT_USAGE
 from tests.conftest import run_moltctl
-from tests.models import cnn_model, mlp_model
+from tests.models import cnn_model, mlp_model, outlier_model
 from tests.test_cli import fails, ok
 
 CNN_SIZE = 32  # pixels: a small image keeps the CNN's runs (and the test) fast
@@ -150,6 +150,31 @@ def test_damaging_calibration_is_refused_with_the_report(daemon, tmp_path, model
                              str(calibration), "--eval", str(evaluation), "--force"))  # fmt: skip
     assert "published with --force" in forced.stdout
     assert report_of(models_dir, "mlp", "v1-int8-static")["forced"] is True
+
+
+def test_a_damaging_exclusion_list_is_refused_and_the_right_one_passes(daemon, tmp_path,
+                                                                       models_dir):  # fmt: skip
+    """outlier's node wide cannot be INT8 (tests/models.py says why): excluding head
+    instead quantizes wide, which the gate catches; excluding wide passes."""
+    save(outlier_model(), models_dir, "outlier", "v1")
+    calibration = inputs(tmp_path / "calib", (16,))
+    out = refused(quantize(daemon, "outlier", "--int8", "--calibration", str(calibration),
+                           "--exclude", "head", "-o", "json"), EXIT_GATE)  # fmt: skip
+    report = json.loads(out.stdout)
+    assert report["failures"][0].startswith("output 'y': relative error")
+    assert report["outputs"]["y"]["relative_error"] > 0.5
+    assert sorted(p.name for p in (models_dir / "outlier").iterdir()) == ["v1"]
+    passes(quantize(daemon, "outlier", "--int8", "--calibration", str(calibration),
+                    "--exclude", "wide", "--activate"))  # fmt: skip
+    kept = report_of(models_dir, "outlier", "v1-int8")
+    assert kept["passed"] and kept["outputs"]["y"]["relative_error"] < 0.05
+    quantized = onnx.load(str(models_dir / "outlier" / "v1-int8" / "model.onnx"))
+    ops = {node.name: node.op_type for node in quantized.graph.node}
+    assert ops["wide"] == "MatMul" and "head" not in ops  # head became the INT8 nodes
+    assert "MatMulInteger" in ops.values()
+    x = np.load(calibration / "0.npy")
+    np.testing.assert_allclose(served(daemon, "outlier", x), source(models_dir, "outlier", x),
+                               rtol=0.1, atol=0.1)  # fmt: skip
 
 
 def test_a_tight_bound_refuses_what_the_default_passes(daemon, tmp_path):
