@@ -594,14 +594,15 @@ def sessions_under_systemd() -> None:
         got = [c.infer("gru", {"x": x}, session="vm-1")["y"] for x in xs[:2]]
         spilled = wait_until(lambda: any(r["session"] == "vm-1" and r["where"] == "spilled"
                                          for r in c.sessions("gru")["sessions"]), 30)  # fmt: skip
-        files = list(Path("/var/lib/moltbot/state/sessions/gru").glob("*/vm-1.state"))
+        files = Path("/var/lib/moltbot/state/sessions/gru").glob("*/vm-1.state")
+        # read now: the successor's restore takes the file
+        modes = [(f.owner(), oct(stat.S_IMODE(f.stat().st_mode))) for f in files]
         pid = worker(c, "gru")["pid"]
         os.kill(pid, 9)
         back = wait_until(lambda: worker(c, "gru")["pid"] not in (None, pid)
                           and worker(c, "gru")["state"] == "ready", 60)  # fmt: skip
         got += [c.infer("gru", {"x": x}, session="vm-1")["y"] for x in xs[2:]]
         usage = c.budgets("gru")["usage"]
-    modes = [(f.owner(), oct(stat.S_IMODE(f.stat().st_mode))) for f in files]
     check("sessions-spill-under-the-unit", spilled and modes == [("moltbot", "0o600")], modes)
     same = [bool(np.array_equal(g, w)) for g, w in zip(got, want, strict=True)]
     check("sessions-survive-a-worker-kill-bit-identical", back and all(same), same)
