@@ -5,6 +5,7 @@ Order matters: the package as installed (demo models), then the test models with
 limits, then reload and OOM. Stop, remove and purge are package-checks.sh's.
 """
 
+import contextlib
 import grp
 import json
 import os
@@ -612,6 +613,41 @@ def sessions_under_systemd() -> None:
           and [(u["caller"], u["spent"]) for u in usage] == [("uid 0", 4.0)], usage)  # fmt: skip
 
 
+CONVERT = """
+models:
+  demo:
+    limits: {memory: {limit: 700MiB}, pids: {max: 256}}
+"""
+
+
+def conversion_job_cgroup() -> None:
+    """`moltctl optimize` under the unit: the job runs in model-demo-v1.0-convert, with
+    the model's limits written there, and the group is gone once it is over."""
+    restart_with(CONVERT)
+    evaluation = Path("/tmp/eval")
+    evaluation.mkdir(exist_ok=True)
+    np.save(evaluation / "0.npy", np.arange(32, dtype=np.float32).reshape(8, 4))
+    group, seen = UNIT_CGROUP / "model-demo-v1.0-convert", {}
+    command = threading.Thread(target=lambda: seen.update(out=sh(
+        f"moltctl optimize demo v1.0 --as v1.0-opt --eval {evaluation}; echo rc=$?")))  # fmt: skip
+    command.start()
+    while command.is_alive():
+        with contextlib.suppress(OSError):  # the group comes and goes
+            for pid in (group / "cgroup.procs").read_text().split():
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                seen.setdefault("jobs", set()).add(cmdline.decode().strip())
+                limits = ("memory.max", "pids.max")
+                seen["limits"] = [(group / f).read_text().strip() for f in limits]
+                seen["peak"] = int((group / "memory.peak").read_text())
+        time.sleep(0.02)
+    served = [d.name for d in (MODELS / "demo").iterdir()]
+    check("convert-job-in-the-models-limits",
+          "rc=0" in seen.get("out", "").split() and "v1.0-opt" in served
+          and any("-m moltbotd.convert" in job for job in seen.get("jobs", ()))
+          and seen.get("limits") == [str(700 << 20), "256"] and not group.exists(),
+          f"{seen}, group left: {group.exists()}")  # fmt: skip
+
+
 def install_test_models() -> None:
     for model in ("slow", "hog"):
         shutil.copytree(HOST / "models" / model, MODELS / model, dirs_exist_ok=True)
@@ -788,6 +824,7 @@ def main() -> int:
                            ("http-socket", http_socket_activation),
                            ("fleet", fleet_behind_haproxy),
                            ("sessions", sessions_under_systemd),
+                           ("convert", conversion_job_cgroup),
                            ("test-models", install_test_models), ("cpu", cpu_quota),
                            ("io", io_limits), ("reload", live_reload),
                            ("oom", oom_kill_contained), ("soak", soak_with_oom_kills)]:  # fmt: skip

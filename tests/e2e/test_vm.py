@@ -94,9 +94,6 @@ def vm(built: Path, tmp_path_factory) -> dict:
     (share / "tests").mkdir()
     for name in ("__init__.py", "models.py"):
         shutil.copy(ROOT / "tests" / name, share / "tests" / name)
-    # and onnx, which builds those models: the package leaves it out (the `demo` extra)
-    for name in ("onnx", "ml_dtypes", "typing_extensions"):
-        copy_module(name, share)
     # and NVIDIA's tritonclient, the fleet's client (the same CPython 3.11 and glibc as here)
     for name in ("tritonclient", "geventhttpclient", "gevent", "greenlet", "rapidjson",
                  "brotli", "_brotli", "certifi", "six"):  # fmt: skip
@@ -123,6 +120,10 @@ def passed(vm: dict, *names: str) -> None:
     failed = {n: vm["results"].get(n, {"ok": False, "detail": "not run"}) for n in names}
     failed = {n: r["detail"] for n, r in failed.items() if not r["ok"]}
     assert not failed, failed
+
+
+def test_a_conversion_job_runs_in_its_models_limits(vm):
+    passed(vm, "convert-job-in-the-models-limits")
 
 
 def test_sessions_and_the_budget_ledger_under_the_hardened_unit(vm):
