@@ -10,7 +10,9 @@ as an operator would. The static variant is calibrated, and every variant evalua
 CALIBRATION inputs drawn like the measured one. Measured per version, as bench.py
 measures the library client with default settings: p50/p99 latency at concurrency 1
 (`Client()`, a direct channel) and throughput with 16 requests outstanding (16 asyncio
-tasks on one `AsyncClient()`), every request batch 1, one intra-op thread per model.
+tasks on one `AsyncClient()`), every request batch 1, one intra-op thread per model; and
+each version's own file run in this process by onnxruntime at c=1, the served p50 over
+that one the ratio to read.
 docs/performance.md has the figures.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import functools
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +41,7 @@ from bench import (  # bench/bench.py: run as a script, bench/ is first on sys.p
     library_throughput,
     machine,
     measure_latency,
+    open_session,
     running_daemon,
 )
 from moltbotd.demo import save
@@ -67,14 +71,19 @@ def build(workdir: Path) -> tuple[list[Case], dict[str, Path]]:
     return cases, calibration
 
 
-def measure(daemon: Any, case: Case, limits: Limits) -> dict[str, Any]:
-    """The active version of case.name: c=1 latency, c=16 throughput (direct channels)."""
+def measure(daemon: Any, case: Case, limits: Limits, version: str) -> dict[str, Any]:
+    """The active version of case.name: c=1 latency, c=16 throughput (direct channels),
+    and the same file's c=1 latency in this process (onnxruntime, one thread)."""
     with Client(daemon.socket) as client:
         call = functools.partial(client.infer, case.name, case.inputs)
         latency = measure_latency(call, limits, daemon.roles(case.name))
     asyncio.run(library_throughput(daemon, case.name, case, limits, limits.warmup_seconds, True))
     run = asyncio.run(library_throughput(daemon, case.name, case, limits, limits.seconds, True))
-    return {"p50_us": latency.p50_us, "p99_us": latency.p99_us, "rps": run.rps}
+    session = open_session(case.path.parent.parent / version / "model.onnx")
+    local = measure_latency(functools.partial(session.run, None, case.inputs), limits,
+                            {"client": [os.getpid()]})  # fmt: skip
+    return {"p50_us": latency.p50_us, "p99_us": latency.p99_us, "rps": run.rps,
+            "in_process_p50_us": local.p50_us}  # fmt: skip
 
 
 def convert(daemon: Any, case: Case, method: str, calibration: Path) -> dict[str, Any]:
@@ -94,13 +103,13 @@ def run(limits: Limits, workdir: Path) -> list[dict[str, Any]]:
     with running_daemon(workdir / "models", workdir, settings) as daemon:
         for case in cases:
             print(f"moltbotd: {case.name} fp32 ...", flush=True)
-            base = measure(daemon, case, limits)
+            base = measure(daemon, case, limits, VERSION)
             rows.append({"model": case.name, "variant": "fp32", "size_ratio": 1.0, **base,
                          "gate": "-"})  # fmt: skip
             for method, label in VARIANTS.items():
                 print(f"moltbotd: {case.name} {label} ...", flush=True)
                 report = convert(daemon, case, method, calibration[case.name])
-                figures = measure(daemon, case, limits)
+                figures = measure(daemon, case, limits, report["version"])
                 rows.append({"model": case.name, "variant": label,
                              "size_ratio": report["size_ratio"], **figures,
                              "gate": _gate(report), "report": report})  # fmt: skip
@@ -115,12 +124,14 @@ def _gate(report: dict[str, Any]) -> str:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    header = ("model", "variant", "size", "p50 us", "p99 us", "req/s c=16", "vs fp32", "gate")
+    header = ("model", "variant", "size", "p50 us", "p99 us", "in-process p50", "served/in-proc",
+              "req/s c=16", "vs fp32", "gate")  # fmt: skip
     base = {row["model"]: row["rps"] for row in rows if row["variant"] == "fp32"}
     lines = [header] + [
         (row["model"], row["variant"], f"{row['size_ratio']:.2f}x", f"{row['p50_us']:.0f}",
-         f"{row['p99_us']:.0f}", f"{row['rps']:.0f}", f"{row['rps'] / base[row['model']]:.2f}x",
-         row["gate"])
+         f"{row['p99_us']:.0f}", f"{row['in_process_p50_us']:.0f}",
+         f"{row['p50_us'] / row['in_process_p50_us']:.2f}x", f"{row['rps']:.0f}",
+         f"{row['rps'] / base[row['model']]:.2f}x", row["gate"])
         for row in rows
     ]  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
