@@ -62,14 +62,7 @@ def mlp_model(width: int = 64, layers: int = 3, seed: int = 0) -> "helper.ModelP
         ]
         last = f"r{i}"
     nodes.append(helper.make_node("Identity", [last], ["y"]))
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
-        inits,
-    )
-    return finish(graph)
+    return _rows_to_rows(nodes, "mlp", width, inits)
 
 
 def outlier_model(width: int = 16, seed: int = 0) -> "helper.ModelProto":
@@ -89,13 +82,16 @@ def outlier_model(width: int = 16, seed: int = 0) -> "helper.ModelProto":
         helper.make_node("MatMul", ["h", "v"], ["z"], name="head"),
         helper.make_node("Relu", ["z"], ["y"], name="relu"),  # not a classifier's output
     ]
-    graph = helper.make_graph(
-        nodes,
-        "outlier",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
-        inits,
-    )
+    return _rows_to_rows(nodes, "outlier", width, inits)
+
+
+def _rows_to_rows(nodes: list, name: str, width: int, inits: list) -> "helper.ModelProto":
+    """A graph of x float32 [N, width] to y float32 [N, width]."""
+    rows = ["N", width]
+    graph = helper.make_graph(nodes, name,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, rows)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, rows)],
+                              inits)  # fmt: skip
     return finish(graph)
 
 
