@@ -100,13 +100,13 @@ class Conversions:
         folder = self.sup.uploads.folder(staged)
         job = self._job(p, f"model {name} {source}", spec, folder, data)
         job["batch"] = scheduling.batching.max_batch_size
-        try:
+        group = None
+        try:  # the group's files, then the job's move into it (pids.max may refuse it)
             group = self.sup.isolation.place(name, source, spec.limits, job="convert")
-        except CgroupError as exc:
-            raise MoltError(ErrorCode.RESOURCE_EXHAUSTED, f"model {name} {source}: {exc}") from None
-        try:
             done = await run_job(job, group, spec.limits, self.sup.config.conversion.timeout,
                                  job["label"], phases)  # fmt: skip
+        except CgroupError as exc:
+            raise MoltError(ErrorCode.RESOURCE_EXHAUSTED, f"model {name} {source}: {exc}") from None
         finally:
             if group:
                 await self.sup.isolation.forget(group)
