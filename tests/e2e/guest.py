@@ -716,6 +716,25 @@ def _hog_error(direct: bool) -> tuple[MoltError | None, bool]:
     return None, on_channel
 
 
+def conversion_oom_contained() -> None:
+    """A conversion job that runs past the model's memory limit (hog's evaluation input
+    asks for 400 MB, the limit is 300 MiB) is killed in its own group: the caller is
+    told which limit, hog's serving worker keeps its pid, nothing is published."""
+    evaluation = Path("/tmp/hog-eval")
+    evaluation.mkdir(exist_ok=True)
+    np.save(evaluation / "0.npy", np.array([100_000_000], np.int64))
+    with Client(SOCKET) as c:
+        wait_until(lambda: worker(c, "hog")["state"] == "ready", 120)
+        before = worker(c, "hog")
+        out = sh(f"moltctl optimize hog v1 --eval {evaluation}; echo rc=$?")
+        after = worker(c, "hog")
+    check("convert-oom-killed-in-its-own-group",
+          "killed by the model's memory limit (300.0MiB)" in out and "rc=1" in out.split()
+          and "[RESOURCE_EXHAUSTED]" in out and after["pid"] == before["pid"]
+          and after["state"] == "ready" and sorted(os.listdir(MODELS / "hog")) == ["v1"],
+          f"{out}; hog worker {before['pid']} -> {after['pid']} {after['state']}")  # fmt: skip
+
+
 def oom_kill_contained() -> None:
     """The request that ran the worker out of memory gets RESOURCE_EXHAUSTED, on the
     default client's direct channel and on the socket alike."""
@@ -827,7 +846,8 @@ def main() -> int:
                            ("convert", conversion_job_cgroup),
                            ("test-models", install_test_models), ("cpu", cpu_quota),
                            ("io", io_limits), ("reload", live_reload),
-                           ("oom", oom_kill_contained), ("soak", soak_with_oom_kills)]:  # fmt: skip
+                           ("oom", oom_kill_contained), ("convert-oom", conversion_oom_contained),
+                           ("soak", soak_with_oom_kills)]:  # fmt: skip
         if only is None or name in only:
             print(f"INFO scenario {name} at {time.monotonic():.0f}s", flush=True)
             attempt(name, scenario)

@@ -123,7 +123,7 @@ def passed(vm: dict, *names: str) -> None:
 
 
 def test_a_conversion_job_runs_in_its_models_limits(vm):
-    passed(vm, "convert-job-in-the-models-limits")
+    passed(vm, "convert-job-in-the-models-limits", "convert-oom-killed-in-its-own-group")
 
 
 def test_sessions_and_the_budget_ledger_under_the_hardened_unit(vm):
