@@ -632,13 +632,15 @@ def conversion_job_cgroup() -> None:
         f"moltctl optimize demo v1.0 --as v1.0-opt --eval {evaluation}; echo rc=$?")))  # fmt: skip
     command.start()
     while command.is_alive():
-        with contextlib.suppress(OSError):  # the group comes and goes
-            for pid in (group / "cgroup.procs").read_text().split():
+        with contextlib.suppress(OSError):  # the group, and its job, come and go
+            if pids := (group / "cgroup.procs").read_text().split():
+                seen["limits"] = [
+                    (group / f).read_text().strip() for f in ("memory.max", "pids.max")
+                ]
+                seen["peak"] = int((group / "memory.peak").read_text())
+            for pid in pids:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
                 seen.setdefault("jobs", set()).add(cmdline.decode().strip())
-                limits = ("memory.max", "pids.max")
-                seen["limits"] = [(group / f).read_text().strip() for f in limits]
-                seen["peak"] = int((group / "memory.peak").read_text())
         time.sleep(0.02)
     served = [d.name for d in (MODELS / "demo").iterdir()]
     check("convert-job-in-the-models-limits",
