@@ -253,6 +253,15 @@ def test_the_listener_bounds_what_a_client_sends(daemon_factory):
     assert status == 413 and "over the limit of 4096 bytes (max_frame_bytes)" in body
     status, body = status_and_body("-H", f"X-Big: {'a' * 20000}", f"{url}/v2/health/live")
     assert status == 431
+    smuggling = (b"POST /v2/models/demo/infer HTTP/1.1\r\nContent-Length: 3\r\n"
+                 b"Content-Length: 40\r\n\r\n")  # fmt: skip
+    for hostile in (b"NOT HTTP AT ALL\r\n\r\n", smuggling):
+        with socket.create_connection((host, int(port))) as raw:
+            raw.settimeout(30)
+            raw.sendall(hostile)
+            answer = raw.makefile("rb").read()  # the connection ends after the refusal
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+        assert b"Connection: close" in answer and b"bad HTTP request" in answer
     held = [socket.create_connection((host, int(port))) for _ in range(2)]
     try:
         with socket.create_connection((host, int(port))) as third:

@@ -1,5 +1,5 @@
-"""The Open Inference Protocol over HTTP/1.1 (h11 parses; wire/oip.py translates),
-with TLS when configured and JWT bearer tokens when keys are.
+"""The Open Inference Protocol over HTTP/1.1 (network/http1.py parses, wire/oip.py
+translates), with TLS when configured and JWT bearer tokens when keys are.
 
 Everything a client controls is bounded: the connections (then 503), the request head
 (then 431), the body (max_frame_bytes, then 413, refused from Content-Length before it
@@ -8,20 +8,17 @@ that a load balancer's checks need none either.
 """
 
 import asyncio
-import contextlib
 import json
 import socket
 import ssl
 import urllib.parse
-from http import HTTPStatus
 from typing import Any
-
-import h11
 
 from moltbotd import __version__
 from moltbotd.config import NetworkSettings
 from moltbotd.logs import get_logger
 from moltbotd.network.gateway import Gateway, NetPeer, call, health, ready_or_not
+from moltbotd.network.http1 import Refused, Request, ServerConnection, response
 from moltbotd.network.listening import StreamListener
 from moltbotd.network.tokens import TokenRights, Tokens, Unauthenticated
 from moltbotd.wire import oip
@@ -34,6 +31,7 @@ BODY_TIMEOUT = 60.0  # seconds for a request's body to arrive once its head has
 READ_BYTES = 256 * 1024
 JSON = "application/json"
 EXTENSIONS = ["binary_tensor_data"]
+ENDED_EARLY = "bad HTTP request: the client closed it before it was all in"
 
 Reply = tuple[int, bytes, list[tuple[str, str]]]  # status, body, extra headers
 
@@ -41,10 +39,10 @@ Reply = tuple[int, bytes, list[tuple[str, str]]]  # status, body, extra headers
 class Exchange:
     """One request: what it asked, and who asked."""
 
-    def __init__(self, request: h11.Request, body: bytes, connection: "Connection",
+    def __init__(self, request: Request, connection: "Connection",
                  parts: dict[str, str]) -> None:  # fmt: skip
-        self.headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
-        self.body = body
+        self.headers = request.headers
+        self.body = request.body
         self.peer = connection.peer
         self._tokens, self._refused = connection.listener.tokens, connection.refused
         self.model = parts.get("model", "")
@@ -58,7 +56,8 @@ class Exchange:
 class HttpListener(StreamListener):
     def __init__(self, gateway: Gateway, settings: NetworkSettings, tokens: Tokens,
                  tls: ssl.SSLContext | None, max_body: int) -> None:  # fmt: skip
-        refusal = _raw_refusal(503, "too many connections; retry later")
+        body = oip.error_body("too many connections; retry later")
+        refusal = response(503, [("Content-Type", JSON)], body, close=True)
         super().__init__(settings.max_connections, refusal, tls)
         self.gateway = gateway
         self.settings = settings
@@ -81,8 +80,7 @@ class HttpListener(StreamListener):
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = NetPeer(self.transport, _address(writer.get_extra_info("peername")))
-        with contextlib.suppress(h11.ProtocolError):
-            await Connection(self, reader, writer, peer).run()
+        await Connection(self, reader, writer, peer).run()
 
 
 class Connection:
@@ -94,89 +92,65 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.peer = peer
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.http = ServerConnection(MAX_HEAD_BYTES, listener.max_body)
         self.refused: set[str] = set()  # operations refused here (audited once each)
 
     async def run(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(self.listener.settings.idle_timeout):
-                    event = await self._event()
-            except h11.RemoteProtocolError as exc:
-                await self._refuse_broken(exc)
+        while (request := await self._next()) is not None:
+            if isinstance(request, Refused):
+                await self._reply(request.status, oip.error_body(request.message), [], True)
                 return
-            if not isinstance(event, h11.Request):
-                return  # the client closed, or idled past the timeout
-            if _head_bytes(event) > MAX_HEAD_BYTES:  # h11 bounds only a head still arriving
-                message = f"the request head is over {MAX_HEAD_BYTES} bytes"
-                await self._reply(431, oip.error_body(message), [], close=True)
+            if not await self._exchange(request):
                 return
-            if not await self._exchange(event):
-                return
-            if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
-                return
-            self.h11.start_next_cycle()
+            self.http.done()
 
-    async def _event(self) -> Any:
+    async def _next(self) -> Request | Refused | None:
+        """The next request once it is all in, or why the connection must end; None when
+        the client closed. TimeoutError past the idle timeout, or BODY_TIMEOUT once a
+        request's head is in."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.listener.settings.idle_timeout
+        head = None
         while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if self.h11.they_are_waiting_for_100_continue:
-                await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-            self.h11.receive_data(await self.reader.read(READ_BYTES))
+            request = self.http.next_request()
+            if request is not None and request.complete:
+                return request
+            if self.http.refusal is not None:
+                return self.http.refusal
+            if request is not None and request is not head:
+                head, deadline = request, loop.time() + BODY_TIMEOUT
+            if interim := self.http.interim():
+                self.writer.write(interim)
+            async with asyncio.timeout_at(deadline):
+                data = await self.reader.read(READ_BYTES)
+            if not data:
+                return (
+                    Refused(400, "bad HTTP request: it ended early") if self.http.partial else None
+                )
+            self.http.feed(data)
 
-    async def _exchange(self, request: h11.Request) -> bool:
-        """Read the body, answer; False when the connection must end."""
-        length = _content_length(request)
-        limit = self.listener.max_body
-        if length is not None and length > limit:
-            await self._reply(413, oip.error_body(_too_large(length, limit)), [], close=True)
-            return False
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT):
-                body = await self._body(limit)
-        except h11.RemoteProtocolError as exc:
-            await self._refuse_broken(exc)
-            return False
-        if body is None:
-            await self._reply(413, oip.error_body(_too_large(None, limit)), [], close=True)
-            return False
+    async def _exchange(self, request: Request) -> bool:
+        """Answer; False when the connection must end."""
         listener = self.listener
         listener.busy += 1
         listener.idle.clear()
         try:
-            status, payload, headers = await self._answer(request, body)
+            status, payload, headers = await self._answer(request)
         finally:
             listener.busy -= 1
             if not listener.busy:
                 listener.idle.set()
-        head = request.method == b"HEAD"
-        await self._reply(status, payload, headers, close=listener.closing, head=head)
-        return not listener.closing
+        close = listener.closing or not request.keep_alive
+        await self._reply(status, payload, headers, close, head=request.method == "HEAD")
+        return not close
 
-    async def _body(self, limit: int) -> bytes | None:
-        parts, size = [], 0
-        while True:
-            event = await self._event()
-            if isinstance(event, h11.EndOfMessage):
-                return b"".join(parts)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    return None
-                parts.append(event.data)
-            elif event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-                raise h11.RemoteProtocolError("the body ended early")
-
-    async def _answer(self, request: h11.Request, body: bytes) -> Reply:
-        method = request.method.decode()
-        path = urllib.parse.unquote(request.target.decode("latin-1").split("?", 1)[0])
-        found = route(method, path)
+    async def _answer(self, request: Request) -> Reply:
+        path = urllib.parse.unquote(request.target.split("?", 1)[0])
+        found = route(request.method, path)
         if isinstance(found, tuple) and isinstance(found[0], int):
             return found  # type: ignore[return-value]
         handler, parts = found  # type: ignore[misc]
-        exchange = Exchange(request, body, self, parts)
+        exchange = Exchange(request, self, parts)
         try:
             return await handler(self.listener, exchange)
         except Unauthenticated as exc:
@@ -191,30 +165,11 @@ class Connection:
             return 500, oip.error_body(message), [("Moltbot-Error-Code", "INTERNAL")]
 
     async def _reply(self, status: int, body: bytes, headers: list[tuple[str, str]],
-                     close: bool = False, head: bool = False) -> None:  # fmt: skip
-        fields = [("Content-Type", JSON), ("Content-Length", str(len(body))), *headers]
-        if close:
-            fields.append(("Connection", "close"))
-        reason = HTTPStatus(status).phrase.encode()
-        events = [h11.Response(status_code=status, headers=fields, reason=reason)]
-        if body and not head:
-            events.append(h11.Data(data=body))
-        await self._send(*events, h11.EndOfMessage())
-
-    async def _send(self, *events: Any) -> None:
-        """One write for a whole answer: a head sent alone would cost a syscall and wake
+                     close: bool, head: bool = False) -> None:  # fmt: skip
+        """The whole answer in one write: a head sent alone would cost a syscall and wake
         the client for half an answer."""
-        data = b"".join(self.h11.send(event) or b"" for event in events)
-        if data:
-            self.writer.write(data)
-            await self.writer.drain()
-
-    async def _refuse_broken(self, exc: h11.RemoteProtocolError) -> None:
-        """Answer a request h11 could not parse, if the connection still allows it."""
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            status = exc.error_status_hint
-            with contextlib.suppress(h11.LocalProtocolError):
-                await self._reply(status, oip.error_body(f"bad HTTP request: {exc}"), [], True)
+        self.writer.write(response(status, [("Content-Type", JSON), *headers], body, close, head))
+        await self.writer.drain()
 
 
 # --- routes ------------------------------------------------------------------------------
@@ -312,22 +267,6 @@ def _match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> dict[str, str
     return parts
 
 
-def _head_bytes(request: h11.Request) -> int:
-    return len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
-
-
-def _content_length(request: h11.Request) -> int | None:
-    for key, value in request.headers:
-        if key == b"content-length":
-            return int(value)  # h11 checked it is a number
-    return None
-
-
-def _too_large(size: int | None, limit: int) -> str:
-    told = f"of {size} bytes" if size is not None else "longer than that"
-    return f"a request body {told} is over the limit of {limit} bytes (max_frame_bytes)"
-
-
 def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', "'")
 
@@ -337,12 +276,3 @@ def _address(peername: Any) -> str:
         host, port = peername[:2]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(peername or "?")
-
-
-def _raw_refusal(status: int, message: str) -> bytes:
-    """A response written before h11 has a request to answer."""
-    body = oip.error_body(message)
-    reason = {503: "Service Unavailable"}[status]
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {JSON}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
-    return head.encode() + body
