@@ -8,7 +8,9 @@ files through onnxruntime on one intra-op thread, with its dynamic batching for 
 batched entries, as moltbotd runs them. Rows: tiny p50 at c=1; tiny and the MLP at c=16
 with batching. The targets (issue 18): moltbotd >= 3x Triton's throughput at c=16 and
 p50 <= 1/2 of Triton's, on both protocols. Servers run one at a time; each measurement
-ends after --seconds. docs/performance.md has the figures.
+ends after --seconds. Last, tritonclient against bench/null_server.py, which answers at
+once and does no work: the ceiling this machine sets on any server's rate with this client
+sharing its cores. docs/performance.md has the figures.
 """
 
 import argparse
@@ -110,15 +112,32 @@ def running_triton(cases: list[Case], workdir: Path) -> Iterator[Server]:
         width = int(case.inputs["x"].shape[1])
         models[case.name] = [str(case.path), width]
         models[case.name + BATCHED] = [str(case.path), width]
-    spec = {**ports, "models": models}
-    log = workdir / "triton.log"
+    with spawned("Triton", [str(triton_python()), str(HERE / "triton_server.py")],
+                 {**ports, "models": models}, workdir) as server:  # fmt: skip
+        yield server
+
+
+@contextlib.contextmanager
+def running_null(workdir: Path) -> Iterator[Server]:
+    """bench/null_server.py: canned answers at once, for the ceiling line."""
+    ports = {"http": free_port(), "grpc": free_port(), "models": {"tiny_batched": []}}
+    with spawned("null", [sys.executable, str(HERE / "null_server.py")], ports,
+                 workdir) as server:  # fmt: skip
+        yield server
+
+
+@contextlib.contextmanager
+def spawned(name: str, argv: list[str], spec: dict[str, Any], workdir: Path) -> Iterator[Server]:
+    """A server process given its ports as JSON, waited for until every model of the
+    spec is ready over HTTP, and stopped with its process group."""
+    log = workdir / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(triton_python()), str(HERE / "triton_server.py"),
-                                 json.dumps(spec)], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*argv, json.dumps(spec)], stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
-        wait_for(lambda: all(_ready(ports["http"], name) for name in models), proc, log)
-        yield Server("Triton", f"127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['grpc']}", proc.pid)
+        wait_for(lambda: all(_ready(spec["http"], model) for model in spec["models"]), proc, log,
+                 name)  # fmt: skip
+        yield Server(name, f"127.0.0.1:{spec['http']}", f"127.0.0.1:{spec['grpc']}", proc.pid)
     finally:
         stop(proc)
 
@@ -146,12 +165,13 @@ def _ready(port: int, model: str) -> bool:
         return False
 
 
-def wait_for(ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path) -> None:
+def wait_for(ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path,
+             name: str) -> None:  # fmt: skip
     deadline = time.monotonic() + START_TIMEOUT
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"Triton did not come up (exit {proc.poll()}):\n{tail}")
+            raise RuntimeError(f"{name} did not come up (exit {proc.poll()}):\n{tail}")
         time.sleep(0.5)
 
 
@@ -238,6 +258,28 @@ def measure(server: Server, cases: list[Case], limits: Limits) -> dict[str, dict
     return found
 
 
+def ceiling(tiny: Case, limits: Limits, workdir: Path) -> dict[str, float]:
+    """tiny at c=16 against the null server, by protocol: the most tritonclient makes of
+    this machine when the server does no work (the client shares its cores)."""
+    found = {}
+    with running_null(workdir) as server:
+        for protocol in PROTOCOLS:
+            print(f"null server {protocol}: tiny at c={CONCURRENCY} ...", flush=True)
+            closed_loop(server, protocol, "tiny" + BATCHED, tiny, limits.warmup_seconds)
+            found[protocol] = closed_loop(server, protocol, "tiny" + BATCHED, tiny, limits.seconds)
+    return found
+
+
+def ceiling_lines(most: dict[str, float], triton: dict[str, dict[str, float]]) -> str:
+    lines = ["Ceiling: tritonclient against bench/null_server.py (canned answers, no work),"
+             f" tiny at c={CONCURRENCY}:"]  # fmt: skip
+    for protocol, rps in most.items():
+        theirs = triton[protocol]["tiny_rps"]
+        lines.append(f"  {protocol:<5} {rps:>8,.0f} req/s = {rps / theirs:.2f}x Triton's tiny"
+                     f" (3x Triton: {3 * theirs:,.0f} req/s)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def in_process(cases: list[Case], limits: Limits) -> dict[str, float]:
     found = {}
     for case in cases:
@@ -309,12 +351,14 @@ def main(argv: list[str]) -> int:
             results["moltbotd"] = measure(server, cases, limits)
         with running_triton(cases, workdir) as server:
             results["Triton"] = measure(server, cases, limits)
+        most = ceiling(cases[0], limits, workdir)
     print("\n" + "\n\n".join([
         format_machine(info),
         f"tritonclient {importlib.metadata.version('tritonclient')} with default settings"
         f" (c={CONCURRENCY}: as many threads, a client each);"
         f" {limits.seconds:g} s per measurement; batching {DEFAULT_BATCHING} on both",
         table(local, results),
+        ceiling_lines(most, results["Triton"]),
         format_targets(targets(results["moltbotd"], results["Triton"])),
     ]))  # fmt: skip
     return 0
