@@ -2,6 +2,7 @@
 users have: NVIDIA's tritonclient (HTTP and gRPC) and curl. Every datatype, metadata,
 errors, the binary data extension, TLS (and mTLS) and JWT tokens, accepted and refused."""
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import jwt
@@ -25,7 +27,8 @@ from tritonclient.utils import InferenceServerException
 
 from moltbotd.demo import save
 from moltctl.client import Client
-from stress.daemon import Daemon
+from stress.daemon import Daemon, tracebacks
+from stress.hostile_http import hostile, pieces
 from tests.conftest import run_moltctl
 from tests.models import OIP_TYPES, every_dtype_model
 from tests.test_metrics import ACTIVATE
@@ -255,10 +258,10 @@ def test_the_listener_bounds_what_a_client_sends(daemon_factory):
     assert status == 431
     smuggling = (b"POST /v2/models/demo/infer HTTP/1.1\r\nContent-Length: 3\r\n"
                  b"Content-Length: 40\r\n\r\n")  # fmt: skip
-    for hostile in (b"NOT HTTP AT ALL\r\n\r\n", smuggling):
+    for garbage in (b"NOT HTTP AT ALL\r\n\r\n", smuggling):
         with socket.create_connection((host, int(port))) as raw:
             raw.settimeout(30)
-            raw.sendall(hostile)
+            raw.sendall(garbage)
             answer = raw.makefile("rb").read()  # the connection ends after the refusal
         assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
         assert b"Connection: close" in answer and b"bad HTTP request" in answer
@@ -271,6 +274,30 @@ def test_the_listener_bounds_what_a_client_sends(daemon_factory):
         for sock in held:
             sock.close()
     assert status_and_body(f"{url}/v2/health/live")[0] == 200
+
+
+def test_hostile_http_is_refused_and_never_answered_500(daemon_factory):
+    """300 mutated requests (stress/hostile_http.py), each on a connection of its own,
+    written in pieces, then half-closed: every connection ends, no answer is a 500, the
+    log has no traceback, and the listener still serves."""
+    daemon = daemon_factory(LOOPBACK)
+    host, port = addresses(daemon)[0].rsplit(":", 1)
+    statuses: Counter[bytes] = Counter()
+    for index in range(300):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(30)  # a connection kept open fails the test (TimeoutError)
+            with contextlib.suppress(OSError):  # it closed on a refusal before all was sent
+                for piece in pieces(7, index, hostile(7, index)):
+                    sock.sendall(piece)
+                sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while data := sock.recv(65536):
+                    answer += data
+        statuses.update(re.findall(rb"HTTP/1\.1 (\d{3}) ", answer))
+    assert b"500" not in statuses and statuses[b"200"] and statuses[b"400"], statuses
+    assert not tracebacks(daemon.log())
+    assert status_and_body(f"http://{host}:{port}/v2/health/live")[0] == 200
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
