@@ -124,8 +124,13 @@ check "exposure rated OK or better" grep -qE ': [0-9.]+ (PERFECT|SAFE|OK) ' /tmp
 say "reload"
 pids_before=$(cat "$cg/supervisor/cgroup.procs")
 run systemctl reload moltbotd
-check "reload: still active, same main process" bash -c \
-  "[[ \$(systemctl is-active moltbotd) == active && \$(cat $cg/supervisor/cgroup.procs) == '$pids_before' ]]"
+reloaded() { # active again (systemd shows `reloading` until READY=1), same processes
+  wait_active || { systemctl is-active moltbotd; return 1; }
+  local after
+  after=$(cat "$cg/supervisor/cgroup.procs")
+  [[ $after == "$pids_before" ]] || { echo "supervisor/: before [$pids_before], after [$after]"; return 1; }
+}
+check "reload: still active, same main process" reloaded
 run journalctl -u moltbotd --no-pager -o cat -n 4
 run moltctl reload
 check "moltctl reload" moltctl reload
