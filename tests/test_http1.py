@@ -111,3 +111,12 @@ def test_hostile_bytes_never_raise_nor_pass_a_bound():
         for request in http.requests:
             assert len(request.body) <= 64 and len(request.target) <= 256
         assert http.refusal is None or http.refusal.status in (400, 413, 431)
+
+
+def test_an_upgrade_is_answered_as_plain_http_and_ends_the_connection():
+    http = fed(b"GET /v2 HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05")
+    request = http.next_request()
+    assert request is not None and request.complete and not request.keep_alive
+    assert http.refusal is None and not http.partial
+    http.feed(LIVE)  # the other protocol's bytes, or anything else: not parsed
+    assert len(http.requests) == 1

@@ -55,18 +55,23 @@ class ServerConnection:
         self._size = 0  # of the body arriving
         self.refusal: Refused | None = None  # then the connection ends
         self._continued: Request | None = None  # the request told 100 Continue
+        self._upgraded = False  # an Upgrade or CONNECT: nothing after it is parsed
 
     def feed(self, data: bytes) -> None:
         """Parse what arrived. A request that must not be served becomes `refusal`, to be
         answered once the requests before it are; nothing after it is parsed."""
-        if self.refusal is not None:
+        if self.refusal is not None or self._upgraded:
             return
         if self._in_head:
             self._head_fed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "bad HTTP request: protocol upgrades are not served")
+            # A server may ignore Upgrade: the request is answered as plain HTTP, and the
+            # connection ends after it, since what the client sends next is not HTTP.
+            self._upgraded = True
+            if self.requests:
+                self.requests[-1].keep_alive = False
         except httptools.HttpParserError as exc:
             self._refuse(400, f"bad HTTP request: {exc}")
         if self._in_head and self._head_fed > self.max_head:
