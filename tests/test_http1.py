@@ -2,11 +2,7 @@
 the refusals in order, and answers as bytes."""
 
 from moltbotd.network.http1 import CONTINUE, Refused, ServerConnection, response
-from stress.hostile_http import hostile, pieces
-
-INFER = (b"POST /v2/models/demo/infer HTTP/1.1\r\nHost: h\r\nInference-Header-Content-Length: 2"
-         b"\r\nContent-Length: 6\r\n\r\n{}\x00\x01\x02\x03")  # fmt: skip
-LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: h\r\n\r\n"
+from stress.hostile_http import BODY, HEADER, INFER, LIVE, hostile, pieces
 
 
 def fed(*chunks: bytes, max_head: int = 16384, max_body: int = 1024) -> ServerConnection:
@@ -21,9 +17,17 @@ def test_a_request_cut_anywhere_arrives_whole():
     request = http.next_request()
     assert request is not None and request.complete and http.refusal is None
     assert (request.method, request.target) == ("POST", "/v2/models/demo/infer")
-    assert request.headers["inference-header-content-length"] == "2"
-    assert request.body == b"{}\x00\x01\x02\x03" and request.keep_alive
-    assert not http.partial
+    assert request.headers["inference-header-content-length"] == str(len(HEADER))
+    assert request.body == BODY and request.keep_alive
+    assert not http.partial and http.ended() is None
+
+
+def test_a_request_left_half_sent_is_owed_a_refusal():
+    for cut in (10, len(INFER) - 3):  # in the head, in the body
+        http = fed(INFER[:cut])
+        assert http.partial and http.ended() == Refused(
+            400, "bad HTTP request: the client closed it before it was all in"
+        )
 
 
 def test_pipelined_requests_come_in_order():
@@ -120,3 +124,10 @@ def test_an_upgrade_is_answered_as_plain_http_and_ends_the_connection():
     assert http.refusal is None and not http.partial
     http.feed(LIVE)  # the other protocol's bytes, or anything else: not parsed
     assert len(http.requests) == 1
+
+
+def test_a_refused_upgrade_leaves_the_request_before_it_as_it_was():
+    http = fed(LIVE + b"GET /v2 HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Big: "
+               + b"a" * 300 + b"\r\n\r\n", max_head=256)  # fmt: skip
+    assert http.refusal == Refused(431, "the request head is over 256 bytes")
+    assert len(http.requests) == 1 and http.requests[0].keep_alive

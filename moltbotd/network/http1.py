@@ -68,14 +68,15 @@ class ServerConnection:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # A server may ignore Upgrade: the request is answered as plain HTTP, and the
-            # connection ends after it, since what the client sends next is not HTTP.
+            # connection ends after it, since what the client sends next is not HTTP. (A
+            # refused upgrade was never queued: the refusal ends the connection.)
             self._upgraded = True
-            if self.requests:
+            if self.refusal is None and self.requests:
                 self.requests[-1].keep_alive = False
         except httptools.HttpParserError as exc:
             self._refuse(400, f"bad HTTP request: {exc}")
         if self._in_head and self._head_fed > self.max_head:
-            self._refuse(431, f"the request head is over {self.max_head} bytes")
+            self._refuse_head()
 
     def next_request(self) -> Request | None:
         """The oldest request whose head is in, if any."""
@@ -89,6 +90,12 @@ class ServerConnection:
     def partial(self) -> bool:
         """A request has begun to arrive and is not all in."""
         return self._in_head or bool(self.requests and not self.requests[-1].complete)
+
+    def ended(self) -> Refused | None:
+        """The client closed its side: the refusal owed to a request it left half sent."""
+        if not self.partial:
+            return None
+        return Refused(400, "bad HTTP request: the client closed it before it was all in")
 
     def interim(self) -> bytes:
         """100 Continue, once, when the oldest request's client waits for it to send the
@@ -118,7 +125,7 @@ class ServerConnection:
         target = b"".join(self._url)
         size = len(target) + sum(len(k) + len(v) + 4 for k, v in self._fields)
         if size > self.max_head:
-            self._refuse(431, f"the request head is over {self.max_head} bytes")
+            self._refuse_head()
             return
         headers: dict[str, str] = {}
         for name, value in self._fields:
@@ -149,6 +156,9 @@ class ServerConnection:
     def _refuse(self, status: int, message: str) -> None:
         if self.refusal is None:
             self.refusal = Refused(status, message)
+
+    def _refuse_head(self) -> None:
+        self._refuse(431, f"the request head is over {self.max_head} bytes")
 
 
 def too_large(size: int | None, limit: int) -> str:

@@ -31,7 +31,6 @@ BODY_TIMEOUT = 60.0  # seconds for a request's body to arrive once its head has
 READ_BYTES = 256 * 1024
 JSON = "application/json"
 EXTENSIONS = ["binary_tensor_data"]
-ENDED_EARLY = "bad HTTP request: the client closed it before it was all in"
 
 Reply = tuple[int, bytes, list[tuple[str, str]]]  # status, body, extra headers
 
@@ -124,9 +123,7 @@ class Connection:
             async with asyncio.timeout_at(deadline):
                 data = await self.reader.read(READ_BYTES)
             if not data:
-                return (
-                    Refused(400, "bad HTTP request: it ended early") if self.http.partial else None
-                )
+                return self.http.ended()
             self.http.feed(data)
 
     async def _exchange(self, request: Request) -> bool:
